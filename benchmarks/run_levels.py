@@ -1,0 +1,67 @@
+"""``edgeprune bench TARGET --run RUN_DIR``: export the levels of a compress run as MODEL_DIRs.
+
+Needs torch (the export goes through PyTorch's ONNX exporter), so the CLI imports this module only
+when ``--run`` is given. Level 0 (the dense network) is shared by every method and exported once; it
+is the sweep's reference. Exports land in ``OUT/models/`` and are reused when a sweep is run again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional, Set
+
+from benchmarks.errors import BenchError
+
+
+def parse_levels(text: str) -> Optional[Set[int]]:
+    """``all`` → None (every level); ``0,3,5`` → {0, 3, 5}."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        levels = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise BenchError(f"--levels: expected all or levels like 0,3,5, got {text!r}") from None
+    if not levels or min(levels) < 0:
+        raise BenchError(f"--levels: expected all or levels like 0,3,5, got {text!r}")
+    return levels
+
+
+def export_levels(run_dir: Path, levels_text: str, out_dir: Path) -> List[Path]:
+    """Export the chosen finished levels of ``run_dir`` under ``out_dir/models``; return the MODEL_DIRs."""
+    from compressor.errors import CompressorError
+    from compressor.export import export_model
+    from compressor.run_dir import list_levels, load_level
+
+    wanted = parse_levels(levels_text)
+    try:
+        infos = list_levels(Path(run_dir))
+    except CompressorError as error:
+        raise BenchError(str(error)) from None
+    chosen, seen_dense = [], False
+    for info in infos:
+        if wanted is not None and info.level not in wanted:
+            continue
+        if info.level == 0:  # every method starts from the same dense network
+            if seen_dense:
+                continue
+            seen_dense = True
+        chosen.append(info)
+    if not chosen:
+        have = sorted({info.level for info in infos})
+        raise BenchError(f"{run_dir}: no finished level matches --levels {levels_text} (finished: {have})")
+    model_dirs = []
+    for info in chosen:
+        name = "dense" if info.level == 0 else f"{info.method}-level{info.level}"
+        target = Path(out_dir) / "models" / name
+        if not (target / "manifest.json").is_file():
+            try:
+                loaded = load_level(Path(run_dir), info.method, info.level)
+                export_model(loaded.model, target, input_shape=loaded.input_shape, accuracy=loaded.accuracy,
+                             sparsity=loaded.sparsity, force=True,
+                             source={"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name,
+                                     "method": "dense" if info.level == 0 else info.method,
+                                     "level": info.level})
+            except CompressorError as error:
+                raise BenchError(f"exporting {info.method} level {info.level}: {error}") from None
+        model_dirs.append(target)
+    return model_dirs

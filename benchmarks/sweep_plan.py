@@ -1,0 +1,148 @@
+"""What a sweep measures and in which order: the models, the configurations, the reference.
+
+A configuration is one model under one kernel choice and one thread count; it runs in its own
+process on the device. The order interleaves the models (every model is measured under one setting
+before any model moves to the next), so a slow drift — the Pi warming up, a background job — is
+spread over all models instead of landing on the last ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from benchmarks.errors import BenchError, ModelDirError
+
+KERNELS = ("ort", "dense", "sparse", "auto")
+REFERENCE_KERNELS = "ort"  # stock onnxruntime on the densest model: what speed-ups are measured against
+
+
+@dataclass
+class ModelEntry:
+    """One model of the sweep: a local MODEL_DIR, or a model already deployed on the device(s)."""
+
+    label: str                          # unique name in tables and plots
+    local_dir: Optional[Path] = None    # set for a local MODEL_DIR (uploaded to scratch over SSH)
+    deployed_name: Optional[str] = None  # set for `models/NAME/current` on the device
+    sparsity: Optional[float] = None
+    accuracy: Optional[float] = None
+    size_bytes: Optional[int] = None
+    method: Optional[str] = None
+    level: Optional[int] = None
+    files: Dict[str, str] = field(default_factory=dict)  # manifest's {relative path: sha256}
+
+    def describe(self) -> Dict[str, object]:
+        """The fields that go into results.json for every configuration of this model."""
+        return {"label": self.label, "path": str(self.local_dir) if self.local_dir else None,
+                "deployed_name": self.deployed_name, "sparsity": self.sparsity,
+                "accuracy": self.accuracy, "size_bytes": self.size_bytes, "method": self.method,
+                "level": self.level}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measurement: model (index into the sweep's models), kernels, threads."""
+
+    model: int
+    kernels: str
+    threads: int
+    reference_only: bool = False  # added only to give the speed-up a reference
+
+
+def parse_manifest(text: str, where: str) -> Dict[str, object]:
+    """A MODEL_DIR's manifest.json as a dict; ModelDirError when it is not one."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as error:
+        raise ModelDirError(f"{where}: manifest.json is not valid JSON ({error})") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != "edgeprune-model":
+        raise ModelDirError(f"{where}: manifest.json is not an edgeprune model manifest")
+    return manifest
+
+
+def entry_from_manifest(label: str, manifest: Dict[str, object]) -> ModelEntry:
+    """The figures a report needs from a manifest (sparsity, accuracy, method, level)."""
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    return ModelEntry(label=label, sparsity=_number(manifest.get("sparsity")),
+                      accuracy=_number(manifest.get("accuracy")),
+                      method=source.get("method"), level=source.get("level"), files=dict(files))
+
+
+def read_model_dir(path: Path, label: Optional[str] = None) -> ModelEntry:
+    """A local MODEL_DIR as a ModelEntry; ModelDirError when it is missing or broken."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: not a directory (give a MODEL_DIR written by `edgeprune export`)")
+    manifest_path = path / "manifest.json"
+    try:
+        text = manifest_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelDirError(f"{path}: cannot read manifest.json ({error})") from error
+    entry = entry_from_manifest(label or path.resolve().name, parse_manifest(text, str(path)))
+    missing = [name for name in entry.files if not (path / name).is_file()]
+    if missing:
+        raise ModelDirError(f"{path}: files listed in manifest.json are missing: {', '.join(missing)}")
+    entry.local_dir = path.resolve()
+    entry.size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return entry
+
+
+def unique_labels(names: Sequence[str]) -> List[str]:
+    """Make display names unique by suffixing repeats (two `model/` dirs from different runs)."""
+    seen: Dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return labels
+
+
+def parse_kernels(text: str) -> List[str]:
+    """``ort,sparse`` → ["ort", "sparse"]; BenchError for an unknown kernel choice."""
+    kernels = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kernels if k not in KERNELS]
+    if unknown or not kernels:
+        raise BenchError(f"--kernels: unknown {', '.join(unknown) or '(empty)'}; choose from {','.join(KERNELS)}")
+    return list(dict.fromkeys(kernels))
+
+
+def parse_threads(text: str) -> List[int]:
+    """``1,4`` → [1, 4]; BenchError unless every entry is a positive integer."""
+    try:
+        threads = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BenchError(f"--threads: expected positive integers like 1,4, got {text!r}") from None
+    if not threads or min(threads) < 1:
+        raise BenchError(f"--threads: expected positive integers like 1,4, got {text!r}")
+    return list(dict.fromkeys(threads))
+
+
+def reference_index(sparsities: Sequence[Optional[float]]) -> int:
+    """The index of the least sparse model (the first given on a tie): the dense reference.
+
+    A model whose sparsity is unknown counts as fully sparse, so a known dense model wins.
+    """
+    return min(range(len(sparsities)), key=lambda i: (1.0 if sparsities[i] is None else sparsities[i], i))
+
+
+def plan(models: Sequence[ModelEntry], kernels: Sequence[str], threads: Sequence[int]) -> List[Config]:
+    """Every configuration, interleaved: thread count, then kernels, then the models in turn.
+
+    When ``ort`` is not among the kernels, the reference model under ``ort`` is added first for each
+    thread count, so that every row still gets its speed-up.
+    """
+    ref = reference_index([m.sparsity for m in models])
+    configs: List[Config] = []
+    for t in threads:
+        if REFERENCE_KERNELS not in kernels:
+            configs.append(Config(ref, REFERENCE_KERNELS, t, reference_only=True))
+        for k in kernels:
+            configs.extend(Config(m, k, t) for m in range(len(models)))
+    return configs
+
+
+def _number(value: object) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

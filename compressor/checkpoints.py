@@ -1,0 +1,125 @@
+"""Reading and writing checkpoints: atomic writes, ``weights_only`` reads, random-state capture.
+
+Every write goes to a temporary file in the same folder and is then renamed over the target
+(``os.replace`` is atomic), so a kill at any moment leaves either the old file or the new one.
+Every read uses ``torch.load(..., weights_only=True)``: checkpoints may come from users, and a full
+unpickle could run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+import numpy as np
+import torch
+
+from compressor.errors import CheckpointError
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write a file atomically (temp file in the same folder + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    """Write a UTF-8 text file atomically."""
+    atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def load(path: Path, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``; ``CheckpointError`` if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            AttributeError, ImportError, IndexError, KeyError, TypeError, OSError) as error:
+        # torch reports truncation, foreign pickles and refused classes through many types.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first_line})") from error
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_state_dict(path: Path) -> Dict[str, torch.Tensor]:
+    """A model's weights from a plain state_dict ``.pt`` or an edgeprune ``final.pt``/``checkpoint.pt``."""
+    obj = load(path)
+    if _is_state_dict(obj):
+        return obj
+    if _is_state_dict(obj.get("model")):
+        return obj["model"]
+    raise CheckpointError(f"{path} is neither a state_dict nor an edgeprune checkpoint")
+
+
+def load_into(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` with a one-line ``CheckpointError`` when they do not fit."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0] if lines else ""
+        raise CheckpointError(f"{source} does not fit the model: {detail[:300]}") from error
+
+
+def capture_rng(generators: Iterable[Optional[torch.Generator]]) -> Dict[str, Any]:
+    """Every random state a training epoch consumes (global torch/CUDA, Python, numpy, loaders)."""
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "generators": [g.get_state() if g is not None else None for g in generators],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any], generators: Iterable[Optional[torch.Generator]]) -> None:
+    """Undo :func:`capture_rng` (the inverse, given the same generators in the same order)."""
+    torch.set_rng_state(state["torch"])
+    py = [int(v) for v in state["python"]]
+    random.setstate((state["python_version"], tuple(py), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"]))
+    for gen, saved in zip(generators, state["generators"]):
+        if gen is not None and saved is not None:
+            gen.set_state(saved)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,96 @@
+"""``edgeprune compress``: train a model and prune it iteratively, with learning-rate rewinding.
+
+Only the standard library and ``compressor.errors`` are imported at module level: the ``edgeprune``
+front imports this module to build ``--help``, and must stay fast and torch-free until ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from compressor.errors import CompressorError
+
+USER_ERRORS = (CompressorError, OSError)
+
+EXAMPLES = """\
+examples:
+  edgeprune compress --model digits-mlp --data digits --target-sparsity 0.9 --out runs/mlp
+  edgeprune compress --model digits-cnn --method lr-rewind,finetune,weight-rewind --out runs/cmp
+  edgeprune compress --model resnet20 --data cifar10:~/data/cifar-10-batches-py --out runs/r20
+  edgeprune compress --model my_net.py:build --data my_data.py:loaders --out runs/mine
+  edgeprune compress ... --out runs/mlp --resume        # continue a killed run
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the command's arguments; every hyper-parameter comes from ``PruneConfig``'s fields."""
+    from compressor.config import PRESETS, PruneConfig  # stdlib-only module
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("--model", default="digits-mlp",
+                        help="digits-mlp, digits-cnn, resnet20, resnet56 or path/to/file.py:factory "
+                             "(default: %(default)s)")
+    parser.add_argument("--data", default="digits",
+                        help="digits, cifar10:DIR (python-format batches) or path/to/file.py:factory "
+                             "returning (train, test) (default: %(default)s)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="where checkpoints and results go")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in RUN_DIR (refused if its config differs)")
+    parser.add_argument("--pretrained", metavar="CKPT",
+                        help="start from this trained state_dict (.pt) instead of training the dense model")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="tqdm progress bars on stderr (default: when stderr is a terminal)")
+
+    group = parser.add_argument_group("training and pruning (defaults are for the digits models; "
+                                      "resnet20/56 use the paper's schedule)")
+    defaults = PruneConfig()
+    for f in dataclasses.fields(PruneConfig):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        default = getattr(defaults, f.name) if f.name != "lr_drops" else None
+        preset_notes = sorted({f"{m}: {_show(p[f.name])}" for m, p in PRESETS.items()
+                               if f.name in p and p[f.name] != default and m.startswith("resnet")})
+        note = f" (default: {_show(default)}" + ("; " + ", ".join(preset_notes) if preset_notes else "") + ")"
+        help_text = f.metadata["help"] + (note if default is not None else "")
+        kwargs: dict = {"dest": f.name, "default": None, "help": help_text.replace("%", "%%")}
+        if isinstance(default, bool):
+            group.add_argument(flag, action="store_true", **kwargs)
+        elif isinstance(default, (int, float)):
+            group.add_argument(flag, type=type(default), metavar=f.name.upper(), **kwargs)
+        else:  # strings and comma separated lists: PruneConfig parses and validates them
+            group.add_argument(flag, type=str, metavar=f.name.upper(), **kwargs)
+
+
+def _show(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build model, data and config, run :func:`compressor.compress`, print the result table."""
+    from compressor import checkpoints
+    from compressor.config import PruneConfig, config_for
+    from compressor.data import load_data
+    from compressor.models import build_model, input_shape_of
+    from compressor.pipeline import compress
+    import torch
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)}
+    config = config_for(args.model, **overrides)
+    pretrained = checkpoints.load_state_dict(args.pretrained) if args.pretrained else None
+    torch.manual_seed(config.seed)  # the dense initialisation is part of the run's reproducibility
+    model = build_model(args.model)
+    train_loader, test_loader = load_data(args.data, input_shape_of(model), config.batch_size, config.seed)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
+                      device=args.device, model_name=args.model, data_name=args.data,
+                      pretrained=pretrained, progress=progress)
+    print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}")
+    for method, levels in result.metrics["methods"].items():
+        for entry in levels:
+            print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {entry['accuracy']:>9.2%}")
+    print(f"results: {args.out}/metrics.json, report.md, sparsity_accuracy.png")
+    return 0

@@ -1,0 +1,136 @@
+"""Hyper-parameters of a compression run, as one dataclass whose field metadata is the CLI's help.
+
+The same object configures the Python API (``PruneConfig(target_sparsity=0.9, epochs=10)``) and the
+``edgeprune compress`` command, and is saved with the run as ``config.json`` so that ``--resume``
+can refuse a run whose hyper-parameters changed (OpenLTH style). Standard library only: the CLI
+front imports this module before torch is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from compressor.errors import ConfigError
+
+METHODS = ("lr-rewind", "finetune", "weight-rewind")
+SCHEDULES = ("step", "cosine")
+
+
+def _help(text: str) -> Dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Training and pruning hyper-parameters (defaults suit the embedded digits data set)."""
+
+    target_sparsity: float = field(default=0.9, metadata=_help(
+        "fraction of the prunable weights to remove in the end, in (0, 1)"))
+    prune_fraction: float = field(default=0.2, metadata=_help(
+        "fraction of the REMAINING prunable weights removed per round"))
+    methods: Tuple[str, ...] = field(default=("lr-rewind",), metadata={"flag": "--method", "help": (
+        "retraining method(s), comma separated: lr-rewind, finetune, weight-rewind; several share one "
+        "dense training and are plotted together")})
+    one_shot: bool = field(default=False, metadata=_help(
+        "prune to the target in a single round, then retrain once"))
+    exclude: Tuple[str, ...] = field(default=(), metadata=_help(
+        "comma separated module names (e.g. fc,conv) whose weights stay dense"))
+    epochs: int = field(default=30, metadata=_help("epochs of the (dense) training schedule"))
+    batch_size: int = field(default=64, metadata=_help("mini-batch size"))
+    lr: float = field(default=0.1, metadata=_help("peak learning rate of SGD"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float = field(default=1e-4, metadata=_help("SGD weight decay (L2)"))
+    schedule: str = field(default="step", metadata=_help(
+        "learning-rate schedule after warmup: step (drops by --gamma at --lr-drops) or cosine"))
+    lr_drops: Optional[Tuple[int, ...]] = field(default=None, metadata=_help(
+        "comma separated epochs where the step schedule multiplies the LR by --gamma "
+        "(default: half and three quarters of --epochs)"))
+    gamma: float = field(default=0.1, metadata=_help("factor of each step drop"))
+    warmup_epochs: int = field(default=0, metadata=_help("epochs of linear warmup from 0 to --lr"))
+    rewind_epoch: int = field(default=1, metadata=_help(
+        "weight-rewind only: the dense-training epoch whose weights surviving weights are reset to"))
+    seed: int = field(default=0, metadata=_help("random seed (initialisation, shuffling, augmentation)"))
+
+    def __post_init__(self) -> None:
+        # Lists from JSON or the API become tuples, so equal configs compare equal.
+        for name in ("methods", "exclude", "lr_drops"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(part.strip() for part in value.split(",") if part.strip())
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+        if self.lr_drops is None:
+            object.__setattr__(self, "lr_drops", (self.epochs // 2, self.epochs * 3 // 4))
+        try:
+            object.__setattr__(self, "lr_drops", tuple(int(e) for e in self.lr_drops))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"--lr-drops must be comma separated epochs, got {self.lr_drops!r}") from error
+        self._validate()
+
+    def _validate(self) -> None:
+        if not 0.0 < self.target_sparsity < 1.0:
+            raise ConfigError(f"target sparsity must be in (0, 1), got {self.target_sparsity}")
+        if not 0.0 < self.prune_fraction < 1.0:
+            raise ConfigError(f"prune fraction must be in (0, 1), got {self.prune_fraction}")
+        if not self.methods:
+            raise ConfigError("give at least one method")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"method listed twice: {','.join(self.methods)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch size must be at least 1")
+        if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.gamma <= 0:
+            raise ConfigError("lr and gamma must be > 0, momentum and weight decay >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if list(self.lr_drops) != sorted(self.lr_drops) or any(e < 0 for e in self.lr_drops):
+            raise ConfigError(f"--lr-drops must be increasing epochs >= 0, got {self.lr_drops}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if "weight-rewind" in self.methods and not 0 <= self.rewind_epoch < self.epochs:
+            raise ConfigError(f"rewind epoch must be in [0, epochs={self.epochs}), got {self.rewind_epoch}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "PruneConfig":
+        """Rebuild from :meth:`to_dict`'s output; unknown keys are an error (a newer/other format)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = set(data) - names
+        if extra:
+            raise ConfigError(f"unknown config keys: {', '.join(sorted(extra))}")
+        return cls(**data)
+
+
+# Per-model training defaults for the built-in models (the CLI applies them under explicit flags).
+# ResNets follow the paper: 182 epochs, batch 128, LR 0.1 ×0.1 at 91 and 136, wd 2e-4.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "digits-mlp": {"epochs": 30, "batch_size": 64, "lr": 0.1, "weight_decay": 1e-4},
+    "digits-cnn": {"epochs": 30, "batch_size": 64, "lr": 0.1, "weight_decay": 1e-4},
+    "resnet20": {"epochs": 182, "batch_size": 128, "lr": 0.1, "weight_decay": 2e-4,
+                 "lr_drops": (91, 136), "rewind_epoch": 3},
+    "resnet56": {"epochs": 182, "batch_size": 128, "lr": 0.1, "weight_decay": 2e-4,
+                 "lr_drops": (91, 136), "rewind_epoch": 3},
+}
+
+
+def config_for(model_name: str, **overrides: Any) -> PruneConfig:
+    """The model's preset (if it has one) with ``overrides`` on top; ``None`` overrides are ignored."""
+    values = dict(PRESETS.get(model_name, {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return PruneConfig(**values)
+
+
+def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """Human-readable ``key: old -> new`` lines for every key whose value differs."""
+    # Round-trip through JSON so tuples/lists and ints/floats compare as they were saved.
+    current = json.loads(json.dumps(current))
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

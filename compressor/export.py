@@ -1,0 +1,383 @@
+"""Write a pruned PyTorch model as a MODEL_DIR: sparse ONNX + CSR weights + manifest.json.
+
+The steps: export to ONNX (TorchScript exporter), fold BatchNorm into the convs, give tensors
+readable names, decide per weight whether CSR or dense storage is smaller, write every tensor once
+into an uncompressed weights.npz, point model.onnx's (sparse) initializers at those bytes as ONNX
+external data, then check the result with onnxruntime before moving it into place. See the MODEL_DIR
+section of ARCHITECTURE.md for the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from compressor.errors import ExportError
+
+FORMAT = "edgeprune-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.npz"
+ONNX_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+SAMPLE_INPUT, SAMPLE_OUTPUT = "sample.input", "sample.output"
+TORCH_TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportResult:
+    """What was written, and the figures worth printing."""
+
+    out_dir: Path
+    size_bytes: int
+    dense_onnx_bytes: int
+    sparsity: float
+    max_abs_diff_torch: Optional[float]
+    layers: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
+    """Refuse to clobber an existing non-empty directory unless forced; return a fresh temp dir beside it."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise ExportError(f"{out_dir} exists and is not empty (use --force to replace it)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    temp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if temp.exists():
+        shutil.rmtree(temp)
+    temp.mkdir()
+    return temp
+
+
+def _move_into_place(temp: Path, out_dir: Path) -> None:
+    """Swap the finished temp dir in; an old MODEL_DIR is removed only after the new one is complete."""
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(temp, out_dir)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        os.replace(temp, out_dir)
+
+
+def _plan_storage(tensors: Dict[str, np.ndarray], weights: Dict[str, Tuple[str, str]],
+                  values_dtype: np.dtype) -> Dict[str, Dict[str, Any]]:
+    """Per tensor: how it is stored (csr / dense) and in which dtype."""
+    from compressor.onnx_sparse import sparse_is_smaller
+
+    plan = {}
+    for name, array in tensors.items():
+        is_weight = name in weights and array.dtype == np.float32 and array.ndim >= 2
+        dtype = values_dtype if is_weight else array.dtype
+        sparse = is_weight and sparse_is_smaller(array, dtype)
+        plan[name] = {"storage": "csr" if sparse else "dense", "dtype": str(np.dtype(dtype)),
+                      "shape": list(array.shape)}
+    return plan
+
+
+def _encode(tensors: Dict[str, np.ndarray], storage: Dict[str, Dict[str, Any]]
+            ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """(weights.npz members, int64 coo indices of each CSR tensor for model.onnx)."""
+    from compressor.onnx_sparse import encode_csr
+
+    arrays: Dict[str, np.ndarray] = {}
+    coo: Dict[str, np.ndarray] = {}
+    for name, array in tensors.items():
+        entry = storage[name]
+        if entry["storage"] == "csr":
+            csr = encode_csr(array, np.dtype(entry["dtype"]))
+            arrays.update(csr.arrays(name))
+            coo[name] = csr.coo
+        else:
+            arrays[name] = array.astype(entry["dtype"])
+    return arrays, coo
+
+
+def _build_onnx(template: Any, arrays: Dict[str, np.ndarray], coo: Dict[str, np.ndarray],
+                storage: Dict[str, Dict[str, Any]], offsets: Optional[Dict[str, Tuple[int, int]]]) -> Any:
+    """model.onnx for these arrays: raw data in memory (offsets None) or external refs into weights.npz.
+
+    Sparse initializers' int64 indices are always stored inside model.onnx: onnxruntime up to at least
+    1.22 rejects external sparse indices ("Sparse indices int64 data size does not match expected").
+
+    A float16 weight becomes an initializer ``NAME__fp16`` plus a Cast to float32 named ``NAME``, so the
+    graph's nodes are unchanged; onnxruntime folds the Cast once at load.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def tensor(key: str, name: str) -> onnx.TensorProto:
+        array = arrays[key]
+        if offsets is None:
+            return numpy_helper.from_array(array, name)
+        proto = onnx.TensorProto()
+        proto.name = name
+        proto.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        proto.dims.extend(array.shape)
+        offset, length = offsets[key]
+        for key_, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", length)):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key_, str(value)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        return proto
+
+    model = onnx.ModelProto()
+    model.CopyFrom(template)
+    graph = model.graph
+    del graph.initializer[:]
+    casts = []
+    for name, entry in storage.items():
+        stored_name = name
+        if entry["dtype"] == "float16":
+            stored_name = f"{name}__fp16"
+            casts.append(helper.make_node("Cast", [stored_name], [name], name=f"{name}/cast",
+                                          to=onnx.TensorProto.FLOAT))
+        if entry["storage"] == "csr":
+            values = tensor(f"{name}.data", stored_name)
+            indices = numpy_helper.from_array(coo[name], f"{stored_name}.coo")
+            graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, entry["shape"]))
+        else:
+            graph.initializer.append(tensor(name, stored_name))
+    if casts:
+        nodes = casts + list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return model
+
+
+def _run_onnx(model_or_path: Any, sample: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    try:
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: sample})[0]
+    except Exception as error:  # onnxruntime's own exceptions are not a stable public type
+        raise ExportError(f"onnxruntime cannot run the exported model: {error}") from error
+
+
+def _torch_output(model: Any, sample: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(sample))
+    return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+
+def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Sequence[int]] = None,
+                 values_dtype: str = "float32", sample: Optional[np.ndarray] = None,
+                 accuracy: Optional[float] = None, sparsity: Optional[float] = None,
+                 source: Optional[Dict[str, Any]] = None, force: bool = False, seed: int = 0) -> ExportResult:
+    """Export a (pruned) PyTorch module to ``out_dir`` as a MODEL_DIR and verify it with onnxruntime.
+
+    ``input_shape`` is one example's shape without the batch axis (default: ``model.input_shape``).
+    ``sample`` (batch first) becomes the manifest's smoke-test input; default: one seeded random example.
+    ``accuracy``/``sparsity`` are the level's figures (sparsity defaults to the exported weights' own).
+    Raises ExportError for anything the user can fix; nothing is written to ``out_dir`` unless it all works.
+    """
+    import torch
+
+    from compressor import onnx_graph
+    from compressor.onnx_npz import member_offsets, write_npz
+
+    if values_dtype not in ("float32", "float16"):
+        raise ExportError(f"values dtype must be float32 or float16, got {values_dtype!r}")
+    out_dir = Path(out_dir)
+    shape = tuple(input_shape or getattr(model, "input_shape", None) or ())
+    if not shape:
+        raise ExportError("the model declares no input_shape; pass one (e.g. --input-shape 3,32,32)")
+    if sample is None:
+        sample = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    if tuple(sample.shape[1:]) != shape:
+        raise ExportError(f"sample shape {sample.shape[1:]} does not match input shape {shape}")
+
+    model = model.float().eval()
+    temp = _prepare_out_dir(out_dir, force)
+    try:
+        onnx_model = onnx_graph.torch_to_onnx(model, torch.from_numpy(sample))
+        graph = onnx_model.graph
+        onnx_graph.constants_to_initializers(graph)
+        onnx_graph.fold_batchnorm(graph)
+        onnx_graph.rename_tensors(graph)
+        tensors = onnx_graph.initializers(graph)
+        weights = onnx_graph.weight_inputs(graph)
+        storage = _plan_storage(tensors, weights, np.dtype(values_dtype))
+        arrays, coo = _encode(tensors, storage)
+        dense_onnx_bytes = onnx_model.ByteSize()
+
+        expected = _run_onnx(_build_onnx(onnx_model, arrays, coo, storage, None), sample)
+        torch_diff = None
+        if values_dtype == "float32":
+            torch_diff = float(np.max(np.abs(expected - _torch_output(model, sample))))
+            if torch_diff > TORCH_TOLERANCE:
+                raise ExportError(f"exported model differs from PyTorch by {torch_diff:.3g} (> {TORCH_TOLERANCE})")
+
+        arrays[SAMPLE_INPUT], arrays[SAMPLE_OUTPUT] = sample, expected
+        write_npz(temp / WEIGHTS_FILE, arrays)
+        final = _build_onnx(onnx_model, arrays, coo, storage, member_offsets(temp / WEIGHTS_FILE))
+        (temp / ONNX_FILE).write_bytes(final.SerializeToString())
+        _validate(temp, sample, expected)
+
+        layers = _layer_table(tensors, weights, storage)
+        total = sum(layer["size"] for layer in layers)
+        own_sparsity = sum(layer["size"] * layer["sparsity"] for layer in layers) / max(total, 1)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "input": {"name": onnx_graph.INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32"},
+            "outputs": [o.name for o in graph.output],
+            "graph": onnx_graph.node_list(graph),
+            "tensors": storage,
+            "layers": layers,
+            "accuracy": accuracy,
+            "sparsity": float(sparsity if sparsity is not None else own_sparsity),
+            "values_dtype": values_dtype,
+            "opset": onnx_graph.OPSET,
+            "files": {name: sha256_of(temp / name) for name in (ONNX_FILE, WEIGHTS_FILE)},
+            "sizes": {"model.onnx": (temp / ONNX_FILE).stat().st_size,
+                      "weights.npz": (temp / WEIGHTS_FILE).stat().st_size,
+                      "dense_onnx": dense_onnx_bytes},
+            "sample": {"file": WEIGHTS_FILE, "input": SAMPLE_INPUT, "output": SAMPLE_OUTPUT,
+                       "atol": 1e-4 if values_dtype == "float32" else 1e-2},
+            "source": source or {},
+        }
+        (temp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+        size = sum(p.stat().st_size for p in temp.iterdir())
+        _move_into_place(temp, out_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, size, dense_onnx_bytes, manifest["sparsity"], torch_diff, layers)
+
+
+def _validate(model_dir: Path, sample: np.ndarray, expected: np.ndarray) -> None:
+    """Check the written files: the ONNX checker on the model with its external data loaded into memory
+    (it cannot follow external sparse tensors by itself), then onnxruntime on the files as written."""
+    import onnx
+
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    loaded = onnx.load(str(model_dir / ONNX_FILE), load_external_data=False)
+    graph = loaded.graph
+    stored = [*graph.initializer, *(t for s in graph.sparse_initializer for t in (s.values, s.indices))]
+    for tensor in stored:  # read each tensor's bytes at its offset: this also proves the offsets right
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(model_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    try:
+        onnx.checker.check_model(loaded)  # full_check: shape inference types sparse initializers wrongly
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the exported ONNX model is invalid: {error}") from error
+    got = _run_onnx(str(model_dir / ONNX_FILE), sample)
+    if not np.array_equal(got, expected):
+        raise ExportError("model.onnx with external weights gives different outputs than in memory")
+
+
+def _layer_table(tensors: Dict[str, np.ndarray], weights: Dict[str, Tuple[str, str]],
+                 storage: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    table = []
+    for name, (layer, op) in weights.items():
+        array = tensors[name]
+        nnz = int(np.count_nonzero(array))
+        table.append({"name": layer, "weight": name, "op": op, "shape": list(array.shape),
+                      "size": int(array.size), "nnz": nnz, "sparsity": 1.0 - nnz / max(array.size, 1),
+                      "storage": storage[name]["storage"]})
+    return table
+
+
+def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int],
+               max_drop: Optional[float]) -> Any:
+    """The level to export: explicit, or the sparsest within ``max_drop`` accuracy points of dense,
+    or (neither given) the last finished level. ``levels`` are run_dir.LevelInfo records."""
+    if not levels:
+        raise ExportError("the run has no finished level yet")
+    method = method or levels[0].method
+    of_method = [info for info in levels if info.method == method]
+    if not of_method:
+        have = ", ".join(sorted({info.method for info in levels}))
+        raise ExportError(f"the run has no method {method!r}; it has {have}")
+    if level is not None:
+        chosen = next((info for info in of_method if info.level == level), None)
+        if chosen is None:
+            have = ", ".join(str(info.level) for info in of_method)
+            raise ExportError(f"no finished level {level} for {method}; finished: {have}")
+        return chosen
+    if max_drop is None:
+        return of_method[-1]
+    dense = next((info for info in of_method if info.level == 0), None)
+    if dense is None:
+        raise ExportError("--max-drop needs the dense level (0), which is not finished")
+    floor = dense.accuracy - max_drop / 100.0  # accuracies are fractions, POINTS are percent
+    within = [info for info in of_method if info.accuracy >= floor]
+    return max(within, key=lambda info: (info.sparsity, info.level))
+
+
+def _real_sample(data_spec: Optional[str], input_shape: Sequence[int], count: int = 1) -> Optional[np.ndarray]:
+    """A few real test examples of the run's data, or None when the data cannot be loaded here."""
+    if not data_spec:
+        return None
+    try:
+        from compressor.data import load_data
+
+        _, test_loader = load_data(data_spec, input_shape, count, 0)
+        inputs, _ = next(iter(test_loader))
+        return np.ascontiguousarray(inputs[:count].detach().cpu().numpy(), dtype=np.float32)
+    except Exception:  # any failure only means we fall back to seeded noise for the smoke test
+        return None
+
+
+def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional[str] = None,
+                   level: Optional[int] = None, max_drop: Optional[float] = None,
+                   values_dtype: str = "float32", force: bool = False) -> ExportResult:
+    """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``."""
+    from compressor.errors import CompressorError
+    from compressor.run_dir import CONFIG, list_levels, load_level, read_json
+
+    try:
+        chosen = pick_level(list_levels(Path(run_dir)), method, level, max_drop)
+        loaded = load_level(Path(run_dir), chosen.method, chosen.level)
+        config = read_json(Path(run_dir) / CONFIG)
+    except ExportError:
+        raise
+    except CompressorError as error:
+        raise ExportError(str(error)) from error
+    shape = loaded.input_shape
+    if not shape:
+        raise ExportError(f"{run_dir}: the run records no input shape")
+    source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
+              "level": loaded.level, "data": config.get("data")}
+    return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype,
+                        sample=_real_sample(config.get("data"), shape), accuracy=loaded.accuracy,
+                        sparsity=loaded.sparsity, source=source, force=force)
+
+
+def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir: Path | str, *,
+                      input_shape: Optional[Sequence[int]] = None, values_dtype: str = "float32",
+                      force: bool = False) -> ExportResult:
+    """Export any registry/user model (``--model``) with weights from a checkpoint or state_dict file."""
+    from compressor import checkpoints
+    from compressor.models import build_model, input_shape_of
+
+    model = build_model(model_spec)
+    if checkpoint is not None:
+        checkpoints.load_into(model, checkpoints.load_state_dict(Path(checkpoint)), str(checkpoint))
+    shape = tuple(input_shape) if input_shape else input_shape_of(model)
+    source = {"model": model_spec, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
+    return export_model(model, out_dir, input_shape=shape, values_dtype=values_dtype, source=source, force=force)

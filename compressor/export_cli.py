@@ -1,0 +1,66 @@
+"""``edgeprune export``: write a pruned level (or any model + checkpoint) as a MODEL_DIR.
+
+    edgeprune export RUN_DIR --out MODEL_DIR [--method M] [--level K | --max-drop POINTS]
+    edgeprune export --model NAME_OR_FILE.py:FACTORY [--checkpoint FILE.pt] --out MODEL_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from compressor.errors import CompressorError
+
+USER_ERRORS = (CompressorError,)
+
+
+def _shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 3,32,32, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"dimensions must be positive, got {text!r}")
+    return shape
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the export arguments."""
+    parser.add_argument("run_dir", nargs="?", type=Path, help="a RUN_DIR written by `edgeprune compress`")
+    parser.add_argument("--out", type=Path, required=True, help="the MODEL_DIR to write")
+    parser.add_argument("--method", help="retraining method whose level to export (default: the run's first)")
+    pick = parser.add_mutually_exclusive_group()
+    pick.add_argument("--level", type=int, help="export this level (0 = dense)")
+    pick.add_argument("--max-drop", type=float, metavar="POINTS",
+                      help="export the sparsest level whose accuracy is within POINTS percentage points of dense")
+    parser.add_argument("--model", help="instead of a RUN_DIR: a built-in model name or path/to/file.py:factory")
+    parser.add_argument("--checkpoint", type=Path, help="with --model: a state_dict or edgeprune checkpoint (.pt)")
+    parser.add_argument("--input-shape", type=_shape, help="one example's shape without batch, e.g. 3,32,32 "
+                        "(default: the model's input_shape)")
+    parser.add_argument("--fp16", action="store_true", help="store weight values as float16 (half the value bytes)")
+    parser.add_argument("--force", action="store_true", help="replace an existing non-empty MODEL_DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, then print where and how big."""
+    from compressor.errors import ConfigError
+    from compressor.export import export_checkpoint, export_run_dir
+
+    dtype = "float16" if args.fp16 else "float32"
+    if (args.run_dir is None) == (args.model is None):
+        raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
+    if args.run_dir is not None:
+        if args.checkpoint or args.input_shape:
+            raise ConfigError("--checkpoint/--input-shape go with --model, not with a RUN_DIR")
+        result = export_run_dir(args.run_dir, args.out, method=args.method, level=args.level,
+                                max_drop=args.max_drop, values_dtype=dtype, force=args.force)
+    else:
+        if args.method or args.level is not None or args.max_drop is not None:
+            raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")
+        result = export_checkpoint(args.model, args.checkpoint, args.out, input_shape=args.input_shape,
+                                   values_dtype=dtype, force=args.force)
+    ratio = result.dense_onnx_bytes / max(result.size_bytes, 1)
+    sparse = sum(1 for layer in result.layers if layer["storage"] == "csr")
+    print(f"wrote {result.out_dir}: {result.size_bytes / 1024:.1f} KiB ({ratio:.2f}x smaller than dense ONNX), "
+          f"sparsity {result.sparsity:.1%}, {sparse}/{len(result.layers)} layers stored as CSR")
+    return 0

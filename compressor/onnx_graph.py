@@ -1,0 +1,205 @@
+"""From a PyTorch module to a clean ONNX graph: export, fold BatchNorm, name the layers.
+
+After these steps every weight lives in ``graph.initializer`` under a readable name (``fc.weight``,
+``blocks.0.conv1.weight``), there are no ``Constant`` nodes, and no BatchNormalization follows a Conv.
+The node list can then be written to manifest.json for a device that has no ``onnx`` package.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compressor.errors import ExportError
+
+OPSET = 17
+INPUT_NAME = "input"
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers whose weight is pruned and may be stored as CSR
+
+
+def torch_to_onnx(model: Any, example: Any) -> onnx.ModelProto:
+    """Export an eval-mode module with the TorchScript exporter (a plain graph), dynamic batch axis."""
+    import torch  # the workstation side only; keeps this module importable for inspection
+
+    buffer = io.BytesIO()
+    outputs = model(example)
+    count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
+    output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+    axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=OPSET,
+                              input_names=[INPUT_NAME], output_names=output_names,
+                              dynamic_axes=axes, do_constant_folding=True)
+        except Exception as error:  # an op torch cannot export is the user's model's limitation
+            raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def initializers(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
+    """Every initializer as a numpy array, by name."""
+    return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Turn ``Constant`` nodes into initializers, so every tensor ends up in weights.npz."""
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def fold_batchnorm(graph: onnx.GraphProto) -> int:
+    """Fold each BatchNormalization that directly follows a Conv into that Conv; returns how many.
+
+    w' = w * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * gamma / sqrt(var + eps) + beta.
+    A zero weight stays exactly zero, so the pruned pattern survives the fold.
+    """
+    tensors = initializers(graph)
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: Dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    folded, drop = 0, set()
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        conv = producers.get(bn.input[0])
+        if (conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0]) != 1
+                or conv.input[1] not in tensors or not all(n in tensors for n in bn.input[1:5])):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (tensors[n].astype(np.float64) for n in bn.input[1:5])
+        scale = gamma / np.sqrt(var + eps)
+        weight = tensors[conv.input[1]].astype(np.float64)
+        bias = tensors[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        new_weight = (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
+        new_bias = ((bias - mean) * scale + beta).astype(np.float32)
+        weight_name, bias_name = conv.input[1] + "_bnfold", bn.output[0] + "_bias"
+        graph.initializer.extend([numpy_helper.from_array(new_weight, weight_name),
+                                  numpy_helper.from_array(new_bias, bias_name)])
+        del conv.input[1:]
+        conv.input.extend([weight_name, bias_name])
+        conv.output[0] = bn.output[0]
+        drop.add(id(bn))
+        folded += 1
+    if folded:
+        keep = [node for node in graph.node if id(node) not in drop]
+        del graph.node[:]
+        graph.node.extend(keep)
+        prune_unused_initializers(graph)
+    return folded
+
+
+def prune_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Drop initializers no node reads (left behind by folding)."""
+    used = {name for node in graph.node for name in node.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def layer_name(node_name: str, fallback: str) -> str:
+    """``/blocks/blocks.0/conv1/Conv`` → ``blocks.0.conv1``: the PyTorch module path of a node.
+
+    TorchScript scopes repeat a parent's name in a Sequential child's (``blocks`` then ``blocks.0``),
+    so a part that extends the previous one replaces it.
+    """
+    parts: List[str] = []
+    for part in node_name.strip("/").split("/")[:-1]:
+        if parts and part.startswith(parts[-1] + "."):
+            parts[-1] = part
+        elif part:
+            parts.append(part)
+    return ".".join(parts) or fallback
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def rename_tensors(graph: onnx.GraphProto) -> None:
+    """Give initializers readable, file-name-safe names: ``LAYER.weight`` / ``LAYER.bias`` for layers."""
+    init_names = {t.name for t in graph.initializer}
+    mapping: Dict[str, str] = {}
+    taken = set()
+
+    def claim(old: str, wanted: str) -> None:
+        if old in mapping:
+            return
+        candidate, i = wanted, 1
+        while candidate in taken:
+            candidate, i = f"{wanted}_{i}", i + 1
+        mapping[old] = candidate
+        taken.add(candidate)
+
+    for index, node in enumerate(graph.node):
+        if node.op_type in WEIGHT_OPS:
+            layer = _safe(layer_name(node.name, f"{node.op_type.lower()}{index}"))
+            roles = ("input", "weight", "bias")
+            for role, name in zip(roles, node.input):
+                if role != "input" and name in init_names:
+                    claim(name, f"{layer}.{role}")
+            if node.op_type == "MatMul" and node.input[0] in init_names:
+                claim(node.input[0], f"{layer}.weight")
+    for name in sorted(init_names - set(mapping)):
+        claim(name, _safe(name) or "tensor")
+    for tensor in graph.initializer:
+        tensor.name = mapping[tensor.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+
+
+def weight_inputs(graph: onnx.GraphProto) -> Dict[str, Tuple[str, str]]:
+    """The prunable weights: initializer name → (layer name, op type) for Conv/Gemm/MatMul."""
+    init_names = {t.name for t in graph.initializer}
+    found: Dict[str, Tuple[str, str]] = {}
+    for node in graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        candidates: Sequence[str] = node.input[1:2]
+        if node.op_type == "MatMul" and node.input[1] not in init_names:
+            candidates = node.input[0:1]
+        for name in candidates:
+            if name in init_names and name.endswith(".weight"):
+                found[name] = (name[: -len(".weight")], node.op_type)
+    return found
+
+
+def _attribute_value(attribute: onnx.AttributeProto) -> Any:
+    value = helper.get_attribute_value(attribute)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):
+        array = numpy_helper.to_array(value)
+        return {"tensor": array.tolist(), "dtype": str(array.dtype), "shape": list(array.shape)}
+    if isinstance(value, list):
+        return [v.decode() if isinstance(v, bytes) else v for v in value]
+    if isinstance(value, (onnx.GraphProto, onnx.SparseTensorProto)):
+        raise ExportError(f"attribute {attribute.name!r} holds a subgraph/sparse tensor; not exportable")
+    return value
+
+
+def node_list(graph: onnx.GraphProto) -> List[Dict[str, Any]]:
+    """The graph as plain JSON: what the runtime executes, in topological order."""
+    return [{"op_type": node.op_type, "name": node.name, "inputs": list(node.input),
+             "outputs": list(node.output), "domain": node.domain,
+             "attributes": {a.name: _attribute_value(a) for a in node.attribute}}
+            for node in graph.node]

@@ -1,0 +1,248 @@
+"""``compress()``: train (or load) the dense network, then prune and retrain level by level.
+
+Every level is a folder of RUN_DIR with a per-epoch ``checkpoint.pt`` and a ``final.pt``; a level
+whose ``final.pt`` exists is skipped, and a level with a ``checkpoint.pt`` continues from it with its
+model, optimizer and random states restored, so a resumed run ends exactly where an uninterrupted
+one would. Each level also starts from random states derived from (seed, method, level), which makes
+a level's result independent of which process ran the levels before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor import checkpoints
+from compressor.config import PruneConfig
+from compressor.devices import resolve_device
+from compressor.errors import ConfigError
+from compressor.mask import Mask
+from compressor.methods import RetrainPlan, dense_plan, retrain_plan
+from compressor.models import input_shape_of
+from compressor.optimizers import build_optimizer
+from compressor.pruning import (apply_mask, global_magnitude_prune, keep_counts, layer_sparsities,
+                                prunable_parameters, weight_sparsity)
+from compressor.report import write_metrics, write_report
+from compressor.run_dir import RunDir, collect_metrics
+from compressor.training import evaluate, train
+
+EpochCallback = Callable[[str, int, int], None]
+DENSE = "dense"
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` returns.
+
+    ``model`` is the model you passed, now holding the last level of the first method;
+    ``metrics`` is metrics.json's content; ``run_dir`` is ``None`` when no ``out`` was given.
+    """
+
+    model: nn.Module
+    metrics: Dict[str, Any]
+    run_dir: Optional[Path]
+
+    def final(self, method: Optional[str] = None) -> Dict[str, Any]:
+        """The last level's metrics for ``method`` (default: the first method)."""
+        method = method or next(iter(self.metrics["methods"]))
+        return self.metrics["methods"][method][-1]
+
+
+def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, config: PruneConfig,
+             out: Union[str, Path, None] = None, *, resume: bool = False, device: str = "auto",
+             model_name: Optional[str] = None, data_name: str = "custom",
+             pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: bool = False,
+             epoch_callback: Optional[EpochCallback] = None) -> CompressResult:
+    """Iteratively prune ``model`` to ``config.target_sparsity`` and retrain it after every round.
+
+    Args:
+        model: the network (trained in place). Seed torch before building it for reproducible runs.
+        train_loader, test_loader: iterables of ``(inputs, labels)`` batches (``compressor.data``
+            has in-memory loaders; a torch ``DataLoader`` works too).
+        config: hyper-parameters; ``PruneConfig()`` suits small models, see ``compressor.config``.
+        out: RUN_DIR for checkpoints and results; a temporary folder (deleted afterwards) if None.
+        resume: continue the run in ``out``; refused if ``out``'s config differs.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        model_name, data_name: recorded in config.json/metrics.json (``model_name`` should be a
+            registry name or ``file.py:factory`` so ``load_level`` can rebuild the model).
+        pretrained: a trained state_dict to start from instead of dense training.
+        progress: show tqdm bars (levels and epochs) on stderr.
+        epoch_callback: called as ``(method, level, epoch)`` after each epoch's checkpoint.
+    """
+    torch_device = resolve_device(device)
+    if pretrained is not None and "weight-rewind" in config.methods:
+        raise ConfigError("weight-rewind needs the dense training's early weights; it cannot start from --pretrained")
+    if pretrained is not None:  # before RUN_DIR is touched: a checkpoint that does not fit writes nothing
+        checkpoints.load_into(model, pretrained, "--pretrained")
+    model.to(torch_device)
+    params = prunable_parameters(model, config.exclude)
+    counts = keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
+                         config.target_sparsity, config.one_shot)
+    shape = input_shape_of(model) or _peek_input_shape(test_loader)
+    record = {"model": model_name or type(model).__name__, "data": data_name,
+              "pretrained": pretrained is not None, "input_shape": list(shape) if shape else None,
+              **config.to_dict()}
+    with contextlib.ExitStack() as stack:
+        root = Path(out) if out is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        run = RunDir(root)
+        run.prepare(record, resume)
+        stack.enter_context(_deterministic(torch_device))
+        job = _Job(run, model, params, train_loader, test_loader, config, torch_device, progress, epoch_callback)
+        bar = stack.enter_context(tqdm(total=1 + len(config.methods) * len(counts), desc="levels",
+                                       disable=not progress))
+        job.dense(pretrained)
+        bar.update()
+        for method in config.methods:
+            for level, keep in enumerate(counts, start=1):
+                bar.set_postfix_str(f"{method} {level}/{len(counts)}")
+                job.level(method, level, keep)
+                bar.update()
+        metrics = collect_metrics(run)
+        write_metrics(run, metrics)
+        write_report(run, metrics)
+        last = checkpoints.load(run.final_path(config.methods[0], len(counts)))
+        checkpoints.load_into(model, last["model"], "the last level")
+        return CompressResult(model, metrics, Path(out) if out is not None else None)
+
+
+class _Job:
+    """One run's state shared by its levels (model, loaders, where files go)."""
+
+    def __init__(self, run: RunDir, model: nn.Module, params: Dict[str, torch.Tensor], train_loader: Iterable,
+                 test_loader: Iterable, config: PruneConfig, device: torch.device, progress: bool,
+                 epoch_callback: Optional[EpochCallback]) -> None:
+        self.run, self.model, self.params = run, model, params
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.config, self.device, self.progress = config, device, progress
+        self.epoch_callback = epoch_callback
+        generator = getattr(train_loader, "generator", None)
+        self.generators: List[torch.Generator] = [generator] if isinstance(generator, torch.Generator) else []
+        self.steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 1
+
+    def dense(self, pretrained: Optional[Dict[str, torch.Tensor]]) -> None:
+        """Level 0: train the dense network (saving the rewind snapshot on the way) or load it."""
+        if self.run.final_path(DENSE, 0).is_file():
+            return
+        mask = Mask.ones_like(self.params).to(self.device)
+        if pretrained is not None:  # already loaded into the model by compress()
+            began = time.perf_counter()
+            self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[], optimizer=None)
+            return
+        if "weight-rewind" in self.config.methods and self.config.rewind_epoch == 0 and \
+                not self.run.rewind_path.is_file():
+            self.run.save({"model": _cpu_state(self.model)}, self.run.rewind_path)
+        self._train(DENSE, 0, dense_plan(self.config), mask)
+
+    def level(self, method: str, level: int, keep: int) -> None:
+        """Prune the previous level to ``keep`` weights and retrain with ``method`` (unless done)."""
+        if self.run.final_path(method, level).is_file():
+            return
+        plan = retrain_plan(method, self.config, self.steps_per_epoch)
+        previous = checkpoints.load(self.run.final_path(method, level - 1))
+        checkpoints.load_into(self.model, previous["model"], str(self.run.final_path(method, level - 1)))
+        mask = global_magnitude_prune(self.params, Mask(previous["mask"]).to(self.device), keep)
+        if plan.rewind_weights:
+            rewind = checkpoints.load(self.run.rewind_path)
+            checkpoints.load_into(self.model, rewind["model"], str(self.run.rewind_path))
+        apply_mask(self.params, mask)
+        self._train(method, level, plan, mask)
+
+    def _train(self, method: str, level: int, plan: RetrainPlan, mask: Mask) -> None:
+        """Run ``plan`` for one level, checkpointing every epoch, then write its ``final.pt``."""
+        config, run = self.config, self.run
+        checkpoint_path = run.checkpoint_path(method, level)
+        optimizer = build_optimizer(self.model, config)
+        lrs: List[float] = []
+        seconds_before, start = 0.0, plan.epochs.start
+        if checkpoint_path.is_file():
+            saved = checkpoints.load(checkpoint_path)
+            checkpoints.load_into(self.model, saved["model"], str(checkpoint_path))
+            optimizer.load_state_dict(saved["optimizer"])
+            mask = Mask(saved["mask"]).to(self.device)
+            checkpoints.restore_rng(saved["rng"], self.generators)
+            lrs, seconds_before, start = list(saved["lrs"]), float(saved["seconds"]), int(saved["epoch"]) + 1
+        else:
+            _seed_everything(_level_seed(config.seed, method, level), self.generators)
+        began = time.perf_counter()
+
+        def on_epoch_end(epoch: int, lr: float, _loss: float) -> None:
+            lrs.append(lr)
+            if level == 0 and "weight-rewind" in config.methods and epoch + 1 == config.rewind_epoch:
+                run.save({"model": _cpu_state(self.model)}, run.rewind_path)
+            run.save({"model": _cpu_state(self.model), "optimizer": optimizer.state_dict(),
+                      "mask": mask.state_dict(), "epoch": epoch, "rng": checkpoints.capture_rng(self.generators),
+                      "lrs": list(lrs), "seconds": seconds_before + time.perf_counter() - began,
+                      "config": config.to_dict()}, checkpoint_path)
+            if self.epoch_callback is not None:
+                self.epoch_callback(method, level, epoch)
+
+        desc = "dense" if level == 0 else f"{method} level {level}"
+        train(self.model, optimizer, self.train_loader, plan.lr_at, range(start, plan.epochs.stop), self.params,
+              mask, self.device, on_epoch_end, self.progress, desc)
+        self._finish(method, level, mask, epochs=len(plan.epochs),
+                     seconds=seconds_before + time.perf_counter() - began, lrs=lrs, optimizer=optimizer)
+
+    def _finish(self, method: str, level: int, mask: Mask, epochs: int, seconds: float, lrs: List[float],
+                optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json."""
+        began = time.perf_counter()
+        accuracy, loss = evaluate(self.model, self.test_loader, self.device)
+        final = {
+            "model": _cpu_state(self.model), "mask": mask.state_dict(), "level": level,
+            "method": method, "sparsity": weight_sparsity(self.params), "accuracy": accuracy, "loss": loss,
+            "epochs": epochs, "seconds": seconds + time.perf_counter() - began, "lrs": lrs,
+            "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+        }
+        self.run.save(final, self.run.final_path(method, level))
+        self.run.remove(self.run.checkpoint_path(method, level))
+        write_metrics(self.run, collect_metrics(self.run))
+
+
+def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+
+
+def _level_seed(seed: int, method: str, level: int) -> int:
+    # A stable hash (Python's hash() is salted per process) so every process derives the same seed.
+    return zlib.crc32(f"{seed}/{method}/{level}".encode()) & 0x7FFFFFFF
+
+
+def _seed_everything(seed: int, generators: List[torch.Generator]) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    for generator in generators:
+        generator.manual_seed(seed)
+
+
+def _peek_input_shape(loader: Iterable) -> Optional[Tuple[int, ...]]:
+    """One example's shape from the (unshuffled) test loader, for models that declare none."""
+    try:
+        inputs, _ = next(iter(loader))
+        return tuple(int(d) for d in inputs.shape[1:])
+    except Exception:  # a loader we cannot peek at just leaves the shape unrecorded
+        return None
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on the CPU (cheap there); the caller's setting is restored afterwards."""
+    before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

@@ -1,0 +1,111 @@
+"""Global magnitude pruning: which weights are prunable, how many survive each round, the new mask.
+
+Prunable: the ``weight`` of every ``Conv*d`` and ``Linear`` module (first conv, 1×1 shortcuts and
+the classifier included); biases and BatchNorm never. One threshold over all layers: the surviving
+magnitudes are sorted once, so layers end at different sparsities (Renda et al. 2020; OpenLTH's
+``sparse_global``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from compressor.errors import ConfigError
+from compressor.mask import Mask
+
+_PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, nn.Parameter]:
+    """``{parameter name: weight}`` of the Conv/Linear layers not named in ``exclude``.
+
+    ``exclude`` holds module names (``fc``, ``net.4``) or their weight names (``fc.weight``); a name
+    that matches no prunable layer is an error, so a typo never silently prunes a layer.
+    """
+    found: Dict[str, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, _PRUNABLE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            found[f"{module_name}.weight" if module_name else "weight"] = module.weight
+    wanted = {name if name.endswith(".weight") else f"{name}.weight" for name in exclude}
+    unknown = sorted(wanted - set(found))
+    if unknown:
+        choices = ", ".join(n[: -len(".weight")] for n in found)
+        raise ConfigError(f"--exclude: no prunable layer named {unknown[0][: -len('.weight')]!r}; layers: {choices}")
+    chosen = {name: p for name, p in found.items() if name not in wanted}
+    if not chosen:
+        raise ConfigError("the model has no prunable (Conv/Linear) weights left to prune")
+    return chosen
+
+
+def keep_counts(total: int, prune_fraction: float, target_sparsity: float, one_shot: bool) -> List[int]:
+    """How many weights survive after each pruning round, ending exactly at the target.
+
+    Densities run ``(1 - prune_fraction) ** k`` while they stay above ``1 - target``; the last round
+    prunes to the target itself. Counts are rounded from the dense total (not compounded round by
+    round), so rounding error never accumulates.
+    """
+    final = round(total * (1.0 - target_sparsity))
+    if final < 1:
+        raise ConfigError(f"target sparsity {target_sparsity} would remove all {total} prunable weights")
+    if one_shot:
+        return [final]
+    counts: List[int] = []
+    k = 1
+    while True:
+        count = round(total * (1.0 - prune_fraction) ** k)
+        if count <= final:
+            break
+        if not counts or count < counts[-1]:
+            counts.append(count)
+        k += 1
+    return counts + [final]
+
+
+@torch.no_grad()
+def global_magnitude_prune(params: Dict[str, torch.Tensor], mask: Mask, keep: int) -> Mask:
+    """Keep the ``keep`` largest-magnitude surviving weights across all layers; prune the rest.
+
+    One stable sort over the concatenated magnitudes (already-pruned weights get -1 so they sort
+    last); taking exactly ``keep`` indices makes the count exact even with tied magnitudes.
+    """
+    if keep > mask.kept:
+        raise ConfigError(f"cannot keep {keep} weights when only {mask.kept} survive")
+    names = list(mask)
+    scores = torch.cat([
+        torch.where(mask[n], params[n].detach().abs(), torch.full_like(params[n], -1.0)).flatten().float()
+        for n in names
+    ])
+    order = torch.sort(scores, descending=True, stable=True).indices
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    flat[order[:keep]] = True
+    new: Dict[str, torch.Tensor] = {}
+    start = 0
+    for n in names:
+        size = params[n].numel()
+        new[n] = flat[start:start + size].view_as(params[n])
+        start += size
+    return Mask(new)
+
+
+@torch.no_grad()
+def apply_mask(params: Dict[str, torch.Tensor], mask: Mask) -> None:
+    """Set every pruned weight to exactly zero (in place)."""
+    for name, keep in mask.items():
+        params[name].mul_(keep.to(params[name].dtype))
+
+
+@torch.no_grad()
+def weight_sparsity(params: Dict[str, torch.Tensor]) -> float:
+    """Fraction of exactly-zero entries among the given weights, counted from the weights."""
+    total = sum(p.numel() for p in params.values())
+    zeros = sum(int((p == 0).sum()) for p in params.values())
+    return zeros / total if total else 0.0
+
+
+@torch.no_grad()
+def layer_sparsities(params: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per-layer fraction of exactly-zero weights (global pruning leaves them unequal)."""
+    return {name: float((p == 0).sum()) / p.numel() for name, p in params.items()}

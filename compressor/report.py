@@ -1,0 +1,78 @@
+"""A run's results for people: metrics.json, the report.md table and the sparsity/accuracy plot."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Dict
+
+from compressor.run_dir import METRICS, RunDir
+
+REPORT = "report.md"
+PLOT = "sparsity_accuracy.png"
+
+
+def markdown_table(metrics: Dict[str, Any]) -> str:
+    """One row per (method, level): sparsity, compression, accuracy and its change from dense."""
+    lines = [
+        f"# {metrics['model']} on {metrics['data']}",
+        "",
+        "| method | level | sparsity | compression | accuracy | Δ vs dense | loss | epochs | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, levels in metrics["methods"].items():
+        dense = levels[0]["accuracy"] if levels else 0.0
+        for entry in levels:
+            density = 1.0 - entry["sparsity"]
+            compression = f"{1.0 / density:.1f}×" if density > 0 else "∞"
+            lines.append(
+                f"| {method} | {entry['level']} | {entry['sparsity']:.2%} | {compression} | "
+                f"{entry['accuracy']:.2%} | {100 * (entry['accuracy'] - dense):+.2f} | {entry['loss']:.4f} | "
+                f"{entry['epochs']} | {entry['seconds']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(metrics: Dict[str, Any]) -> bytes:
+    """Accuracy against sparsity on a log-density axis (so 90%, 99%, ... are evenly spaced)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for method, levels in metrics["methods"].items():
+        density = [max(1.0 - e["sparsity"], 1e-6) for e in levels]
+        ax.plot(density, [100 * e["accuracy"] for e in levels], marker="o", label=method)
+    ax.set_xscale("log")
+    ax.invert_xaxis()  # sparser to the right
+    densities = sorted({round(max(1.0 - e["sparsity"], 1e-6), 6) for ls in metrics["methods"].values() for e in ls},
+                       reverse=True)
+    shown = densities[:: max(1, len(densities) // 8)]
+    ax.set_xticks(shown)
+    ax.set_xticklabels([f"{100 * (1 - d):.1f}%" for d in shown], rotation=45)
+    ax.minorticks_off()
+    ax.set_xlabel("sparsity (log density axis)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{metrics['model']} on {metrics['data']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_metrics(run: RunDir, metrics: Dict[str, Any]) -> None:
+    """RUN_DIR/metrics.json (after every finished level, so a killed run still has its results)."""
+    run.write_text(json.dumps(metrics, indent=2) + "\n", METRICS)
+
+
+def write_report(run: RunDir, metrics: Dict[str, Any]) -> None:
+    """RUN_DIR/report.md and RUN_DIR/sparsity_accuracy.png (at the end of the run)."""
+    run.write_text(markdown_table(metrics), REPORT)
+    if run.writer:
+        from compressor.checkpoints import atomic_write_bytes
+
+        atomic_write_bytes(plot_png(metrics), run.root / PLOT)

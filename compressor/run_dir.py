@@ -1,0 +1,207 @@
+"""RUN_DIR: where a compression run lives on disk, and the API other packages read it with.
+
+Layout (ARCHITECTURE.md is the contract)::
+
+    RUN_DIR/config.json, metrics.json, report.md, sparsity_accuracy.png
+    RUN_DIR/dense/{checkpoint.pt, final.pt, rewind.pt}     level 0, shared by every method
+    RUN_DIR/METHOD/level_K/{checkpoint.pt, final.pt}        K = 1, 2, ...
+
+``final.pt`` existing means the level is done, which is all resumption needs to know. ``rewind.pt``
+(the dense weights at ``--rewind-epoch``) is an addition for weight rewinding.
+
+Readers: :func:`list_levels` and :func:`load_level`. The writer: :class:`RunDir`, whose
+``writer`` flag is the single place that decides whether this process writes files (under DDP only
+rank 0 will).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import nn
+
+from compressor import checkpoints
+from compressor.config import config_differences
+from compressor.errors import CompressorError, RunDirError
+from compressor.models import build_model, input_shape_of
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+FINAL = "final.pt"
+CHECKPOINT = "checkpoint.pt"
+REWIND = "rewind.pt"
+DENSE = "dense"
+
+
+class RunDir:
+    """Paths of one RUN_DIR and the only door through which files are written into it."""
+
+    def __init__(self, root: Path, writer: bool = True) -> None:
+        self.root = Path(root)
+        self.writer = writer
+
+    def level_dir(self, method: str, level: int) -> Path:
+        """``dense/`` for level 0, ``METHOD/level_K/`` otherwise."""
+        return self.root / DENSE if level == 0 else self.root / method / f"level_{level}"
+
+    def final_path(self, method: str, level: int) -> Path:
+        return self.level_dir(method, level) / FINAL
+
+    def checkpoint_path(self, method: str, level: int) -> Path:
+        return self.level_dir(method, level) / CHECKPOINT
+
+    @property
+    def rewind_path(self) -> Path:
+        return self.root / DENSE / REWIND
+
+    def prepare(self, record: Dict[str, Any], resume: bool) -> None:
+        """Start a new run (an empty or missing RUN_DIR) or check that ``--resume`` continues this one.
+
+        Never touches a folder that holds anything else: a non-empty RUN_DIR without ``--resume`` and
+        a RUN_DIR whose config differs are refused before any file is written.
+        """
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"{self.root} exists and is not a directory")
+        config_path = self.root / CONFIG
+        non_empty = self.root.is_dir() and any(self.root.iterdir())
+        if non_empty and not resume:
+            raise RunDirError(f"{self.root} is not empty; continue it with --resume or choose another --out")
+        if non_empty:
+            if not config_path.is_file():
+                raise RunDirError(f"{self.root} is not an edgeprune run (no {CONFIG}); refusing to touch it")
+            saved = read_json(config_path)
+            differences = config_differences(saved, record)
+            if differences:
+                raise RunDirError(f"--resume with a different config than {config_path}: " + "; ".join(differences))
+            return
+        if self.writer:
+            self.root.mkdir(parents=True, exist_ok=True)
+            checkpoints.atomic_write_text(json.dumps(record, indent=2) + "\n", config_path)
+
+    def save(self, obj: Any, path: Path) -> None:
+        """Atomically save a checkpoint, if this process is the writer."""
+        if self.writer:
+            checkpoints.atomic_save(obj, path)
+
+    def write_text(self, text: str, name: str) -> None:
+        """Atomically write ``RUN_DIR/name``, if this process is the writer."""
+        if self.writer:
+            checkpoints.atomic_write_text(text, self.root / name)
+
+    def remove(self, path: Path) -> None:
+        """Delete a file (a finished level's epoch checkpoint), if this process is the writer."""
+        if self.writer:
+            path.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    """A JSON object from ``path``, or ``RunDirError``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise RunDirError(f"{path} not found: is {Path(path).parent} an edgeprune RUN_DIR?") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunDirError(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} does not hold a JSON object")
+    return data
+
+
+def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
+    """The metrics.json entry for one level, from its ``final.pt`` contents."""
+    return {key: final[key] for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
+
+
+def collect_metrics(run: RunDir) -> Dict[str, Any]:
+    """metrics.json's content, rebuilt from the ``final.pt`` files (the single source of truth)."""
+    config = read_json(run.root / CONFIG)
+    methods: Dict[str, List[Dict[str, Any]]] = {}
+    dense_path = run.final_path("dense", 0)
+    dense = level_record(checkpoints.load(dense_path)) if dense_path.is_file() else None
+    for method in config["methods"]:
+        levels = [dense] if dense else []
+        level = 1
+        while run.final_path(method, level).is_file():
+            levels.append(level_record(checkpoints.load(run.final_path(method, level))))
+            level += 1
+        methods[method] = levels
+    return {"model": config["model"], "data": config["data"], "input_shape": config.get("input_shape"),
+            "methods": methods}
+
+
+class LevelInfo(NamedTuple):
+    """One finished level as :func:`list_levels` reports it."""
+
+    method: str
+    level: int
+    sparsity: float
+    accuracy: float
+    path: Path
+
+
+@dataclass
+class LoadedLevel:
+    """A finished level, its model built, loaded and in eval mode."""
+
+    model: nn.Module
+    method: str
+    level: int
+    sparsity: float
+    accuracy: float
+    model_name: str
+    input_shape: Optional[Tuple[int, ...]]
+    mask: Dict[str, torch.Tensor]
+
+
+def list_levels(run_dir: Path) -> List[LevelInfo]:
+    """Every finished level of every method, in run order (level 0 = the dense network, per method)."""
+    run = RunDir(Path(run_dir), writer=False)
+    if not run.root.is_dir():
+        raise RunDirError(f"RUN_DIR not found: {run.root}")
+    metrics = read_json(run.root / METRICS)
+    try:
+        return [
+            LevelInfo(method, int(entry["level"]), float(entry["sparsity"]), float(entry["accuracy"]),
+                      run.final_path(method, int(entry["level"])))
+            for method, levels in metrics["methods"].items() for entry in levels
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise RunDirError(f"{run.root / METRICS} is not an edgeprune metrics file ({error})") from error
+
+
+def load_level(run_dir: Path, method: Optional[str] = None, level: Optional[int] = None,
+               model: Optional[nn.Module] = None) -> LoadedLevel:
+    """Load one level of a run: by default the first method's last finished level.
+
+    The model is rebuilt from the run's model name; pass ``model`` (an instance of the same
+    architecture) for runs made with the Python API on a model that has no registry name.
+    """
+    levels = list_levels(run_dir)
+    if not levels:
+        raise RunDirError(f"{run_dir} has no finished level yet")
+    method = method or levels[0].method
+    of_method = [info for info in levels if info.method == method]
+    if not of_method:
+        methods = sorted({info.method for info in levels})
+        raise RunDirError(f"{run_dir} has no method {method!r}; it has {', '.join(methods)}")
+    chosen = of_method[-1] if level is None else next((i for i in of_method if i.level == level), None)
+    if chosen is None:
+        have = ", ".join(str(i.level) for i in of_method)
+        raise RunDirError(f"{run_dir} has no finished level {level} for {method}; finished: {have}")
+    config = read_json(Path(run_dir) / CONFIG)
+    model_name = str(config.get("model"))
+    if model is None:
+        try:
+            model = build_model(model_name)
+        except CompressorError as error:
+            raise RunDirError(f"cannot rebuild model {model_name!r} ({error}); pass model= to load_level") from error
+    final = checkpoints.load(chosen.path)
+    checkpoints.load_into(model, final["model"], str(chosen.path))
+    model.eval()
+    shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
+    return LoadedLevel(model, method, chosen.level, float(final["sparsity"]), float(final["accuracy"]),
+                       model_name, shape, dict(final.get("mask", {})))

@@ -1,0 +1,103 @@
+"""The training loop: the one place where batches meet the optimizer.
+
+It knows nothing about files, levels or methods: the caller builds the model, optimizer and
+loaders (``compressor.setup``) and passes an ``on_epoch_end`` hook that checkpoints. That keeps the
+loop small and lets a later DDP wrapper (``DistributedDataParallel`` around the model, a
+``DistributedSampler``-style loader) slot in without touching it.
+
+Pruned weights stay exactly zero: before each step their gradients and momentum are masked (so
+weight decay and momentum carry nothing into them) and after each step they are zeroed again (so
+no optimizer arithmetic can leave a tiny non-zero behind).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from compressor.mask import Mask
+
+LrAt = Callable[[float], float]
+EpochHook = Callable[[int, float, float], None]
+
+
+@torch.no_grad()
+def mask_gradients(optimizer: torch.optim.Optimizer, params: Dict[str, torch.Tensor], mask: Mask) -> None:
+    """Zero the gradient and momentum of every pruned weight."""
+    for name, keep in mask.items():
+        param = params[name]
+        if param.grad is not None:
+            param.grad.mul_(keep)
+        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+        if buffer is not None:
+            buffer.mul_(keep)
+
+
+@torch.no_grad()
+def zero_pruned(params: Dict[str, torch.Tensor], mask: Mask) -> None:
+    """Set every pruned weight to exactly zero."""
+    for name, keep in mask.items():
+        params[name].mul_(keep)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, lr_at: LrAt,
+                epoch: int, params: Dict[str, torch.Tensor], mask: Mask, device: torch.device,
+                progress: bool = False) -> Tuple[float, float]:
+    """One pass over ``loader``; the LR is set per step from ``lr_at(epoch + step / steps)``.
+
+    Returns ``(lr of the first step, mean training loss)``.
+    """
+    model.train()
+    steps = len(loader) if hasattr(loader, "__len__") else 0
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss, seen, first_lr = 0.0, 0, lr_at(float(epoch))
+    batches = tqdm(loader, total=steps or None, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+    for step, (inputs, labels) in enumerate(batches):
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        _set_lr(optimizer, lr_at(epoch + step / steps) if steps else first_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs), labels)
+        loss.backward()
+        mask_gradients(optimizer, params, mask)
+        optimizer.step()
+        zero_pruned(params, mask)
+        total_loss += float(loss.detach()) * len(labels)
+        seen += len(labels)
+    return first_lr, total_loss / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> Tuple[float, float]:
+    """``(accuracy as a fraction, mean cross-entropy loss)`` on ``loader``."""
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device), labels.to(device)
+        logits = model(inputs)
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+        total += len(labels)
+    return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, lr_at: LrAt,
+          epochs: range, params: Dict[str, torch.Tensor], mask: Mask, device: torch.device,
+          on_epoch_end: Optional[EpochHook] = None, progress: bool = False, desc: str = "") -> None:
+    """Train for ``epochs`` (absolute epoch numbers, which the LR schedule is evaluated at).
+
+    ``on_epoch_end(epoch, first_lr, train_loss)`` runs after every epoch (checkpointing lives there).
+    """
+    zero_pruned(params, mask)
+    for epoch in tqdm(epochs, desc=desc, leave=False, disable=not progress):
+        first_lr, loss = train_epoch(model, optimizer, loader, lr_at, epoch, params, mask, device, progress)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, first_lr, loss)

@@ -1,0 +1,167 @@
+"""Deploy one MODEL_DIR to one host, or to a fleet in parallel with a per-host result.
+
+One host, in order: connect → preflight → runtime → upload to a temporary folder → verify sha256s on
+the device → move to ``releases/ID`` → smoke test → switch ``current`` → prune old releases. Any
+failure stops before the switch, so the previous release stays current (see :mod:`deploy.release`).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from deploy.connection import ConnectOptions, Device, HostSpec, Progress
+from deploy.errors import DeployError
+from deploy.model_dir import LocalModel
+from deploy.preflight import check, probe, runtime_is_current
+from deploy.release import RemoteModel
+from deploy.runtime_install import ensure_runtime
+from deploy.wheel import RuntimeWheel
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class DeploySettings:
+    """Everything `edgeprune deploy` was told besides the hosts and MODEL_DIR."""
+
+    name: str
+    connect: ConnectOptions = field(default_factory=ConnectOptions)
+    python: str = "python3"
+    remote_root: str = "~/.edgeprune"
+    wheelhouse: Optional[Path] = None
+    keep: int = 3
+    progress: bool = False  # show tqdm bars (stderr); the CLI turns them on for a terminal
+
+
+@dataclass
+class HostResult:
+    """How deploying to one host ended (the fleet table has one row per result)."""
+
+    host: str
+    status: str  # "deployed", "unchanged" or "failed"
+    release: Optional[str] = None
+    previous: Optional[str] = None
+    smoke: str = ""
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "failed"
+
+
+def deploy_to_host(spec: HostSpec, model: LocalModel, wheel: RuntimeWheel, settings: DeploySettings,
+                   log: Log, bar_position: int = 0, progress: Optional[Progress] = None) -> HostResult:
+    """Deploy ``model`` to one host; raises DeployError (one line) on any failure.
+
+    ``progress`` is called with each uploaded chunk's size, besides the progress bar.
+    """
+    started = time.monotonic()
+    with Device.connect(spec, settings.connect) as device:
+        root = device.resolve_path(settings.remote_root)
+        facts = probe(device, settings.python, root)
+        log(f"{device.label}: {facts.summary()}")
+        remote = RemoteModel(device, root, settings.name)
+        previous = remote.current_id()
+        runtime_ok = runtime_is_current(facts, wheel.content_hash, settings.python)
+        if previous == model.release_id and runtime_ok:
+            log(f"{device.label}: {settings.name} is already at release {previous}; nothing to do")
+            return HostResult(device.label, "unchanged", previous, previous, seconds=time.monotonic() - started)
+
+        on_device = {release.id for release in remote.releases()}
+        upload_bytes = (0 if model.release_id in on_device else model.size) + (0 if runtime_ok else wheel.path.stat().st_size)
+        check(facts, device, settings.python, settings.remote_root, upload_bytes)
+        venv_python = ensure_runtime(device, settings.python, root, settings.wheelhouse, facts=facts, wheel=wheel,
+                                     log=lambda message: log(f"{device.label}: {message}"))
+        remote.remove_stale_uploads()
+
+        fresh = model.release_id not in on_device
+        if fresh:
+            log(f"{device.label}: uploading {settings.name} ({len(model.files)} files, {model.size / 2**20:.2f} MiB) "
+                f"as release {model.release_id}")
+            temp = _upload_with_bar(remote, model, settings.progress, device.label, bar_position, progress)
+            try:
+                remote.verify(temp, model.files)
+            except BaseException:
+                remote.remove(temp)
+                raise
+            release_dir = remote.promote(temp, model.release_id)
+            log(f"{device.label}: {len(model.files)} sha256s verified on the device")
+        else:
+            release_dir = remote.release_dir(model.release_id)
+            remote.verify_release(model.release_id)
+            log(f"{device.label}: release {model.release_id} is already on the device (verified)")
+            if previous != model.release_id:
+                device.run(["touch", release_dir])
+
+        try:
+            smoke = remote.smoke_test(release_dir, venv_python)
+        except BaseException:
+            if fresh:
+                remote.remove(release_dir)
+            raise
+        log(f"{device.label}: smoke test: {smoke}")
+        if previous != model.release_id:
+            remote.switch(model.release_id)
+        pruned = remote.prune(settings.keep)
+        log(f"{device.label}: {settings.name} is now at release {model.release_id}"
+            + (f" (was {previous})" if previous and previous != model.release_id else "")
+            + (f"; removed old releases {', '.join(pruned)}" if pruned else ""))
+        return HostResult(device.label, "deployed", model.release_id, previous, smoke, time.monotonic() - started)
+
+
+def _upload_with_bar(remote: RemoteModel, model: LocalModel, show: bool, label: str, position: int,
+                     progress: Optional[Progress]) -> str:
+    from tqdm import tqdm
+
+    with tqdm(total=model.size, unit="B", unit_scale=True, unit_divisor=1024, desc=label, file=sys.stderr,
+              disable=not show, position=position, leave=False) as bar:
+        def advance(count: int) -> None:
+            bar.update(count)
+            if progress is not None:
+                progress(count)
+
+        return remote.upload(model, progress=advance)
+
+
+def deploy_fleet(specs: Sequence[HostSpec], model: LocalModel, wheel: RuntimeWheel, settings: DeploySettings,
+                 jobs: int, log: Log) -> List[HostResult]:
+    """Deploy to every host, ``jobs`` at a time; one host's failure never stops the others."""
+    lock = threading.Lock()
+
+    def locked_log(message: str) -> None:
+        with lock:
+            log(message)
+
+    def one(index_spec) -> HostResult:
+        index, spec = index_spec
+        started = time.monotonic()
+        try:
+            return deploy_to_host(spec, model, wheel, settings, locked_log, bar_position=index)
+        except DeployError as error:
+            locked_log(f"{spec}: FAILED: {error}")
+            return HostResult(str(spec), "failed", seconds=time.monotonic() - started, error=str(error))
+        except Exception as error:  # noqa: BLE001 - a bug on one host must not hide the others' results
+            locked_log(f"{spec}: FAILED (internal error): {type(error).__name__}: {error}")
+            return HostResult(str(spec), "failed", seconds=time.monotonic() - started,
+                              error=f"internal error: {type(error).__name__}: {error}")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, enumerate(specs)))
+
+
+def result_table(results: Sequence[HostResult]) -> str:
+    """The per-host summary printed at the end of a fleet deploy."""
+    rows = [("HOST", "STATUS", "RELEASE", "TIME", "DETAIL")]
+    for result in results:
+        detail = result.error if not result.ok else (result.smoke or "already current")
+        rows.append((result.host, result.status, result.release or "-", f"{result.seconds:.1f}s", detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4]
+                     for row in rows)

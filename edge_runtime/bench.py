@@ -1,0 +1,100 @@
+"""``edge-runtime bench``: one configuration, measured the way onnxruntime_perf_test and TFLite's
+benchmark_model do it (load time, first run, warm-up, then timed runs until both ``iters`` and
+``min_seconds`` are reached), reported as a JSON-ready dict."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+from edge_runtime.device import cpu_model
+
+
+def model_size_bytes(model_dir: Path, manifest: Dict[str, Any]) -> int:
+    """Bytes a deployment ships: every listed file plus manifest.json."""
+    return sum((model_dir / name).stat().st_size for name in manifest["files"]) + (model_dir / "manifest.json").stat().st_size
+
+
+def latency_stats(samples_ms: List[float]) -> Dict[str, float]:
+    """mean/std/min/percentiles/max of per-run latencies in milliseconds."""
+    values = np.asarray(samples_ms, dtype=np.float64)
+    stats = {"mean": values.mean(), "std": values.std(), "min": values.min()}
+    for p in (50, 90, 95, 99):
+        stats[f"p{p}"] = np.percentile(values, p)
+    stats["max"] = values.max()
+    return {key: round(float(value), 4) for key, value in stats.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB.
+
+    Linux: VmHWM from /proc/self/status, which starts afresh at exec; ru_maxrss does not (a process
+    started by a big parent inherits the parent's peak). Elsewhere ru_maxrss (KiB; bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 2)
+
+
+def device_info() -> Dict[str, Any]:
+    import os
+
+    import scipy
+
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {"machine": platform.machine(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+            "onnxruntime": ort_version, "hostname": platform.node()}
+
+
+def benchmark(model_dir: Path, kernels: str, threads: int, warmup: int, iters: int, min_seconds: float,
+              batch: int = 1, seed: int = 0) -> Dict[str, Any]:
+    """Load MODEL_DIR with these settings, run it, and return the report dict."""
+    from edge_runtime.session import InferenceSession
+
+    start = time.perf_counter()
+    session = InferenceSession(model_dir, kernels=kernels, threads=threads)
+    load_s = time.perf_counter() - start
+    spec = session.get_inputs()[0]
+    shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
+    feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    start = time.perf_counter()
+    session.run(None, feed)
+    first_ms = 1e3 * (time.perf_counter() - start)
+    for _ in range(warmup):
+        session.run(None, feed)
+    samples: List[float] = []
+    began = time.perf_counter()
+    while len(samples) < iters or time.perf_counter() - began < min_seconds:
+        start = time.perf_counter()
+        session.run(None, feed)
+        samples.append(1e3 * (time.perf_counter() - start))
+    stats = latency_stats(samples)
+    manifest = session.manifest
+    report = {
+        "load_s": round(load_s, 4), "first_ms": round(first_ms, 4), "latency_ms": stats,
+        "throughput_per_s": round(1e3 * batch / stats["mean"], 3) if stats["mean"] else None,
+        "peak_rss_mb": peak_rss_mb(), "iterations": len(samples), "batch": batch,
+        "kernels": kernels, "engine": session.engine, "threads": session.threads,
+        "plan": {k: v for k, v in session.plan.items() if k in ("engine", "layers", "native_ms", "ort_ms", "cached")},
+        "model": {"path": str(Path(model_dir).resolve()), "sparsity": manifest.get("sparsity"),
+                  "size_bytes": model_size_bytes(Path(model_dir), manifest)},
+        "device": device_info(),
+    }
+    session.close()
+    return report

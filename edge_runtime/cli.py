@@ -1,0 +1,204 @@
+"""``edge-runtime``: the device-side command (run, check, info, tune, bench).
+
+Arguments are parsed before numpy is imported, so ``--threads N`` can still set numpy's BLAS threads
+(OPENBLAS_NUM_THREADS / OMP_NUM_THREADS / MKL_NUM_THREADS, unless already set in the environment).
+User errors are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from edge_runtime import __version__
+from edge_runtime.errors import EdgeRuntimeError, InputError
+
+USER_ERRORS = (EdgeRuntimeError,)
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-runtime", description="Run an edgeprune MODEL_DIR on this device.")
+    parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, summary: str, kernels: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+        sub.add_argument("--threads", type=int, help="threads for kernels and onnxruntime (default: all cores)")
+        if kernels:
+            sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort"), default="auto",
+                             help="auto: measured per device (cached); ort: stock onnxruntime on model.onnx")
+        return sub
+
+    run = command("run", "run the model on an input .npy and print or save the output")
+    run.add_argument("--input", type=Path, required=True, help="input array (.npy, float32, batch first)")
+    run.add_argument("--output", type=Path, help="write the output here (.npy)")
+    command("check", "verify sha256s and run the manifest's sample; exit 0 when the output matches")
+    command("info", "layers, shapes, sparsity, sizes and the cached plan", kernels=False)
+    tune = command("tune", "measure kernels on this device and cache the plan", kernels=False)
+    tune.add_argument("--json", action="store_true", help="print the plan as JSON")
+    bench = command("bench", "measure load time, latency, throughput and peak memory")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed runs after the first (default 5)")
+    bench.add_argument("--iters", type=int, default=50, help="at least this many timed runs (default 50)")
+    bench.add_argument("--min-seconds", type=float, default=1.0, help="and at least this long (default 1)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size of the random input (default 1)")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, set thread env, dispatch; user errors → one line + exit 2."""
+    args = _parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("edge-runtime: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        for name in BLAS_ENV:  # read by the BLAS when numpy loads, which has not happened yet
+            os.environ.setdefault(name, str(args.threads))
+    try:
+        return {"run": _run, "check": _check, "info": _info, "tune": _tune, "bench": _bench}[args.command](args)
+    except USER_ERRORS as error:
+        print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edge_runtime.session import InferenceSession
+
+    session = InferenceSession(args.model_dir, kernels=args.kernels, threads=args.threads)
+    try:
+        x = np.load(args.input, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise InputError(f"cannot read {args.input} as a .npy array ({error})") from None
+    if not isinstance(x, np.ndarray):
+        raise InputError(f"{args.input} holds several arrays; give one .npy array")
+    outputs = session.run(None, {session.get_inputs()[0].name: x})
+    if args.output is not None:
+        temp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp.npy")
+        try:
+            np.save(temp, outputs[0])
+            os.replace(temp, args.output)
+        except OSError as error:
+            raise InputError(f"cannot write {args.output} ({error})") from None
+        print(f"wrote {args.output}: shape {list(outputs[0].shape)}")
+    else:
+        for name, value in zip(session.manifest["outputs"], outputs):
+            top = value.reshape(value.shape[0], -1).argmax(axis=1).tolist()
+            print(f"{name}: shape {list(value.shape)}, argmax per example {top}")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edge_runtime.model_dir import Weights
+    from edge_runtime.session import InferenceSession
+
+    session = InferenceSession(args.model_dir, kernels=args.kernels, threads=args.threads)
+    weights = Weights(args.model_dir, session.manifest)
+    try:
+        sample, expected, atol = weights.sample(session.manifest)
+    finally:
+        weights.close()
+    got = session.run(None, {session.get_inputs()[0].name: sample})[0]
+    diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+    if not diff <= atol:
+        print(f"edge-runtime check: FAIL {args.model_dir}: sample output differs by {diff:.3g} (> {atol})",
+              file=sys.stderr)
+        return 1
+    print(f"ok {args.model_dir}: sha256 verified, sample matches (max abs diff {diff:.2g}, "
+          f"engine {session.engine})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from edge_runtime import plan as plans
+    from edge_runtime.bench import model_size_bytes
+    from edge_runtime.model_dir import read_manifest
+
+    manifest = read_manifest(args.model_dir)
+    spec = manifest["input"]
+    print(f"MODEL_DIR {args.model_dir}  (format {manifest['format_version']})")
+    print(f"input  {spec['name']} {spec['shape']} {spec['dtype']};  outputs {', '.join(manifest['outputs'])}")
+    accuracy = manifest.get("accuracy")
+    print(f"sparsity {manifest.get('sparsity', 0):.2%}   accuracy {accuracy if accuracy is not None else '-'}"
+          f"   size {model_size_bytes(args.model_dir, manifest):,} bytes"
+          f" (dense ONNX {manifest.get('sizes', {}).get('dense_onnx', 0):,})")
+    threads = args.threads or os.cpu_count() or 1
+    cached = plans.load_cached(args.model_dir, plans.plan_key(manifest, threads)) or {}
+    kinds = cached.get("layers", {})
+    print(f"{'layer':<28} {'op':<7} {'shape':<18} {'sparsity':>8}  {'storage':<7} plan")
+    for layer in manifest.get("layers", []):
+        shape = "x".join(str(d) for d in layer["shape"])
+        print(f"{layer['name']:<28} {layer['op']:<7} {shape:<18} {layer['sparsity']:>8.1%}  "
+              f"{layer['storage']:<7} {kinds.get(layer['weight'], '-')}")
+    if cached:
+        print(f"plan ({threads} threads): engine {cached.get('engine')}; native {cached.get('native_ms')} ms, "
+              f"onnxruntime {cached.get('ort_ms')} ms")
+    else:
+        print(f"plan ({threads} threads): not tuned on this device yet (edge-runtime tune)")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from edge_runtime.session import InferenceSession
+
+    session = InferenceSession(args.model_dir, kernels="auto", threads=args.threads, retune=True)
+    plan = session.plan
+    if args.json:
+        print(json.dumps(plan, indent=1))
+    else:
+        counts = {}
+        for kind in plan.get("layers", {}).values():
+            counts[kind] = counts.get(kind, 0) + 1
+        print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']}, "
+              f"layers {counts or '-'}, native {plan.get('native_ms') or 0:.3f} ms, "
+              f"onnxruntime {plan.get('ort_ms') or 0:.3f} ms; cached in {plan.get('cache_path')}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edge_runtime.bench import benchmark
+
+    threads = args.threads or os.cpu_count() or 1
+    if args.kernels == "auto":
+        _ensure_plan(args.model_dir, threads)
+    report = benchmark(args.model_dir, args.kernels, threads, args.warmup, args.iters, args.min_seconds,
+                       args.batch)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        lat = report["latency_ms"]
+        print(f"{args.model_dir}: kernels {report['kernels']} (engine {report['engine']}), {report['threads']} "
+              f"threads, batch {report['batch']}: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
+              f"p99 {lat['p99']:.3f}; {report['throughput_per_s']:.1f}/s; load {report['load_s']:.3f} s; "
+              f"peak RSS {report['peak_rss_mb']:.1f} MB; {report['iterations']} runs")
+    return 0
+
+
+def _ensure_plan(model_dir: Path, threads: int) -> None:
+    """Tune in a child process when no plan is cached, so the bench's peak RSS is the model's alone."""
+    from edge_runtime import plan as plans
+    from edge_runtime.model_dir import read_manifest
+
+    manifest = read_manifest(model_dir)
+    if plans.load_cached(model_dir, plans.plan_key(manifest, threads)) is not None:
+        return
+    command: List[str] = [sys.executable, "-m", "edge_runtime", "tune", str(model_dir), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise EdgeRuntimeError((done.stderr.strip().splitlines() or ["tuning failed"])[-1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

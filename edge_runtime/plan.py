@@ -1,0 +1,106 @@
+"""``kernels="auto"``: measure each layer's kernels on this device, keep the fastest, cache the plan.
+
+The plan has two levels. Per weight layer: dense (BLAS), sparse (CSR) or sparse-mt (CSR row blocks in
+threads), whichever ran the layer's real input fastest. Then the whole native program is timed against
+stock onnxruntime on the same model.onnx, and the faster engine wins: that is what keeps ``auto`` from
+ever being slower than onnxruntime (small CNNs at batch 1, dense models). Plans are cached beside the
+model (``plans.json``), or in ``~/.cache/edge-runtime`` when MODEL_DIR is read-only, keyed by the
+device fingerprint, the thread count and the model's file hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from edge_runtime.device import fingerprint
+
+PLAN_FILE = "plans.json"
+ROUND_SECONDS = 0.02   # each timing round runs a candidate for at least this long (and twice) ...
+ROUNDS = 5             # ... candidates take turns round by round, and each one's fastest round counts,
+                       # so a burst of other work on the device hits every candidate alike
+NATIVE_MARGIN = 1.02   # native wins ties within 2%: it needs no second copy of dense weights
+
+
+def _round(fn: Callable[[], Any], round_seconds: float) -> float:
+    count, start = 0, time.perf_counter()
+    while True:
+        fn()
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= round_seconds and count >= 2:
+            return elapsed / count
+
+
+def compare(candidates: Dict[str, Callable[[], Any]], rounds: int = ROUNDS,
+            round_seconds: float = ROUND_SECONDS) -> Dict[str, float]:
+    """Milliseconds per call of each candidate: interleaved rounds, best round each (after a warm-up)."""
+    for fn in candidates.values():
+        fn()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            best[name] = min(best[name], 1e3 * _round(fn, round_seconds))
+    return best
+
+
+def plan_key(manifest: Dict[str, Any], threads: int) -> str:
+    """The cache key: this device, this thread count, this exact model."""
+    text = json.dumps({"device": fingerprint(), "threads": threads, "files": manifest["files"]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cache_paths(model_dir: Path):
+    return [Path(model_dir) / PLAN_FILE, Path.home() / ".cache" / "edge-runtime" / PLAN_FILE]
+
+
+def load_cached(model_dir: Path, key: str) -> Optional[Dict[str, Any]]:
+    """A cached plan for ``key``, or None (a corrupt cache file is ignored: it is only a cache)."""
+    for path in _cache_paths(model_dir):
+        try:
+            plans = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(plans, dict) and isinstance(plans.get(key), dict):
+            return plans[key]
+    return None
+
+
+def save(model_dir: Path, key: str, plan: Dict[str, Any]) -> Optional[Path]:
+    """Store the plan in the first writable cache location (atomically); returns where, or None."""
+    for path in _cache_paths(model_dir):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                plans = json.loads(path.read_text())
+                plans = plans if isinstance(plans, dict) else {}
+            except (OSError, ValueError):
+                plans = {}
+            plans[key] = plan
+            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            temp.write_text(json.dumps(plans, indent=1) + "\n")
+            os.replace(temp, path)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def choose_layer_kinds(program: Any, make_kernels: Callable[[Any, str], Any], sample: Any,
+                       kinds: tuple) -> Dict[str, Dict[str, float]]:
+    """Time every kind on each weight layer's recorded input; returns {weight: {kind: ms}}."""
+    recorded: Dict[str, list] = {}
+    program.run(sample, record=recorded)
+    timings: Dict[str, Dict[str, float]] = {}
+    for step in program.steps:
+        if step.weight is None:
+            continue
+        layer, args = program.layers[step.name], recorded[step.name]
+        runs = {kind: make_kernels(layer, kind) for kind in kinds}
+        timings[step.weight] = compare({kind: (lambda run=run: run(args)) for kind, run in runs.items()},
+                                       rounds=3, round_seconds=0.005)
+    return timings

@@ -1,0 +1,204 @@
+"""``edge_runtime.InferenceSession``: onnxruntime's API over a MODEL_DIR, with sparse kernels.
+
+    sess = InferenceSession("MODEL_DIR", kernels="auto", threads=4)
+    y, = sess.run(None, {sess.get_inputs()[0].name: x})
+
+``kernels``: "auto" (measure once per device, cached), "sparse", "dense", or "ort" (stock
+onnxruntime on model.onnx, the baseline). ``threads`` sets onnxruntime's intra-op threads and the CSR
+row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS/OMP_NUM_THREADS when numpy is first
+imported (the ``edge-runtime`` CLI sets them from ``--threads``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from edge_runtime import plan as plans
+from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
+from edge_runtime.graph import Program, compile_graph
+from edge_runtime.model_dir import Weights, read_manifest, verify_files
+
+KERNEL_CHOICES = ("auto", "sparse", "dense", "ort")
+
+
+class NodeArg(NamedTuple):
+    """An input or output's name, shape (``"batch"`` for the free axis) and type, as onnxruntime says."""
+
+    name: str
+    shape: List[Any]
+    type: str
+
+
+class InferenceSession:
+    """Load a MODEL_DIR and run it. Raises ModelDirError / UnsupportedOpError / InputError."""
+
+    def __init__(self, model_dir: str | os.PathLike, kernels: str = "auto", threads: Optional[int] = None,
+                 verify: bool = True, retune: bool = False) -> None:
+        if kernels not in KERNEL_CHOICES:
+            raise EdgeRuntimeError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+        if threads is not None and threads < 1:
+            raise EdgeRuntimeError(f"threads must be at least 1, got {threads}")
+        self.model_dir = Path(model_dir)
+        self.threads = int(threads or os.cpu_count() or 1)
+        self.manifest = read_manifest(self.model_dir)
+        if verify:
+            verify_files(self.model_dir, self.manifest)
+        self.kernels = kernels
+        self.plan: Dict[str, Any] = {}
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._ort = None
+        self._program: Optional[Program] = None
+        self._weights = Weights(self.model_dir, self.manifest)
+        try:
+            self._load(kernels, retune)
+        finally:
+            self._weights.close()
+
+    # -- loading -----------------------------------------------------------------------------------
+    def _sparse_kind(self) -> str:
+        return "sparse-mt" if self.threads > 1 else "sparse"
+
+    def _load(self, kernels: str, retune: bool) -> None:
+        if kernels == "ort":
+            self._ort = self._ort_session()
+            self.plan = {"engine": "ort"}
+        elif kernels in ("sparse", "dense"):
+            kind = "dense" if kernels == "dense" else self._sparse_kind()
+            self._program = compile_graph(self.manifest, self._weights, lambda _: kind, self._pool, self.threads)
+            self.plan = {"engine": "native", "layers": {s.weight: kind for s in self._program.steps if s.weight}}
+        else:
+            key = plans.plan_key(self.manifest, self.threads)
+            cached = None if retune else plans.load_cached(self.model_dir, key)
+            self.plan = cached or self._tune()
+            self.plan["cached"] = cached is not None
+            if cached is None:
+                where = plans.save(self.model_dir, key, {k: v for k, v in self.plan.items() if k != "cached"})
+                self.plan["cache_path"] = str(where) if where else None
+            self._apply_plan()
+
+    def _apply_plan(self) -> None:
+        if self.plan.get("engine") == "ort":
+            self._program = None
+            self._ort = self._ort or self._ort_session()
+            return
+        self._ort = None  # never hold onnxruntime's dense copy of the weights beside our own
+        layer_kinds = self.plan.get("layers", {})
+        default = lambda w: layer_kinds.get(w) or ("sparse" if self._weights.is_sparse(w) else "dense")
+        if self._program is None or any(s.kernel_kind != default(s.weight) for s in self._program.steps if s.weight):
+            self._program = compile_graph(self.manifest, self._weights, default, self._pool, self.threads)
+
+    def _tune(self) -> Dict[str, Any]:
+        """Measure layer kernels, then the native program against onnxruntime (see plan.py)."""
+        sample = self._sample_input()
+        kinds = ("dense", "sparse", "sparse-mt") if self.threads > 1 else ("dense", "sparse")
+        plan: Dict[str, Any] = {"threads": self.threads, "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                # not part of the cache key, but it shapes the dense timings: keep a record
+                                "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS")}
+        try:
+            stored = lambda w: "sparse" if self._weights.is_sparse(w) else "dense"
+            program = compile_graph(self.manifest, self._weights, stored, self._pool, self.threads)
+        except UnsupportedOpError as error:
+            plan.update(engine="ort", reason=str(error), layers={})
+            return plan
+        timings = plans.choose_layer_kinds(
+            program, lambda layer, kind: layer.make_run(layer.kernels(kind, self._pool, self.threads),
+                                                         layer.bias(program.constants)),
+            sample, kinds)
+        layers = {w: min(t, key=t.get) for w, t in timings.items()}
+        self._program = compile_graph(self.manifest, self._weights, lambda w: layers[w], self._pool, self.threads)
+        program = self._program
+        candidates = {"native": lambda: program.run(sample)}
+        plan.update(layers=layers, layer_ms=timings, engine="native")
+        try:
+            self._ort = self._ort_session()
+            name = self._ort.get_inputs()[0].name
+            candidates["ort"] = lambda: self._ort.run(None, {name: sample})
+        except ModelDirError as error:  # no onnxruntime here, or it cannot load the model: native only
+            plan["reason"] = str(error)
+        measured = plans.compare(candidates)
+        native_ms, ort_ms = measured["native"], measured.get("ort")
+        plan.update(native_ms=native_ms, ort_ms=ort_ms)
+        if ort_ms is None:
+            return plan
+        if ort_ms * plans.NATIVE_MARGIN < native_ms:
+            plan["engine"] = "ort"
+            plan["reason"] = f"onnxruntime {ort_ms:.3f} ms < native {native_ms:.3f} ms"
+        return plan
+
+    def _sample_input(self) -> np.ndarray:
+        try:
+            return self._weights.sample(self.manifest)[0]
+        except ModelDirError:  # no sample: tune on seeded noise of the declared shape, batch 1
+            shape = [1 if isinstance(d, str) else int(d) for d in self.manifest["input"]["shape"]]
+            return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+    def _ort_session(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ModelDirError("onnxruntime is not installed; use kernels='sparse' or 'dense'") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            return ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own untyped errors for bad files
+            raise ModelDirError(f"onnxruntime cannot load {self.model_dir / 'model.onnx'}: {error}") from None
+
+    # -- onnxruntime-style API -----------------------------------------------------------------------
+    @property
+    def engine(self) -> str:
+        """"native" (numpy/scipy kernels) or "ort" (whole model in onnxruntime)."""
+        return "ort" if self._ort is not None and self._program is None else "native"
+
+    def get_inputs(self) -> List[NodeArg]:
+        spec = self.manifest["input"]
+        return [NodeArg(spec["name"], list(spec["shape"]), f"tensor({spec['dtype']})")]
+
+    def get_outputs(self) -> List[NodeArg]:
+        return [NodeArg(name, [], "tensor(float)") for name in self.manifest["outputs"]]
+
+    def _check_feed(self, input_feed: Dict[str, Any]) -> np.ndarray:
+        spec = self.manifest["input"]
+        if not isinstance(input_feed, dict) or spec["name"] not in input_feed:
+            raise InputError(f"input feed must be a dict with key {spec['name']!r}")
+        extra = set(input_feed) - {spec["name"]}
+        if extra:
+            raise InputError(f"unknown input(s): {', '.join(sorted(extra))}")
+        x = input_feed[spec["name"]]
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"input {spec['name']!r} must be a numpy array, got {type(x).__name__}")
+        if x.dtype != np.dtype(spec["dtype"]):
+            raise InputError(f"input {spec['name']!r} has dtype {x.dtype}, expected {spec['dtype']}")
+        shape = spec["shape"]
+        if x.ndim != len(shape) or any(not isinstance(d, str) and int(d) != n for d, n in zip(shape, x.shape)):
+            raise InputError(f"input {spec['name']!r} has shape {list(x.shape)}, expected {shape}")
+        if x.shape[0] == 0:
+            raise InputError("input batch is empty")
+        return np.ascontiguousarray(x)
+
+    def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any]) -> List[np.ndarray]:
+        """Run the model; returns the requested outputs (all of them when ``output_names`` is None)."""
+        names = list(output_names) if output_names else list(self.manifest["outputs"])
+        unknown = [n for n in names if n not in self.manifest["outputs"]]
+        if unknown:
+            raise InputError(f"unknown output(s): {', '.join(unknown)}")
+        x = self._check_feed(input_feed)
+        if self._program is None:
+            return self._ort.run(names, {self.manifest["input"]["name"]: x})
+        outputs = dict(zip(self._program.output_names, self._program.run(x)))
+        return [np.asarray(outputs[n], dtype=np.float32) for n in names]
+
+    def close(self) -> None:
+        """Stop the thread pool (also done when the session is garbage collected)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None

@@ -1,0 +1,81 @@
+"""Sliding windows over the spatial axes of NCHW-style arrays: the shared core of im2col and pooling.
+
+Padding, strides, dilations and ``auto_pad``/``ceil_mode`` follow the ONNX operator definitions, so
+Conv, MaxPool and AveragePool agree with onnxruntime on every output size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from edge_runtime.errors import UnsupportedOpError
+
+
+def resolve_pads(op: str, attrs: Dict[str, Any], spatial: Sequence[int], kernel: Sequence[int],
+                 strides: Sequence[int], dilations: Sequence[int]) -> List[int]:
+    """ONNX pads ``[b1, b2, ..., e1, e2, ...]`` after applying ``auto_pad``."""
+    rank = len(spatial)
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("NOTSET", ""):
+        return list(attrs.get("pads", [0] * (2 * rank)))
+    if auto_pad == "VALID":
+        return [0] * (2 * rank)
+    if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+        raise UnsupportedOpError(op, f"auto_pad={auto_pad}")
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, large = total // 2, total - total // 2
+        begins.append(small if auto_pad == "SAME_UPPER" else large)
+        ends.append(large if auto_pad == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def windows(x: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+            dilations: Sequence[int], ceil_mode: bool = False, pad_value: float = 0.0
+            ) -> Tuple[np.ndarray, Tuple[int, ...]]:
+    """A view ``[*lead, *out_spatial, *kernel]`` of ``x`` (``[*lead, *spatial]``), and the output size.
+
+    ``ceil_mode`` may need extra padding at the end, which is filled with ``pad_value`` too (callers
+    that average exclude it with a mask, as onnxruntime does).
+    """
+    rank = len(kernel)
+    spatial = x.shape[-rank:]
+    begin, end = list(pads[:rank]), list(pads[rank:])
+    out = []
+    for i in range(rank):
+        span = (kernel[i] - 1) * dilations[i] + 1
+        padded = spatial[i] + begin[i] + end[i]
+        size = (padded - span) / strides[i] + 1
+        n = math.ceil(size) if ceil_mode else math.floor(size)
+        if ceil_mode and (n - 1) * strides[i] >= spatial[i] + begin[i]:
+            n -= 1  # ONNX: the last window must start inside the input or its leading pad
+        out.append(int(n))
+        end[i] += max((n - 1) * strides[i] + span - padded, 0)
+    if any(begin) or any(end):
+        widths = [(0, 0)] * (x.ndim - rank) + list(zip(begin, end))
+        x = np.pad(x, widths, constant_values=pad_value)
+    spans = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    axes = tuple(range(x.ndim - rank, x.ndim))
+    view = sliding_window_view(x, spans, axis=axes)
+    lead = (slice(None),) * (x.ndim - rank)
+    view = view[lead + tuple(slice(0, n * s, s) for n, s in zip(out, strides))
+                + tuple(slice(None, None, d) for d in dilations)]
+    return view, tuple(out)
+
+
+def im2col(image: np.ndarray, kernel: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+           dilations: Sequence[int]) -> Tuple[np.ndarray, Tuple[int, ...]]:
+    """Columns ``[C*prod(kernel), prod(out)]`` of one image ``[C, *spatial]``, row order (c, k...)
+    matching a weight ``[out, C, *kernel]`` viewed as ``[out, C*prod(kernel)]``."""
+    rank = len(kernel)
+    if all(k == 1 for k in kernel) and all(s == 1 for s in strides) and not any(pads):
+        return image.reshape(image.shape[0], -1), tuple(image.shape[1:])  # 1×1 conv: no copy at all
+    view, out = windows(image, kernel, strides, pads, dilations)
+    order = (0, *range(1 + rank, 1 + 2 * rank), *range(1, 1 + rank))  # [C, *kernel, *out]
+    cols = view.transpose(order).reshape(image.shape[0] * int(np.prod(kernel)), -1)
+    return cols, out

@@ -1,0 +1,80 @@
+"""Shared helpers for the compressor tests: tiny real runs on the digits data."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from compressor.config import PruneConfig
+from compressor.data import load_data
+from compressor.models import build_model, input_shape_of
+from compressor.pipeline import CompressResult, compress
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough to run in a second or two, big enough to exercise every level transition:
+# densities 0.8, 0.64, 0.512 and then exactly the target 0.5.
+TINY = dict(epochs=3, batch_size=64, lr=0.1, lr_drops=(2,), target_sparsity=0.5, rewind_epoch=1, seed=3)
+TINY_ARGS = ["--epochs", "3", "--lr-drops", "2", "--target-sparsity", "0.5", "--rewind-epoch", "1",
+             "--seed", "3", "--no-progress"]
+
+
+def tiny_config(**overrides: Any) -> PruneConfig:
+    return PruneConfig(**{**TINY, **overrides})
+
+
+def run_tiny(out: Optional[Path], model_name: str = "digits-mlp", resume: bool = False,
+             epoch_callback=None, **overrides: Any) -> CompressResult:
+    """A real compression run on the digits, built exactly as the CLI builds it."""
+    config = tiny_config(**overrides)
+    torch.manual_seed(config.seed)
+    model = build_model(model_name)
+    train_loader, test_loader = load_data("digits", input_shape_of(model), config.batch_size, config.seed)
+    return compress(model, train_loader, test_loader, config, out=out, resume=resume, device="cpu",
+                    model_name=model_name, data_name="digits", epoch_callback=epoch_callback)
+
+
+TEMP_ROOT = Path(tempfile.mkdtemp(prefix="edgeprune-compressor-tests-"))
+atexit.register(shutil.rmtree, TEMP_ROOT, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_run() -> Path:
+    """One finished three-method run that several read-only tests inspect (built once per session)."""
+    out = TEMP_ROOT / "three-methods"
+    run_tiny(out, methods=("lr-rewind", "finetune", "weight-rewind"))
+    return out
+
+
+def final(run_dir: Path, method: str, level: int) -> Dict[str, Any]:
+    """A level's final.pt contents."""
+    path = run_dir / "dense" / "final.pt" if level == 0 else run_dir / method / f"level_{level}" / "final.pt"
+    return torch.load(path, weights_only=True)
+
+
+def strip_seconds(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """metrics.json without wall times, which legitimately differ between runs."""
+    return {**metrics, "methods": {m: [{k: v for k, v in e.items() if k != "seconds"} for e in levels]
+                                   for m, levels in metrics["methods"].items()}}
+
+
+def cli(args: List[str], timeout: float = 120) -> Tuple[int, str, str]:
+    """Run the real ``edgeprune`` command in a subprocess; ``(exit code, stdout, stderr)``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=env)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def tree_snapshot(folder: Path) -> Dict[str, bytes]:
+    """Every file's bytes under ``folder``, to prove a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

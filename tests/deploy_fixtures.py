@@ -1,0 +1,104 @@
+"""Fixtures for the deploy tests: real MODEL_DIRs from the exporter, a device root with the runtime
+installed once per session, and an in-process `edgeprune` runner.
+
+The loopback "device" is this machine reached through a real sshd (tests/sshd.py); its Python is
+this interpreter, whose site-packages already hold numpy/scipy/onnxruntime, so the runtime venv
+(``--system-site-packages``) installs nothing from the network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List, NamedTuple
+
+import pytest
+
+from tests.sshd import SshdFactory, device_python
+
+
+class CliResult(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+def export_tiny_model(out_dir: Path, seed: int) -> Path:
+    """A real MODEL_DIR: a small DigitsMLP with seeded weights, half of them pruned, via the exporter."""
+    import torch
+
+    from compressor.export import export_model
+    from compressor.models import DigitsMLP
+
+    torch.manual_seed(seed)
+    model = DigitsMLP(hidden=(32,))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_((parameter.abs() > parameter.abs().median()).float())
+    export_model(model, out_dir, seed=seed)
+    return out_dir
+
+
+def break_smoke_sample(model_dir: Path) -> Path:
+    """Make the manifest's expected output unreachable (atol < 0): checksums pass, the smoke test fails."""
+    manifest_path = model_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sample"]["atol"] = -1.0
+    manifest_path.write_text(json.dumps(manifest))
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> Dict[str, Path]:
+    """``v1`` and ``v2`` (different weights) and ``bad_smoke`` (v2 whose smoke test cannot pass)."""
+    base = tmp_path_factory.mktemp("models")
+    dirs = {"v1": export_tiny_model(base / "v1", seed=1), "v2": export_tiny_model(base / "v2", seed=2)}
+    dirs["bad_smoke"] = break_smoke_sample(Path(shutil.copytree(dirs["v2"], base / "bad_smoke")))
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def device_root(tmp_path_factory) -> Path:
+    """A remote root whose runtime venv is installed once for the session (tests add models to it)."""
+    from deploy.connection import Device, HostSpec
+    from deploy.runtime_install import ensure_runtime
+
+    factory = SshdFactory(tmp_path_factory.mktemp("sshd-session"))
+    root = tmp_path_factory.mktemp("device") / "edgeprune root"  # a space: quoting is exercised throughout
+    try:
+        server = factory.start()
+        with Device.connect(HostSpec.parse(server.spec), server.connect_options()) as device:
+            ensure_runtime(device, python=device_python(), remote_root=str(root))
+    finally:
+        factory.stop_all()
+    return root
+
+
+@pytest.fixture
+def edgeprune(monkeypatch, tmp_path, capsys):
+    """Run ``edgeprune ARGS`` in-process with HOME in a temp dir (the real ~/.ssh is never read)."""
+    from edgeprune.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        code = main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+def deploy_args(server, root: Path, *extra) -> List[str]:
+    """The connection/device flags every deploy-side command in these tests takes."""
+    return [*server.cli_args(), "--python", device_python(), "--remote-root", str(root), *extra]
+
+
+def current_release(root: Path, name: str) -> str:
+    """The release id ``models/NAME/current`` points at (read on the local filesystem)."""
+    return Path(root, "models", name, "current").readlink().name

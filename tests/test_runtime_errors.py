@@ -1,0 +1,119 @@
+"""Bad MODEL_DIRs and bad inputs: a typed exception from the API, one line and exit 2 from the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime import InferenceSession, InputError, ModelDirError
+from edge_runtime.model_dir import sha256_of
+from tests.runtime_fixtures import copy_model_dir, example_input
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert needle in lines[0]
+
+
+def edit_manifest(model_dir: Path, change) -> None:
+    path = model_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_missing_dir_and_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ModelDirError, match="no such MODEL_DIR"):
+        InferenceSession(tmp_path / "nope")
+    with pytest.raises(ModelDirError, match="no manifest.json"):
+        InferenceSession(tmp_path)
+    assert_one_line_error(cli("check", str(tmp_path / "nope")), "no such MODEL_DIR")
+
+
+def test_corrupt_manifest(tmp_path: Path) -> None:
+    target = copy_model_dir("digits-mlp", tmp_path)
+    (target / "manifest.json").write_text('{"format": "edgeprune-model", ')
+    with pytest.raises(ModelDirError, match="corrupt manifest"):
+        InferenceSession(target)
+    assert_one_line_error(cli("run", str(target), "--input", "x.npy"), "corrupt manifest")
+
+
+def test_unknown_format_version(tmp_path: Path) -> None:
+    target = copy_model_dir("digits-mlp", tmp_path)
+    edit_manifest(target, lambda m: m.update(format_version=99))
+    with pytest.raises(ModelDirError, match="format version 99"):
+        InferenceSession(target)
+    assert_one_line_error(cli("bench", str(target), "--json"), "format version 99")
+
+
+@pytest.mark.parametrize("victim", ["weights.npz", "model.onnx"])
+def test_sha256_mismatch_and_missing_file(tmp_path: Path, victim: str) -> None:
+    target = copy_model_dir("digits-mlp", tmp_path)
+    data = bytearray((target / victim).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (target / victim).write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=f"{victim} fails its sha256"):
+        InferenceSession(target)
+    assert_one_line_error(cli("check", str(target)), "sha256")
+    (target / victim).unlink()
+    with pytest.raises(ModelDirError, match=f"{victim} is missing"):
+        InferenceSession(target)
+
+
+def test_truncated_weights_are_reported_even_with_a_matching_hash(tmp_path: Path) -> None:
+    """A truncated npz whose manifest hash was (wrongly) updated still fails cleanly when read."""
+    target = copy_model_dir("resnet20", tmp_path)
+    weights = target / "weights.npz"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    edit_manifest(target, lambda m: m["files"].update({"weights.npz": sha256_of(weights)}))
+    for kernels in ("sparse", "dense"):
+        with pytest.raises(ModelDirError, match="weights.npz"):
+            InferenceSession(target, kernels=kernels)
+    assert_one_line_error(cli("run", str(target), "--kernels", "sparse", "--input", "x.npy"), "weights.npz")
+
+
+def test_wrong_input_shape_dtype_and_name() -> None:
+    from tests.runtime_fixtures import model_dir
+
+    session = InferenceSession(model_dir("resnet20"), kernels="sparse")
+    x = example_input("resnet20")
+    with pytest.raises(InputError, match="shape"):
+        session.run(None, {"input": x[:, :2]})
+    with pytest.raises(InputError, match="shape"):
+        session.run(None, {"input": x[0]})
+    with pytest.raises(InputError, match="dtype float64"):
+        session.run(None, {"input": x.astype(np.float64)})
+    with pytest.raises(InputError, match="'input'"):
+        session.run(None, {"x": x})
+    with pytest.raises(InputError, match="unknown output"):
+        session.run(["logits"], {"input": x})
+
+
+def test_cli_wrong_input_file(tmp_path: Path) -> None:
+    from tests.runtime_fixtures import model_dir
+
+    bad_shape = tmp_path / "bad.npy"
+    np.save(bad_shape, np.zeros((1, 3, 8, 8), np.float32))
+    assert_one_line_error(cli("run", str(model_dir("resnet20")), "--input", str(bad_shape), "--kernels", "dense"),
+                          "shape")
+    not_npy = tmp_path / "junk.npy"
+    not_npy.write_bytes(b"not numpy")
+    assert_one_line_error(cli("run", str(model_dir("resnet20")), "--input", str(not_npy)), "cannot read")
+    out = tmp_path / "y.npy"
+    out.write_bytes(b"precious")
+    assert cli("run", str(model_dir("resnet20")), "--input", str(bad_shape), "--output", str(out)).returncode == 2
+    assert out.read_bytes() == b"precious"  # a failed run leaves an existing output alone
