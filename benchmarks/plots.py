@@ -12,7 +12,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from benchmarks.sweep_plan import REFERENCE_KERNELS
 
 
 def _pyplot():
@@ -65,26 +64,25 @@ def plot_accuracy_tradeoff(table: Sequence[Dict[str, object]], path: Path) -> No
             key = (row["host"], row["model"])
             if key not in fastest or row["p50_ms"] < fastest[key]["p50_ms"]:
                 fastest[key] = row
-    densest = min((r["sparsity"] or 0.0 for r in ok), default=None)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     by_series: Dict[str, List[Dict[str, object]]] = defaultdict(list)
     for (host, _), row in fastest.items():
-        by_series[f"{host} · {row['method'] or 'model'}"].append(row)
+        by_series[f"{host} · {row['method'] or 'model'}" + _family_suffix(row, table)].append(row)
     for label, points in sorted(by_series.items()):
         points.sort(key=lambda r: r["p50_ms"])
         left.plot([r["p50_ms"] for r in points], [_percent(r["accuracy"]) for r in points],
                   marker="o", label=label)
     sizes: Dict[str, Dict[str, Dict[str, object]]] = defaultdict(dict)
     for row in ok:
-        sizes[row["method"] or "model"][row["model"]] = row
+        sizes[(row["method"] or "model") + _family_suffix(row, table)][row["model"]] = row
     for method, by_model in sorted(sizes.items()):
         points = sorted(by_model.values(), key=lambda r: r["size_bytes"] or 0)
         right.plot([(r["size_bytes"] or 0) / 1024 for r in points], [_percent(r["accuracy"]) for r in points],
                    marker="o", label=method)
-    for row in ok:  # the reference: the densest model under stock onnxruntime
-        if row["kernels"] == REFERENCE_KERNELS and (row["sparsity"] or 0.0) == densest and row["threads"] == first_threads:
+    for row in ok:  # the references: each architecture's densest model under stock onnxruntime
+        if row["is_reference"] and row["threads"] == first_threads:
             left.plot([row["p50_ms"]], [_percent(row["accuracy"])], marker="*", markersize=16, color="black",
-                      linestyle="none", label=f"{row['host']} · dense onnxruntime")
+                      linestyle="none", label=f"{row['host']} · {row['model']} · onnxruntime")
             right.plot([(row["size_bytes"] or 0) / 1024], [_percent(row["accuracy"])], marker="*",
                        markersize=16, color="black", linestyle="none")
     left.set_xlabel(f"p50 latency (ms), fastest kernels, {first_threads} thread(s)")
@@ -101,6 +99,12 @@ def plot_accuracy_tradeoff(table: Sequence[Dict[str, object]], path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _family_suffix(row: Dict[str, object], table: Sequence[Dict[str, object]]) -> str:
+    """Tell architectures apart in a legend when a sweep holds more than one."""
+    families = {r["family"] for r in table}
+    return f" · {row['family_label']}" if len(families) > 1 else ""
 
 
 def write_plots(table: Sequence[Dict[str, object]], out_dir: Path) -> List[Path]:

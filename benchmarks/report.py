@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.device_facts import DEFAULT_TEMP_LIMIT_C, decode_throttled, host_warnings, summary_rows
-from benchmarks.sweep_plan import REFERENCE_KERNELS, reference_index
+from benchmarks.sweep_plan import REFERENCE_KERNELS, reference_indices
 
 CSV_FIELDS = ["host", "model", "method", "level", "sparsity", "accuracy", "size_bytes", "kernels", "threads",
               "status", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms",
@@ -25,20 +25,27 @@ def host_label(data: Dict[str, object], key: str) -> str:
 
 
 def rows(data: Dict[str, object]) -> List[Dict[str, object]]:
-    """One flat row per configuration record, with the speed-up against ort on the dense model."""
+    """One flat row per configuration record, with the speed-up against ort on the dense model.
+
+    The reference is the least sparse model of the same architecture under ``ort`` on the same host
+    at the same thread count: a wide MLP is never compared with a small one.
+    """
     models = data.get("models") or []
-    ref = reference_index([m.get("sparsity") for m in models]) if models else None
-    reference_p50: Dict[Tuple[str, int], float] = {}
+    by_family = reference_indices(models)
+    refs = set(by_family.values())
+    reference_p50: Dict[Tuple[str, int, str], float] = {}
     for record in data["results"]:
-        if record["status"] == "ok" and record["model_index"] == ref and record["kernels"] == REFERENCE_KERNELS:
-            reference_p50[(record["host"], record["threads"])] = record["bench"]["latency_ms"]["p50"]
+        if record["status"] == "ok" and record["model_index"] in refs and record["kernels"] == REFERENCE_KERNELS:
+            family = str(models[record["model_index"]].get("family") or "")
+            reference_p50[(record["host"], record["threads"], family)] = record["bench"]["latency_ms"]["p50"]
     table = []
     for record in data["results"]:
         model = models[record["model_index"]] if record["model_index"] < len(models) else {}
         bench = record.get("bench") or {}
         latency = bench.get("latency_ms") or {}
         size = model.get("size_bytes") or (bench.get("model") or {}).get("size_bytes")
-        reference = reference_p50.get((record["host"], record["threads"]))
+        reference = reference_p50.get((record["host"], record["threads"], str(model.get("family") or "")))
+        is_reference = record["model_index"] in refs and record["kernels"] == REFERENCE_KERNELS
         p50 = latency.get("p50")
         table.append({
             "host": host_label(data, record["host"]), "model": record["model"],
@@ -51,7 +58,9 @@ def rows(data: Dict[str, object]) -> List[Dict[str, object]]:
             "peak_rss_mb": bench.get("peak_rss_mb"), "load_s": bench.get("load_s"),
             "first_ms": bench.get("first_ms"), "iterations": bench.get("iterations"),
             "speedup_vs_ort_dense": reference / p50 if reference and p50 else None,
-            "reference_only": record.get("reference_only", False),
+            "reference_only": record.get("reference_only", False), "is_reference": is_reference,
+            "family": str(model.get("family") or ""),
+            "family_label": models[by_family[str(model.get("family") or "")]]["label"] if model else "",
             "temperature_c_before": record.get("temperature_c_before"),
             "temperature_c_after": record.get("temperature_c_after"),
             "throttled_after": record.get("throttled_after"), "error": record.get("error"),
@@ -175,7 +184,7 @@ def render_markdown(data: Dict[str, object], table: Sequence[Dict[str, object]])
     settings = data.get("settings") or {}
     hosts = [host_label(data, k) for k in data["hosts"]]
     models = data.get("models") or []
-    ref = models[reference_index([m.get("sparsity") for m in models])]["label"] if models else "—"
+    ref = ", ".join(models[i]["label"] for i in sorted(reference_indices(models).values())) or "—"
     parts = [f"# edgeprune bench — {data.get('started')}", ""]
     if data.get("interrupted") or not data.get("complete"):
         parts += ["> **Partial results**: the sweep was interrupted or is still running; "
@@ -188,8 +197,8 @@ def render_markdown(data: Dict[str, object], table: Sequence[Dict[str, object]])
               f"iters {_setting(settings, 'iters')}, min-seconds {_setting(settings, 'min_seconds')}, "
               f"cooldown {settings.get('cooldown_s')} s, timeout {settings.get('timeout_s')} s per configuration, "
               "each in its own process. "
-              f"Speed-up: p50 of stock onnxruntime (kernels=ort) on the least sparse model ({ref}) at the "
-              "same thread count, divided by this row's p50.", "",
+              f"Speed-up: p50 of stock onnxruntime (kernels=ort) on the least sparse model of the same "
+              f"architecture ({ref}) on the same host at the same thread count, divided by this row's p50.", "",
               results_table(table, len(hosts) > 1), ""]
     if len(hosts) > 1:
         parts += ["## Side by side (p50 ms)", "", fleet_table(table, hosts), ""]

@@ -31,6 +31,7 @@ class ModelEntry:
     size_bytes: Optional[int] = None
     method: Optional[str] = None
     level: Optional[int] = None
+    family: str = ""  # the architecture (layer shapes): speed-ups compare models of one family only
     files: Dict[str, str] = field(default_factory=dict)  # manifest's {relative path: sha256}
 
     def describe(self) -> Dict[str, object]:
@@ -38,7 +39,7 @@ class ModelEntry:
         return {"label": self.label, "path": str(self.local_dir) if self.local_dir else None,
                 "deployed_name": self.deployed_name, "sparsity": self.sparsity,
                 "accuracy": self.accuracy, "size_bytes": self.size_bytes, "method": self.method,
-                "level": self.level}
+                "level": self.level, "family": self.family}
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,11 @@ def entry_from_manifest(label: str, manifest: Dict[str, object]) -> ModelEntry:
     """The figures a report needs from a manifest (sparsity, accuracy, method, level)."""
     source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    layers = manifest.get("layers") if isinstance(manifest.get("layers"), list) else []
+    family = json.dumps([layer.get("shape") for layer in layers if isinstance(layer, dict)])
     return ModelEntry(label=label, sparsity=_number(manifest.get("sparsity")),
-                      accuracy=_number(manifest.get("accuracy")),
-                      method=source.get("method"), level=source.get("level"), files=dict(files))
+                      accuracy=_number(manifest.get("accuracy")), method=source.get("method"),
+                      level=source.get("level"), family=family, files=dict(files))
 
 
 def read_model_dir(path: Path, label: Optional[str] = None) -> ModelEntry:
@@ -120,25 +123,33 @@ def parse_threads(text: str) -> List[int]:
     return list(dict.fromkeys(threads))
 
 
-def reference_index(sparsities: Sequence[Optional[float]]) -> int:
-    """The index of the least sparse model (the first given on a tie): the dense reference.
+def reference_indices(models: Sequence[Dict[str, object]]) -> Dict[str, int]:
+    """For each architecture (``family``), the index of its least sparse model: its dense reference.
 
-    A model whose sparsity is unknown counts as fully sparse, so a known dense model wins.
+    Models are dicts as ``ModelEntry.describe()`` gives them. The first given wins a tie; a model
+    whose sparsity is unknown counts as fully sparse, so a known dense model wins.
     """
-    return min(range(len(sparsities)), key=lambda i: (1.0 if sparsities[i] is None else sparsities[i], i))
+    references: Dict[str, int] = {}
+    for i, model in enumerate(models):
+        family = str(model.get("family") or "")
+        sparsity = 1.0 if model.get("sparsity") is None else float(model["sparsity"])
+        best = references.get(family)
+        if best is None or sparsity < (1.0 if models[best].get("sparsity") is None else models[best]["sparsity"]):
+            references[family] = i
+    return references
 
 
 def plan(models: Sequence[ModelEntry], kernels: Sequence[str], threads: Sequence[int]) -> List[Config]:
     """Every configuration, interleaved: thread count, then kernels, then the models in turn.
 
-    When ``ort`` is not among the kernels, the reference model under ``ort`` is added first for each
-    thread count, so that every row still gets its speed-up.
+    When ``ort`` is not among the kernels, each architecture's reference model under ``ort`` is
+    added first for each thread count, so that every row still gets its speed-up.
     """
-    ref = reference_index([m.sparsity for m in models])
+    refs = sorted(reference_indices([m.describe() for m in models]).values())
     configs: List[Config] = []
     for t in threads:
         if REFERENCE_KERNELS not in kernels:
-            configs.append(Config(ref, REFERENCE_KERNELS, t, reference_only=True))
+            configs.extend(Config(ref, REFERENCE_KERNELS, t, reference_only=True) for ref in refs)
         for k in kernels:
             configs.extend(Config(m, k, t) for m in range(len(models)))
     return configs

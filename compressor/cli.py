@@ -66,7 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _show(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def run(args: argparse.Namespace) -> int:

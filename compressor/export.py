@@ -208,12 +208,13 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
     if tuple(sample.shape[1:]) != shape:
         raise ExportError(f"sample shape {sample.shape[1:]} does not match input shape {shape}")
 
-    model = model.float().eval()
+    model = model.float().cpu().eval()  # (in place, as torch does for modules)
     temp = _prepare_out_dir(out_dir, force)
     try:
         onnx_model = onnx_graph.torch_to_onnx(model, torch.from_numpy(sample))
         graph = onnx_model.graph
         onnx_graph.constants_to_initializers(graph)
+        onnx_graph.inline_identities(graph)
         onnx_graph.fold_batchnorm(graph)
         onnx_graph.rename_tensors(graph)
         tensors = onnx_graph.initializers(graph)

@@ -1,7 +1,8 @@
 """From a PyTorch module to a clean ONNX graph: export, fold BatchNorm, name the layers.
 
 After these steps every weight lives in ``graph.initializer`` under a readable name (``fc.weight``,
-``blocks.0.conv1.weight``), there are no ``Constant`` nodes, and no BatchNormalization follows a Conv.
+``blocks.0.conv1.weight``), there are no ``Constant`` nodes nor Identity nodes on initializers, and no
+BatchNormalization follows a Conv.
 The node list can then be written to manifest.json for a device that has no ``onnx`` package.
 """
 
@@ -61,6 +62,27 @@ def constants_to_initializers(graph: onnx.GraphProto) -> None:
             keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+
+
+def inline_identities(graph: onnx.GraphProto) -> None:
+    """Replace ``Identity`` nodes on initializers by an initializer of their own.
+
+    The TorchScript exporter de-duplicates equal initializers (say, several all-zero conv biases) and
+    hands each user an Identity of the shared one; a layer's weight and bias should be its own tensors.
+    """
+    tensors = {t.name: t for t in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in tensors:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensors[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    prune_unused_initializers(graph)
 
 
 def fold_batchnorm(graph: onnx.GraphProto) -> int:

@@ -108,7 +108,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
                 bar.set_postfix_str(f"{method} {level}/{len(counts)}")
                 job.level(method, level, keep)
                 bar.update()
-        metrics = collect_metrics(run)
+        metrics = collect_metrics(run, job.records)
         write_metrics(run, metrics)
         write_report(run, metrics)
         last = checkpoints.load(run.final_path(config.methods[0], len(counts)))
@@ -126,6 +126,7 @@ class _Job:
         self.train_loader, self.test_loader = train_loader, test_loader
         self.config, self.device, self.progress = config, device, progress
         self.epoch_callback = epoch_callback
+        self.records: Dict[Path, Dict[str, Any]] = {}  # metrics.json's level records, read once each
         generator = getattr(train_loader, "generator", None)
         self.generators: List[torch.Generator] = [generator] if isinstance(generator, torch.Generator) else []
         self.steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 1
@@ -207,7 +208,7 @@ class _Job:
         }
         self.run.save(final, self.run.final_path(method, level))
         self.run.remove(self.run.checkpoint_path(method, level))
-        write_metrics(self.run, collect_metrics(self.run))
+        write_metrics(self.run, collect_metrics(self.run, self.records))
 
 
 def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -116,17 +116,27 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     return {key: final[key] for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
 
 
-def collect_metrics(run: RunDir) -> Dict[str, Any]:
-    """metrics.json's content, rebuilt from the ``final.pt`` files (the single source of truth)."""
+def collect_metrics(run: RunDir, cache: Optional[Dict[Path, Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """metrics.json's content, rebuilt from the ``final.pt`` files (the single source of truth).
+
+    ``cache`` (path → level record) spares re-reading every finished level after each new one.
+    """
+    cache = {} if cache is None else cache
+
+    def record(path: Path) -> Dict[str, Any]:
+        if path not in cache:
+            cache[path] = level_record(checkpoints.load(path))
+        return cache[path]
+
     config = read_json(run.root / CONFIG)
     methods: Dict[str, List[Dict[str, Any]]] = {}
     dense_path = run.final_path("dense", 0)
-    dense = level_record(checkpoints.load(dense_path)) if dense_path.is_file() else None
+    dense = record(dense_path) if dense_path.is_file() else None
     for method in config["methods"]:
-        levels = [dense] if dense else []
+        levels = [dict(dense)] if dense else []
         level = 1
         while run.final_path(method, level).is_file():
-            levels.append(level_record(checkpoints.load(run.final_path(method, level))))
+            levels.append(dict(record(run.final_path(method, level))))
             level += 1
         methods[method] = levels
     return {"model": config["model"], "data": config["data"], "input_shape": config.get("input_shape"),

@@ -39,6 +39,7 @@ from deploy.errors import (
     RemoteTimeout,
     UploadError,
 )
+from deploy.host_keys import AcceptNewPolicy, RefuseUnknownPolicy, fingerprint, load_known_hosts
 
 #: Called with the number of bytes just sent (so ``tqdm.update`` fits as it is).
 Progress = Callable[[int], None]
@@ -107,44 +108,6 @@ class CommandResult:
     @property
     def ok(self) -> bool:
         return self.exit_status == 0
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """The key's fingerprint as OpenSSH prints it: ``SHA256:base64`` without padding."""
-    import base64
-    import hashlib
-
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
-    """OpenSSH's ``StrictHostKeyChecking=accept-new``: record an unknown key, then trust only it.
-
-    Appends exactly one line, so comments and entries paramiko cannot parse survive (paramiko's
-    ``save_host_keys`` would rewrite the whole file). A *changed* key never reaches a policy:
-    paramiko raises ``BadHostKeyException`` first.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
-        with open(self.path, "a", encoding="ascii") as handle:
-            handle.write(("\n" if needs_newline else "") + f"{hostname} {key.get_name()} {key.get_base64()}\n")
-        client.get_host_keys().add(hostname, key.get_name(), key)
-
-
-class _RefuseUnknownPolicy(paramiko.MissingHostKeyPolicy):
-    """Refuse an unknown host with its fingerprint and the flag that would trust it."""
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise HostKeyError(
-            f"unknown host {hostname}: its {key.get_name()} key is {fingerprint(key)}; if that is right, "
-            "run again with --accept-new-host-key (or add it to known_hosts with ssh-keyscan)"
-        )
 
 
 @dataclass
@@ -224,10 +187,10 @@ class Device:
                 raise ConnectError(f"{target.label}: jump host {target.proxy_jump} cannot reach it: {error}") from None
         client = paramiko.SSHClient()
         try:
-            _load_known_hosts(client, options)
+            load_known_hosts(client, (options.user_known_hosts, options.known_hosts))
             record_in = Path(options.known_hosts or options.user_known_hosts).expanduser()
             client.set_missing_host_key_policy(
-                _AcceptNewPolicy(record_in) if options.accept_new_host_key else _RefuseUnknownPolicy())
+                AcceptNewPolicy(record_in) if options.accept_new_host_key else RefuseUnknownPolicy())
             client.connect(
                 target.hostname, port=target.port, username=target.user,
                 key_filename=target.key_files or None,
@@ -463,6 +426,7 @@ class RemoteProcess:
         self._pid: Optional[int] = None
         self._pid_line = b""
         self._out, self._err = bytearray(), bytearray()
+        self._started = time.monotonic()
 
     def wait(self) -> CommandResult:
         """Drain stdout and stderr together until the command exits; return its result."""
@@ -499,7 +463,9 @@ class RemoteProcess:
         channel.close()
         if status == -1:
             raise ConnectionLost(f"{self.device.label}: `{self.argv[0]}` ended without an exit status")
-        if status in (124, 137) and self._pid is not None:
+        # `timeout` exits 124 (137 after -k's SIGKILL); only past the limit is that our timeout (an
+        # OOM-killed command also exits 137).
+        if status in (124, 137) and time.monotonic() - self._started >= self._limit - 0.5:
             raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` ran past {self._limit:.0f} s and was killed")
         return CommandResult(self.argv, status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
 
@@ -533,32 +499,6 @@ class RemoteProcess:
             except (DeployError, *_LOST):
                 pass
         _quietly(self._channel.close)
-
-
-def _load_known_hosts(client: paramiko.SSHClient, options: ConnectOptions) -> None:
-    """Load ``~/.ssh/known_hosts`` and ``--known-hosts`` (both are checked, as OpenSSH does).
-
-    Lines paramiko cannot parse are skipped, as OpenSSH skips them (paramiko's own loader gives up
-    on the whole file). The keys are only read here: new ones are appended by _AcceptNewPolicy.
-    """
-    keys = client.get_host_keys()
-    for path in (options.user_known_hosts, options.known_hosts):
-        if path is None or not Path(path).expanduser().is_file():
-            continue
-        try:
-            lines = Path(path).expanduser().read_text(encoding="utf-8", errors="replace").splitlines()
-        except OSError as error:
-            raise HostKeyError(f"cannot read known_hosts file {path}: {error.strerror}") from None
-        for line in lines:
-            if not line.strip() or line.lstrip().startswith(("#", "@")):
-                continue
-            try:
-                entry = paramiko.hostkeys.HostKeyEntry.from_line(line)
-            except (paramiko.hostkeys.InvalidHostKey, paramiko.SSHException, ValueError, TypeError, IndexError):
-                continue
-            if entry is not None:
-                for hostname in entry.hostnames:
-                    keys.add(hostname, entry.key.get_name(), entry.key)
 
 
 def _connect_error(target: _Target, options: ConnectOptions, error: BaseException) -> ConnectError:

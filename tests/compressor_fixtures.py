@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +29,22 @@ TINY_ARGS = ["--epochs", "3", "--lr-drops", "2", "--target-sparsity", "0.5", "--
              "--seed", "3", "--no-progress"]
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Train on one thread: tiny models gain nothing from more, and on a loaded 2-core CI machine
+    torch's spinning worker threads make them ~10x slower. Subprocesses get OMP_NUM_THREADS=1 (see
+    ``ENV``), so in-process and subprocess runs compute bit-identical results."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 def tiny_config(**overrides: Any) -> PruneConfig:
     return PruneConfig(**{**TINY, **overrides})
 
@@ -39,8 +56,9 @@ def run_tiny(out: Optional[Path], model_name: str = "digits-mlp", resume: bool =
     torch.manual_seed(config.seed)
     model = build_model(model_name)
     train_loader, test_loader = load_data("digits", input_shape_of(model), config.batch_size, config.seed)
-    return compress(model, train_loader, test_loader, config, out=out, resume=resume, device="cpu",
-                    model_name=model_name, data_name="digits", epoch_callback=epoch_callback)
+    with one_thread():
+        return compress(model, train_loader, test_loader, config, out=out, resume=resume, device="cpu",
+                        model_name=model_name, data_name="digits", epoch_callback=epoch_callback)
 
 
 TEMP_ROOT = Path(tempfile.mkdtemp(prefix="edgeprune-compressor-tests-"))
@@ -69,9 +87,8 @@ def strip_seconds(metrics: Dict[str, Any]) -> Dict[str, Any]:
 
 def cli(args: List[str], timeout: float = 120) -> Tuple[int, str, str]:
     """Run the real ``edgeprune`` command in a subprocess; ``(exit code, stdout, stderr)``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+                          timeout=timeout, cwd=REPO, env=ENV)
     return proc.returncode, proc.stdout, proc.stderr
 
 

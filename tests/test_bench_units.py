@@ -118,3 +118,11 @@ def test_earlier_results_are_never_overwritten_silently(bench_cli, bench_models,
     code, _, err = bench_cli("local", bench_models["dense"], "--out", out)
     assert code == 2 and "--overwrite" in err
     assert (out / "results.json").read_text() == '{"mine": true}'
+
+
+def test_each_architecture_has_its_own_reference():
+    small = [ModelEntry(f"s{i}", sparsity=s, family="[[10, 64]]") for i, s in enumerate((0.9, 0.0))]
+    wide = [ModelEntry(f"w{i}", sparsity=s, family="[[2048, 64]]") for i, s in enumerate((0.5, 0.95))]
+    configs = plan(small + wide, ["sparse"], [1])
+    # s1 (dense small) and w0 (least sparse wide) under ort, then the sweep itself.
+    assert [(c.model, c.kernels) for c in configs if c.reference_only] == [(1, "ort"), (2, "ort")]

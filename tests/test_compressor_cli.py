@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from edgeprune.cli import main
-from tests.compressor_fixtures import REPO, TEMP_ROOT, TINY_ARGS, final, shared_run, tree_snapshot
+from tests.compressor_fixtures import REPO, TEMP_ROOT, TINY_ARGS, final, one_thread, shared_run, tree_snapshot
 
 
 def _fail(capsys, args):
     """Run the real CLI in-process; assert the user-error contract; return the message."""
-    code = main(["compress", *args])
+    with one_thread():
+        code = main(["compress", *args])
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("edgeprune compress: error: "), err
@@ -88,8 +89,9 @@ def test_foreign_run_dir_is_refused_untouched(capsys, tmp_path):
 def test_pretrained_start_skips_dense_training(capsys):
     out = TEMP_ROOT / "pretrained"
     dense = shared_run() / "dense" / "final.pt"
-    code = main(["compress", "--out", str(out), "--pretrained", str(dense), *TINY_ARGS,
-                 "--target-sparsity", "0.2"])
+    with one_thread():
+        code = main(["compress", "--out", str(out), "--pretrained", str(dense), *TINY_ARGS,
+                     "--target-sparsity", "0.2"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     level0, level1 = metrics["methods"]["lr-rewind"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,8 @@ import pytest
 import torch
 
 from compressor.errors import RunDirError
-from tests.compressor_fixtures import (REPO, TEMP_ROOT, TINY, cli, final, run_tiny, shared_run, strip_seconds,
+from edgeprune.cli import main
+from tests.compressor_fixtures import (ENV, REPO, TEMP_ROOT, TINY, cli, final, run_tiny, shared_run, strip_seconds,
                                        tree_snapshot)
 
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
@@ -70,7 +70,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_result():
     args = ["--out", str(out), "--method", ",".join(METHODS), "--epochs", str(TINY["epochs"]),
             "--lr-drops", "2", "--target-sparsity", "0.5", "--rewind-epoch", "1", "--seed", "3", "--no-progress"]
     proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          timeout=120, env=ENV)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (out / "lr-rewind" / "level_2" / "checkpoint.pt").is_file()
     code, stdout, stderr = cli(["compress", *args, "--resume"])
@@ -79,12 +79,12 @@ def test_sigkilled_cli_run_resumes_to_the_same_result():
     _same_run(out, shared_run())
 
 
-def test_resume_with_another_config_is_refused_and_changes_nothing():
+def test_resume_with_another_config_is_refused_and_changes_nothing(capsys):
     run = shared_run()
     before = tree_snapshot(run)
-    code, _, stderr = cli(["compress", "--out", str(run), "--resume", "--method", ",".join(METHODS),
-                           "--epochs", "4", "--lr-drops", "2", "--target-sparsity", "0.5", "--rewind-epoch", "1",
-                           "--seed", "3"])
+    code = main(["compress", "--out", str(run), "--resume", "--method", ",".join(METHODS), "--epochs", "4",
+                 "--lr-drops", "2", "--target-sparsity", "0.5", "--rewind-epoch", "1", "--seed", "3"])
+    stderr = capsys.readouterr().err
     assert code == 2
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
     assert "different config" in stderr and "epochs: 3 -> 4" in stderr

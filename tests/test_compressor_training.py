@@ -14,7 +14,7 @@ from compressor.optimizers import build_optimizer
 from compressor.pruning import global_magnitude_prune, prunable_parameters
 from compressor.schedules import final_learning_rate, learning_rate
 from compressor.training import train_epoch
-from tests.compressor_fixtures import TEMP_ROOT, final, run_tiny, shared_run
+from tests.compressor_fixtures import TEMP_ROOT, final, one_thread, run_tiny, shared_run
 
 
 def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay():
@@ -25,11 +25,12 @@ def test_pruned_weights_stay_exactly_zero_under_momentum_and_weight_decay():
     train_loader, _ = digits((64,), batch_size=32, seed=0)
     params = prunable_parameters(model)
     everything = Mask.ones_like(params)
-    # One dense epoch first, so every momentum buffer is non-zero when pruning happens.
-    train_epoch(model, optimizer, train_loader, lambda t: 0.5, 0, params, everything, torch.device("cpu"))
-    mask = global_magnitude_prune(params, everything, everything.total // 5)
-    for epoch in range(2):
-        train_epoch(model, optimizer, train_loader, lambda t: 0.5, epoch, params, mask, torch.device("cpu"))
+    with one_thread():
+        # One dense epoch first, so every momentum buffer is non-zero when pruning happens.
+        train_epoch(model, optimizer, train_loader, lambda t: 0.5, 0, params, everything, torch.device("cpu"))
+        mask = global_magnitude_prune(params, everything, everything.total // 5)
+        for epoch in range(2):
+            train_epoch(model, optimizer, train_loader, lambda t: 0.5, epoch, params, mask, torch.device("cpu"))
     for name, keep in mask.items():
         assert bool((params[name][~keep] == 0).all()), name
         assert bool((optimizer.state[params[name]]["momentum_buffer"][~keep] == 0).all()), name

@@ -43,7 +43,6 @@ def test_deploy_smoke_and_bench_on_emulated_pi(pi_python, sshd, model_dirs, edge
     flags = [*sshd.cli_args(), "--python", pi_python, "--remote-root", root]
     deployed = edgeprune("deploy", sshd.spec, model_dirs["v1"], "--name", "digits", "--wheelhouse",
                          CACHE / "wheelhouse", *flags)
-    print(deployed.out)
     assert deployed.code == 0, deployed.err
     assert "aarch64, Python 3.11" in deployed.out and "numpy 1.24" in deployed.out
     assert "smoke test:" in deployed.out
@@ -62,8 +61,8 @@ def test_deploy_smoke_and_bench_on_emulated_pi(pi_python, sshd, model_dirs, edge
             "'edge_runtime': edge_runtime.__file__}))")], timeout=600).stdout)
         bench = device.run([venv_python, "-m", "edge_runtime", "bench", str(release), "--json", "--warmup", "1",
                             "--iters", "5", "--min-seconds", "0.2"], timeout=600)
-    print(json.dumps(facts))
-    print(bench.stdout)
+    # Printed last: the `edgeprune` fixture's capsys would swallow earlier prints (see them with -s).
+    print(deployed.out, again.out, json.dumps(facts), bench.stdout, sep="\n")
     assert facts["machine"] == "aarch64"
     assert facts["numpy"].startswith("1.24.") and facts["scipy"].startswith("1.10.")
     assert facts["edge_runtime"].startswith(str(root))  # the wheel deploy built, in the device's venv

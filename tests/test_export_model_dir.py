@@ -186,3 +186,21 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, args: list, needle: str) -
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and needle in done.stderr, done.stderr
     assert (tmp_path / "existing" / "keep.txt").read_text() == "keep"
+
+
+def test_untrained_batchnorm_convs_keep_their_own_bias(tmp_path: Path) -> None:
+    """Default BatchNorm stats fold to equal (zero) biases, which the exporter de-duplicates through
+    Identity nodes; each conv must still get its own initializer so the runtime sees a weight layer."""
+    from compressor.models import build_model
+
+    result = export_model(build_model("resnet20").eval(), tmp_path / "m")
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert "Identity" not in {node["op_type"] for node in manifest["graph"]}
+    convs = [node for node in manifest["graph"] if node["op_type"] == "Conv"]
+    assert all(node["inputs"][2] in manifest["tensors"] for node in convs)
+    from edge_runtime import InferenceSession
+
+    with np.load(result.out_dir / "weights.npz", allow_pickle=False) as npz:
+        x, expected = npz["sample.input"], npz["sample.output"]
+    got = InferenceSession(result.out_dir, kernels="sparse", threads=1).run(None, {"input": x})[0]
+    assert np.max(np.abs(got - expected)) <= 1e-4

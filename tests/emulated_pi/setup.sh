@@ -18,7 +18,6 @@ WHEELHOUSE="$CACHE/wheelhouse"
 STAMP="$CACHE/.complete-v1"
 # onnxruntime's aarch64 manylinux wheel; 1.19.x imports with Debian 12's numpy 1.24 (built for the numpy 1.x ABI).
 ORT_VERSION="${EDGEPRUNE_EMUPI_ORT:-1.19.2}"
-PACKAGES="python3.11 python3.11-venv python3-setuptools-whl python3-numpy python3-scipy"
 
 if [ -f "$STAMP" ]; then
   echo "$SYSROOT/usr/bin/python3-qemu"
@@ -35,8 +34,9 @@ if ! dpkg --print-foreign-architectures | grep -qx arm64; then
 fi
 apt-get update -qq
 
-# The dependency closure (first choice of every alternative, arm64 and arch:all); unpacked, never installed.
-closure=$(python3 "$(dirname "$0")/resolve_debs.py" $PACKAGES)
+# The arm64 dependency closure of python3.11, python3.11-venv, python3-numpy and python3-scipy (first
+# choice of every alternative), as resolve_debs.py wrote it to packages.txt; unpacked, never installed.
+closure=$(grep -v '^#' "$(dirname "$0")/packages.txt")
 (cd "$DEBS" && { apt-get download -qq $closure 2>/dev/null || for pkg in $closure; do
    ls "${pkg%%:*}"_*.deb >/dev/null 2>&1 || apt-get download -qq "$pkg" 2>/dev/null || apt-get download -qq "${pkg%%:*}"
  done; })
@@ -73,7 +73,8 @@ rm -rf "$SYSROOT" && mv "$SYSROOT.partial" "$SYSROOT"
 # The offline wheelhouse: onnxruntime for the device, and its dependencies, never numpy (the device's own
 # python3-numpy 1.24 serves).
 PIP_DL="python3 -m pip download -q --dest $WHEELHOUSE --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 --only-binary=:all: --python-version 3.11 --implementation cp"
-$PIP_DL --no-deps "onnxruntime==$ORT_VERSION"
-$PIP_DL --no-deps coloredlogs humanfriendly flatbuffers packaging "protobuf<6" sympy mpmath
+# Resolve the whole set (pip picks versions that fit together), then drop numpy: the device has its own.
+$PIP_DL "onnxruntime==$ORT_VERSION"
+rm -f "$WHEELHOUSE"/numpy-*.whl
 touch "$STAMP"
 echo "$SYSROOT/usr/bin/python3-qemu"
