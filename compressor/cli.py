@@ -72,11 +72,22 @@ def _show(value: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build model, data and config, run :func:`compressor.compress`, print the result table."""
+    """Build model, data and config, run :func:`compressor.compress`, print the result table.
+
+    Under torchrun every process runs this, joined in one process group; rank 0 alone prints.
+    """
+    from compressor.distributed import session
+
+    with session(args.device):
+        return _compress_and_report(args)
+
+
+def _compress_and_report(args: argparse.Namespace) -> int:
     from compressor import checkpoints
     from compressor.config import PruneConfig, config_for
     from compressor.data import load_data
     from compressor.models import build_model, input_shape_of
+    from compressor.distributed import is_main_process
     from compressor.pipeline import compress
     import torch
 
@@ -90,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
     result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
                       device=args.device, model_name=args.model, data_name=args.data,
                       pretrained=pretrained, progress=progress)
+    if not is_main_process():
+        return 0
     print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}")
     for method, levels in result.metrics["methods"].items():
         for entry in levels:

@@ -2,6 +2,8 @@
 
 Built in:
 - ``digits-mlp``: 64 → 128 → 64 → 10 for scikit-learn's 8×8 digits, flattened.
+- ``digits-wide-mlp``: 64 → 1024 → 1024 → 10, wide enough that sparse kernels pay off at batch 1
+  (the demo's model).
 - ``digits-cnn``: a small CNN for the digits as 1×8×8 images.
 - ``resnet20``: the CIFAR-10 ResNet-20 of He et al. (2016), option A shortcuts replaced by the 1×1
   projection shortcuts that the pruning papers (and OpenLTH) use.
@@ -110,6 +112,7 @@ class CifarResNet(nn.Module):
 
 BUILTIN: Dict[str, Callable[[], nn.Module]] = {
     "digits-mlp": DigitsMLP,
+    "digits-wide-mlp": lambda: DigitsMLP(hidden=(1024, 1024)),
     "digits-cnn": DigitsCNN,
     "resnet20": lambda: CifarResNet(20),
     "resnet56": lambda: CifarResNet(56),

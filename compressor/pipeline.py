@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from compressor import checkpoints
 from compressor.config import PruneConfig
 from compressor.devices import resolve_device
+from compressor.distributed import Distributed, current, require_shared
 from compressor.errors import ConfigError
 from compressor.mask import Mask
 from compressor.methods import RetrainPlan, dense_plan, retrain_plan
@@ -34,7 +35,7 @@ from compressor.optimizers import build_optimizer
 from compressor.pruning import (apply_mask, global_magnitude_prune, keep_counts, layer_sparsities,
                                 prunable_parameters, weight_sparsity)
 from compressor.report import write_metrics, write_report
-from compressor.run_dir import RunDir, collect_metrics
+from compressor.run_dir import CONFIG, RunDir, collect_metrics
 from compressor.training import evaluate, train
 
 EpochCallback = Callable[[str, int, int], None]
@@ -79,13 +80,22 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         pretrained: a trained state_dict to start from instead of dense training.
         progress: show tqdm bars (levels and epochs) on stderr.
         epoch_callback: called as ``(method, level, epoch)`` after each epoch's checkpoint.
+
+    Under ``torch.distributed`` (an initialised process group, e.g. ``edgeprune compress`` under
+    torchrun) every rank calls this with the same arguments: training runs data-parallel on
+    in-memory data (``compressor.data`` loaders), the batch size stays the global one, and only
+    rank 0 writes ``out`` (see ``compressor.distributed``).
     """
-    torch_device = resolve_device(device)
+    ranks = current(resolve_device(device))  # torchrun's process group, or this process alone
+    torch_device = ranks.device
+    if ranks.active and out is None:
+        raise ConfigError("a distributed run needs out=RUN_DIR, on a filesystem every process sees")
     if pretrained is not None and "weight-rewind" in config.methods:
         raise ConfigError("weight-rewind needs the dense training's early weights; it cannot start from --pretrained")
     if pretrained is not None:  # before RUN_DIR is touched: a checkpoint that does not fit writes nothing
         checkpoints.load_into(model, pretrained, "--pretrained")
     model.to(torch_device)
+    trainable = ranks.wrap(model)  # DistributedDataParallel under torchrun; shares model's parameters
     params = prunable_parameters(model, config.exclude)
     counts = keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
                          config.target_sparsity, config.one_shot)
@@ -95,10 +105,12 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
               **config.to_dict()}
     with contextlib.ExitStack() as stack:
         root = Path(out) if out is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        run = RunDir(root)
-        run.prepare(record, resume)
+        run = RunDir(root, writer=ranks.is_main)
+        _prepare(run, record, resume, ranks)
         stack.enter_context(_deterministic(torch_device))
-        job = _Job(run, model, params, train_loader, test_loader, config, torch_device, progress, epoch_callback)
+        progress = progress and ranks.is_main
+        job = _Job(run, model, params, ranks.shard(train_loader, train=True), ranks.shard(test_loader, train=False),
+                   config, torch_device, progress, epoch_callback, ranks, trainable)
         bar = stack.enter_context(tqdm(total=1 + len(config.methods) * len(counts), desc="levels",
                                        disable=not progress))
         job.dense(pretrained)
@@ -121,8 +133,12 @@ class _Job:
 
     def __init__(self, run: RunDir, model: nn.Module, params: Dict[str, torch.Tensor], train_loader: Iterable,
                  test_loader: Iterable, config: PruneConfig, device: torch.device, progress: bool,
-                 epoch_callback: Optional[EpochCallback]) -> None:
+                 epoch_callback: Optional[EpochCallback], ranks: Optional[Distributed] = None,
+                 trainable: Optional[nn.Module] = None) -> None:
         self.run, self.model, self.params = run, model, params
+        self.ranks = ranks if ranks is not None else Distributed(device=device)
+        # What the training loop calls: the model, or DistributedDataParallel around it.
+        self.trainable = trainable if trainable is not None else model
         self.train_loader, self.test_loader = train_loader, test_loader
         self.config, self.device, self.progress = config, device, progress
         self.epoch_callback = epoch_callback
@@ -189,7 +205,7 @@ class _Job:
                 self.epoch_callback(method, level, epoch)
 
         desc = "dense" if level == 0 else f"{method} level {level}"
-        train(self.model, optimizer, self.train_loader, plan.lr_at, range(start, plan.epochs.stop), self.params,
+        train(self.trainable, optimizer, self.train_loader, plan.lr_at, range(start, plan.epochs.stop), self.params,
               mask, self.device, on_epoch_end, self.progress, desc)
         self._finish(method, level, mask, epochs=len(plan.epochs),
                      seconds=seconds_before + time.perf_counter() - began, lrs=lrs, optimizer=optimizer)
@@ -198,17 +214,36 @@ class _Job:
                 optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json."""
         began = time.perf_counter()
-        accuracy, loss = evaluate(self.model, self.test_loader, self.device)
+        self.ranks.broadcast_state(self.model)  # every rank evaluates exactly what rank 0 saves
+        mask_checksums = self.ranks.agree("masks", mask)
+        accuracy, loss = evaluate(self.model, self.test_loader, self.device, reduce=self.ranks.sum)
         final = {
             "model": _cpu_state(self.model), "mask": mask.state_dict(), "level": level,
             "method": method, "sparsity": weight_sparsity(self.params), "accuracy": accuracy, "loss": loss,
             "epochs": epochs, "seconds": seconds + time.perf_counter() - began, "lrs": lrs,
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "world_size": self.ranks.world_size, "mask_sha256": mask_checksums,
         }
         self.run.save(final, self.run.final_path(method, level))
         self.run.remove(self.run.checkpoint_path(method, level))
-        write_metrics(self.run, collect_metrics(self.run, self.records))
+        if self.run.writer:
+            write_metrics(self.run, collect_metrics(self.run, self.records))
+        self.ranks.barrier()  # the next level reads this final.pt on every rank
+
+
+def _prepare(run: RunDir, record: Dict[str, Any], resume: bool, ranks: Distributed) -> None:
+    """``run.prepare``; under torchrun every rank checks RUN_DIR before rank 0 writes into it (so all
+    ranks refuse or accept alike), then every rank must see what rank 0 wrote."""
+    if not ranks.active:
+        run.prepare(record, resume)
+        return
+    RunDir(run.root, writer=False).prepare(record, resume)
+    ranks.barrier()
+    if ranks.is_main:
+        run.prepare(record, resume)
+    ranks.barrier()
+    require_shared(run.root / CONFIG, ranks.rank)
 
 
 def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -76,8 +76,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iter
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> Tuple[float, float]:
-    """``(accuracy as a fraction, mean cross-entropy loss)`` on ``loader``."""
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
+             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[float, float]:
+    """``(accuracy as a fraction, mean cross-entropy loss)`` on ``loader``.
+
+    ``reduce`` sums ``[correct, total, loss sum]`` over processes when each scored a slice of the
+    test set (``Distributed.sum``), so the result is over the whole test set.
+    """
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
     for inputs, labels in loader:
@@ -86,6 +91,9 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> Tuple[
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(1) == labels).sum())
         total += len(labels)
+    if reduce is not None:  # float64 holds the counts exactly
+        sums = reduce(torch.tensor([correct, total, loss_sum], dtype=torch.float64))
+        correct, total, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 

@@ -1,0 +1,89 @@
+"""``edgeprune demo``: the whole job on the embedded digits data, end to end.
+
+compress (learning-rate rewinding) → export the sparsest level within one point of dense → measure
+every chosen level on the local runtime against stock onnxruntime on the dense model → print the
+accuracy / sparsity / latency table. Each step is the real subcommand, called as a user would call
+it, so the demo can never drift from what the commands do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import List
+
+from compressor.errors import CompressorError
+
+USER_ERRORS = (CompressorError,)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Run compress → export → bench on the embedded digits data set and print the "
+        "accuracy/sparsity/latency table. Everything lands in --out.")
+    parser.add_argument("--out", type=Path, default=Path("edgeprune-demo"),
+                        help="folder for the run, the exported model and the benchmark (default: edgeprune-demo)")
+    parser.add_argument("--model", default="digits-wide-mlp",
+                        help="model to compress (default: digits-wide-mlp, 64→1024→1024→10)")
+    parser.add_argument("--target-sparsity", type=float, default=0.95,
+                        help="final sparsity (default: 0.95, 14 rounds of 20%%)")
+    parser.add_argument("--epochs", type=int, default=15,
+                        help="epochs of the training schedule, replayed at every level (default: 15)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for training and for the benchmark (default: 1; tiny models "
+                        "train faster on one thread)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+
+
+def _levels_to_measure(run_dir: Path) -> str:
+    """Dense plus a spread of sparsities: every level would make the demo slow without saying more."""
+    from compressor.run_dir import list_levels
+
+    levels = sorted({info.level for info in list_levels(run_dir)})
+    wanted = {0, levels[-1]}
+    for target in (0.5, 0.8, 0.9):
+        # the first level at or past each landmark sparsity (densities are 0.8^k)
+        wanted.add(next((lvl for lvl in levels if 1 - 0.8 ** lvl >= target), levels[-1]))
+    return ",".join(str(level) for level in sorted(wanted))
+
+
+def _step(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgeprune.cli import main as edgeprune
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    run_dir, model_dir, bench_dir = out / "run", out / "model", out / "bench"
+    began = time.perf_counter()
+
+    _step(f"1/3 compress {args.model} to {args.target_sparsity:.0%} sparsity (learning-rate rewinding)")
+    compress: List[str] = ["compress", "--model", args.model, "--data", "digits", "--out", str(run_dir),
+                           "--target-sparsity", str(args.target_sparsity), "--epochs", str(args.epochs)]
+    if args.resume and run_dir.exists():
+        compress.append("--resume")
+    code = edgeprune(compress)
+    if code:
+        return code
+
+    _step("2/3 export the sparsest level within 1 point of dense accuracy")
+    code = edgeprune(["export", str(run_dir), "--out", str(model_dir), "--max-drop", "1", "--force"])
+    if code:
+        return code
+
+    _step("3/3 benchmark on this machine: edge_runtime (auto kernels) against stock onnxruntime")
+    code = edgeprune(["bench", "local", "--run", str(run_dir), "--levels", _levels_to_measure(run_dir),
+                      "--kernels", "ort,auto", "--threads", str(args.threads), "--min-seconds", "1",
+                      "--out", str(bench_dir), "--overwrite"])
+
+    print(f"\ndemo finished in {time.perf_counter() - began:.0f} s. Look at:")
+    print(f"  {run_dir}/report.md, {run_dir}/sparsity_accuracy.png   accuracy at every level")
+    print(f"  {model_dir}/                                  the deployable MODEL_DIR")
+    print(f"  {bench_dir}/report.md and its plots            latency and memory per level")
+    print(f"next: edgeprune deploy pi@HOST {model_dir}")
+    return code
