@@ -6,9 +6,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List
 
 from tests.compressor_fixtures import ENV, REPO
 
@@ -27,9 +28,17 @@ def compress_command(out: Path, nproc: int, resume: bool = False) -> List[str]:
 
 
 def launch(out: Path, nproc: int, resume: bool = False) -> subprocess.Popen:
-    """Start the run in the background (its own session, so the test can kill it and its workers)."""
-    return subprocess.Popen(compress_command(out, nproc, resume), cwd=REPO, env=free_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """Start the run in the background; its output goes to a file (a full pipe would stall it)."""
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(compress_command(out, nproc, resume), cwd=REPO, env=free_env(), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read()  # type: ignore[attr-defined]
 
 
 def run(out: Path, nproc: int, resume: bool = False, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -60,24 +69,26 @@ def kill_when(proc: subprocess.Popen, path: Path, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended (code {proc.returncode}) before {path} appeared:\n"
-                                 f"{proc.stderr.read() if proc.stderr else ''}")
+            raise AssertionError(f"the run ended (code {proc.returncode}) before {path} appeared:\n{_output(proc)}")
         if time.monotonic() > deadline:
-            proc.kill()
+            _kill_tree(proc)
             raise AssertionError(f"{path} did not appear within {timeout} s")
         time.sleep(0.02)
-    victims = [proc.pid, *_descendants(proc.pid)]
-    for pid in victims:
+    _kill_tree(proc)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process below it, then reap it."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    proc.log.close()  # type: ignore[attr-defined]
 
 
-def free_env(extra: Optional[dict] = None) -> dict:
+def free_env() -> Dict[str, str]:
     """The test environment without any torchrun variables leaking in from outside."""
-    env = {k: v for k, v in ENV.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
-                                                     "MASTER_PORT")}
-    env.update(extra or {})
-    return env
+    return {k: v for k, v in ENV.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR",
+                                                      "MASTER_PORT")}

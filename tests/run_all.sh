@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs on a fresh Debian 12 machine, then run the whole suite.
-# This is the README's test command and what CI runs (.ci/run).
+# This is the README's test command and what CI runs (.ci/run). Extra arguments go to pytest.
+#
+#   1. system parts: OpenSSH's sshd (deploy/bench tests run against a real one on 127.0.0.1);
+#      qemu-user-static and Debian's arm64 Python for the emulated Pi come from
+#      tests/emulated_pi/setup.sh, which the emulated-Pi test runs itself (cached between runs);
+#   2. the project, with torch pinned to the CPU build first (an unpinned torch is a multi-GB CUDA build);
+#   3. the pytest suite;
+#   4. the edge runtime's tests once more on Raspberry Pi OS's numpy 1.24 / scipy 1.10 (a pinned venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  # sshd for the deploy/bench tests.
-  if [ ! -x /usr/sbin/sshd ]; then
+if [ ! -x /usr/sbin/sshd ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null
+  else
+    echo "run_all.sh: /usr/sbin/sshd is missing; install openssh-server (the SSH tests need it)" >&2
   fi
 fi
 
-# torch first, from the pinned CPU build on local disk; an unpinned torch would pull a CUDA build.
-python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q --disable-pip-version-check torch==2.13.0
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
+started=$SECONDS
 python3 -m pytest -q "$@"
+echo "run_all.sh: main suite took $((SECONDS - started)) s"
+
+started=$SECONDS
+bash tests/pinned_runtime.sh -q
+echo "run_all.sh: pinned-runtime suite took $((SECONDS - started)) s"
