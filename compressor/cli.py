@@ -43,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", metavar="CKPT",
                         help="start from this trained state_dict (.pt) instead of training the dense model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads per process for torch (default: torch's choice). Small models "
+                             "train faster on 1; not part of the run's config, so --resume may change it")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="tqdm progress bars on stderr (default: when stderr is a terminal)")
 
@@ -91,6 +94,10 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     from compressor.pipeline import compress
     import torch
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CompressorError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(PruneConfig)}
     config = config_for(args.model, **overrides)
     pretrained = checkpoints.load_state_dict(args.pretrained) if args.pretrained else None

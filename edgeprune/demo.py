@@ -55,16 +55,14 @@ def _step(title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgeprune.cli import main as edgeprune
 
-    import torch
-
-    torch.set_num_threads(args.threads)
     out: Path = args.out
     run_dir, model_dir, bench_dir = out / "run", out / "model", out / "bench"
     began = time.perf_counter()
 
     _step(f"1/3 compress {args.model} to {args.target_sparsity:.0%} sparsity (learning-rate rewinding)")
     compress: List[str] = ["compress", "--model", args.model, "--data", "digits", "--out", str(run_dir),
-                           "--target-sparsity", str(args.target_sparsity), "--epochs", str(args.epochs)]
+                           "--target-sparsity", str(args.target_sparsity), "--epochs", str(args.epochs),
+                           "--threads", str(args.threads)]
     if args.resume and run_dir.exists():
         compress.append("--resume")
     code = edgeprune(compress)

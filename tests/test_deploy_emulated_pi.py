@@ -52,19 +52,26 @@ def test_deploy_smoke_and_bench_on_emulated_pi(pi_python, sshd, model_dirs, edge
     assert again.code == 0 and "nothing to do" in again.out, again.err
 
     venv_python = posixpath.join(str(root), "venv", "bin", "python")
-    release = root / "models" / "digits" / "releases" / current_release(root, "digits")
     with Device.connect(HostSpec.parse(sshd.spec), sshd.connect_options()) as device:
         facts = json.loads(device.run([venv_python, "-c", (
             "import json, platform, numpy, scipy, onnxruntime, edge_runtime; print(json.dumps({"
             "'machine': platform.machine(), 'python': platform.python_version(), 'numpy': numpy.__version__, "
             "'scipy': scipy.__version__, 'onnxruntime': onnxruntime.__version__, "
             "'edge_runtime': edge_runtime.__file__}))")], timeout=600).stdout)
-        bench = device.run([venv_python, "-m", "edge_runtime", "bench", str(release), "--json", "--warmup", "1",
-                            "--iters", "5", "--min-seconds", "0.2"], timeout=600)
+
+    # A one-level sweep through the real harness: the deployed model, by name, under stock onnxruntime
+    # and the sparse kernels, each configuration in its own process on the emulated Pi.
+    out = tmp_path / "bench"
+    bench = edgeprune("bench", sshd.spec, "digits", "--kernels", "ort,sparse", "--warmup", "1", "--iters", "5",
+                      "--min-seconds", "0", "--out", out, *flags)
     # Printed last: the `edgeprune` fixture's capsys would swallow earlier prints (see them with -s).
-    print(deployed.out, again.out, json.dumps(facts), bench.stdout, sep="\n")
+    print(deployed.out, again.out, json.dumps(facts), bench.out, sep="\n")
     assert facts["machine"] == "aarch64"
     assert facts["numpy"].startswith("1.24.") and facts["scipy"].startswith("1.10.")
     assert facts["edge_runtime"].startswith(str(root))  # the wheel deploy built, in the device's venv
-    report = json.loads(bench.stdout)
-    assert report  # the bench ran to completion on the emulated device
+    assert bench.code == 0, bench.err
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results["results"]] == ["ok", "ok"]
+    assert {r["bench"]["kernels"] for r in results["results"]} == {"ort", "sparse"}
+    assert results["hosts"][sshd.spec]["facts_before"]["machine"] == "aarch64"
+    assert "| digits |" in (out / "report.md").read_text()

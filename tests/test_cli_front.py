@@ -1,0 +1,63 @@
+"""The `edgeprune` front: lazy dispatch, one-line errors, and the demo end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["deploy", "ls", "rollback", "bench"])
+def test_device_side_commands_never_import_torch(command):
+    done = _python(
+        "import sys\n"
+        "from edgeprune.cli import main\n"
+        f"try: main(['{command}', '--help'])\n"
+        "except SystemExit: pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("NO-TORCH")
+
+
+def test_top_level_help_lists_every_command():
+    done = subprocess.run([sys.executable, "-m", "edgeprune", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for command in ("demo", "compress", "export", "deploy", "ls", "rollback", "bench"):
+        assert f"    {command}" in done.stdout
+
+
+def test_unknown_command_is_an_argparse_error_not_a_traceback():
+    done = subprocess.run([sys.executable, "-m", "edgeprune", "frobnicate"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "invalid choice" in done.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_compress_export_and_bench_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "edgeprune", "demo", "--out", str(out), "--model", "digits-mlp",
+         "--target-sparsity", "0.6", "--epochs", "2"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "run" / "metrics.json").read_text())
+    levels = metrics["methods"]["lr-rewind"]
+    assert levels[-1]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    assert manifest["format"] == "edgeprune-model"
+    results = json.loads((out / "bench" / "results.json").read_text())
+    assert results["complete"] and all(r["status"] == "ok" for r in results["results"])
+    measured = {r["bench"]["kernels"] for r in results["results"]}
+    assert measured == {"ort", "auto"}
+    # The printed table carries accuracy, sparsity and latency side by side.
+    assert "| model | sparsity | accuracy |" in done.stdout and "p50 ms" in done.stdout
