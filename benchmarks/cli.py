@@ -68,6 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Plan the sweep, run it on every target, write results and report; 0 when every figure came."""
     from benchmarks.device_facts import DEFAULT_TEMP_LIMIT_C
+    from benchmarks.errors import ResultsError
     from benchmarks.harness import SweepSettings, run_sweep, settings_summary
     from benchmarks.results_store import ResultsStore
     from benchmarks.sweep_plan import parse_kernels, parse_threads, plan, unique_labels
@@ -86,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
     models = _model_entries(args.models, local)  # every local MODEL_DIR checked before anything is written
     targets = _targets(args, hosts)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ResultsError(f"--out {out_dir}: cannot create it ({error.strerror or error})") from None
     if args.run is not None:
         from benchmarks.run_levels import export_levels
         from benchmarks.sweep_plan import read_model_dir

@@ -108,6 +108,11 @@ class HostRun:
         except BenchError as error:
             if not self.stop.is_set():
                 self.store.set_host(self.key, error=str(error))
+        except Exception as error:
+            # A bug: the thread prints its traceback, and the host's error keeps the exit code from
+            # saying "all measured" when this host measured nothing.
+            self.store.set_host(self.key, error=f"internal error: {type(error).__name__}: {error}")
+            raise
         finally:
             self.advance(len(self.configs) - done)
             self.target.close()

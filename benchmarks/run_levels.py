@@ -53,7 +53,7 @@ def export_levels(run_dir: Path, levels_text: str, out_dir: Path) -> List[Path]:
     for info in chosen:
         name = "dense" if info.level == 0 else f"{info.method}-level{info.level}"
         target = Path(out_dir) / "models" / name
-        if not (target / "manifest.json").is_file():
+        if not _exported_from(target, run_dir, info):
             try:
                 loaded = load_level(Path(run_dir), info.method, info.level)
                 export_model(loaded.model, target, input_shape=loaded.input_shape, accuracy=loaded.accuracy,
@@ -65,3 +65,17 @@ def export_levels(run_dir: Path, levels_text: str, out_dir: Path) -> List[Path]:
                 raise BenchError(f"exporting {info.method} level {info.level}: {error}") from None
         model_dirs.append(target)
     return model_dirs
+
+
+def _exported_from(model_dir: Path, run_dir: Path, info) -> bool:
+    """Whether ``model_dir`` already holds this level of this run (an --out reused with --overwrite may
+    hold another run's export under the same name: that one is exported again, never measured)."""
+    import json
+
+    try:
+        manifest = json.loads((model_dir / "manifest.json").read_text(encoding="utf-8"))
+        source = manifest["source"]
+        return (source["run_dir"] == str(Path(run_dir).resolve()) and source["level"] == info.level
+                and manifest["accuracy"] == info.accuracy and manifest["sparsity"] == info.sparsity)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False

@@ -120,7 +120,10 @@ class LocalTarget:
     def facts(self, quick: bool = False) -> Dict[str, object]:
         """This machine's facts, collected by the same probe a device runs."""
         argv = [self.python, str(PROBE_SCRIPT)] + (["--quick"] if quick else [])
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise TargetError(f"local: the device facts probe did not run: {error}") from None
         if done.returncode != 0:
             raise TargetError(f"local: the device facts probe failed: {done.stderr.strip()[-300:]}")
         return parse_facts(done.stdout, "local")
@@ -214,10 +217,19 @@ class SshTarget:
 
     def _upload_atomically(self, final: str, upload) -> None:
         """Fill a temporary folder, then rename it to ``final``: a half upload is never used."""
+        from deploy.errors import ConnectionLost, DeployError
+
         temp = f"{final}.tmp-{os.getpid()}-{threading.get_ident()}"
         self.device.run(["rm", "-rf", temp], timeout=60)
         self.device.mkdir(temp)
-        upload(temp)
+        try:
+            upload(temp)
+        except ConnectionLost:
+            raise  # nothing can be removed over a dead connection
+        except DeployError:
+            # A full disk is the usual cause: a half upload left in scratch would keep it full.
+            self.device.run(["rm", "-rf", temp], timeout=60, check=False)
+            raise
         moved = self.device.run(["mv", "-T", temp, final], timeout=60, check=False)
         if not moved.ok:  # someone else (a parallel sweep) put it there first: theirs is as good
             self.device.run(["rm", "-rf", temp], timeout=60)

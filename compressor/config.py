@@ -90,6 +90,9 @@ class PruneConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if list(self.lr_drops) != sorted(self.lr_drops) or any(e < 0 for e in self.lr_drops):
             raise ConfigError(f"--lr-drops must be increasing epochs >= 0, got {self.lr_drops}")
+        if any(e >= self.epochs for e in self.lr_drops):
+            raise ConfigError(f"--lr-drops {','.join(map(str, self.lr_drops))} would never happen in "
+                              f"{self.epochs} epochs; give drops below --epochs")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup epochs must be in [0, epochs), got {self.warmup_epochs}")
         if "weight-rewind" in self.methods and not 0 <= self.rewind_epoch < self.epochs:
@@ -122,9 +125,17 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def config_for(model_name: str, **overrides: Any) -> PruneConfig:
-    """The model's preset (if it has one) with ``overrides`` on top; ``None`` overrides are ignored."""
-    values = dict(PRESETS.get(model_name, {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    """The model's preset (if it has one) with ``overrides`` on top; ``None`` overrides are ignored.
+
+    A shorter (or longer) ``epochs`` than the preset's keeps the preset's LR drops at the same
+    fractions of training: ``--model resnet20 --epochs 10`` drops at epochs 5 and 7, not 91 and 136.
+    """
+    preset = PRESETS.get(model_name, {})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values = {**preset, **given}
+    if "epochs" in given and "lr_drops" not in given and "lr_drops" in preset:
+        scale = given["epochs"] / preset["epochs"]
+        values["lr_drops"] = tuple(int(drop * scale) for drop in preset["lr_drops"])
     return PruneConfig(**values)
 
 

@@ -65,13 +65,20 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
 
 def _move_into_place(temp: Path, out_dir: Path) -> None:
     """Swap the finished temp dir in; an old MODEL_DIR is removed only after the new one is complete."""
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
+    if not out_dir.exists():
         os.replace(temp, out_dir)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        return
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    os.replace(out_dir, old)
+    try:
+        os.replace(temp, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)  # put the previous MODEL_DIR back: nothing already written is lost
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(temp, out_dir)
+        old.unlink()
 
 
 def _plan_storage(tensors: Dict[str, np.ndarray], weights: Dict[str, Tuple[str, str]],
@@ -322,6 +329,8 @@ def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int
         return chosen
     if max_drop is None:
         return of_method[-1]
+    if not max_drop >= 0:  # also refuses NaN; a negative drop would leave no level to choose
+        raise ExportError(f"--max-drop must be >= 0 accuracy points, got {max_drop}")
     dense = next((info for info in of_method if info.level == 0), None)
     if dense is None:
         raise ExportError("--max-drop needs the dense level (0), which is not finished")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from compressor.errors import CompressorError
 
-USER_ERRORS = (CompressorError,)
+# OSError: an unwritable --out, a full disk, an unreadable checkpoint are the user's to fix.
+USER_ERRORS = (CompressorError, OSError)
 
 
 def _shape(text: str) -> tuple:

@@ -32,11 +32,11 @@ from compressor.mask import Mask
 from compressor.methods import RetrainPlan, dense_plan, retrain_plan
 from compressor.models import input_shape_of
 from compressor.optimizers import build_optimizer
-from compressor.pruning import (apply_mask, global_magnitude_prune, keep_counts, layer_sparsities,
-                                prunable_parameters, weight_sparsity)
+from compressor.pruning import (global_magnitude_prune, keep_counts, layer_sparsities, prunable_parameters,
+                                weight_sparsity)
 from compressor.report import write_metrics, write_report
 from compressor.run_dir import CONFIG, RunDir, collect_metrics
-from compressor.training import evaluate, train
+from compressor.training import evaluate, train, zero_pruned
 
 EpochCallback = Callable[[str, int, int], None]
 DENSE = "dense"
@@ -172,7 +172,7 @@ class _Job:
         if plan.rewind_weights:
             rewind = checkpoints.load(self.run.rewind_path)
             checkpoints.load_into(self.model, rewind["model"], str(self.run.rewind_path))
-        apply_mask(self.params, mask)
+        zero_pruned(self.params, mask)
         self._train(method, level, plan, mask)
 
     def _train(self, method: str, level: int, plan: RetrainPlan, mask: Mask) -> None:

@@ -91,13 +91,6 @@ def global_magnitude_prune(params: Dict[str, torch.Tensor], mask: Mask, keep: in
 
 
 @torch.no_grad()
-def apply_mask(params: Dict[str, torch.Tensor], mask: Mask) -> None:
-    """Set every pruned weight to exactly zero (in place)."""
-    for name, keep in mask.items():
-        params[name].mul_(keep.to(params[name].dtype))
-
-
-@torch.no_grad()
 def weight_sparsity(params: Dict[str, torch.Tensor]) -> float:
     """Fraction of exactly-zero entries among the given weights, counted from the weights."""
     total = sum(p.numel() for p in params.values())

@@ -36,9 +36,9 @@ def _hosts(args: argparse.Namespace) -> List[HostSpec]:
     texts = list(args.targets[:-1])
     if args.hosts is not None:
         try:
-            lines = args.hosts.read_text().splitlines()
-        except OSError as error:
-            raise DeployError(f"cannot read --hosts {args.hosts}: {error.strerror}") from None
+            lines = args.hosts.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise DeployError(f"cannot read --hosts {args.hosts}: {getattr(error, 'strerror', None) or error}") from None
         texts += [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
     if not texts:
         raise DeployError("no host given: `edgeprune deploy HOST [HOST ...] MODEL_DIR` (or --hosts FILE)")

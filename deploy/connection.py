@@ -250,9 +250,12 @@ class Device:
         # `echo $$; exec timeout ...`: the first stdout line is the pid of `timeout`, which we can
         # signal to cancel (closing a PTY-less channel does not kill the remote process); `timeout`
         # kills the command's whole process group when it runs past the limit, `-k` if TERM is ignored.
-        command = "echo $$; exec " + shlex.join(["timeout", "-k", "5", f"{max(limit, 1):.0f}", *map(str, argv)])
+        # A `cd` goes after the echo and guards the exec: a folder that cannot be entered fails the
+        # command (non-zero exit, the shell's message on stderr) instead of running it elsewhere.
+        command = "exec " + shlex.join(["timeout", "-k", "5", f"{max(limit, 1):.0f}", *map(str, argv)])
         if cwd is not None:
             command = f"cd {shlex.quote(cwd)} && {command}"
+        command = "echo $$; " + command
         try:
             channel = self.transport.open_session(timeout=self.options.timeout)
             channel.exec_command(command)
@@ -494,7 +497,10 @@ class RemoteProcess:
             try:
                 channel = self.device.transport.open_session(timeout=5)
                 channel.exec_command(f"kill -TERM {self._pid}")
-                channel.recv_exit_status()
+                # Bounded: a device that stopped answering must not hang the cancel (or Ctrl-C).
+                answered_by = time.monotonic() + 5
+                while not channel.exit_status_ready() and time.monotonic() < answered_by:
+                    time.sleep(0.02)
                 channel.close()
             except (DeployError, *_LOST):
                 pass

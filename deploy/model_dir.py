@@ -71,6 +71,8 @@ def load_model_dir(model_dir: Path) -> LocalModel:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise ModelDirError(f"{manifest_path} is not valid JSON ({error})") from None
+    except OSError as error:
+        raise ModelDirError(f"cannot read {manifest_path}: {error.strerror or error}") from None
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict) or not listed:
         raise ModelDirError(f"{manifest_path} has no \"files\" table of sha256s")
@@ -83,7 +85,11 @@ def load_model_dir(model_dir: Path) -> LocalModel:
         path = model_dir / relative
         if not path.is_file():
             raise ModelDirError(f"{model_dir}: {relative} is listed in the manifest but missing")
-        if sha256_file(path) != expected:
+        try:
+            actual = sha256_file(path)
+        except OSError as error:
+            raise ModelDirError(f"cannot read {path}: {error.strerror or error}") from None
+        if actual != expected:
             raise ModelDirError(f"{model_dir}: {relative} does not match its sha256 in the manifest "
                                 "(corrupt or modified; export again)")
         files[relative] = expected

@@ -90,11 +90,12 @@ def probe(device: Device, python: str, remote_root: str) -> DeviceFacts:
         raise PreflightError(f"{device.label}: {python} cannot run the device probe: "
                              f"{(error.stderr.strip().splitlines() or ['?'])[-1]}") from None
     try:
+        # The last line: a sitecustomize or shell profile may print before the probe does.
         raw = json.loads(result.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+        return DeviceFacts(raw["machine"], raw["python"], raw["executable"], raw["packages"], raw["venv"],
+                           int(raw["free_bytes"]), bool(raw["writable"]), raw["runtime"], raw.get("os", ""))
+    except (ValueError, IndexError, KeyError, TypeError, AttributeError):
         raise PreflightError(f"{device.label}: the device probe printed something unexpected") from None
-    return DeviceFacts(raw["machine"], raw["python"], raw["executable"], raw["packages"], raw["venv"],
-                       int(raw["free_bytes"]), bool(raw["writable"]), raw["runtime"], raw.get("os", ""))
 
 
 def check(facts: DeviceFacts, device: Device, python: str, remote_root: str, upload_bytes: int) -> None:

@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence
 from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError, InputError
 
-USER_ERRORS = (EdgeRuntimeError,)
+# OSError: a MODEL_DIR file that vanished or cannot be read (e.g. `info` on an incomplete copy).
+USER_ERRORS = (EdgeRuntimeError, OSError)
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -61,6 +62,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         for name in BLAS_ENV:  # read by the BLAS when numpy loads, which has not happened yet
             os.environ.setdefault(name, str(args.threads))
+    if args.command == "bench":
+        problem = _bench_arguments_problem(args)
+        if problem:
+            print(f"edge-runtime bench: error: {problem}", file=sys.stderr)
+            return 2
     try:
         return {"run": _run, "check": _check, "info": _info, "tune": _tune, "bench": _bench}[args.command](args)
     except USER_ERRORS as error:
@@ -68,6 +74,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _bench_arguments_problem(args: argparse.Namespace) -> Optional[str]:
+    """Why the bench counts cannot work (no timed run at all, an empty batch), or None."""
+    if args.iters < 1:
+        return f"--iters must be at least 1, got {args.iters}"
+    if args.warmup < 0 or not args.min_seconds >= 0:
+        return "--warmup and --min-seconds must not be negative"
+    if args.batch < 1:
+        return f"--batch must be at least 1, got {args.batch}"
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -51,6 +51,13 @@ def read_manifest(model_dir: Path) -> Dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise ModelDirError(f"{path}: manifest lacks {', '.join(missing)}")
+    # manifest.json is not covered by a sha256: check the shapes every reader relies on, so a damaged
+    # one is a ModelDirError rather than a KeyError/AttributeError deep inside loading.
+    spec = manifest["input"]
+    if not (isinstance(spec, dict) and {"name", "shape", "dtype"} <= set(spec)
+            and isinstance(manifest["files"], dict) and isinstance(manifest["tensors"], dict)
+            and isinstance(manifest["graph"], list) and isinstance(manifest["outputs"], list)):
+        raise ModelDirError(f"{path}: malformed manifest (input, files, tensors, graph or outputs)")
     return manifest
 
 

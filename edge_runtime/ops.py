@@ -123,6 +123,8 @@ def gelu(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
 def clip(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
     high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
+    if low is None and high is None:  # ONNX allows it (identity); numpy before 2.1 refuses np.clip(x, None, None)
+        return inputs[0]
     return np.clip(inputs[0], low, high)
 
 

@@ -54,11 +54,15 @@ class InferenceSession:
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._ort = None
         self._program: Optional[Program] = None
-        self._weights = Weights(self.model_dir, self.manifest)
         try:
-            self._load(kernels, retune)
-        finally:
-            self._weights.close()
+            self._weights = Weights(self.model_dir, self.manifest)
+            try:
+                self._load(kernels, retune)
+            finally:
+                self._weights.close()
+        except BaseException:
+            self.close()  # a failed load must not leave the thread pool behind
+            raise
 
     # -- loading -----------------------------------------------------------------------------------
     def _sparse_kind(self) -> str:

@@ -158,19 +158,9 @@ def bench_device_root(tmp_path_factory) -> Path:
     Several loopback "hosts" are the same machine, so without this they would race to create one
     venv; a real fleet has one disk per device.
     """
-    from deploy.connection import Device, HostSpec
-    from deploy.runtime_install import ensure_runtime
-    from tests.sshd import SshdFactory, device_python
+    from tests.deploy_fixtures import prepare_device_root
 
-    factory = SshdFactory(tmp_path_factory.mktemp("bench-sshd-session"))
-    root = tmp_path_factory.mktemp("bench-device") / "edgeprune root"  # a space: quoting is exercised
-    try:
-        server = factory.start()
-        with Device.connect(HostSpec.parse(server.spec), server.connect_options()) as device:
-            ensure_runtime(device, python=device_python(), remote_root=str(root))
-    finally:
-        factory.stop_all()
-    return root
+    return prepare_device_root(tmp_path_factory, "bench-device")
 
 
 def ssh_args(server, root: Path) -> List[str]:

@@ -59,14 +59,14 @@ def model_dirs(tmp_path_factory) -> Dict[str, Path]:
     return dirs
 
 
-@pytest.fixture(scope="session")
-def device_root(tmp_path_factory) -> Path:
-    """A remote root whose runtime venv is installed once for the session (tests add models to it)."""
+def prepare_device_root(tmp_path_factory, label: str) -> Path:
+    """A fresh remote root (with a space in its path, so quoting is exercised throughout) whose runtime
+    venv is installed through a throw-away sshd. Used once per session: the venv is the slow part."""
     from deploy.connection import Device, HostSpec
     from deploy.runtime_install import ensure_runtime
 
-    factory = SshdFactory(tmp_path_factory.mktemp("sshd-session"))
-    root = tmp_path_factory.mktemp("device") / "edgeprune root"  # a space: quoting is exercised throughout
+    factory = SshdFactory(tmp_path_factory.mktemp(f"{label}-sshd-session"))
+    root = tmp_path_factory.mktemp(label) / "edgeprune root"
     try:
         server = factory.start()
         with Device.connect(HostSpec.parse(server.spec), server.connect_options()) as device:
@@ -74,6 +74,12 @@ def device_root(tmp_path_factory) -> Path:
     finally:
         factory.stop_all()
     return root
+
+
+@pytest.fixture(scope="session")
+def device_root(tmp_path_factory) -> Path:
+    """A remote root whose runtime venv is installed once for the session (tests add models to it)."""
+    return prepare_device_root(tmp_path_factory, "device")
 
 
 @pytest.fixture

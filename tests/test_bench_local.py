@@ -139,3 +139,18 @@ def test_bench_a_compress_run_by_level(bench_cli, tmp_path):
     assert len(data["results"]) == 4 and all(r["status"] == "ok" for r in data["results"])
     assert all((out / name).exists() for name in OUTPUTS)
     assert (out / "models" / "lr-rewind-level2" / "manifest.json").is_file()
+
+    # Again into the same --out: this run's exports are reused as they are ...
+    exported = out / "models" / "dense" / "manifest.json"
+    stamp = exported.stat().st_mtime_ns
+    again = ("--levels", "0", "--kernels", "ort", *FAST, "--out", out, "--overwrite")
+    code, _, err = bench_cli("local", "--run", run_dir, *again)
+    assert code == 0, err
+    assert exported.stat().st_mtime_ns == stamp
+    # ... but another run's level under the same name is exported afresh, never measured as this one's.
+    import shutil
+
+    other = Path(shutil.copytree(run_dir, tmp_path / "other-run"))
+    code, _, err = bench_cli("local", "--run", other, *again)
+    assert code == 0, err
+    assert json.loads(exported.read_text())["source"]["run_dir"] == str(other.resolve())

@@ -39,6 +39,19 @@ def test_run_quotes_every_argument_and_drains_both_streams(sshd, tmp_path):
             device.run(["sh", "-c", "echo the reason >&2; exit 3"])
 
 
+def test_cwd_that_cannot_be_entered_fails_the_command(sshd, tmp_path):
+    folder = tmp_path / "it's here"
+    folder.mkdir()
+    with Device.connect(HostSpec.parse(sshd.spec), sshd.connect_options()) as device:
+        assert device.run(["pwd"], cwd=str(folder)).stdout == f"{folder.resolve()}\n"
+        # Before the fix, `cd X && echo $$; exec CMD` ran CMD anyway, in the home folder, and took
+        # its first output line for the pid line: this came back as exit 0 with no output.
+        missing = device.run(["pwd"], cwd=str(tmp_path / "missing"), check=False)
+        assert missing.exit_status != 0 and missing.stdout == ""
+        with pytest.raises(RemoteCommandError):
+            device.run(["pwd"], cwd=str(tmp_path / "missing"))
+
+
 def test_timeout_kills_the_remote_command(sshd, tmp_path):
     marker = tmp_path / "still-running"
     with Device.connect(HostSpec.parse(sshd.spec), sshd.connect_options()) as device:

@@ -140,6 +140,30 @@ def test_pick_level_by_max_drop() -> None:
         pick_level(levels, "finetune", None, None)
     with pytest.raises(ExportError, match="no finished level 7"):
         pick_level(levels, None, 7, None)
+    with pytest.raises(ExportError, match="--max-drop must be >= 0"):
+        pick_level(levels, None, None, -1.0)  # would leave no level at all: not a bare ValueError
+
+
+def test_failed_swap_puts_the_previous_model_dir_back(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from compressor import export as export_module
+
+    out, temp = tmp_path / "m", tmp_path / ".m.tmp"
+    out.mkdir()
+    (out / "keep.txt").write_text("keep")
+    temp.mkdir()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == temp:
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(export_module.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        export_module._move_into_place(temp, out)
+    assert (out / "keep.txt").read_text() == "keep"
 
 
 def edgeprune(*args: str) -> subprocess.CompletedProcess:
@@ -175,6 +199,7 @@ def test_cli_exports_a_real_run_dir_and_a_checkpoint(tmp_path: Path) -> None:
     (["--model", "digits-mlp", "--checkpoint", "NOPE.pt", "--out", "OUT/x"], "checkpoint not found"),
     (["--model", "digits-mlp", "--checkpoint", "JUNK.pt", "--out", "OUT/x"], "not a readable PyTorch checkpoint"),
     (["--model", "digits-mlp", "--out", "OUT/existing"], "--force"),
+    (["--model", "digits-mlp", "--out", "OUT/existing/keep.txt/x"], "keep.txt"),  # OSError: not a directory
 ])
 def test_cli_user_errors_are_one_line(tmp_path: Path, args: list, needle: str) -> None:
     (tmp_path / "JUNK.pt").write_bytes(b"garbage" * 10)

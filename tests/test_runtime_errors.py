@@ -52,6 +52,14 @@ def test_corrupt_manifest(tmp_path: Path) -> None:
     assert_one_line_error(cli("run", str(target), "--input", "x.npy"), "corrupt manifest")
 
 
+def test_malformed_manifest_is_a_model_dir_error(tmp_path: Path) -> None:
+    target = copy_model_dir("digits-mlp", tmp_path)
+    edit_manifest(target, lambda m: m.update(files=["model.onnx"]))
+    with pytest.raises(ModelDirError, match="malformed manifest"):
+        InferenceSession(target)
+    assert_one_line_error(cli("check", str(target)), "malformed manifest")
+
+
 def test_unknown_format_version(tmp_path: Path) -> None:
     target = copy_model_dir("digits-mlp", tmp_path)
     edit_manifest(target, lambda m: m.update(format_version=99))
@@ -117,3 +125,23 @@ def test_cli_wrong_input_file(tmp_path: Path) -> None:
     out.write_bytes(b"precious")
     assert cli("run", str(model_dir("resnet20")), "--input", str(bad_shape), "--output", str(out)).returncode == 2
     assert out.read_bytes() == b"precious"  # a failed run leaves an existing output alone
+
+
+def test_cli_bench_counts_and_info_on_an_incomplete_copy(tmp_path: Path) -> None:
+    from tests.runtime_fixtures import model_dir
+
+    # --iters 0 --min-seconds 0 would time nothing: refused before loading, not a traceback on no samples.
+    assert_one_line_error(cli("bench", str(model_dir("digits-mlp")), "--iters", "0", "--min-seconds", "0",
+                              "--kernels", "sparse"), "--iters")
+    assert_one_line_error(cli("bench", str(model_dir("digits-mlp")), "--batch", "0"), "--batch")
+    target = copy_model_dir("digits-mlp", tmp_path)
+    (target / "weights.npz").unlink()
+    assert_one_line_error(cli("info", str(target)), "weights.npz")
+
+
+def test_clip_without_bounds_is_the_identity() -> None:
+    from edge_runtime.ops import OPS
+
+    x = np.array([-3.0, 0.5, 7.0], np.float32)
+    assert np.array_equal(OPS["Clip"]([x], {}), x)  # numpy < 2.1 refuses np.clip(x, None, None)
+    assert np.array_equal(OPS["Clip"]([x, np.float32(0), None], {}), np.array([0, 0.5, 7], np.float32))

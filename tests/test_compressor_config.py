@@ -1,0 +1,21 @@
+"""Per-model presets meet the user's overrides."""
+
+import pytest
+
+from compressor.config import config_for
+from compressor.errors import ConfigError
+
+
+def test_preset_lr_drops_follow_a_shorter_schedule():
+    assert config_for("resnet20").lr_drops == (91, 136)
+    short = config_for("resnet20", epochs=10)
+    assert short.lr_drops == (5, 7)  # the paper's drops at the same fractions of training
+
+
+def test_explicit_lr_drops_win_over_the_preset():
+    assert config_for("resnet20", epochs=10, lr_drops="2,8").lr_drops == (2, 8)
+
+
+def test_drops_that_can_never_happen_are_refused():
+    with pytest.raises(ConfigError, match="would never happen"):
+        config_for("digits-mlp", epochs=10, lr_drops="5,12")
