@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 from benchmarks.device_facts import DEVICE_SCRIPTS, PROBE_SCRIPT, SUPERVISOR_SCRIPT
 from benchmarks.errors import ModelDirError, TargetError
-from benchmarks.sweep_plan import ModelEntry, entry_from_manifest, parse_manifest
+from benchmarks.sweep_plan import ModelEntry, parse_manifest
 
 DEPLOYED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SUPERVISOR_MARGIN_S = 30.0  # the supervisor's own time limit is the configuration's; this bounds the rest
