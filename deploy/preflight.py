@@ -2,8 +2,9 @@
 
 The probe runs under the device's own Python (``--python``), so a missing or too old interpreter is
 found first; it reports the architecture, the Python and numpy/scipy/onnxruntime versions its system
-site packages provide, whether ``venv``/``ensurepip`` work, free disk space at the remote root and the
-runtime already installed there.
+site packages provide, whether ``venv``/``ensurepip`` work, free disk space at the remote root, the
+live runtime there and whether its python still imports ``edge_runtime`` (a cheap check that the
+``venv`` link's target exists and is whole, not only that a record says so).
 """
 
 from __future__ import annotations
@@ -41,11 +42,32 @@ while not os.path.isdir(probe):
 st = os.statvfs(probe)
 facts["free_bytes"] = st.f_bavail * st.f_frsize
 facts["writable"] = os.access(probe, os.W_OK)
+# The live runtime: venv -> runtimes/ID/venv (its record beside it), or a venv folder written by
+# edgeprune before versioned runtimes ("legacy", recorded in ROOT/runtime.json).
+venv = os.path.join(root, "venv")
+if os.path.islink(venv):
+    facts["runtime_state"] = "link"
+    record = os.path.join(os.path.dirname(os.path.realpath(venv)), "runtime.json")
+elif os.path.isdir(venv):
+    facts["runtime_state"] = "legacy"
+    record = os.path.join(root, "runtime.json")
+else:
+    facts["runtime_state"] = "none"
+    record = None
 try:
-    with open(os.path.join(root, "runtime.json")) as f:
+    with open(record) as f:
         facts["runtime"] = json.load(f)
 except Exception:
     facts["runtime"] = None
+facts["runtime_works"] = False
+if facts["runtime"] is not None:
+    import subprocess
+    try:
+        facts["runtime_works"] = subprocess.call(
+            [os.path.join(venv, "bin", "python"), "-c", "import edge_runtime"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60) == 0
+    except Exception:
+        pass
 try:
     with open("/etc/os-release") as f:
         facts["os"] = dict(l.rstrip().split("=", 1) for l in f if "=" in l).get("PRETTY_NAME", "").strip('"')
@@ -66,8 +88,11 @@ class DeviceFacts:
     has_venv: bool
     free_bytes: int
     writable: bool
-    runtime: Optional[dict]  # the installed runtime.json, or None
+    runtime: Optional[dict]  # the live runtime's runtime.json, or None
     os: str
+    #: ``venv`` under the root: "link" (to runtimes/ID/venv), "legacy" (a folder), "none".
+    runtime_state: str = "none"
+    runtime_works: bool = False  # the live venv's python imports edge_runtime
 
     def summary(self) -> str:
         """``aarch64, Python 3.11.2, numpy 1.24.2, ...`` as deploy prints it."""
@@ -93,7 +118,8 @@ def probe(device: Device, python: str, remote_root: str) -> DeviceFacts:
         # The last line: a sitecustomize or shell profile may print before the probe does.
         raw = json.loads(result.stdout.strip().splitlines()[-1])
         return DeviceFacts(raw["machine"], raw["python"], raw["executable"], raw["packages"], raw["venv"],
-                           int(raw["free_bytes"]), bool(raw["writable"]), raw["runtime"], raw.get("os", ""))
+                           int(raw["free_bytes"]), bool(raw["writable"]), raw["runtime"], raw.get("os", ""),
+                           raw["runtime_state"], bool(raw["runtime_works"]))
     except (ValueError, IndexError, KeyError, TypeError, AttributeError):
         raise PreflightError(f"{device.label}: the device probe printed something unexpected") from None
 
@@ -119,11 +145,14 @@ def check(facts: DeviceFacts, device: Device, python: str, remote_root: str, upl
 
 
 def runtime_is_current(facts: DeviceFacts, content_hash: str, python: str) -> bool:
-    """Whether the runtime recorded on the device is this checkout's, built for this Python."""
-    return bool(facts.runtime and facts.runtime.get("hash") == content_hash
-                and facts.runtime.get("base_python") == python)
+    """Whether the live runtime is this checkout's, built for this Python, and still imports.
+
+    A legacy ``venv`` folder never counts: the next deploy moves it to a versioned runtime.
+    """
+    return bool(facts.runtime_state == "link" and facts.runtime_works and facts.runtime
+                and facts.runtime.get("hash") == content_hash and facts.runtime.get("base_python") == python)
 
 
 def venv_python(root: str) -> str:
-    """The venv interpreter's path under an (absolute) remote root."""
+    """The live runtime's interpreter under an (absolute) remote root (``venv`` is a link to it)."""
     return posixpath.join(root, "venv", "bin", "python")
