@@ -39,7 +39,15 @@ from deploy.errors import (
     RemoteTimeout,
     UploadError,
 )
-from deploy.host_keys import AcceptNewPolicy, RefuseUnknownPolicy, fingerprint, load_known_hosts
+from deploy.host_keys import (
+    AcceptNewPolicy,
+    RefuseRevokedPolicy,
+    RefuseUnknownPolicy,
+    fingerprint,
+    is_revoked,
+    load_known_hosts,
+    revoked_message,
+)
 
 #: Called with the number of bytes just sent (so ``tqdm.update`` fits as it is).
 Progress = Callable[[int], None]
@@ -186,11 +194,12 @@ class Device:
                 jump.close()
                 raise ConnectError(f"{target.label}: jump host {target.proxy_jump} cannot reach it: {error}") from None
         client = paramiko.SSHClient()
+        revoked: list = []
         try:
-            load_known_hosts(client, (options.user_known_hosts, options.known_hosts))
+            revoked = load_known_hosts(client, (options.user_known_hosts, options.known_hosts))
             record_in = Path(options.known_hosts or options.user_known_hosts).expanduser()
-            client.set_missing_host_key_policy(
-                AcceptNewPolicy(record_in) if options.accept_new_host_key else RefuseUnknownPolicy())
+            client.set_missing_host_key_policy(RefuseRevokedPolicy(
+                revoked, AcceptNewPolicy(record_in) if options.accept_new_host_key else RefuseUnknownPolicy()))
             client.connect(
                 target.hostname, port=target.port, username=target.user,
                 key_filename=target.key_files or None,
@@ -205,7 +214,7 @@ class Device:
         except BaseException as error:
             client.close()
             _close(jump)
-            raise _connect_error(target, options, error) from None
+            raise _connect_error(target, options, error, revoked) from None
         transport = client.get_transport()
         if options.keepalive:
             transport.set_keepalive(options.keepalive)
@@ -507,9 +516,13 @@ class RemoteProcess:
         _quietly(self._channel.close)
 
 
-def _connect_error(target: _Target, options: ConnectOptions, error: BaseException) -> ConnectError:
+def _connect_error(target: _Target, options: ConnectOptions, error: BaseException,
+                   revoked: Sequence = ()) -> ConnectError:
     """Turn whatever paramiko/socket raised while connecting into one clear line."""
     where = f"{target.label}" + (f" ({target.hostname})" if target.hostname not in target.label else "")
+    if isinstance(error, paramiko.BadHostKeyException) and is_revoked(list(revoked), _known_hosts_name(target),
+                                                                      error.key):
+        return HostKeyError(revoked_message(where, error.key))
     if isinstance(error, paramiko.BadHostKeyException):
         return HostKeyError(
             f"{where}: HOST KEY CHANGED: the server offered {error.key.get_name()} {fingerprint(error.key)} but "

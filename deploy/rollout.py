@@ -1,8 +1,11 @@
 """Deploy one MODEL_DIR to one host, or to a fleet in parallel with a per-host result.
 
-One host, in order: connect → preflight → runtime → upload to a temporary folder → verify sha256s on
-the device → move to ``releases/ID`` → smoke test → switch ``current`` → prune old releases. Any
-failure stops before the switch, so the previous release stays current (see :mod:`deploy.release`).
+One host, in order: connect → preflight → install a changed runtime into its own folder → upload to a
+temporary folder → verify sha256s on the device → move to ``releases/ID`` → smoke test under the new
+runtime (and, if the runtime changes, every other model's current release too) → switch the ``venv``
+link → switch ``current`` → prune old releases and runtimes. Any failure stops before the switches, so
+the previous runtime and release stay live and intact (see :mod:`deploy.release`,
+:mod:`deploy.runtime_install`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from deploy.connection import ConnectOptions, Device, HostSpec, Progress
-from deploy.errors import DeployError
+from deploy.errors import DeployError, ReleaseError
 from deploy.model_dir import LocalModel
-from deploy.preflight import check, probe, runtime_is_current
-from deploy.release import RemoteModel
-from deploy.runtime_install import ensure_runtime
+from deploy.preflight import check, probe, runtime_is_current, venv_python
+from deploy.release import RemoteModel, list_models
+from deploy.runtime_install import Runtime, activate_runtime, prepare_runtime
 from deploy.wheel import RuntimeWheel
 
 Log = Callable[[str], None]
@@ -77,8 +80,14 @@ def deploy_to_host(spec: HostSpec, model: LocalModel, wheel: RuntimeWheel, setti
         on_device = {release.id for release in remote.releases()}
         upload_bytes = (0 if model.release_id in on_device else model.size) + (0 if runtime_ok else wheel.path.stat().st_size)
         check(facts, device, settings.python, settings.remote_root, upload_bytes)
-        venv_python = ensure_runtime(device, settings.python, root, settings.wheelhouse, facts=facts, wheel=wheel,
-                                     log=lambda message: log(f"{device.label}: {message}"))
+
+        def host_log(message: str) -> None:
+            log(f"{device.label}: {message}")
+
+        # A changed runtime goes into its own folder; the live one keeps serving until the switch.
+        new_runtime = None if runtime_ok else prepare_runtime(device, settings.python, root, wheel,
+                                                              settings.wheelhouse, host_log)
+        python = new_runtime.python if new_runtime else venv_python(root)
         remote.remove_stale_uploads()
 
         fresh = model.release_id not in on_device
@@ -101,12 +110,18 @@ def deploy_to_host(spec: HostSpec, model: LocalModel, wheel: RuntimeWheel, setti
                 device.run(["touch", release_dir])
 
         try:
-            smoke = remote.smoke_test(release_dir, venv_python)
+            smoke = remote.smoke_test(release_dir, python)
+            if new_runtime:
+                _check_other_models(device, root, settings.name, new_runtime)
         except BaseException:
             if fresh:
                 remote.remove(release_dir)
             raise
         log(f"{device.label}: smoke test: {smoke}")
+        if new_runtime:
+            removed = activate_runtime(device, root, new_runtime, host_log)
+            log(f"{device.label}: runtime {new_runtime.id} is now live"
+                + (f"; removed old runtimes {', '.join(removed)}" if removed else ""))
         if previous != model.release_id:
             remote.switch(model.release_id)
         pruned = remote.prune(settings.keep)
@@ -114,6 +129,23 @@ def deploy_to_host(spec: HostSpec, model: LocalModel, wheel: RuntimeWheel, setti
             + (f" (was {previous})" if previous and previous != model.release_id else "")
             + (f"; removed old releases {', '.join(pruned)}" if pruned else ""))
         return HostResult(device.label, "deployed", model.release_id, previous, smoke, time.monotonic() - started)
+
+
+def _check_other_models(device: Device, root: str, name: str, runtime: Runtime) -> None:
+    """Smoke-test every other model's current release under ``runtime`` before it goes live.
+
+    The runtime is shared by every model on the device: switching it must not break one that this
+    deploy does not touch. ReleaseError (from the smoke test) names the model that would break.
+    """
+    for other in list_models(device, root):
+        remote = RemoteModel(device, root, other)
+        current = remote.current_id() if other != name else None
+        if current:
+            try:
+                remote.smoke_test(remote.release_dir(current), runtime.python)
+            except ReleaseError as error:
+                raise ReleaseError(f"{error} (the new runtime {runtime.id} cannot run {other}'s current release "
+                                   f"{current}; the runtime was not switched)") from None
 
 
 def _upload_with_bar(remote: RemoteModel, model: LocalModel, show: bool, label: str, position: int,

@@ -9,7 +9,9 @@ this interpreter, whose site-packages already hold numpy/scipy/onnxruntime, so t
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Dict, List, NamedTuple
 
@@ -59,9 +61,64 @@ def model_dirs(tmp_path_factory) -> Dict[str, Path]:
     return dirs
 
 
+def modified_runtime_wheel(out_dir: Path, tag: str, formats: str = ""):
+    """A runtime wheel built from a copy of edge_runtime whose ``__version__`` ends in ``+TAG``.
+
+    Its content hash differs from this checkout's, so deploying it is a runtime upgrade, and
+    ``python -m edge_runtime --version`` on the device tells which of the two runtimes runs.
+    ``formats`` (e.g. ``"(2,)"``): the MODEL_DIR format versions that runtime reads instead of today's.
+    """
+    from deploy.wheel import build_runtime_wheel, runtime_source
+
+    source = Path(shutil.copytree(runtime_source(), out_dir / "src" / "edge_runtime",
+                                  ignore=shutil.ignore_patterns("__pycache__")))
+    _replace(source / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "0.1.0+{tag}"')
+    if formats:
+        _replace(source / "model_dir.py", "SUPPORTED_VERSIONS = (1,)", f"SUPPORTED_VERSIONS = {formats}")
+    return build_runtime_wheel(out_dir / "wheel", source=source)
+
+
+def with_format_version(model_dir: Path, out_dir: Path, version: int) -> Path:
+    """A copy of MODEL_DIR whose manifest claims another ``format_version`` (files unchanged)."""
+    copy = Path(shutil.copytree(model_dir, out_dir))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = version
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _replace(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{path} no longer contains {old!r}: update tests/deploy_fixtures.py"
+    path.write_text(text.replace(old, new))
+
+
+def make_legacy_device_root(root: Path, wheel, model_dir: Path, name: str) -> str:
+    """The remote layout edgeprune wrote before versioned runtimes, built directly on this machine:
+    a real ``venv`` folder with the runtime wheel, ``runtime.json`` at the root, and one release of
+    ``model_dir`` current as ``name``. Returns the release id."""
+    from deploy.model_dir import load_model_dir
+
+    python = device_python()
+    venv = root / "venv"
+    subprocess.run([python, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                    "--disable-pip-version-check", str(wheel.path)], check=True)
+    (root / "runtime.json").write_text(json.dumps({
+        "hash": wheel.content_hash, "version": wheel.version, "base_python": python,
+        "python": str(venv / "bin" / "python"), "reported": "edge-runtime 0.1.0"}))
+    release_id = load_model_dir(model_dir).release_id
+    releases = root / "models" / name / "releases"
+    releases.mkdir(parents=True)
+    shutil.copytree(model_dir, releases / release_id, ignore=shutil.ignore_patterns("plans.json"))
+    os.symlink(f"releases/{release_id}", root / "models" / name / "current")
+    return release_id
+
+
 def prepare_device_root(tmp_path_factory, label: str) -> Path:
     """A fresh remote root (with a space in its path, so quoting is exercised throughout) whose runtime
-    venv is installed through a throw-away sshd. Used once per session: the venv is the slow part."""
+    runtime (``runtimes/ID/venv``, live as ``venv``) is installed through a throw-away sshd. Used once
+    per session: the venv is the slow part."""
     from deploy.connection import Device, HostSpec
     from deploy.runtime_install import ensure_runtime
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import paramiko
 import pytest
 
 from deploy.connection import CommandResult, Device, HostSpec
 from deploy.errors import AuthError, ConnectError, HostKeyError, RemoteCommandError, RemoteTimeout
+from tests.deploy_fixtures import edgeprune  # noqa: F401  (pytest fixture)
 from tests.sshd import keygen, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.sshd
@@ -105,6 +107,39 @@ def test_changed_host_key_is_always_refused(sshd_factory, tmp_path):
         with pytest.raises(HostKeyError, match="HOST KEY CHANGED"):
             Device.connect(HostSpec.parse(server.spec), server.connect_options(accept_new_host_key=accept_new))
     server.kill()
+
+
+def test_revoked_host_key_is_refused_even_with_accept_new(sshd_factory, edgeprune, tmp_path):
+    server = sshd_factory.start(record_host_key=False)
+    key = server.known_hosts_line.split(" ", 1)[1]  # "TYPE BASE64"
+    other = keygen(tmp_path / "other_host").with_suffix(".pub").read_text().split()[:2]
+    known = tmp_path / "known_hosts"
+    cases = {
+        "exact host": f"@revoked [127.0.0.1]:{server.port} {key}\n",
+        "any host": f"@revoked * {key}\n",
+        "hashed host": f"@revoked {paramiko.HostKeys.hash_host(f'[127.0.0.1]:{server.port}')} {key}\n",
+        # Revocation wins over a line that trusts the same key.
+        "also trusted": f"{server.known_hosts_line}\n@revoked [127.0.0.1]:* {key}\n",
+    }
+    for case, text in cases.items():
+        known.write_text(text)
+        for accept_new in (False, True):
+            with pytest.raises(HostKeyError, match="REVOKED HOST KEY") as refused:
+                Device.connect(HostSpec.parse(server.spec),
+                               server.connect_options(known_hosts=known, accept_new_host_key=accept_new))
+            assert "SHA256:" in str(refused.value), case
+        assert known.read_text() == text, case  # never recorded
+    assert "Accepted publickey" not in server.log  # refused before authenticating
+
+    cli = edgeprune("ls", server.spec, "-i", server.key_path, "--known-hosts", known, "--accept-new-host-key")
+    assert cli.code == 2 and "REVOKED HOST KEY" in cli.err
+    assert len(cli.err.strip().splitlines()) == 1 and "Traceback" not in cli.err
+
+    # A revocation of another key, or of this key for another host, does not stop this connection.
+    known.write_text(f"@revoked [127.0.0.1]:{server.port} {' '.join(other)}\n@revoked pi.local {key}\n"
+                     f"@revoked *,![127.0.0.1]:{server.port} {key}\n{server.known_hosts_line}\n")
+    with Device.connect(HostSpec.parse(server.spec), server.connect_options(known_hosts=known)) as device:
+        assert device.run(["true"]).ok
 
 
 def test_wrong_key_is_refused(sshd, tmp_path):
