@@ -53,7 +53,7 @@ def write_synthetic_cifar(folder: Path, train: int, test: int, seed: int = 0) ->
 def command(procs: int, data: Path, out: Path, epochs: int, batch_size: int, device: str) -> List[str]:
     """The measured command line."""
     args = ["compress", "--model", "resnet20", "--data", f"cifar10:{data}", "--out", str(out),
-            "--epochs", str(epochs), "--lr-drops", str(epochs), "--batch-size", str(batch_size),
+            "--epochs", str(epochs), "--lr-drops", "none", "--batch-size", str(batch_size),
             "--target-sparsity", "0.2", "--device", device, "--no-progress"]
     if procs == 1:
         return [sys.executable, "-m", "edgeprune", *args]

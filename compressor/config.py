@@ -46,7 +46,7 @@ class PruneConfig:
     schedule: str = field(default="step", metadata=_help(
         "learning-rate schedule after warmup: step (drops by --gamma at --lr-drops) or cosine"))
     lr_drops: Optional[Tuple[int, ...]] = field(default=None, metadata=_help(
-        "comma separated epochs where the step schedule multiplies the LR by --gamma "
+        "comma separated epochs where the step schedule multiplies the LR by --gamma, or none "
         "(default: half and three quarters of --epochs)"))
     gamma: float = field(default=0.1, metadata=_help("factor of each step drop"))
     warmup_epochs: int = field(default=0, metadata=_help("epochs of linear warmup from 0 to --lr"))
@@ -58,8 +58,8 @@ class PruneConfig:
         # Lists from JSON or the API become tuples, so equal configs compare equal.
         for name in ("methods", "exclude", "lr_drops"):
             value = getattr(self, name)
-            if isinstance(value, str):
-                value = tuple(part.strip() for part in value.split(",") if part.strip())
+            if isinstance(value, str):  # "none" (or "") is the empty list: no LR drops, no exclusions
+                value = tuple(part.strip() for part in value.split(",") if part.strip() not in ("", "none"))
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
         if self.lr_drops is None:

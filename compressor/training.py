@@ -24,23 +24,43 @@ LrAt = Callable[[float], float]
 EpochHook = Callable[[int, float, float], None]
 
 
-@torch.no_grad()
-def mask_gradients(optimizer: torch.optim.Optimizer, params: Dict[str, torch.Tensor], mask: Mask) -> None:
-    """Zero the gradient and momentum of every pruned weight."""
-    for name, keep in mask.items():
-        param = params[name]
-        if param.grad is not None:
-            param.grad.mul_(keep)
-        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-        if buffer is not None:
-            buffer.mul_(keep)
+class PrunedWeights:
+    """The pruned weights lined up with their keep-masks (as float tensors) for fused updates.
+
+    Masking right after every optimizer step is what holds pruned weights at exactly zero: each pruned
+    weight and its momentum buffer are multiplied by the mask, so neither momentum nor weight decay
+    can revive one. (SGD is elementwise, so masking the gradient before the step would change
+    nothing that this does not already wipe.) Layers with nothing pruned are skipped, so the dense
+    level pays nothing, and the multiplies run as two fused ``_foreach`` calls rather than a Python
+    loop of small kernels: on small models that loop was a tenth of the step time.
+    """
+
+    def __init__(self, params: Dict[str, torch.Tensor], mask: Mask) -> None:
+        pruned = [name for name, keep in mask.items() if not bool(keep.all())]
+        self.weights = [params[name] for name in pruned]
+        self.keeps = [mask[name].to(device=params[name].device, dtype=params[name].dtype) for name in pruned]
+
+    @torch.no_grad()
+    def apply(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Zero every pruned weight (and, given the optimizer, its momentum buffer)."""
+        if not self.weights:
+            return
+        torch._foreach_mul_(self.weights, self.keeps)
+        if optimizer is None:
+            return
+        buffers, keeps = [], []
+        for weight, keep in zip(self.weights, self.keeps):
+            buffer = optimizer.state.get(weight, {}).get("momentum_buffer")
+            if buffer is not None:
+                buffers.append(buffer)
+                keeps.append(keep)
+        if buffers:
+            torch._foreach_mul_(buffers, keeps)
 
 
-@torch.no_grad()
 def zero_pruned(params: Dict[str, torch.Tensor], mask: Mask) -> None:
     """Set every pruned weight to exactly zero."""
-    for name, keep in mask.items():
-        params[name].mul_(keep)
+    PrunedWeights(params, mask).apply()
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -58,7 +78,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iter
     model.train()
     steps = len(loader) if hasattr(loader, "__len__") else 0
     loss_fn = nn.CrossEntropyLoss()
-    total_loss, seen, first_lr = 0.0, 0, lr_at(float(epoch))
+    pruned = PrunedWeights(params, mask)
+    # The loss is summed on the device: a float() per step would make a GPU wait for every batch.
+    total_loss, seen, first_lr = torch.zeros((), device=device), 0, lr_at(float(epoch))
     batches = tqdm(loader, total=steps or None, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
     for step, (inputs, labels) in enumerate(batches):
         inputs = inputs.to(device, non_blocking=True)
@@ -67,12 +89,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iter
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(inputs), labels)
         loss.backward()
-        mask_gradients(optimizer, params, mask)
         optimizer.step()
-        zero_pruned(params, mask)
-        total_loss += float(loss.detach()) * len(labels)
+        pruned.apply(optimizer)
+        total_loss += loss.detach() * len(labels)
         seen += len(labels)
-    return first_lr, total_loss / max(seen, 1)
+    return first_lr, float(total_loss) / max(seen, 1)
 
 
 @torch.no_grad()

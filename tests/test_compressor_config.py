@@ -19,3 +19,7 @@ def test_explicit_lr_drops_win_over_the_preset():
 def test_drops_that_can_never_happen_are_refused():
     with pytest.raises(ConfigError, match="would never happen"):
         config_for("digits-mlp", epochs=10, lr_drops="5,12")
+
+
+def test_none_means_a_constant_learning_rate():
+    assert config_for("digits-mlp", epochs=4, lr_drops="none").lr_drops == ()
