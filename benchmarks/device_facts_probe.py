@@ -126,8 +126,21 @@ def library_versions() -> Dict[str, Optional[str]]:
 
 
 def board_model() -> Optional[str]:
-    """The board: the device tree's model on a Pi, DMI's product name on a PC."""
-    return read_text("/proc/device-tree/model") or read_text("/sys/devices/virtual/dmi/id/product_name")
+    """The board: the device tree's model on a Pi (or cpuinfo's ``Model`` line where no device tree
+    is mounted, e.g. in a container), DMI's product name on a PC."""
+    return (read_text("/proc/device-tree/model") or cpuinfo_field(["Model"])
+            or read_text("/sys/devices/virtual/dmi/id/product_name"))
+
+
+# Arm's cpuinfo names no model, only a part number; these are the Raspberry Pis' cores.
+ARM_PARTS = {"0xd03": "Arm Cortex-A53", "0xd08": "Arm Cortex-A72", "0xd0b": "Arm Cortex-A76"}
+
+
+def cpu_model() -> Optional[str]:
+    """The CPU's name: x86's ``model name``, or the Arm core from its part number."""
+    named = cpuinfo_field(["model name", "Model name", "Processor", "cpu model"])
+    part = cpuinfo_field(["CPU part"])
+    return named or (ARM_PARTS.get(part, f"Arm part {part}") if part else None) or platform.processor() or None
 
 
 def cores() -> Dict[str, Optional[int]]:
@@ -148,7 +161,7 @@ def all_facts() -> Dict[str, object]:
         "hostname": platform.node(),
         "board": board_model(),
         "revision": cpuinfo_field(["Revision"]),
-        "cpu": cpuinfo_field(["model name", "Model name", "Processor", "cpu model"]) or platform.processor() or None,
+        "cpu": cpu_model(),
         "machine": platform.machine(),
         "cores": cores(),
         "governor": read_text("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),

@@ -27,5 +27,5 @@ python3 -m pytest -q "$@"
 echo "run_all.sh: main suite took $((SECONDS - started)) s"
 
 started=$SECONDS
-bash tests/pinned_runtime.sh -q
+bash tests/pinned_runtime.sh
 echo "run_all.sh: pinned-runtime suite took $((SECONDS - started)) s"
