@@ -161,6 +161,12 @@ def _local_user() -> str:
     return getpass.getuser()
 
 
+def temp_stamp() -> str:
+    """A suffix for temporary names on the device: process, thread and milliseconds, so that two deploys
+    (or two threads of one fleet deploy reaching one device under two names) never pick the same one."""
+    return f"{os.getpid()}-{threading.get_ident()}-{int(time.time() * 1000)}"
+
+
 class Device:
     """An open SSH connection to one device: run commands, upload files, rename atomically."""
 
@@ -251,8 +257,12 @@ class Device:
     # ---- commands ---------------------------------------------------------------------------------
 
     def start(self, argv: Sequence[str], timeout: Optional[float] = None, cwd: Optional[str] = None,
-              stdin: Optional[bytes] = None) -> "RemoteProcess":
-        """Start ``argv`` on the device without waiting; see :meth:`run` for the arguments."""
+              stdin: Optional[bytes] = None, keep_stdin_open: bool = False) -> "RemoteProcess":
+        """Start ``argv`` on the device without waiting; see :meth:`run` for the other arguments.
+
+        ``keep_stdin_open``: leave the command's stdin (the SSH channel) open until
+        :meth:`RemoteProcess.close_stdin`, so that it can tell when we are done or gone (a lock holder).
+        """
         if not argv:
             raise ValueError("empty command")
         limit = self.options.command_timeout if timeout is None else timeout
@@ -270,7 +280,8 @@ class Device:
             channel.exec_command(command)
             if stdin:
                 channel.sendall(stdin)
-            channel.shutdown_write()
+            if not keep_stdin_open:
+                channel.shutdown_write()
         except _LOST as error:
             raise ConnectionLost(f"{self.label}: connection lost while starting {argv[0]}: {error}") from None
         return RemoteProcess(self, tuple(map(str, argv)), channel, limit)
@@ -415,7 +426,7 @@ class Device:
 
     def write_text(self, remote: str, text: str) -> None:
         """Write a small remote file atomically (temp file, then POSIX rename over the target)."""
-        temp = f"{remote}.tmp-{os.getpid()}-{threading.get_ident()}"
+        temp = f"{remote}.tmp-{temp_stamp()}"
         try:
             with self.sftp.open(temp, "w") as handle:
                 handle.write(text.encode("utf-8"))
@@ -480,6 +491,35 @@ class RemoteProcess:
         if status in (124, 137) and time.monotonic() - self._started >= self._limit - 0.5:
             raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` ran past {self._limit:.0f} s and was killed")
         return CommandResult(self.argv, status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+
+    def read_until(self, text: str, timeout: float) -> bool:
+        """Read output until stdout holds ``text`` (True), or the command exits or ``timeout`` passes (False).
+
+        What was read stays for :meth:`wait`. ConnectionLost if the connection drops meanwhile.
+        """
+        channel, wanted = self._channel, text.encode()
+        deadline = time.monotonic() + timeout
+        try:
+            while wanted not in self._out:
+                if time.monotonic() > deadline or (channel.exit_status_ready() and not channel.recv_ready()):
+                    return False
+                select.select([channel], [], [], 0.2)
+                while channel.recv_ready():
+                    self._take_stdout(channel.recv(65536), self._out)
+                while channel.recv_stderr_ready():
+                    self._err += channel.recv_stderr(65536)
+                self.device._raise_if_lost()
+        except _LOST as error:
+            raise ConnectionLost(f"{self.device.label}: connection lost while running {self.argv[0]}: {error}") from None
+        return True
+
+    def exited(self) -> bool:
+        """Whether the command has ended (its exit status has arrived)."""
+        return self._channel.exit_status_ready()
+
+    def close_stdin(self) -> None:
+        """Send EOF on the command's stdin (see ``keep_stdin_open``); harmless on a dead connection."""
+        _quietly(self._channel.shutdown_write)
 
     def _take_stdout(self, chunk: bytes, out: bytearray) -> None:
         # The first line is `echo $$` from start(): the pid to signal on cancel, not output.

@@ -52,3 +52,7 @@ class ModelDirError(DeployError):
 
 class ReleaseError(DeployError):
     """A release operation failed on the device (checksum mismatch, smoke test, unknown release)."""
+
+
+class LockBusy(DeployError):
+    """Another deploy or rollback holds the remote root's lock; nothing was touched."""

@@ -9,18 +9,17 @@ Layout under the remote root (ARCHITECTURE.md)::
 The ``current`` link changes only by one rename(2) of a fresh link over it, after the new release has
 passed every check, so a failure at any step leaves the previous release current and intact.
 Temporary folders are removed at once on an ordinary failure; when the connection itself drops they
-cannot be, and the next deploy of the same model on that host removes them first.
+cannot be, and the next deploy of the same model on that host removes them first (safe because every
+deploy holds the root's lock, :mod:`deploy.root_lock`, so no other upload can be in progress).
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
-import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
-from deploy.connection import Device, Progress
+from deploy.connection import Device, Progress, temp_stamp
 from deploy.errors import ConnectionLost, ReleaseError, RemoteCommandError, RemoteTimeout
 from deploy.model_dir import MANIFEST, LocalModel, check_name
 
@@ -73,7 +72,11 @@ class RemoteModel:
         return sorted(found, key=lambda release: (release.deployed, release.id), reverse=True)
 
     def remove_stale_uploads(self) -> None:
-        """Delete ``.tmp-*`` folders left by an upload whose connection dropped."""
+        """Delete ``.tmp-*`` folders left by an upload whose connection dropped.
+
+        Call it only while holding the root's lock (:mod:`deploy.root_lock`): then no other deploy's
+        upload can be in progress, and every temporary folder is stale.
+        """
         names = self.device.listdir(self.base)
         stale = [posixpath.join(self.base, name) for name in names if name.startswith((".tmp-", ".current-"))]
         if stale:
@@ -82,7 +85,7 @@ class RemoteModel:
     def upload(self, model: LocalModel, progress: Optional[Progress] = None) -> str:
         """Upload MODEL_DIR into a fresh temporary folder and return it (removed again on failure)."""
         self.device.run(["mkdir", "-p", self.releases_dir])
-        temp = posixpath.join(self.base, f".tmp-{model.release_id}-{os.getpid()}-{int(time.time() * 1000)}")
+        temp = posixpath.join(self.base, f".tmp-{model.release_id}-{temp_stamp()}")
         self.device.mkdir(temp)
         try:
             for relative in model.upload_order():
@@ -145,7 +148,7 @@ class RemoteModel:
 
     def switch(self, release_id: str) -> None:
         """Point ``current`` at ``releases/ID`` atomically: a new link, then ``mv -T`` over the old one."""
-        temp_link = posixpath.join(self.base, f".current-{os.getpid()}-{int(time.time() * 1000)}")
+        temp_link = posixpath.join(self.base, f".current-{temp_stamp()}")
         self.device.run(["ln", "-s", f"releases/{release_id}", temp_link])
         try:
             self.device.run(["mv", "-T", temp_link, self.current_link])

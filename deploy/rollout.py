@@ -1,6 +1,6 @@
 """Deploy one MODEL_DIR to one host, or to a fleet in parallel with a per-host result.
 
-One host, in order: connect → preflight → install a changed runtime into its own folder → upload to a
+One host, in order: connect → lock the remote root (:mod:`deploy.root_lock`) → preflight → install a changed runtime into its own folder → upload to a
 temporary folder → verify sha256s on the device → move to ``releases/ID`` → smoke test under the new
 runtime (and, if the runtime changes, every other model's current release too) → switch the ``venv``
 link → switch ``current`` → prune old releases and runtimes. Any failure stops before the switches, so
@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from deploy.connection import ConnectOptions, Device, HostSpec, Progress
-from deploy.errors import DeployError, ReleaseError
+from deploy.errors import DeployError, PreflightError, ReleaseError
 from deploy.model_dir import LocalModel
 from deploy.preflight import check, probe, runtime_is_current, venv_python
 from deploy.release import RemoteModel, list_models
+from deploy.root_lock import hold_root_lock
 from deploy.runtime_install import Runtime, activate_runtime, prepare_runtime
 from deploy.wheel import RuntimeWheel
 
@@ -68,67 +69,78 @@ def deploy_to_host(spec: HostSpec, model: LocalModel, wheel: RuntimeWheel, setti
     started = time.monotonic()
     with Device.connect(spec, settings.connect) as device:
         root = device.resolve_path(settings.remote_root)
-        facts = probe(device, settings.python, root)
-        log(f"{device.label}: {facts.summary()}")
-        remote = RemoteModel(device, root, settings.name)
-        previous = remote.current_id()
-        runtime_ok = runtime_is_current(facts, wheel.content_hash, settings.python)
-        if previous == model.release_id and runtime_ok:
-            log(f"{device.label}: {settings.name} is already at release {previous}; nothing to do")
-            return HostResult(device.label, "unchanged", previous, previous, seconds=time.monotonic() - started)
+        made = device.run(["mkdir", "-p", root], check=False)  # the lock lives in it
+        if not made.ok:
+            raise PreflightError(f"{device.label}: cannot create {settings.remote_root} "
+                                 f"({made.stderr.strip() or made.exit_status}); choose another --remote-root")
+        with hold_root_lock(device, root, warn=log):
+            return _deploy_locked(device, root, model, wheel, settings, log, bar_position, progress, started)
 
-        on_device = {release.id for release in remote.releases()}
-        upload_bytes = (0 if model.release_id in on_device else model.size) + (0 if runtime_ok else wheel.path.stat().st_size)
-        check(facts, device, settings.python, settings.remote_root, upload_bytes)
 
-        def host_log(message: str) -> None:
-            log(f"{device.label}: {message}")
+def _deploy_locked(device: Device, root: str, model: LocalModel, wheel: RuntimeWheel, settings: DeploySettings,
+                   log: Log, bar_position: int, progress: Optional[Progress], started: float) -> HostResult:
+    """deploy_to_host's steps, run while this deploy holds the root's lock (no other deploy can race it)."""
+    facts = probe(device, settings.python, root)
+    log(f"{device.label}: {facts.summary()}")
+    remote = RemoteModel(device, root, settings.name)
+    previous = remote.current_id()
+    runtime_ok = runtime_is_current(facts, wheel.content_hash, settings.python)
+    if previous == model.release_id and runtime_ok:
+        log(f"{device.label}: {settings.name} is already at release {previous}; nothing to do")
+        return HostResult(device.label, "unchanged", previous, previous, seconds=time.monotonic() - started)
 
-        # A changed runtime goes into its own folder; the live one keeps serving until the switch.
-        new_runtime = None if runtime_ok else prepare_runtime(device, settings.python, root, wheel,
-                                                              settings.wheelhouse, host_log)
-        python = new_runtime.python if new_runtime else venv_python(root)
-        remote.remove_stale_uploads()
+    on_device = {release.id for release in remote.releases()}
+    upload_bytes = (0 if model.release_id in on_device else model.size) + (0 if runtime_ok else wheel.path.stat().st_size)
+    check(facts, device, settings.python, settings.remote_root, upload_bytes)
 
-        fresh = model.release_id not in on_device
-        if fresh:
-            log(f"{device.label}: uploading {settings.name} ({len(model.files)} files, {model.size / 2**20:.2f} MiB) "
-                f"as release {model.release_id}")
-            temp = _upload_with_bar(remote, model, settings.progress, device.label, bar_position, progress)
-            try:
-                remote.verify(temp, model.files)
-            except BaseException:
-                remote.remove(temp)
-                raise
-            release_dir = remote.promote(temp, model.release_id)
-            log(f"{device.label}: {len(model.files)} sha256s verified on the device")
-        else:
-            release_dir = remote.release_dir(model.release_id)
-            remote.verify_release(model.release_id)
-            log(f"{device.label}: release {model.release_id} is already on the device (verified)")
-            if previous != model.release_id:
-                device.run(["touch", release_dir])
+    def host_log(message: str) -> None:
+        log(f"{device.label}: {message}")
 
+    # A changed runtime goes into its own folder; the live one keeps serving until the switch.
+    new_runtime = None if runtime_ok else prepare_runtime(device, settings.python, root, wheel,
+                                                          settings.wheelhouse, host_log)
+    python = new_runtime.python if new_runtime else venv_python(root)
+    remote.remove_stale_uploads()
+
+    fresh = model.release_id not in on_device
+    if fresh:
+        log(f"{device.label}: uploading {settings.name} ({len(model.files)} files, {model.size / 2**20:.2f} MiB) "
+            f"as release {model.release_id}")
+        temp = _upload_with_bar(remote, model, settings.progress, device.label, bar_position, progress)
         try:
-            smoke = remote.smoke_test(release_dir, python)
-            if new_runtime:
-                _check_other_models(device, root, settings.name, new_runtime)
+            remote.verify(temp, model.files)
         except BaseException:
-            if fresh:
-                remote.remove(release_dir)
+            remote.remove(temp)
             raise
-        log(f"{device.label}: smoke test: {smoke}")
-        if new_runtime:
-            removed = activate_runtime(device, root, new_runtime, host_log)
-            log(f"{device.label}: runtime {new_runtime.id} is now live"
-                + (f"; removed old runtimes {', '.join(removed)}" if removed else ""))
+        release_dir = remote.promote(temp, model.release_id)
+        log(f"{device.label}: {len(model.files)} sha256s verified on the device")
+    else:
+        release_dir = remote.release_dir(model.release_id)
+        remote.verify_release(model.release_id)
+        log(f"{device.label}: release {model.release_id} is already on the device (verified)")
         if previous != model.release_id:
-            remote.switch(model.release_id)
-        pruned = remote.prune(settings.keep)
-        log(f"{device.label}: {settings.name} is now at release {model.release_id}"
-            + (f" (was {previous})" if previous and previous != model.release_id else "")
-            + (f"; removed old releases {', '.join(pruned)}" if pruned else ""))
-        return HostResult(device.label, "deployed", model.release_id, previous, smoke, time.monotonic() - started)
+            device.run(["touch", release_dir])
+
+    try:
+        smoke = remote.smoke_test(release_dir, python)
+        if new_runtime:
+            _check_other_models(device, root, settings.name, new_runtime)
+    except BaseException:
+        if fresh:
+            remote.remove(release_dir)
+        raise
+    log(f"{device.label}: smoke test: {smoke}")
+    if new_runtime:
+        removed = activate_runtime(device, root, new_runtime, host_log)
+        log(f"{device.label}: runtime {new_runtime.id} is now live"
+            + (f"; removed old runtimes {', '.join(removed)}" if removed else ""))
+    if previous != model.release_id:
+        remote.switch(model.release_id)
+    pruned = remote.prune(settings.keep)
+    log(f"{device.label}: {settings.name} is now at release {model.release_id}"
+        + (f" (was {previous})" if previous and previous != model.release_id else "")
+        + (f"; removed old releases {', '.join(pruned)}" if pruned else ""))
+    return HostResult(device.label, "deployed", model.release_id, previous, smoke, time.monotonic() - started)
 
 
 def _check_other_models(device: Device, root: str, name: str, runtime: Runtime) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import posixpath
 import tempfile
 import time
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from deploy.connection import Device
+from deploy.connection import Device, temp_stamp
 from deploy.errors import PreflightError, RemoteCommandError, UploadError
 from deploy.preflight import DeviceFacts, probe, runtime_is_current, venv_python
 from deploy.wheel import REQUIREMENTS, RuntimeWheel, build_runtime_wheel
@@ -143,7 +142,7 @@ def activate_runtime(device: Device, root: str, runtime: Runtime, log: Optional[
     venv = posixpath.join(root, "venv")
     previous = live_runtime_id(device, root)
     legacy = previous is None and device.is_dir(venv)
-    stamp = f"{os.getpid()}-{int(time.time() * 1000)}"
+    stamp = temp_stamp()
     temp_link = posixpath.join(root, f".venv-{stamp}")
     device.run(["ln", "-s", posixpath.join(RUNTIMES, runtime.id, "venv"), temp_link])
     try:
