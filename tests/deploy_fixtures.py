@@ -165,3 +165,14 @@ def deploy_args(server, root: Path, *extra) -> List[str]:
 def current_release(root: Path, name: str) -> str:
     """The release id ``models/NAME/current`` points at (read on the local filesystem)."""
     return Path(root, "models", name, "current").readlink().name
+
+
+def tree_snapshot(folder: Path) -> dict:
+    """Every path under ``folder`` with its mtime and size (links: their target): "changes nothing" checks."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            found[str(path)] = ("link", str(path.readlink()), path.lstat().st_mtime_ns)
+        else:
+            found[str(path)] = (path.stat().st_mtime_ns, path.stat().st_size)
+    return found

@@ -26,6 +26,7 @@ from tests.deploy_fixtures import (  # noqa: F401  (pytest fixtures)
     device_root,
     edgeprune,
     model_dirs,
+    tree_snapshot,
 )
 from tests.sshd import device_python, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
 
@@ -34,24 +35,13 @@ pytestmark = pytest.mark.sshd
 BUSY = "another edgeprune deploy or rollback is running on"
 
 
-def _tree(folder: Path) -> dict:
-    """Every path under ``folder`` with its mtime and size (links: their target)."""
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            found[str(path)] = ("link", str(path.readlink()), path.lstat().st_mtime_ns)
-        else:
-            found[str(path)] = (path.stat().st_mtime_ns, path.stat().st_size)
-    return found
-
-
 def _settled(model_folder: Path) -> dict:
-    """_tree of a model's folder without the contents of uploads in progress (``.tmp-*``)."""
+    """tree_snapshot of a model's folder without the contents of uploads in progress (``.tmp-*``)."""
     def in_upload(path: str) -> bool:
         parts = Path(path).relative_to(model_folder).parts
         return len(parts) > 1 and parts[0].startswith(".tmp-")
 
-    return {path: entry for path, entry in _tree(model_folder).items() if not in_upload(path)}
+    return {path: entry for path, entry in tree_snapshot(model_folder).items() if not in_upload(path)}
 
 
 def _lock_is_free(root: Path) -> bool:
@@ -138,11 +128,11 @@ def test_lock_held_through_device_blocks_until_its_connection_dies(sshd, device_
     lock = hold_root_lock(holder, str(device_root), warn=pytest.fail)
     lock.__enter__()  # held, and never released by us: the connection dies below
     assert not _lock_is_free(device_root)
-    before = _tree(model_folder)
+    before = tree_snapshot(model_folder)
     refused = edgeprune("deploy", sshd.spec, model_dirs["v2"], "--name", name, *flags)
     assert refused.code == 2 and BUSY in refused.err and lock_path(str(device_root)) in refused.err
     assert len(refused.err.strip().splitlines()) == 1 and "Traceback" not in refused.err
-    assert _tree(model_folder) == before and current_release(device_root, name) == v1
+    assert tree_snapshot(model_folder) == before and current_release(device_root, name) == v1
 
     sshd.kill_sessions()  # the holder's connection drops without a word: nothing releases the lock by hand
     holder.close()

@@ -16,21 +16,11 @@ from tests.deploy_fixtures import (  # noqa: F401  (pytest fixtures)
     device_root,
     edgeprune,
     model_dirs,
+    tree_snapshot,
 )
 from tests.sshd import device_python, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.sshd
-
-
-def _tree(root: Path) -> dict:
-    """Every path under root with its mtime and size (links: their target): 'changes nothing' checks."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_symlink():
-            found[str(path)] = ("link", str(path.readlink()), path.lstat().st_mtime_ns)
-        else:
-            found[str(path)] = (path.stat().st_mtime_ns, path.stat().st_size)
-    return found
 
 
 def test_deploy_redeploy_new_version_ls_rollback(sshd, device_root, model_dirs, edgeprune):
@@ -46,11 +36,11 @@ def test_deploy_redeploy_new_version_ls_rollback(sshd, device_root, model_dirs, 
         assert (release / file).read_bytes() == (model_dirs["v1"] / file).read_bytes()
 
     # The same artifact again changes nothing at all on the device.
-    before = _tree(device_root)
+    before = tree_snapshot(device_root)
     again = edgeprune("deploy", sshd.spec, model_dirs["v1"], "--name", name, *flags)
     assert again.code == 0, again.err
     assert "nothing to do" in again.out
-    assert _tree(device_root) == before
+    assert tree_snapshot(device_root) == before
 
     second = edgeprune("deploy", sshd.spec, model_dirs["v2"], "--name", name, *flags)
     assert second.code == 0, second.err
@@ -90,12 +80,12 @@ def test_failing_smoke_test_leaves_previous_release_current(sshd, device_root, m
     flags = deploy_args(sshd, device_root)
     assert edgeprune("deploy", sshd.spec, model_dirs["v1"], "--name", name, *flags).code == 0
     v1 = current_release(device_root, name)
-    before = _tree(device_root / "models" / name / "releases" / v1)
+    before = tree_snapshot(device_root / "models" / name / "releases" / v1)
     bad = edgeprune("deploy", sshd.spec, model_dirs["bad_smoke"], "--name", name, *flags)
     assert bad.code == 2
     assert "smoke test failed" in bad.err and len(bad.err.strip().splitlines()) == 1
     assert current_release(device_root, name) == v1
-    assert _tree(device_root / "models" / name / "releases" / v1) == before
+    assert tree_snapshot(device_root / "models" / name / "releases" / v1) == before
     leftovers = [p.name for p in (device_root / "models" / name).iterdir()]
     assert sorted(leftovers) == ["current", "releases"]
     assert [p.name for p in (device_root / "models" / name / "releases").iterdir()] == [v1]
@@ -114,7 +104,7 @@ def test_connection_cut_mid_upload_leaves_old_release_intact(sshd, device_root, 
     spec = HostSpec.parse(sshd.spec)
     deploy_to_host(spec, load_model_dir(model_dirs["v1"]), wheel, settings, log=lambda line: None)
     v1 = current_release(device_root, name)
-    v1_tree = _tree(device_root / "models" / name / "releases" / v1)
+    v1_tree = tree_snapshot(device_root / "models" / name / "releases" / v1)
 
     sent = [0]
 
@@ -128,7 +118,7 @@ def test_connection_cut_mid_upload_leaves_old_release_intact(sshd, device_root, 
     with pytest.raises(ConnectionLost):
         deploy_to_host(spec, big_model, wheel, settings, log=lambda line: None, progress=cut_after_256k)
     assert current_release(device_root, name) == v1
-    assert _tree(device_root / "models" / name / "releases" / v1) == v1_tree
+    assert tree_snapshot(device_root / "models" / name / "releases" / v1) == v1_tree
     stale = [p.name for p in (device_root / "models" / name).iterdir() if p.name.startswith(".tmp-")]
     assert len(stale) == 1  # the dead connection could not clean up ...
 
