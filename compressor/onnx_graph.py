@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -49,19 +49,31 @@ def initializers(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in graph.initializer}
 
 
-def constants_to_initializers(graph: onnx.GraphProto) -> None:
-    """Turn ``Constant`` nodes into initializers, so every tensor ends up in weights.npz."""
+def _replace_nodes_by_initializers(graph: onnx.GraphProto,
+                                   tensor_of: Callable[[onnx.NodeProto], Optional[onnx.TensorProto]]) -> None:
+    """Drop every node for which ``tensor_of`` names a tensor; that tensor, renamed to the node's
+    output, becomes an initializer instead (so every value lives in weights.npz)."""
     keep = []
     for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            graph.initializer.append(tensor)
-        else:
+        source = tensor_of(node)
+        if source is None:
             keep.append(node)
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(source)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
     del graph.node[:]
     graph.node.extend(keep)
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Turn ``Constant`` nodes into initializers, so every tensor ends up in weights.npz."""
+    def constant_value(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:
+        single_value = len(node.attribute) == 1 and node.attribute[0].name == "value"
+        return node.attribute[0].t if node.op_type == "Constant" and single_value else None
+
+    _replace_nodes_by_initializers(graph, constant_value)
 
 
 def inline_identities(graph: onnx.GraphProto) -> None:
@@ -71,17 +83,8 @@ def inline_identities(graph: onnx.GraphProto) -> None:
     hands each user an Identity of the shared one; a layer's weight and bias should be its own tensors.
     """
     tensors = {t.name: t for t in graph.initializer}
-    keep = []
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in tensors:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(tensors[node.input[0]])
-            copy.name = node.output[0]
-            graph.initializer.append(copy)
-        else:
-            keep.append(node)
-    del graph.node[:]
-    graph.node.extend(keep)
+    _replace_nodes_by_initializers(
+        graph, lambda node: tensors.get(node.input[0]) if node.op_type == "Identity" else None)
     prune_unused_initializers(graph)
 
 
