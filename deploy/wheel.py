@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from edgeprune import __version__ as BASE_VERSION
+from edge_runtime import __version__ as BASE_VERSION
 
 DIST_NAME = "edgeprune-runtime"
 #: What the runtime needs on the device: (distribution, minimum version, import name).

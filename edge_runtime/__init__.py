@@ -12,6 +12,7 @@ environment before numpy is first imported.
 
 from typing import Any
 
+#: The project's one version string: pyproject.toml, the `edgeprune` front and the device wheel read it.
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -5,4 +5,6 @@ the data's one-way flow: ``compressor`` (train and prune, export) → ``deploy``
 ``edge_runtime`` (run on the device) → ``benchmarks`` (measure).
 """
 
-__version__ = "0.1.0"
+from edge_runtime import __version__  # the one version string (edge_runtime imports lazily)
+
+__all__ = ["__version__"]

@@ -33,7 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for training and for the benchmark (default: 1; tiny models "
                         "train faster on one thread)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete --out's previous demo and start over (default: continue it, so running "
+                        "the demo again just reuses what is done)")
 
 
 def _levels_to_measure(run_dir: Path) -> str:
@@ -46,6 +48,16 @@ def _levels_to_measure(run_dir: Path) -> str:
         # the first level at or past each landmark sparsity (densities are 0.8^k)
         wanted.add(next((lvl for lvl in levels if 1 - 0.8 ** lvl >= target), levels[-1]))
     return ",".join(str(level) for level in sorted(wanted))
+
+
+def _forget_previous(out: Path, parts: tuple) -> None:
+    """Remove the demo's own folders under ``out`` (and nothing else a user may keep there)."""
+    import shutil
+
+    for part in parts:
+        if part.exists():
+            print(f"--fresh: removing {part}", flush=True)
+            shutil.rmtree(part)
 
 
 def _step(title: str) -> None:
@@ -63,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
     compress: List[str] = ["compress", "--model", args.model, "--data", "digits", "--out", str(run_dir),
                            "--target-sparsity", str(args.target_sparsity), "--epochs", str(args.epochs),
                            "--threads", str(args.threads)]
-    if args.resume and run_dir.exists():
+    if args.fresh:
+        _forget_previous(out, (run_dir, model_dir, bench_dir))
+    if run_dir.exists():
+        # A second run of the demo continues the first: finished levels are kept, not retrained.
         compress.append("--resume")
     code = edgeprune(compress)
     if code:

@@ -5,7 +5,8 @@
 #   1. system parts: OpenSSH's sshd (deploy/bench tests run against a real one on 127.0.0.1);
 #      qemu-user-static and Debian's arm64 Python for the emulated Pi come from
 #      tests/emulated_pi/setup.sh, which the emulated-Pi test runs itself (cached between runs);
-#   2. the project, with torch pinned to the CPU build first (an unpinned torch is a multi-GB CUDA build);
+#   2. the project and its test extras in a virtual environment (setup.sh: ./.venv, torch pinned to the
+#      CPU build; Debian refuses pip outside a venv), whose python3 then runs everything below;
 #   3. the pytest suite;
 #   4. the edge runtime's tests once more on Raspberry Pi OS's numpy 1.24 / scipy 1.10 (a pinned venv).
 set -euo pipefail
@@ -19,8 +20,8 @@ if [ ! -x /usr/sbin/sshd ]; then
   fi
 fi
 
-python3 -m pip install -q --disable-pip-version-check torch==2.13.0
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+bash setup.sh --test
+export PATH="$PWD/${EDGEPRUNE_VENV:-.venv}/bin:$PATH"   # so every `python3` below is the venv's
 
 started=$SECONDS
 python3 -m pytest -q "$@"

@@ -61,3 +61,11 @@ def test_demo_runs_compress_export_and_bench_end_to_end(tmp_path):
     assert measured == {"ort", "auto"}
     # The printed table carries accuracy, sparsity and latency side by side.
     assert "| model | sparsity | accuracy |" in done.stdout and "p50 ms" in done.stdout
+
+    # Running the demo again just works: the finished run is continued (nothing retrained), not refused.
+    final = out / "run" / "lr-rewind" / f"level_{levels[-1]['level']}" / "final.pt"
+    trained_at = final.stat().st_mtime_ns
+    again = subprocess.run(done.args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert final.stat().st_mtime_ns == trained_at
+    assert "| model | sparsity | accuracy |" in again.stdout
