@@ -60,9 +60,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse the command line, import only the chosen subcommand, run it, map user errors to exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     by_name = {sub.name: sub for sub in SUBCOMMANDS}
-    if not argv or argv[0] not in by_name:
-        # No (known) subcommand: let argparse print the overview, `--help`, `--version` or its error.
-        _top_parser().parse_args(argv or ["--help"])
+    if not argv:
+        # Like `edge-runtime`: no command is a usage error (exit 2), with the overview as the hint.
+        _top_parser().print_help(sys.stderr)
+        return 2
+    if argv[0] not in by_name:
+        # An unknown subcommand, `--help` or `--version`: argparse prints and exits with its own code.
+        _top_parser().parse_args(argv)
         return 2
     sub = by_name[argv[0]]
     module = importlib.import_module(sub.module)

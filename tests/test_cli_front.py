@@ -35,6 +35,12 @@ def test_top_level_help_lists_every_command():
         assert f"    {command}" in done.stdout
 
 
+def test_no_command_is_a_usage_error_with_the_overview():
+    done = subprocess.run([sys.executable, "-m", "edgeprune"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "compress" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_unknown_command_is_an_argparse_error_not_a_traceback():
     done = subprocess.run([sys.executable, "-m", "edgeprune", "frobnicate"], capture_output=True, text=True,
                           timeout=60)
