@@ -101,7 +101,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iter
 def require_finite(loss: float, what: str, when: str) -> None:
     """``DivergedError`` naming ``what`` (``dense``, ``lr-rewind level 3``) and ``when`` if ``loss`` is NaN/inf."""
     if not math.isfinite(loss):
-        raise DivergedError(f"{what} diverged: loss {loss} {when}; nothing of it was saved (finished levels "
+        raise DivergedError(f"{what} diverged: loss {loss} {when}; this level is not saved (finished levels "
                             "are kept); lower --lr (or check the data) and start a new run")
 
 
