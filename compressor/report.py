@@ -56,7 +56,7 @@ def layer_table(floor: Optional[float], last_layers: Dict[str, Dict[str, float]]
                   "least one weight (`--layer-floor`)")
     lines = ["", "## Per-layer density at the last level", "",
              f"Per-layer floor: {floor_text}. ⚠ marks a layer below {THIN_LAYER_DENSITY:.0%} density.", "",
-             "| layer | weights | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+             "| layer | weights | " + " | ".join(f"{m} density" for m in methods) + " |", "|---|---:|" + "---:|" * len(methods)]
     for name in last_layers[methods[0]]:
         cells = []
         for method in methods:
