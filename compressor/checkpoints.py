@@ -42,13 +42,18 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        # torch's zip writer turns the OSError of a failed write into a RuntimeError ("unexpected pos").
-        cause = error if isinstance(error, OSError) else error.__context__
-        if isinstance(error, (OSError, RuntimeError)) and isinstance(cause, OSError):
-            reason = os.strerror(cause.errno) if cause.errno else str(cause)
-            raise CheckpointError(f"cannot write {path}: {reason}; its previous version (if any) is intact: "
-                                  "free space and continue with --resume") from error
+        _raise_if_write_failed(error, path)
         raise
+
+
+def _raise_if_write_failed(error: BaseException, path: Path) -> None:
+    """A ``CheckpointError`` naming ``path`` if ``error`` is the filesystem refusing a write."""
+    # torch's zip writer turns the OSError of a failed write into a RuntimeError ("unexpected pos").
+    cause = error if isinstance(error, OSError) else error.__context__
+    if isinstance(error, (OSError, RuntimeError)) and isinstance(cause, OSError):
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        raise CheckpointError(f"cannot write {path}: {reason}; its previous version (if any) is intact: "
+                              "free space and continue with --resume") from error
 
 
 def atomic_write_bytes(data: bytes, path: Path) -> None:
@@ -59,8 +64,9 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_write_failed(error, path)
         raise
 
 

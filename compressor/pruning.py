@@ -69,12 +69,13 @@ def keep_counts(total: int, prune_fraction: float, target_sparsity: float, one_s
 
 
 def layer_minimums(sizes: Dict[str, int], survivors: Dict[str, int], keep: int, floor: float) -> Dict[str, int]:
-    """The fewest weights each layer may keep when ``keep`` of all survive: ``floor`` × the overall
-    density × its size, at least one, never more than it still has. Their sum is at most ``keep``
-    (for ``floor`` <= 1 and at least one weight kept per layer)."""
+    """The fewest weights each layer may keep when ``keep`` of all survive: one, plus ``floor`` × its
+    share of the rest (about ``floor`` × the overall density × its size), never more than it still has.
+    The ones come off the budget first, so the sum is at most ``keep`` for ``floor`` <= 1 and
+    ``keep`` >= the number of layers."""
     total = sum(sizes.values())
-    return {name: min(survivors[name], max(1, math.floor(floor * keep * size / total)))
-            for name, size in sizes.items()}
+    spare = keep - len(sizes)
+    return {name: min(survivors[name], 1 + math.floor(floor * spare * size / total)) for name, size in sizes.items()}
 
 
 @torch.no_grad()

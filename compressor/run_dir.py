@@ -292,12 +292,13 @@ def rebuild_model(run_dir: Path, config: Dict[str, Any], model: ModelChoice = No
 def _build_named(spec: str, recorded: str, recorded_sha: Optional[str]) -> nn.Module:
     """Build the model the user named; one warning line if it is not what the run recorded."""
     named, sha = factory_record(spec)
+    model = build_model(spec, expect_sha256=sha)  # first: a name that cannot be built is one error line
     if sha is not None and recorded_sha is not None and sha != recorded_sha:
         log.warning(f"warning: {named} (sha256 {sha}) is not the file this run was made with ({recorded}, "
                     f"sha256 {recorded_sha}); building the model from the file you named")
     elif sha is None and named != recorded:
         log.warning(f"warning: building {named} as you asked; this run was made with {recorded}")
-    return build_model(spec, expect_sha256=sha)
+    return model
 
 
 def _build_trusted(recorded: str, recorded_sha: Optional[str]) -> nn.Module:

@@ -80,10 +80,15 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path
         "    checkpoints.atomic_save({'epoch': 2, 'w': torch.ones(100_000)}, Path(sys.argv[1]))\n"
         "except checkpoints.CheckpointError as error:\n"
         "    print(error)\n"
+        "try:\n"
+        "    checkpoints.atomic_write_text('x' * 10_000, Path(sys.argv[1]).with_name('metrics.json'))\n"
+        "except checkpoints.CheckpointError as error:\n"
+        "    print(error)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=ENV,
                           cwd=REPO, timeout=120)
-    assert proc.returncode == 0 and "cannot write" in proc.stdout and "File too large" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and proc.stdout.count("cannot write") == 2, proc.stderr
+    assert "checkpoint.pt: File too large" in proc.stdout and "metrics.json: File too large" in proc.stdout
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
