@@ -101,6 +101,7 @@ def _limit_file_size():
 LIMIT = 130_000  # above a --pretrained dense final.pt (no optimizer state), below a training checkpoint
 
 
+@pytest.mark.slow
 def test_disk_full_during_compress_is_one_line_exit_2_and_resume_finishes(tmp_path):
     pretrained = tmp_path / "dense.pt"
     torch.manual_seed(0)

@@ -105,6 +105,12 @@ def test_export_from_another_folder_with_the_named_factory(factory_run, tmp_path
     assert (factory_run.parent / "my_net.RAN").exists()  # the user named it: it ran
     assert json.loads((tmp_path / "md" / "manifest.json").read_text())["sparsity"] == pytest.approx(0.2, abs=0.01)
     (factory_run.parent / "my_net.RAN").unlink()
+    # Another file (a copy edited since): built because the user named it, with one line saying so.
+    (tmp_path / "edited.py").write_text(FACTORY + "\n# edited\n")
+    code, out, err = edgeprune(["export", str(factory_run), "--model", "edited.py:build",
+                                "--out", str(tmp_path / "md2")], cwd=tmp_path)
+    assert code == 0 and len(err.strip().splitlines()) == 1, err
+    assert "is not the file this run was made with" in err and str(factory) in err
 
 
 def test_api_trusts_a_matching_file_and_refuses_a_changed_one(factory_run, tmp_path, caplog):
