@@ -34,8 +34,7 @@ from compressor.models import input_shape_of
 from compressor.optimizers import build_optimizer
 from compressor.pruning import (global_magnitude_prune, keep_counts, layer_sparsities, prunable_parameters,
                                 weight_sparsity)
-from compressor.report import write_metrics, write_report
-from compressor.report import warn_thin_layers
+from compressor.report import warn_thin_layers, write_metrics, write_report
 from compressor.run_dir import CONFIG, RunDir, collect_metrics, model_fields
 from compressor.training import evaluate, require_finite, train, zero_pruned
 

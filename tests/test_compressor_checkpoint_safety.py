@@ -20,7 +20,6 @@ from torch import nn
 from compressor import checkpoints
 from compressor.errors import CheckpointError
 from compressor.models import build_model
-from compressor.run_dir import RunDir
 from tests.compressor_fixtures import ENV, REPO, TINY_ARGS, run_tiny, tree_snapshot
 
 
