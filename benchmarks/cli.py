@@ -34,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--run", metavar="RUN_DIR", type=Path,
                         help="export and measure the levels of this `edgeprune compress` run (needs torch)")
     source.add_argument("--levels", default="all", help="levels of --run to measure: all or K,K,... (default all)")
+    source.add_argument("--model", metavar="FILE.py:FACTORY",
+                        help="with --run: build the run's network from this built-in name or factory file (a run "
+                        "made with a factory needs it: edgeprune never runs a file a RUN_DIR names)")
     sweep = parser.add_argument_group("the sweep")
     sweep.add_argument("--kernels", default=DEFAULT_KERNELS,
                        help=f"kernel choices, comma-separated (default {DEFAULT_KERNELS})")
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError("TARGET: give `local` or [USER@]HOST[:PORT][,HOST...]")
     if not args.models and args.run is None:
         raise BenchError("nothing to measure: give MODEL_DIRs and/or --run RUN_DIR")
+    if args.model is not None and args.run is None:
+        raise BenchError("--model builds the network of a --run RUN_DIR; give --run too")
     out_dir = args.out or Path(datetime.now().strftime("bench-%Y%m%d-%H%M%S"))
     _check_out_dir(out_dir, args.overwrite)
     models = _model_entries(args.models, local)  # every local MODEL_DIR checked before anything is written
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         from benchmarks.run_levels import export_levels
         from benchmarks.sweep_plan import read_model_dir
 
-        exported = export_levels(args.run, args.levels, out_dir)
+        exported = export_levels(args.run, args.levels, out_dir, model=args.model)
         models = [read_model_dir(path, label=path.name) for path in exported] + models
     for entry, label in zip(models, unique_labels([m.label for m in models])):
         entry.label = label

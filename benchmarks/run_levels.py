@@ -26,8 +26,12 @@ def parse_levels(text: str) -> Optional[Set[int]]:
     return levels
 
 
-def export_levels(run_dir: Path, levels_text: str, out_dir: Path) -> List[Path]:
-    """Export the chosen finished levels of ``run_dir`` under ``out_dir/models``; return the MODEL_DIRs."""
+def export_levels(run_dir: Path, levels_text: str, out_dir: Path, model: Optional[str] = None) -> List[Path]:
+    """Export the chosen finished levels of ``run_dir`` under ``out_dir/models``; return the MODEL_DIRs.
+
+    ``model`` (``--model``): the built-in name or ``file.py:factory`` to build the network from; a run
+    made with a factory file needs it (reading a run never runs a file the run names).
+    """
     from compressor.errors import CompressorError
     from compressor.export import export_model
     from compressor.run_dir import list_levels, load_level
@@ -55,7 +59,7 @@ def export_levels(run_dir: Path, levels_text: str, out_dir: Path) -> List[Path]:
         target = Path(out_dir) / "models" / name
         if not _exported_from(target, run_dir, info):
             try:
-                loaded = load_level(Path(run_dir), info.method, info.level)
+                loaded = load_level(Path(run_dir), info.method, info.level, model=model)
                 export_model(loaded.model, target, input_shape=loaded.input_shape, accuracy=loaded.accuracy,
                              sparsity=loaded.sparsity, force=True,
                              source={"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name,

@@ -3,11 +3,15 @@
 Every write goes to a temporary file in the same folder and is then renamed over the target
 (``os.replace`` is atomic), so a kill at any moment leaves either the old file or the new one.
 Every read uses ``torch.load(..., weights_only=True)``: checkpoints may come from users, and a full
-unpickle could run arbitrary code.
+unpickle could run arbitrary code. Before that, every zip member's CRC-32 is checked: ``torch.save``
+writes one per member (tensor data included) but ``torch.load`` never verifies them, so a flipped
+bit would otherwise load silently. A failed write (full disk, file size limit) is one
+``CheckpointError`` line, and the file it was replacing is left as it was.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import random
@@ -23,7 +27,11 @@ from compressor.errors import CheckpointError
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    """``torch.save`` to ``path`` atomically (temp file in the same folder + ``os.replace``).
+
+    A write the filesystem refuses (ENOSPC, EFBIG, EIO) is a ``CheckpointError`` naming the file;
+    the temporary file is removed and ``path`` keeps its previous content.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -32,9 +40,20 @@ def atomic_save(obj: Any, path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_write_failed(error, path)
         raise
+
+
+def _raise_if_write_failed(error: BaseException, path: Path) -> None:
+    """A ``CheckpointError`` naming ``path`` if ``error`` is the filesystem refusing a write."""
+    # torch's zip writer turns the OSError of a failed write into a RuntimeError ("unexpected pos").
+    cause = error if isinstance(error, OSError) else error.__context__
+    if isinstance(error, (OSError, RuntimeError)) and isinstance(cause, OSError):
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        raise CheckpointError(f"cannot write {path}: {reason}; its previous version (if any) is intact: "
+                              "free space and continue with --resume") from error
 
 
 def atomic_write_bytes(data: bytes, path: Path) -> None:
@@ -45,8 +64,9 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_write_failed(error, path)
         raise
 
 
@@ -55,11 +75,32 @@ def atomic_write_text(text: str, path: Path) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
 
 
+def verify_crc(path: Path) -> None:
+    """``CheckpointError`` if a member of a zip-format checkpoint fails its CRC-32 (a flipped bit).
+
+    Files in torch's legacy (non-zip) format have no checksum to verify and are left to ``torch.load``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({error})") from error
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: {bad} fails its CRC-32 check (a changed byte); "
+                              "restore it or delete it to redo that step with --resume")
+
+
 def load(path: Path, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint dict with ``weights_only=True``; ``CheckpointError`` if it is not one."""
+    """Load a checkpoint dict with ``weights_only=True`` after verifying its checksums.
+
+    ``CheckpointError`` if it is missing, damaged or not a checkpoint dict.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    verify_crc(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
@@ -70,6 +111,21 @@ def load(path: Path, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
+
+
+def cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A CPU copy of ``model.state_dict()`` that keeps its ``_metadata`` (module versions).
+
+    ``load_state_dict`` hands each module its saved version; modules whose format changed (BatchNorm's
+    ``num_batches_tracked``, torchvision's MNASNet) refuse or misread a state_dict without it.
+    ``torch.load(weights_only=True)`` restores the attribute.
+    """
+    state = model.state_dict()
+    copy = collections.OrderedDict((name, tensor.detach().cpu().clone()) for name, tensor in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        copy._metadata = metadata  # type: ignore[attr-defined]
+    return copy
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -38,6 +38,10 @@ class PruneConfig:
         "prune to the target in a single round, then retrain once"))
     exclude: Tuple[str, ...] = field(default=(), metadata=_help(
         "comma separated module names (e.g. fc,conv) whose weights stay dense"))
+    layer_floor: float = field(default=0.1, metadata=_help(
+        "per-layer floor of global pruning: each prunable layer keeps at least this fraction of the "
+        "round's overall density (0.1 at 90% sparsity: 1% of every layer) and at least one weight; "
+        "0 = pure global, 1 = uniform"))
     epochs: int = field(default=30, metadata=_help("epochs of the (dense) training schedule"))
     batch_size: int = field(default=64, metadata=_help("mini-batch size"))
     lr: float = field(default=0.1, metadata=_help("peak learning rate of SGD"))
@@ -73,6 +77,8 @@ class PruneConfig:
     def _validate(self) -> None:
         if not 0.0 < self.target_sparsity < 1.0:
             raise ConfigError(f"target sparsity must be in (0, 1), got {self.target_sparsity}")
+        if not 0.0 <= self.layer_floor <= 1.0:
+            raise ConfigError(f"layer floor must be in [0, 1], got {self.layer_floor}")
         if not 0.0 < self.prune_fraction < 1.0:
             raise ConfigError(f"prune fraction must be in (0, 1), got {self.prune_fraction}")
         if not self.methods:

@@ -13,6 +13,14 @@ class RunDirError(CompressorError):
     """RUN_DIR is missing, corrupt, or belongs to a different run."""
 
 
+class UntrustedFactoryError(RunDirError):
+    """A RUN_DIR names a model factory file that the user has not named: it is not run."""
+
+
+class DivergedError(CompressorError):
+    """Training produced a non-finite loss (too high a learning rate, bad data): the level is not saved."""
+
+
 class CheckpointError(CompressorError):
     """A checkpoint file is missing, truncated or not an edgeprune/PyTorch checkpoint."""
 

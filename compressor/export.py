@@ -341,7 +341,8 @@ def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int
 
 def _real_sample(data_spec: Optional[str], input_shape: Sequence[int], count: int = 1) -> Optional[np.ndarray]:
     """A few real test examples of the run's data, or None when the data cannot be loaded here."""
-    if not data_spec:
+    # Built-in data only: a data factory (file.py:factory) is code that the run names, never run here.
+    if not data_spec or not (data_spec == "digits" or data_spec.startswith("cifar10:")):
         return None
     try:
         from compressor.data import load_data
@@ -355,14 +356,18 @@ def _real_sample(data_spec: Optional[str], input_shape: Sequence[int], count: in
 
 def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional[str] = None,
                    level: Optional[int] = None, max_drop: Optional[float] = None,
-                   values_dtype: str = "float32", force: bool = False) -> ExportResult:
-    """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``."""
+                   values_dtype: str = "float32", force: bool = False, model: Optional[str] = None) -> ExportResult:
+    """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``.
+
+    ``model`` (a built-in name or ``file.py:factory``) builds the network; a run made with a factory
+    needs it, since reading a run never runs a file the run names (``run_dir.load_level``).
+    """
     from compressor.errors import CompressorError
     from compressor.run_dir import CONFIG, list_levels, load_level, read_json
 
     try:
         chosen = pick_level(list_levels(Path(run_dir)), method, level, max_drop)
-        loaded = load_level(Path(run_dir), chosen.method, chosen.level)
+        loaded = load_level(Path(run_dir), chosen.method, chosen.level, model=model)
         config = read_json(Path(run_dir) / CONFIG)
     except ExportError:
         raise

@@ -1,7 +1,11 @@
 """``edgeprune export``: write a pruned level (or any model + checkpoint) as a MODEL_DIR.
 
-    edgeprune export RUN_DIR --out MODEL_DIR [--method M] [--level K | --max-drop POINTS]
+    edgeprune export RUN_DIR --out MODEL_DIR [--method M] [--level K | --max-drop POINTS] [--model FILE.py:FACTORY]
     edgeprune export --model NAME_OR_FILE.py:FACTORY [--checkpoint FILE.pt] --out MODEL_DIR
+
+Reading a RUN_DIR never runs a Python file that the run names: a run made with a user factory is
+exported only with ``--model FILE.py:FACTORY`` given here (the run's error message names the file
+and its recorded sha256).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     pick.add_argument("--level", type=int, help="export this level (0 = dense)")
     pick.add_argument("--max-drop", type=float, metavar="POINTS",
                       help="export the sparsest level whose accuracy is within POINTS percentage points of dense")
-    parser.add_argument("--model", help="instead of a RUN_DIR: a built-in model name or path/to/file.py:factory")
+    parser.add_argument("--model", help="a built-in model name or path/to/file.py:factory: instead of a RUN_DIR, "
+                        "or with one whose model is a factory file (runs that file: name only one you trust)")
     parser.add_argument("--checkpoint", type=Path, help="with --model: a state_dict or edgeprune checkpoint (.pt)")
     parser.add_argument("--input-shape", type=_shape, help="one example's shape without batch, e.g. 3,32,32 "
                         "(default: the model's input_shape)")
@@ -48,13 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from compressor.export import export_checkpoint, export_run_dir
 
     dtype = "float16" if args.fp16 else "float32"
-    if (args.run_dir is None) == (args.model is None):
+    if args.run_dir is None and args.model is None:
         raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
     if args.run_dir is not None:
         if args.checkpoint or args.input_shape:
-            raise ConfigError("--checkpoint/--input-shape go with --model, not with a RUN_DIR")
+            raise ConfigError("--checkpoint/--input-shape go with --model alone, not with a RUN_DIR")
         result = export_run_dir(args.run_dir, args.out, method=args.method, level=args.level,
-                                max_drop=args.max_drop, values_dtype=dtype, force=args.force)
+                                max_drop=args.max_drop, values_dtype=dtype, force=args.force, model=args.model)
     else:
         if args.method or args.level is not None or args.max_drop is not None:
             raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")

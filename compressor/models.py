@@ -14,9 +14,10 @@ and export use so that nobody has to guess how to feed it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -119,20 +120,56 @@ BUILTIN: Dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def load_factory(spec: str) -> Callable[..., object]:
-    """Import ``path/to/file.py:name`` and return the callable ``name``; a clear error otherwise."""
+def is_factory_spec(name: str) -> bool:
+    """Whether ``name`` names a user file (``path/to/file.py:factory``) rather than a built-in model."""
+    return name not in BUILTIN and ":" in name
+
+
+def _split_spec(spec: str) -> Tuple[Path, str]:
     path_text, sep, attr = spec.rpartition(":")
     if not sep or not path_text or not attr:
         raise ConfigError(f"expected PATH.py:FUNCTION, got {spec!r}")
-    path = Path(path_text)
+    return Path(path_text), attr
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def factory_record(spec: str) -> Tuple[str, Optional[str]]:
+    """``(spec with an absolute path, sha256 of the file)`` for a factory spec whose file exists.
+
+    What a RUN_DIR records: an absolute path lets a run be read from any folder, and the sha256 lets
+    a reader see whether the file it is asked to trust is the one the run was made with. Built-in
+    names (and specs without a file) come back unchanged, with no hash.
+    """
+    if not is_factory_spec(spec):
+        return spec, None
+    path, attr = _split_spec(spec)
+    if not path.is_file():
+        return spec, None
+    return f"{path.resolve()}:{attr}", file_sha256(path)
+
+
+def load_factory(spec: str, expect_sha256: Optional[str] = None) -> Callable[..., object]:
+    """Import ``path/to/file.py:name`` and return the callable ``name``; a clear error otherwise.
+
+    With ``expect_sha256``, the bytes read are hashed first and run only if they match: the code
+    executed is exactly the code that was checked (no window to swap the file in between).
+    """
+    path, attr = _split_spec(spec)
     if not path.is_file():
         raise ConfigError(f"factory file not found: {path}")
+    source = path.read_bytes()
+    if expect_sha256 is not None and hashlib.sha256(source).hexdigest() != expect_sha256:
+        raise ConfigError(f"{path} changed while it was being checked; try again")
     module_spec = importlib.util.spec_from_file_location(f"edgeprune_user_{path.stem}", path)
     if module_spec is None or module_spec.loader is None:
         raise ConfigError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the user named this file
     except Exception as error:  # the user's code: report, don't crash with our traceback
         raise ConfigError(f"importing {path} failed: {type(error).__name__}: {error}") from error
     factory = getattr(module, attr, None)
@@ -141,14 +178,18 @@ def load_factory(spec: str) -> Callable[..., object]:
     return factory
 
 
-def build_model(name: str) -> nn.Module:
-    """Build a registered model by name, or a user model from ``path/to/file.py:factory``."""
+def build_model(name: str, expect_sha256: Optional[str] = None) -> nn.Module:
+    """Build a registered model by name, or a user model from ``path/to/file.py:factory``.
+
+    Only for names the user gave (a command line, an API call): never for a name read from a file
+    someone else wrote (``compressor.run_dir`` decides what a RUN_DIR's name may run).
+    """
     if name in BUILTIN:
         return BUILTIN[name]()
     if ":" not in name:
         known = ", ".join(sorted(BUILTIN))
         raise ConfigError(f"unknown model {name!r}; built in: {known}; or give path/to/file.py:factory")
-    factory = load_factory(name)
+    factory = load_factory(name, expect_sha256)
     try:
         model = factory()
     except Exception as error:

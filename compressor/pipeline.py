@@ -34,9 +34,9 @@ from compressor.models import input_shape_of
 from compressor.optimizers import build_optimizer
 from compressor.pruning import (global_magnitude_prune, keep_counts, layer_sparsities, prunable_parameters,
                                 weight_sparsity)
-from compressor.report import write_metrics, write_report
-from compressor.run_dir import CONFIG, RunDir, collect_metrics
-from compressor.training import evaluate, train, zero_pruned
+from compressor.report import warn_thin_layers, write_metrics, write_report
+from compressor.run_dir import CONFIG, RunDir, collect_metrics, model_fields
+from compressor.training import evaluate, require_finite, train, zero_pruned
 
 EpochCallback = Callable[[str, int, int], None]
 DENSE = "dense"
@@ -100,7 +100,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     counts = keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
                          config.target_sparsity, config.one_shot)
     shape = input_shape_of(model) or _peek_input_shape(test_loader)
-    record = {"model": model_name or type(model).__name__, "data": data_name,
+    record = {**model_fields(model_name or type(model).__name__), "data": data_name,
               "pretrained": pretrained is not None, "input_shape": list(shape) if shape else None,
               **config.to_dict()}
     with contextlib.ExitStack() as stack:
@@ -143,6 +143,7 @@ class _Job:
         self.config, self.device, self.progress = config, device, progress
         self.epoch_callback = epoch_callback
         self.records: Dict[Path, Dict[str, Any]] = {}  # metrics.json's level records, read once each
+        self.warned: set = set()  # (method, layer) pairs already warned about as nearly pruned away
         generator = getattr(train_loader, "generator", None)
         self.generators: List[torch.Generator] = [generator] if isinstance(generator, torch.Generator) else []
         self.steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 1
@@ -168,7 +169,8 @@ class _Job:
         plan = retrain_plan(method, self.config, self.steps_per_epoch)
         previous = checkpoints.load(self.run.final_path(method, level - 1))
         checkpoints.load_into(self.model, previous["model"], str(self.run.final_path(method, level - 1)))
-        mask = global_magnitude_prune(self.params, Mask(previous["mask"]).to(self.device), keep)
+        mask = global_magnitude_prune(self.params, Mask(previous["mask"]).to(self.device), keep,
+                                      floor=self.config.layer_floor)
         if plan.rewind_weights:
             rewind = checkpoints.load(self.run.rewind_path)
             checkpoints.load_into(self.model, rewind["model"], str(self.run.rewind_path))
@@ -217,6 +219,7 @@ class _Job:
         self.ranks.broadcast_state(self.model)  # every rank evaluates exactly what rank 0 saves
         mask_checksums = self.ranks.agree("masks", mask)
         accuracy, loss = evaluate(self.model, self.test_loader, self.device, reduce=self.ranks.sum)
+        require_finite(loss, "dense" if level == 0 else f"{method} level {level}", "after training (test loss)")
         final = {
             "model": _cpu_state(self.model), "mask": mask.state_dict(), "level": level,
             "method": method, "sparsity": weight_sparsity(self.params), "accuracy": accuracy, "loss": loss,
@@ -229,6 +232,7 @@ class _Job:
         self.run.remove(self.run.checkpoint_path(method, level))
         if self.run.writer:
             write_metrics(self.run, collect_metrics(self.run, self.records))
+            warn_thin_layers(method, level, final["layers"], self.warned)
         self.ranks.barrier()  # the next level reads this final.pt on every rank
 
 
@@ -247,7 +251,7 @@ def _prepare(run: RunDir, record: Dict[str, Any], resume: bool, ranks: Distribut
 
 
 def _cpu_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}
+    return checkpoints.cpu_state(model)  # keeps the state_dict's _metadata (module versions)
 
 
 def _level_seed(seed: int, method: str, level: int) -> int:

@@ -3,11 +3,15 @@
 Prunable: the ``weight`` of every ``Conv*d`` and ``Linear`` module (first conv, 1×1 shortcuts and
 the classifier included); biases and BatchNorm never. One threshold over all layers: the surviving
 magnitudes are sorted once, so layers end at different sparsities (Renda et al. 2020; OpenLTH's
-``sparse_global``).
+``sparse_global``). A per-layer floor keeps global pruning from removing a whole layer by accident
+(a layer whose weights are all small would otherwise go first and cut the network): each layer keeps
+at least ``floor`` × the round's overall density of its weights, and always at least one. Relative to
+the round's density, so it never conflicts with the target: 0 is pure global pruning, 1 uniform.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -69,20 +73,34 @@ def keep_counts(total: int, prune_fraction: float, target_sparsity: float, one_s
     return counts + [final]
 
 
+def layer_minimums(sizes: Dict[str, int], survivors: Dict[str, int], keep: int, floor: float) -> Dict[str, int]:
+    """The fewest weights each layer may keep when ``keep`` of all survive: one, plus ``floor`` × its
+    share of the rest (about ``floor`` × the overall density × its size), never more than it still has.
+    The ones come off the budget first, so the sum is at most ``keep`` for ``floor`` <= 1 and
+    ``keep`` >= the number of layers."""
+    total = sum(sizes.values())
+    spare = keep - len(sizes)
+    return {name: min(survivors[name], 1 + math.floor(floor * spare * size / total)) for name, size in sizes.items()}
+
+
 @torch.no_grad()
-def global_magnitude_prune(params: Dict[str, torch.Tensor], mask: Mask, keep: int) -> Mask:
+def global_magnitude_prune(params: Dict[str, torch.Tensor], mask: Mask, keep: int, floor: float = 0.0) -> Mask:
     """Keep the ``keep`` largest-magnitude surviving weights across all layers; prune the rest.
 
     One stable sort over the concatenated magnitudes (already-pruned weights get -1 so they sort
-    last); taking exactly ``keep`` indices makes the count exact even with tied magnitudes.
+    last); taking exactly ``keep`` indices makes the count exact even with tied magnitudes. With
+    ``floor`` > 0 each layer's largest :func:`layer_minimums` survivors sort first, so no layer is
+    emptied.
     """
     if keep > mask.kept:
         raise ConfigError(f"cannot keep {keep} weights when only {mask.kept} survive")
     names = list(mask)
-    scores = torch.cat([
-        torch.where(mask[n], params[n].detach().abs(), torch.full_like(params[n], -1.0)).flatten().float()
-        for n in names
-    ])
+    if floor > 0 and keep < len(names):
+        raise ConfigError(f"keeping {keep} weights cannot leave one in each of the {len(names)} prunable layers; "
+                          "lower the target sparsity")
+    minimums = layer_minimums({n: params[n].numel() for n in names}, {n: int(mask[n].sum()) for n in names},
+                              keep, floor) if floor > 0 else {}
+    scores = torch.cat([_scores(params[n], mask[n], minimums.get(n, 0)) for n in names])
     order = torch.sort(scores, descending=True, stable=True).indices
     flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     flat[order[:keep]] = True
@@ -93,6 +111,14 @@ def global_magnitude_prune(params: Dict[str, torch.Tensor], mask: Mask, keep: in
         new[n] = flat[start:start + size].view_as(params[n])
         start += size
     return Mask(new)
+
+
+def _scores(weight: torch.Tensor, keep: torch.Tensor, reserved: int) -> torch.Tensor:
+    """Flat magnitudes to sort by: -1 for pruned weights, +inf for the ``reserved`` largest survivors."""
+    scores = torch.where(keep, weight.detach().abs(), torch.full_like(weight, -1.0)).flatten().float()
+    if reserved:
+        scores[torch.topk(scores, reserved).indices] = float("inf")
+    return scores
 
 
 @torch.no_grad()

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Dict
+import logging
+from typing import Any, Dict, List, Optional, Set, Tuple
 
-from compressor.run_dir import METRICS, RunDir
+from compressor.run_dir import CONFIG, METRICS, RunDir, read_json
 
 REPORT = "report.md"
 PLOT = "sparsity_accuracy.png"
+# A layer left with less than this fraction of its weights is warned about (and marked in report.md):
+# it is close to cutting the network, and global pruning gives no other sign of it.
+THIN_LAYER_DENSITY = 0.02
+log = logging.getLogger("compressor")
+
+
+def _number(value: Optional[float], spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def markdown_table(metrics: Dict[str, Any]) -> str:
@@ -27,10 +36,48 @@ def markdown_table(metrics: Dict[str, Any]) -> str:
             compression = f"{1.0 / density:.1f}×" if density > 0 else "∞"
             lines.append(
                 f"| {method} | {entry['level']} | {entry['sparsity']:.2%} | {compression} | "
-                f"{entry['accuracy']:.2%} | {100 * (entry['accuracy'] - dense):+.2f} | {entry['loss']:.4f} | "
-                f"{entry['epochs']} | {entry['seconds']:.1f} |"
+                f"{entry['accuracy']:.2%} | {100 * (entry['accuracy'] - dense):+.2f} | {_number(entry['loss'], '.4f')} | "
+                f"{entry['epochs']} | {_number(entry['seconds'], '.1f')} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def layer_table(floor: Optional[float], last_layers: Dict[str, Dict[str, float]],
+                sizes: Dict[str, int]) -> str:
+    """Per-layer density at each method's last level, with the floor that bounded it.
+
+    ``last_layers`` maps method → {layer: sparsity} (``final.pt``'s ``layers``), ``sizes`` layer → weights.
+    """
+    if not last_layers:
+        return ""
+    methods = list(last_layers)
+    floor_text = ("pure global pruning (no per-layer floor)" if not floor else
+                  f"every prunable layer keeps at least {floor:g} × the overall density of each round, and at "
+                  "least one weight (`--layer-floor`)")
+    lines = ["", "## Per-layer density at the last level", "",
+             f"Per-layer floor: {floor_text}. ⚠ marks a layer below {THIN_LAYER_DENSITY:.0%} density.", "",
+             "| layer | weights | " + " | ".join(f"{m} density" for m in methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for name in last_layers[methods[0]]:
+        cells = []
+        for method in methods:
+            density = 1.0 - last_layers[method].get(name, 0.0)
+            cells.append(f"{density:.2%}" + (" ⚠" if density < THIN_LAYER_DENSITY else ""))
+        lines.append(f"| {name} | {sizes.get(name, '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def thin_layers(layers: Dict[str, float]) -> List[Tuple[str, float]]:
+    """``(layer, density)`` of every layer below :data:`THIN_LAYER_DENSITY`, given layer sparsities."""
+    return [(name, 1.0 - sparsity) for name, sparsity in layers.items() if 1.0 - sparsity < THIN_LAYER_DENSITY]
+
+
+def warn_thin_layers(method: str, level: int, layers: Dict[str, float], warned: Set[Tuple[str, str]]) -> None:
+    """One warning line per layer of ``method`` the first time it falls below a few percent density."""
+    for name, density in thin_layers(layers):
+        if (method, name) not in warned:
+            warned.add((method, name))
+            log.warning(f"warning: {method} level {level}: layer {name} keeps only {density:.2%} of its weights "
+                        f"(below {THIN_LAYER_DENSITY:.0%}); raise --layer-floor to keep more")
 
 
 def plot_png(metrics: Dict[str, Any]) -> bytes:
@@ -66,13 +113,32 @@ def plot_png(metrics: Dict[str, Any]) -> bytes:
 
 def write_metrics(run: RunDir, metrics: Dict[str, Any]) -> None:
     """RUN_DIR/metrics.json (after every finished level, so a killed run still has its results)."""
-    run.write_text(json.dumps(metrics, indent=2) + "\n", METRICS)
+    # allow_nan=False: NaN/Infinity are not JSON, and readers in other languages reject them.
+    run.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n", METRICS)
+
+
+def _last_layers(run: RunDir, metrics: Dict[str, Any]) -> Tuple[Dict[str, Dict[str, float]], Dict[str, int]]:
+    """Each method's last level's per-layer sparsities and the layers' sizes, from its final.pt."""
+    from compressor import checkpoints
+
+    layers: Dict[str, Dict[str, float]] = {}
+    sizes: Dict[str, int] = {}
+    for method, levels in metrics["methods"].items():
+        if len(levels) < 2:
+            continue
+        final = checkpoints.load(run.final_path(method, int(levels[-1]["level"])))
+        layers[method] = {str(k): float(v) for k, v in dict(final.get("layers", {})).items()}
+        sizes.update({name: int(final["model"][name].numel()) for name in layers[method] if name in final["model"]})
+    return layers, sizes
 
 
 def write_report(run: RunDir, metrics: Dict[str, Any]) -> None:
     """RUN_DIR/report.md and RUN_DIR/sparsity_accuracy.png (at the end of the run)."""
-    run.write_text(markdown_table(metrics), REPORT)
-    if run.writer:
-        from compressor.checkpoints import atomic_write_bytes
+    if not run.writer:
+        return
+    floor = read_json(run.root / CONFIG).get("layer_floor")
+    layers, sizes = _last_layers(run, metrics)
+    run.write_text(markdown_table(metrics) + layer_table(floor, layers, sizes), REPORT)
+    from compressor.checkpoints import atomic_write_bytes
 
-        atomic_write_bytes(plot_png(metrics), run.root / PLOT)
+    atomic_write_bytes(plot_png(metrics), run.root / PLOT)

@@ -17,17 +17,20 @@ rank 0 will).
 from __future__ import annotations
 
 import json
+import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from compressor import checkpoints
 from compressor.config import config_differences
-from compressor.errors import CompressorError, RunDirError
-from compressor.models import build_model, input_shape_of
+from compressor.errors import CompressorError, RunDirError, UntrustedFactoryError
+from compressor.models import build_model, factory_record, file_sha256, input_shape_of, is_factory_spec
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -35,6 +38,10 @@ FINAL = "final.pt"
 CHECKPOINT = "checkpoint.pt"
 REWIND = "rewind.pt"
 DENSE = "dense"
+# The temporary files of checkpoints.atomic_* (".NAME.RANDOM.tmp"): a killed run leaves them behind.
+_STALE_TEMP = re.compile(r"\.(checkpoint\.pt|final\.pt|rewind\.pt|config\.json|metrics\.json|report\.md"
+                         r"|sparsity_accuracy\.png)\.[A-Za-z0-9_]+\.tmp")
+log = logging.getLogger("compressor")
 
 
 class RunDir:
@@ -77,10 +84,36 @@ class RunDir:
             differences = config_differences(saved, record)
             if differences:
                 raise RunDirError(f"--resume with a different config than {config_path}: " + "; ".join(differences))
+            if self.writer:
+                self.remove_stale_temp_files()
             return
         if self.writer:
             self.root.mkdir(parents=True, exist_ok=True)
             checkpoints.atomic_write_text(json.dumps(record, indent=2) + "\n", config_path)
+
+    def remove_stale_temp_files(self) -> List[Path]:
+        """Delete the temporary files a killed writer left in RUN_DIR's own folders; return them.
+
+        Only names that ``checkpoints.atomic_*`` creates, only in the folders of the layout, never
+        through a symlink: a RUN_DIR is the user's folder, and nothing else in it is ours to delete.
+        """
+        removed = []
+        for folder in self._own_folders():
+            for entry in folder.iterdir():
+                if _STALE_TEMP.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+        return removed
+
+    def _own_folders(self) -> List[Path]:
+        """RUN_DIR, dense/ and every METHOD/level_K/ that is a real folder (not a symlink)."""
+        if not self.root.is_dir():
+            return []
+        folders = [self.root, self.root / DENSE]
+        for method_dir in self.root.iterdir():
+            if method_dir.is_dir() and not method_dir.is_symlink():
+                folders += list(method_dir.glob("level_*"))
+        return [f for f in folders if f.is_dir() and (f == self.root or not f.is_symlink())]
 
     def save(self, obj: Any, path: Path) -> None:
         """Atomically save a checkpoint, if this process is the writer."""
@@ -111,9 +144,23 @@ def read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
+def model_fields(name: str) -> Dict[str, Any]:
+    """config.json's ``model`` (a factory's path made absolute) and, for a factory, ``model_sha256``."""
+    spec, sha = factory_record(name)
+    return {"model": spec, "model_sha256": sha} if sha else {"model": spec}
+
+
 def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
-    """The metrics.json entry for one level, from its ``final.pt`` contents."""
-    return {key: final[key] for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
+    """The metrics.json entry for one level, from its ``final.pt`` contents.
+
+    A non-finite number (a level saved by an older version from a diverged run) becomes ``None``, so
+    metrics.json stays strict JSON.
+    """
+    return {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def collect_metrics(run: RunDir, cache: Optional[Dict[Path, Dict[str, Any]]] = None) -> Dict[str, Any]:
@@ -183,12 +230,18 @@ def list_levels(run_dir: Path) -> List[LevelInfo]:
         raise RunDirError(f"{run.root / METRICS} is not an edgeprune metrics file ({error})") from error
 
 
+ModelChoice = Union[nn.Module, str, None]
+
+
 def load_level(run_dir: Path, method: Optional[str] = None, level: Optional[int] = None,
-               model: Optional[nn.Module] = None) -> LoadedLevel:
+               model: ModelChoice = None, trust_factory: bool = False) -> LoadedLevel:
     """Load one level of a run: by default the first method's last finished level.
 
-    The model is rebuilt from the run's model name; pass ``model`` (an instance of the same
-    architecture) for runs made with the Python API on a model that has no registry name.
+    A built-in model is rebuilt from the run's model name. A run made with a user factory
+    (``file.py:factory``) names a Python file, and reading a run never runs a file the run names:
+    pass ``model`` (an instance of the same architecture, or a ``file.py:factory`` / built-in name
+    you choose), or ``trust_factory=True`` to run the recorded file if its sha256 still matches the
+    record. Otherwise :class:`UntrustedFactoryError` says which file and how to trust it.
     """
     levels = list_levels(run_dir)
     if not levels:
@@ -204,14 +257,61 @@ def load_level(run_dir: Path, method: Optional[str] = None, level: Optional[int]
         raise RunDirError(f"{run_dir} has no finished level {level} for {method}; finished: {have}")
     config = read_json(Path(run_dir) / CONFIG)
     model_name = str(config.get("model"))
-    if model is None:
-        try:
-            model = build_model(model_name)
-        except CompressorError as error:
-            raise RunDirError(f"cannot rebuild model {model_name!r} ({error}); pass model= to load_level") from error
-    final = checkpoints.load(chosen.path)
+    final = checkpoints.load(chosen.path)  # checked before any model code runs
+    model = rebuild_model(Path(run_dir), config, model, trust_factory)
     checkpoints.load_into(model, final["model"], str(chosen.path))
     model.eval()
     shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
     return LoadedLevel(model, method, chosen.level, float(final["sparsity"]), float(final["accuracy"]),
                        model_name, shape, dict(final.get("mask", {})))
+
+
+def rebuild_model(run_dir: Path, config: Dict[str, Any], model: ModelChoice = None,
+                  trust_factory: bool = False) -> nn.Module:
+    """The run's network, built under the trust rule of :func:`load_level`."""
+    if isinstance(model, nn.Module):
+        return model
+    recorded, recorded_sha = str(config.get("model")), config.get("model_sha256")
+    if isinstance(model, str):
+        return _build_named(model, recorded, recorded_sha)
+    if not is_factory_spec(recorded):
+        try:
+            return build_model(recorded)
+        except CompressorError as error:
+            raise RunDirError(f"cannot rebuild model {recorded!r} ({error}); pass the model: --model "
+                              "NAME_OR_FILE.py:FACTORY (Python: load_level(..., model=...))") from error
+    if trust_factory:
+        return _build_trusted(recorded, recorded_sha)
+    sha = f"sha256 {recorded_sha}" if recorded_sha else "no sha256 recorded"
+    raise UntrustedFactoryError(
+        f"{run_dir / CONFIG} names the model factory {recorded} ({sha}); edgeprune never runs a file that a "
+        f"RUN_DIR names: if you trust that file, pass --model {recorded} "
+        "(Python: load_level(..., model=...) or trust_factory=True)")
+
+
+def _build_named(spec: str, recorded: str, recorded_sha: Optional[str]) -> nn.Module:
+    """Build the model the user named; one warning line if it is not what the run recorded."""
+    named, sha = factory_record(spec)
+    model = build_model(spec, expect_sha256=sha)  # first: a name that cannot be built is one error line
+    if sha is not None and recorded_sha is not None and sha != recorded_sha:
+        log.warning(f"warning: {named} (sha256 {sha}) is not the file this run was made with ({recorded}, "
+                    f"sha256 {recorded_sha}); building the model from the file you named")
+    elif sha is None and named != recorded:
+        log.warning(f"warning: building {named} as you asked; this run was made with {recorded}")
+    return model
+
+
+def _build_trusted(recorded: str, recorded_sha: Optional[str]) -> nn.Module:
+    """``trust_factory=True``: run the recorded file only if it is, byte for byte, the one recorded."""
+    path = Path(recorded.rpartition(":")[0])
+    if not recorded_sha or not path.is_absolute():
+        raise UntrustedFactoryError(f"the run records no absolute path and sha256 for {recorded}; name the "
+                                    "file yourself: --model FILE.py:FACTORY (Python: model=...)")
+    if not path.is_file():
+        raise RunDirError(f"the run's model factory file is not here: {path}; pass --model FILE.py:FACTORY")
+    sha = file_sha256(path)
+    if sha != recorded_sha:
+        raise UntrustedFactoryError(f"{path} changed since the run was made (sha256 now {sha}, recorded "
+                                    f"{recorded_sha}); to build from it anyway, name it: --model {recorded} "
+                                    "(Python: model=...)")
+    return build_model(recorded, expect_sha256=recorded_sha)

@@ -12,12 +12,14 @@ no optimizer arithmetic can leave a tiny non-zero behind).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from compressor.errors import DivergedError
 from compressor.mask import Mask
 
 LrAt = Callable[[float], float]
@@ -73,7 +75,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iter
                 progress: bool = False) -> Tuple[float, float]:
     """One pass over ``loader``; the LR is set per step from ``lr_at(epoch + step / steps)``.
 
-    Returns ``(lr of the first step, mean training loss)``.
+    Returns ``(lr of the first step, mean training loss)``; the loss is NaN or infinite if any step's was.
     """
     model.train()
     steps = len(loader) if hasattr(loader, "__len__") else 0
@@ -94,6 +96,13 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iter
         total_loss += loss.detach() * len(labels)
         seen += len(labels)
     return first_lr, float(total_loss) / max(seen, 1)
+
+
+def require_finite(loss: float, what: str, when: str) -> None:
+    """``DivergedError`` naming ``what`` (``dense``, ``lr-rewind level 3``) and ``when`` if ``loss`` is NaN/inf."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"{what} diverged: loss {loss} {when}; this level is not saved (finished levels "
+                            "are kept); lower --lr (or check the data) and start a new run")
 
 
 @torch.no_grad()
@@ -124,9 +133,13 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, 
     """Train for ``epochs`` (absolute epoch numbers, which the LR schedule is evaluated at).
 
     ``on_epoch_end(epoch, first_lr, train_loss)`` runs after every epoch (checkpointing lives there).
+    A non-finite training loss stops training with :class:`DivergedError` before that epoch's hook, so
+    the last checkpoint written is the last good epoch.
     """
     zero_pruned(params, mask)
     for epoch in tqdm(epochs, desc=desc, leave=False, disable=not progress):
         first_lr, loss = train_epoch(model, optimizer, loader, lr_at, epoch, params, mask, device, progress)
+        # The epoch's summed loss is NaN/inf if any step's was: one check per epoch, no extra sync.
+        require_finite(loss, desc or "training", f"in epoch {epoch + 1} (mean training loss; peak lr {first_lr:g})")
         if on_epoch_end is not None:
             on_epoch_end(epoch, first_lr, loss)
