@@ -113,7 +113,10 @@ def read_json(path: Path) -> Dict[str, Any]:
 
 def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     """The metrics.json entry for one level, from its ``final.pt`` contents."""
-    return {key: final[key] for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
+    record = {key: final[key] for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
+    # --structure channels levels also carry the smaller network's size and each layer's width.
+    record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths") if key in final})
+    return record
 
 
 def collect_metrics(run: RunDir, cache: Optional[Dict[Path, Dict[str, Any]]] = None) -> Dict[str, Any]:
@@ -210,8 +213,22 @@ def load_level(run_dir: Path, method: Optional[str] = None, level: Optional[int]
         except CompressorError as error:
             raise RunDirError(f"cannot rebuild model {model_name!r} ({error}); pass model= to load_level") from error
     final = checkpoints.load(chosen.path)
+    if "channels" in final:  # a structured level: shrink the factory's dense model to the stored plan
+        model = _shrunken(model, final, config, chosen.path)
     checkpoints.load_into(model, final["model"], str(chosen.path))
     model.eval()
     shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
     return LoadedLevel(model, method, chosen.level, float(final["sparsity"]), float(final["accuracy"]),
                        model_name, shape, dict(final.get("mask", {})))
+
+
+def _shrunken(model: nn.Module, final: Dict[str, Any], config: Dict[str, Any], path: Path) -> nn.Module:
+    """The dense ``model`` with the channels that ``final``'s plan drops removed (deterministically)."""
+    from compressor.channels import decode, example_input, find_groups, full_plan, shrink
+
+    shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
+    if not shape:
+        raise RunDirError(f"{path}: a structured level needs the run's input shape, which it does not record")
+    example = example_input(shape)
+    groups = find_groups(model, example, tuple(config.get("exclude") or ()))
+    return shrink(model, full_plan(groups), decode(final["channels"], groups, str(path)), example)
