@@ -75,7 +75,8 @@ def trace(model: nn.Module, example: torch.Tensor):
     was_training = model.training
     model.eval()
     try:
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.to(_device_of(model)))
+        with torch.enable_grad():  # the graph is read from autograd: callers may be under no_grad
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.to(_device_of(model)))
     except Exception as error:  # the user's forward or an op Torch-Pruning cannot follow
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise StructureError(f"--structure channels: tracing the model failed ({type(error).__name__}: "
@@ -183,8 +184,7 @@ def shrink(model: nn.Module, current: Mapping[str, Sequence[int]], new: Mapping[
             if not removed:
                 continue
             if graph is None:
-                with torch.enable_grad():
-                    graph = trace(model, example)
+                graph = trace(model, example)
             _full_group(graph, modules[root], removed).prune(record_history=False)
             try:
                 model(example.to(device))
@@ -202,8 +202,7 @@ def group_scores(model: nn.Module, groups: Sequence[Group], plan: Mapping[str, S
                  criterion: ChannelCriterion, example: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Per group, one score per current channel: the criterion's layer scores averaged over every
     Conv/Linear whose output channels the group removes (a residual stage's convs vote together)."""
-    with torch.enable_grad():
-        graph = trace(model, example)
+    graph = trace(model, example)
     modules = dict(model.named_modules())
     following_bn = _following_batchnorm(graph, model)
     scores: Dict[str, torch.Tensor] = {}
