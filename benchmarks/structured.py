@@ -60,12 +60,13 @@ def loaders(model_name: str, model: torch.nn.Module, batch_size: int, seed: int)
     return digits_as(shape, batch_size, seed)
 
 
-def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path) -> List[Dict[str, Any]]:
+def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path,
+                 min_channels: int | None = None) -> List[Dict[str, Any]]:
     """Dense + one-shot levels at 30/50/70% MACs removed; each entry has the model and its figures."""
     torch.manual_seed(0)
     dense_model = build_model(model_name)
     base = dict(epochs=epochs, lr_drops=(epochs * 2 // 3,) if epochs > 1 else (), structure="channels", one_shot=True,
-                channel_multiple=multiple, batch_size=64, seed=0)
+                channel_multiple=multiple, min_channels=min_channels, batch_size=64, seed=0)
     train, test = loaders(model_name, dense_model, 64, 0)
     levels: List[Dict[str, Any]] = []
     dense_state = None
@@ -73,13 +74,14 @@ def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path) -> 
         torch.manual_seed(0)
         model = build_model(model_name)
         config = config_for(model_name, target_macs=target, **base)
-        result = compress(model, train, test, config, out=scratch / f"{model_name}-{target}", device="cpu",
+        out = scratch / f"{model_name}-{target}-{multiple}-{min_channels}"
+        result = compress(model, train, test, config, out=out, device="cpu",
                           model_name=model_name, data_name="digits", pretrained=dense_state)
         dense_entry, last = result.metrics["methods"]["lr-rewind"][0], result.final()
         if dense_state is None:  # the first run trained the dense network: every target starts from it
             from compressor.run_dir import load_level
 
-            dense = load_level(scratch / f"{model_name}-{target}", level=0)
+            dense = load_level(out, level=0)
             dense_state = {k: v.clone() for k, v in dense.model.state_dict().items()}
             levels.append({"name": "dense", "model": dense.model.eval(), **_figures(dense_entry)})
         levels.append({"name": f"{int(target * 100)}%", "model": result.model.cpu().eval(), **_figures(last)})
@@ -160,22 +162,24 @@ def compare_methods(seeds: List[int], epochs: int, target: float, scratch: Path)
                              model_name="digits-cnn", data_name="digits").metrics)
     print(f"\n## digits-cnn, --structure channels to {target:.0%} MACs removed: test accuracy % "
           f"(mean ± std over seeds {seeds}, {epochs} epochs per training)\n")
-    print("| level | MACs removed (mean) | lr-rewind | finetune |")
-    print("|---:|---:|---:|---:|")
+    print("Each (seed, method) takes its own path (plans come from its own weights), so a level's MACs "
+          "differ a little between runs: the columns give each method's mean; n = runs that have the level.\n")
+    print("| level | lr-rewind MACs removed | lr-rewind | finetune MACs removed | finetune | n |")
+    print("|---:|---:|---:|---:|---:|---:|")
     rows = []
-    depth = min(len(run["methods"][m]) for run in runs for m in ("lr-rewind", "finetune"))
+    depth = max(len(run["methods"][m]) for run in runs for m in ("lr-rewind", "finetune"))
     for level in range(depth):
         row: Dict[str, Any] = {"level": level}
         cells = []
         for method in ("lr-rewind", "finetune"):
-            values = [100 * run["methods"][method][level]["accuracy"] for run in runs]
+            entries = [run["methods"][method][level] for run in runs if len(run["methods"][method]) > level]
+            values = [100 * e["accuracy"] for e in entries]
             row[method] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                           "values": values}
-            cells.append(f"{row[method]['mean']:.2f} ± {row[method]['std']:.2f}")
-        removed = statistics.mean(run["methods"]["lr-rewind"][level]["macs_removed"] for run in runs)
-        row["macs_removed"] = removed
+                           "values": values, "macs_removed": statistics.mean(e["macs_removed"] for e in entries)}
+            cells += [f"{row[method]['macs_removed']:.1%}", f"{row[method]['mean']:.2f} ± {row[method]['std']:.2f}"]
+        counts = {len(row[m]["values"]) for m in ("lr-rewind", "finetune")}
         rows.append(row)
-        print(f"| {level} | {removed:.1%} | " + " | ".join(cells) + " |")
+        print(f"| {level} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(counts)))} |")
     return {"seeds": seeds, "epochs": epochs, "target_macs": target, "levels": rows}
 
 
@@ -184,6 +188,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet20,digits-cnn")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per training (default: %(default)s)")
     parser.add_argument("--channel-multiple", type=int, default=8)
+    parser.add_argument("--min-channels", type=int, default=None,
+                        help="narrowest width (default: the multiple); e.g. 16 and 8 keep widths 8, 16, 32, 48, ...")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per model per round (default: %(default)s)")
     parser.add_argument("--compare-methods", action="store_true", help="also LRR vs FT on digits-cnn")
@@ -197,11 +203,12 @@ def main(argv: List[str] | None = None) -> int:
     import onnxruntime
 
     results: Dict[str, Any] = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                               "channel_multiple": args.channel_multiple, "epochs": args.epochs, "models": {}}
+                               "channel_multiple": args.channel_multiple,
+                               "min_channels": args.min_channels, "epochs": args.epochs, "models": {}}
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-") as scratch:
         if not args.skip_latency:
             for model_name in [m for m in args.models.split(",") if m]:
-                levels = prune_levels(model_name, args.epochs, args.channel_multiple, Path(scratch))
+                levels = prune_levels(model_name, args.epochs, args.channel_multiple, Path(scratch), args.min_channels)
                 results["models"][model_name] = latency_table(model_name, levels, args.rounds, args.runs)
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         if args.compare_methods:

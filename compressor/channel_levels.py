@@ -38,6 +38,10 @@ class ChannelLevels:
         self._cache: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], float] = {}
         self._check_reachable()
 
+    @property
+    def _rounding(self) -> Tuple[int, Optional[int]]:
+        return self.config.channel_multiple, self.config.min_channels
+
     def dense_plan(self) -> ChannelPlan:
         return full_plan(self.groups)
 
@@ -68,7 +72,7 @@ class ChannelLevels:
     def next_plan(self, model: nn.Module, current: ChannelPlan) -> Tuple[ChannelPlan, bool]:
         """The next level's plan from ``model`` (the previous level, trained) and whether it is the last."""
         scores = group_scores(model, self.groups, current, self.criterion, self.example)
-        ranking = Ranking(self.groups, current, scores, self.config.channel_multiple)
+        ranking = Ranking(self.groups, current, scores, *self._rounding)
         if not self.config.one_shot:
             have = channel_count(current)
             want = max(1, round(self.config.prune_fraction * have))
@@ -92,16 +96,16 @@ class ChannelLevels:
     def _check_reachable(self) -> None:
         """Refuse, before anything is trained, a target that even the narrowest network misses."""
         uniform = {g.root: torch.zeros(g.size) for g in self.groups}
-        narrowest = Ranking(self.groups, self.dense_plan(), uniform, self.config.channel_multiple)
+        narrowest = Ranking(self.groups, self.dense_plan(), uniform, *self._rounding)
         if self.removed(narrowest.plan(narrowest.units)) < self.target:
             raise ConfigError(self._unreachable())
 
     def _unreachable(self) -> str:
         uniform = {g.root: torch.zeros(g.size) for g in self.groups}
-        narrowest = Ranking(self.groups, self.dense_plan(), uniform, self.config.channel_multiple)
+        narrowest = Ranking(self.groups, self.dense_plan(), uniform, *self._rounding)
         most = self.removed(narrowest.plan(narrowest.units))
         flag = "--target-macs" if self.metric == "macs" else "--target-sparsity"
         return (f"{flag} {self.target:g} is out of reach: with every prunable group down to "
-                f"--channel-multiple {self.config.channel_multiple} channels at most {most:.1%} of the "
+                f"{self.config.min_channels or self.config.channel_multiple} channels at most {most:.1%} of the "
                 f"{'MACs' if self.metric == 'macs' else 'parameters'} go; lower the target, the multiple "
                 f"or the --exclude list")

@@ -13,8 +13,8 @@ its state_dict" — deterministic, so ``load_level``, export and ``--resume`` ge
 
 Never pruned: the layers whose output channels reach the model's output (the classifier), the
 input's channels (no group contains them), ``--exclude``d layers (a group touching one stays
-whole), and no group below one ``--channel-multiple`` of channels (or its current width if that
-is smaller) — so no layer ever disappears.
+whole), and no group below one ``--channel-multiple`` of channels (``--min-channels`` when given;
+or its current width if that is smaller) — so no layer ever disappears.
 """
 
 from __future__ import annotations
@@ -242,8 +242,9 @@ class Ranking:
     """
 
     def __init__(self, groups: Sequence[Group], current: Mapping[str, Sequence[int]],
-                 scores: Mapping[str, torch.Tensor], multiple: int) -> None:
+                 scores: Mapping[str, torch.Tensor], multiple: int, narrowest: Optional[int] = None) -> None:
         self.groups, self.current, self.multiple = list(groups), current, multiple
+        self.narrowest = narrowest or multiple
         self.unit_scores: Dict[str, torch.Tensor] = {}
         entries: List[Tuple[float, int, int]] = []
         for index, g in enumerate(self.groups):
@@ -265,11 +266,21 @@ class Ranking:
         """Units kept in ``g`` when ``removed`` of its units rank among the weakest: rounded to the
         nearest multiple of the step, never below one step, never above what it has."""
         have = len(self.current[g.root]) // g.blocks
+        if g.blocks == 1 and self.narrowest != self.multiple:
+            return self._nearest_allowed(have, have - removed)
         step = self._step(g)
         if have <= step:
             return have
         rounded = int(math.floor((have - removed) / step + 0.5)) * step
         return min(have, max(step, rounded))
+
+    def _nearest_allowed(self, have: int, wanted: int) -> int:
+        """Widths allowed: ``narrowest`` and the multiples of ``multiple`` (e.g. 8, 16, 32, 48 for
+        --min-channels 8 --channel-multiple 16), never above ``have``; ties go to the wider."""
+        if have <= self.narrowest:
+            return have
+        allowed = {self.narrowest, have} | set(range(self.multiple, have + 1, self.multiple))
+        return min((w for w in allowed if self.narrowest <= w <= have), key=lambda w: (abs(w - wanted), -w))
 
     def plan(self, n: int) -> ChannelPlan:
         """The plan that removes the ``n`` weakest units (before rounding)."""

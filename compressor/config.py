@@ -63,6 +63,10 @@ class PruneConfig:
     channel_multiple: int = field(default=8, metadata=_help(
         "channels only: kept channel counts are rounded to multiples of this (CPU kernels work in "
         "blocks of 8/16 channels); 1 = exact"))
+    min_channels: Optional[int] = field(default=None, metadata=_help(
+        "channels only: the narrowest a layer may get (default: --channel-multiple); below the "
+        "multiple it allows one narrower width, e.g. --channel-multiple 16 --min-channels 8 keeps "
+        "widths in 8, 16, 32, 48, ... (CPUs with 16-float vector blocks)"))
     criterion: Optional[str] = field(default=None, metadata=_help(
         "how a round ranks what it removes: magnitude (weights), l1-norm or bn-scale (channels); "
         "default: magnitude for weights, l1-norm for channels"))
@@ -81,6 +85,11 @@ class PruneConfig:
             object.__setattr__(self, "lr_drops", tuple(int(e) for e in self.lr_drops))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"--lr-drops must be comma separated epochs, got {self.lr_drops!r}") from error
+        if isinstance(self.min_channels, str):
+            try:
+                object.__setattr__(self, "min_channels", int(self.min_channels))
+            except ValueError as error:
+                raise ConfigError(f"--min-channels must be an integer, got {self.min_channels!r}") from error
         if isinstance(self.target_macs, str):  # the CLI hands optional numbers over as text
             try:
                 object.__setattr__(self, "target_macs", float(self.target_macs))
@@ -126,6 +135,8 @@ class PruneConfig:
                                   "that a dense runtime skips)")
             if not 0.0 < self.target_macs < 1.0:
                 raise ConfigError(f"target MACs must be in (0, 1), got {self.target_macs}")
+        if self.min_channels is not None and not 1 <= self.min_channels <= self.channel_multiple:
+            raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be at least 1, got {self.channel_multiple}")
 

@@ -279,7 +279,9 @@ class _Job:
         """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json."""
         began = time.perf_counter()
         self.ranks.broadcast_state(self.model)  # every rank evaluates exactly what rank 0 saves
-        mask_checksums = self.ranks.agree("masks", mask)
+        # Structured levels have no mask: every rank must have derived the same channel plan instead.
+        mask_checksums = self.ranks.agree("masks", mask) if self.channels is None else \
+            self.ranks.agree("channel plans", self.extra["channels"])
         accuracy, loss = evaluate(self.model, self.test_loader, self.device, reduce=self.ranks.sum)
         final = {
             "model": _cpu_state(self.model), "mask": mask.state_dict(), "level": level,

@@ -171,6 +171,32 @@ def test_widths_round_to_the_multiple_and_never_vanish_and_exclude_keeps_layers_
     assert model.conv.in_channels == 3
 
 
+def test_min_channels_allows_one_narrower_width_below_the_multiple() -> None:
+    from compressor.channels import Group
+
+    groups = [Group("a", 64), Group("b", 12)]
+    current = {"a": list(range(64)), "b": list(range(12))}
+    scores = {"a": torch.arange(64.0), "b": torch.arange(12.0)}
+    seen = {len(Ranking(groups, current, scores, 16, 8).plan(n)["a"]) for n in range(0, 77)}
+    assert seen == {64, 48, 32, 16, 8}
+    ranking = Ranking(groups, current, scores, 8)
+    plan = ranking.plan(ranking.units)
+    assert len(plan["a"]) == 8 and len(plan["b"]) == 8 and plan["a"] == list(range(56, 64))  # the strongest stay
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--target-macs", "0.5"], "needs --structure channels"),
+    (["--structure", "channels", "--target-macs", "1.5"], "target MACs must be in (0, 1)"),
+    (["--structure", "channels", "--criterion", "magnitude"], "ranks weights, not channels"),
+    (["--structure", "channels", "--min-channels", "9"], "--min-channels must be in"),
+    (["--structure", "blocks"], "unknown structure"),
+])
+def test_bad_structure_options_are_one_line(tmp_path: Path, args: list, needle: str) -> None:
+    code, _, stderr = cli(["compress", "--model", "digits-cnn", "--epochs", "2", "--out", str(tmp_path / "r"), *args])
+    assert code == 2 and stderr.count("\n") == 1 and needle in stderr, stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
     spec = user_model(tmp_path)
     run, model_dir, dense_dir = tmp_path / "run", tmp_path / "model", tmp_path / "dense"
