@@ -48,7 +48,9 @@ DENSE = "dense"
 class CompressResult:
     """What :func:`compress` returns.
 
-    ``model`` is the model you passed, now holding the last level of the first method;
+    ``model`` is the model you passed, now holding the last level of the first method (with
+    ``--structure channels``: a new, smaller module of the same class, the dense one passed in untouched
+    apart from its dense training);
     ``metrics`` is metrics.json's content; ``run_dir`` is ``None`` when no ``out`` was given.
     """
 
@@ -68,6 +70,10 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
              pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: bool = False,
              epoch_callback: Optional[EpochCallback] = None) -> CompressResult:
     """Iteratively prune ``model`` to ``config.target_sparsity`` and retrain it after every round.
+
+    ``config.structure == "channels"`` removes whole channels instead of single weights (until
+    ``config.target_macs`` or the fraction of parameters ``target_sparsity`` is removed; see
+    ``compressor.channel_levels``); the model must declare or let us peek its input shape.
 
     Args:
         model: the network (trained in place). Seed torch before building it for reproducible runs.
@@ -103,6 +109,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
                                              config.target_sparsity, config.one_shot)
     model.to(torch_device)
+    params = prunable_parameters(model, config.exclude)  # the parameters as they live on the device
     trainable = ranks.wrap(model)  # DistributedDataParallel under torchrun; shares model's parameters
     record = {"model": model_name or type(model).__name__, "data": data_name,
               "pretrained": pretrained is not None, "input_shape": list(shape) if shape else None,
