@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from compressor.channels import params_and_macs, example_input
+from compressor.channels import example_input
 from compressor.config import config_for
 from compressor.data import TensorLoader, load_data
 from compressor.models import build_model, input_shape_of

@@ -171,6 +171,22 @@ def test_widths_round_to_the_multiple_and_never_vanish_and_exclude_keeps_layers_
     assert model.conv.in_channels == 3
 
 
+def test_rewind_snapshot_is_sliced_to_the_surviving_channels() -> None:
+    from compressor.channel_levels import ChannelLevels
+    from compressor.config import PruneConfig
+    from compressor.models import build_model
+
+    torch.manual_seed(0)
+    dense = build_model("digits-cnn")
+    levels = ChannelLevels(dense, dense.input_shape, PruneConfig(structure="channels", target_macs=0.5),
+                           criterion_named(None, "channels"))
+    plan = {root: kept[::2] for root, kept in levels.dense_plan().items()}  # every other channel
+    sliced = levels.build(plan, dense.state_dict(), "test", state_is_dense=True)
+    first, second = plan["features.0"], plan["features.3"]
+    torch.testing.assert_close(sliced.features[3].weight, dense.features[3].weight[second][:, first])
+    torch.testing.assert_close(sliced.features[4].running_mean, dense.features[4].running_mean[second])
+
+
 def test_min_channels_allows_one_narrower_width_below_the_multiple() -> None:
     from compressor.channels import Group
 
