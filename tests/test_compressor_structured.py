@@ -216,17 +216,17 @@ def test_bad_structure_options_are_one_line(tmp_path: Path, args: list, needle: 
 def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
     spec = user_model(tmp_path)
     run, model_dir, dense_dir = tmp_path / "run", tmp_path / "model", tmp_path / "dense"
-    code, stdout, stderr = cli(["compress", "--model", spec, "--structure", "channels", "--target-macs", "0.4",
-                                "--epochs", "2", "--lr-drops", "1", "--seed", "1", "--no-progress", "--out", str(run)])
-    assert code == 0, stderr
+    # In process, as the CLI builds it (the CLI path of a user model: the untraceable-model test).
+    run_tiny(run, model_name=spec, structure="channels", target_macs=0.4, epochs=1, lr_drops=())
     metrics = json.loads((run / "metrics.json").read_text())
     levels = metrics["methods"]["lr-rewind"]
     assert levels[-1]["macs_removed"] >= 0.4 and all(lv["macs_removed"] < 0.4 for lv in levels[:-1])
     assert levels[-1]["params"] < levels[0]["params"] and "widths" in levels[-1]
     assert "MACs removed" in (run / "report.md").read_text()
-    for level, out in ((len(levels) - 1, model_dir), (0, dense_dir)):
-        code, _, stderr = cli(["export", str(run), "--level", str(level), "--out", str(out)])
-        assert code == 0, stderr
+    from compressor.export import export_run_dir
+
+    export_run_dir(run, model_dir)  # the last level
+    export_run_dir(run, dense_dir, level=0)
     size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
     assert size(model_dir) < 0.8 * size(dense_dir)
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
