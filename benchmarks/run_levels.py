@@ -34,7 +34,8 @@ def export_levels(run_dir: Path, levels_text: str, out_dir: Path, model: Optiona
     """
     from compressor.errors import CompressorError
     from compressor.export import export_model
-    from compressor.run_dir import list_levels, load_level
+    from compressor.export import structure_family
+    from compressor.run_dir import CONFIG, list_levels, load_level, read_json
 
     wanted = parse_levels(levels_text)
     try:
@@ -64,7 +65,8 @@ def export_levels(run_dir: Path, levels_text: str, out_dir: Path, model: Optiona
                              sparsity=loaded.sparsity, force=True,
                              source={"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name,
                                      "method": "dense" if info.level == 0 else info.method,
-                                     "level": info.level})
+                                     "level": info.level,
+                                     **structure_family(run_dir, read_json(Path(run_dir) / CONFIG))})
             except CompressorError as error:
                 raise BenchError(f"exporting {info.method} level {info.level}: {error}") from None
         model_dirs.append(target)

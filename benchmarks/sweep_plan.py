@@ -68,7 +68,9 @@ def entry_from_manifest(label: str, manifest: Dict[str, object]) -> ModelEntry:
     source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     layers = manifest.get("layers") if isinstance(manifest.get("layers"), list) else []
-    family = json.dumps([layer.get("shape") for layer in layers if isinstance(layer, dict)])
+    # Structured pruning shrinks the layers, so its levels name their family (their run) themselves.
+    family = source.get("family") if isinstance(source.get("family"), str) else \
+        json.dumps([layer.get("shape") for layer in layers if isinstance(layer, dict)])
     return ModelEntry(label=label, sparsity=_number(manifest.get("sparsity")),
                       accuracy=_number(manifest.get("accuracy")), method=source.get("method"),
                       level=source.get("level"), family=family, files=dict(files))

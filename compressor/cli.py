@@ -21,6 +21,7 @@ examples:
   edgeprune compress --model digits-cnn --method lr-rewind,finetune,weight-rewind --out runs/cmp
   edgeprune compress --model resnet20 --data cifar10:~/data/cifar-10-batches-py --out runs/r20
   edgeprune compress --model my_net.py:build --data my_data.py:loaders --out runs/mine
+  edgeprune compress --model resnet20 --structure channels --target-macs 0.5 --out runs/r20-ch
   edgeprune compress ... --out runs/mlp --resume        # continue a killed run
 """
 
@@ -110,9 +111,11 @@ def _compress_and_report(args: argparse.Namespace) -> int:
                       pretrained=pretrained, progress=progress)
     if not is_main_process():
         return 0
-    print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}")
+    structured = config.structure == "channels"
+    print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}" + ("     params  MACs removed" if structured else ""))
     for method, levels in result.metrics["methods"].items():
         for entry in levels:
-            print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {entry['accuracy']:>9.2%}")
+            extra = f" {entry['params']:>10,} {entry['macs_removed']:>13.2%}" if structured else ""
+            print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {entry['accuracy']:>9.2%}{extra}")
     print(f"results: {args.out}/metrics.json, report.md, sparsity_accuracy.png")
     return 0

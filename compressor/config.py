@@ -17,6 +17,7 @@ from compressor.errors import ConfigError
 
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
+STRUCTURES = ("weights", "channels")
 
 
 def _help(text: str) -> Dict[str, str]:
@@ -57,6 +58,22 @@ class PruneConfig:
     rewind_epoch: int = field(default=1, metadata=_help(
         "weight-rewind only: the dense-training epoch whose weights surviving weights are reset to"))
     seed: int = field(default=0, metadata=_help("random seed (initialisation, shuffling, augmentation)"))
+    structure: str = field(default="weights", metadata=_help(
+        "what a round removes: weights (unstructured, a sparse model) or channels (whole filters and "
+        "neurons with every coupled tensor: a smaller dense model that every runtime runs faster)"))
+    target_macs: Optional[float] = field(default=None, metadata=_help(
+        "channels only: fraction of multiply-accumulates to remove in the end, in (0, 1); when given "
+        "it replaces --target-sparsity (which, for channels, counts all parameters removed)"))
+    channel_multiple: int = field(default=8, metadata=_help(
+        "channels only: kept channel counts are rounded to multiples of this (CPU kernels work in "
+        "blocks of 8/16 channels); 1 = exact"))
+    min_channels: Optional[int] = field(default=None, metadata=_help(
+        "channels only: the narrowest a layer may get (default: --channel-multiple); below the "
+        "multiple it allows one narrower width, e.g. --channel-multiple 16 --min-channels 8 keeps "
+        "widths in 8, 16, 32, 48, ... (CPUs with 16-float vector blocks)"))
+    criterion: Optional[str] = field(default=None, metadata=_help(
+        "how a round ranks what it removes: magnitude (weights), l1-norm or bn-scale (channels); "
+        "default: magnitude for weights, l1-norm for channels"))
 
     def __post_init__(self) -> None:
         # Lists from JSON or the API become tuples, so equal configs compare equal.
@@ -72,6 +89,16 @@ class PruneConfig:
             object.__setattr__(self, "lr_drops", tuple(int(e) for e in self.lr_drops))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"--lr-drops must be comma separated epochs, got {self.lr_drops!r}") from error
+        if isinstance(self.min_channels, str):
+            try:
+                object.__setattr__(self, "min_channels", int(self.min_channels))
+            except ValueError as error:
+                raise ConfigError(f"--min-channels must be an integer, got {self.min_channels!r}") from error
+        if isinstance(self.target_macs, str):  # the CLI hands optional numbers over as text
+            try:
+                object.__setattr__(self, "target_macs", float(self.target_macs))
+            except ValueError as error:
+                raise ConfigError(f"--target-macs must be a number in (0, 1), got {self.target_macs!r}") from error
         self._validate()
 
     def _validate(self) -> None:
@@ -103,6 +130,21 @@ class PruneConfig:
             raise ConfigError(f"warmup epochs must be in [0, epochs), got {self.warmup_epochs}")
         if "weight-rewind" in self.methods and not 0 <= self.rewind_epoch < self.epochs:
             raise ConfigError(f"rewind epoch must be in [0, epochs={self.epochs}), got {self.rewind_epoch}")
+        self._validate_structure()
+
+    def _validate_structure(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"unknown structure {self.structure!r}; choose from {', '.join(STRUCTURES)}")
+        if self.target_macs is not None:
+            if self.structure != "channels":
+                raise ConfigError("--target-macs needs --structure channels (unstructured zeros remove no MACs "
+                                  "that a dense runtime skips)")
+            if not 0.0 < self.target_macs < 1.0:
+                raise ConfigError(f"target MACs must be in (0, 1), got {self.target_macs}")
+        if self.min_channels is not None and not 1 <= self.min_channels <= self.channel_multiple:
+            raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
+        if self.channel_multiple < 1:
+            raise ConfigError(f"--channel-multiple must be at least 1, got {self.channel_multiple}")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
@@ -149,5 +191,8 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
     """Human-readable ``key: old -> new`` lines for every key whose value differs."""
     # Round-trip through JSON so tuples/lists and ints/floats compare as they were saved.
     current = json.loads(json.dumps(current))
+    # A key added to PruneConfig after a run was saved is no difference while it holds its default.
+    defaults = PruneConfig().to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved and current.get(k) == v}, **saved}
     keys = sorted(set(saved) | set(current))
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -27,3 +27,7 @@ class CheckpointError(CompressorError):
 
 class ExportError(CompressorError):
     """A model or level cannot be exported as asked."""
+
+
+class StructureError(CompressorError):
+    """The model's graph cannot be traced or shrunk for ``--structure channels`` (names the layer/op)."""

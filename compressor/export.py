@@ -377,10 +377,18 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
     if not shape:
         raise ExportError(f"{run_dir}: the run records no input shape")
     source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
-              "level": loaded.level, "data": config.get("data")}
+              "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config)}
     return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype,
                         sample=_real_sample(config.get("data"), shape), accuracy=loaded.accuracy,
                         sparsity=loaded.sparsity, source=source, force=force)
+
+
+def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, str]:
+    """``{"family": ...}`` for a --structure channels run: its levels have different layer shapes but
+    one dense reference, which is what bench's speed-ups must compare against; ``{}`` otherwise."""
+    if config.get("structure") != "channels":
+        return {}
+    return {"family": f"channels:{Path(run_dir).resolve()}"}
 
 
 def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir: Path | str, *,

@@ -24,16 +24,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor import checkpoints
+from compressor.channel_levels import ChannelLevels
+from compressor.channels import decode, encode
 from compressor.config import PruneConfig
 from compressor.devices import resolve_device
 from compressor.distributed import Distributed, current, require_shared
 from compressor.errors import ConfigError
+from compressor.criteria import criterion_named
 from compressor.mask import Mask
-from compressor.methods import RetrainPlan, dense_plan, retrain_plan
+from compressor.methods import RetrainPlan, any_rewinds_weights, dense_plan, method_named
 from compressor.models import input_shape_of
 from compressor.optimizers import build_optimizer
-from compressor.pruning import (global_magnitude_prune, keep_counts, layer_sparsities, prunable_parameters,
-                                weight_sparsity)
+from compressor.pruning import keep_counts, layer_sparsities, prunable_parameters, weight_sparsity
 from compressor.report import warn_thin_layers, write_metrics, write_report
 from compressor.run_dir import CONFIG, RunDir, collect_metrics, model_fields
 from compressor.training import evaluate, require_finite, train, zero_pruned
@@ -46,7 +48,9 @@ DENSE = "dense"
 class CompressResult:
     """What :func:`compress` returns.
 
-    ``model`` is the model you passed, now holding the last level of the first method;
+    ``model`` is the model you passed, now holding the last level of the first method (with
+    ``--structure channels``: a new, smaller module of the same class, the dense one passed in untouched
+    apart from its dense training);
     ``metrics`` is metrics.json's content; ``run_dir`` is ``None`` when no ``out`` was given.
     """
 
@@ -66,6 +70,10 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
              pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: bool = False,
              epoch_callback: Optional[EpochCallback] = None) -> CompressResult:
     """Iteratively prune ``model`` to ``config.target_sparsity`` and retrain it after every round.
+
+    ``config.structure == "channels"`` removes whole channels instead of single weights (until
+    ``config.target_macs`` or the fraction of parameters ``target_sparsity`` is removed; see
+    ``compressor.channel_levels``); the model must declare or let us peek its input shape.
 
     Args:
         model: the network (trained in place). Seed torch before building it for reproducible runs.
@@ -90,16 +98,19 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     torch_device = ranks.device
     if ranks.active and out is None:
         raise ConfigError("a distributed run needs out=RUN_DIR, on a filesystem every process sees")
-    if pretrained is not None and "weight-rewind" in config.methods:
+    if pretrained is not None and any_rewinds_weights(config.methods):
         raise ConfigError("weight-rewind needs the dense training's early weights; it cannot start from --pretrained")
+    criterion = criterion_named(config.criterion, config.structure)
     if pretrained is not None:  # before RUN_DIR is touched: a checkpoint that does not fit writes nothing
         checkpoints.load_into(model, pretrained, "--pretrained")
-    model.to(torch_device)
-    trainable = ranks.wrap(model)  # DistributedDataParallel under torchrun; shares model's parameters
-    params = prunable_parameters(model, config.exclude)
-    counts = keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
-                         config.target_sparsity, config.one_shot)
+    params = prunable_parameters(model, config.exclude)  # also checks --exclude's names
     shape = input_shape_of(model) or _peek_input_shape(test_loader)
+    channels = _channel_levels(model, shape, config, criterion)  # traced before RUN_DIR is touched
+    counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
+                                             config.target_sparsity, config.one_shot)
+    model.to(torch_device)
+    params = prunable_parameters(model, config.exclude)  # the parameters as they live on the device
+    trainable = ranks.wrap(model)  # DistributedDataParallel under torchrun; shares model's parameters
     record = {**model_fields(model_name or type(model).__name__), "data": data_name,
               "pretrained": pretrained is not None, "input_shape": list(shape) if shape else None,
               **config.to_dict()}
@@ -109,23 +120,48 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         _prepare(run, record, resume, ranks)
         stack.enter_context(_deterministic(torch_device))
         progress = progress and ranks.is_main
-        job = _Job(run, model, params, ranks.shard(train_loader, train=True), ranks.shard(test_loader, train=False),
-                   config, torch_device, progress, epoch_callback, ranks, trainable)
-        bar = stack.enter_context(tqdm(total=1 + len(config.methods) * len(counts), desc="levels",
-                                       disable=not progress))
+        job = _Job(run, model, {} if channels else params, ranks.shard(train_loader, train=True),
+                   ranks.shard(test_loader, train=False), config, torch_device, progress, epoch_callback, ranks,
+                   trainable)
+        job.counts, job.criterion, job.channels = counts, criterion, channels
+        bar = stack.enter_context(tqdm(total=1 + len(config.methods) * len(counts) if counts else None,
+                                       desc="levels", disable=not progress))
         job.dense(pretrained)
         bar.update()
+        last_levels = {}
         for method in config.methods:
-            for level, keep in enumerate(counts, start=1):
-                bar.set_postfix_str(f"{method} {level}/{len(counts)}")
-                job.level(method, level, keep)
+            level, last = 0, False
+            while not last:
+                level += 1
+                bar.set_postfix_str(f"{method} {level}" + (f"/{len(counts)}" if counts else ""))
+                last = job.level(method, level)
                 bar.update()
+            last_levels[method] = level
         metrics = collect_metrics(run, job.records)
         write_metrics(run, metrics)
         write_report(run, metrics)
-        last = checkpoints.load(run.final_path(config.methods[0], len(counts)))
-        checkpoints.load_into(model, last["model"], "the last level")
+        final = checkpoints.load(run.final_path(config.methods[0], last_levels[config.methods[0]]))
+        if channels:  # a smaller network than the one passed in: a new module
+            model = channels.build(channels_plan(final, channels), final["model"], "the last level").to(torch_device)
+        else:
+            checkpoints.load_into(model, final["model"], "the last level")
         return CompressResult(model, metrics, Path(out) if out is not None else None)
+
+
+def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
+                    criterion: Any) -> Optional[ChannelLevels]:
+    """The structured side of the run (None for --structure weights); traces the model now, so an
+    untraceable model is refused before anything is written or trained."""
+    if config.structure != "channels":
+        return None
+    if not shape:
+        raise ConfigError("--structure channels needs the model's input shape (model.input_shape)")
+    return ChannelLevels(model, shape, config, criterion)
+
+
+def channels_plan(final: Dict[str, Any], channels: ChannelLevels) -> Dict[str, List[int]]:
+    """The kept-channel plan stored in a level's final.pt or checkpoint.pt."""
+    return decode(final.get("channels"), channels.groups, "a level of this run")
 
 
 class _Job:
@@ -147,35 +183,70 @@ class _Job:
         generator = getattr(train_loader, "generator", None)
         self.generators: List[torch.Generator] = [generator] if isinstance(generator, torch.Generator) else []
         self.steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 1
+        self.counts: List[int] = []  # weights: surviving weights after each round (compress() sets these)
+        self.criterion: Any = None
+        self.channels: Optional[ChannelLevels] = None  # channels: the structured side of the run
+        self.extra: Dict[str, Any] = {}  # what this level's checkpoints and final.pt add (its channel plan)
 
     def dense(self, pretrained: Optional[Dict[str, torch.Tensor]]) -> None:
         """Level 0: train the dense network (saving the rewind snapshot on the way) or load it."""
         if self.run.final_path(DENSE, 0).is_file():
             return
         mask = Mask.ones_like(self.params).to(self.device)
+        if self.channels is not None:
+            self.extra = {"channels": encode(self.channels.dense_plan()), "last": False}
         if pretrained is not None:  # already loaded into the model by compress()
             began = time.perf_counter()
             self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[], optimizer=None)
             return
-        if "weight-rewind" in self.config.methods and self.config.rewind_epoch == 0 and \
+        if any_rewinds_weights(self.config.methods) and self.config.rewind_epoch == 0 and \
                 not self.run.rewind_path.is_file():
             self.run.save({"model": _cpu_state(self.model)}, self.run.rewind_path)
         self._train(DENSE, 0, dense_plan(self.config), mask)
 
-    def level(self, method: str, level: int, keep: int) -> None:
-        """Prune the previous level to ``keep`` weights and retrain with ``method`` (unless done)."""
-        if self.run.final_path(method, level).is_file():
-            return
-        plan = retrain_plan(method, self.config, self.steps_per_epoch)
-        previous = checkpoints.load(self.run.final_path(method, level - 1))
-        checkpoints.load_into(self.model, previous["model"], str(self.run.final_path(method, level - 1)))
-        mask = global_magnitude_prune(self.params, Mask(previous["mask"]).to(self.device), keep,
-                                      floor=self.config.layer_floor)
-        if plan.rewind_weights:
+    def level(self, method: str, level: int) -> bool:
+        """Prune the previous level one round and retrain with ``method`` (unless done); returns
+        whether this level is the method's last."""
+        if self.channels is not None:
+            return self._channel_level(method, level)
+        if not self.run.final_path(method, level).is_file():
+            plan = method_named(method).plan(self.config, self.steps_per_epoch)
+            previous = checkpoints.load(self.run.final_path(method, level - 1))
+            checkpoints.load_into(self.model, previous["model"], str(self.run.final_path(method, level - 1)))
+            mask = self.criterion.prune(self.params, Mask(previous["mask"]).to(self.device), self.counts[level - 1],
+                                        floor=self.config.layer_floor)
+            if plan.rewind_weights:
+                rewind = checkpoints.load(self.run.rewind_path)
+                checkpoints.load_into(self.model, rewind["model"], str(self.run.rewind_path))
+            zero_pruned(self.params, mask)
+            self._train(method, level, plan, mask)
+        return level == len(self.counts)
+
+    def _channel_level(self, method: str, level: int) -> bool:
+        """Structured: remove the next round's channels physically, then retrain the smaller network."""
+        channels, done = self.channels, self.run.final_path(method, level)
+        if done.is_file():
+            return bool(checkpoints.load(done).get("last", True))
+        plan = method_named(method).plan(self.config, self.steps_per_epoch)
+        source = self.run.final_path(method, level - 1)
+        previous = checkpoints.load(source)
+        current = channels_plan(previous, channels)
+        model = channels.build(current, previous["model"], str(source)).to(self.device)
+        kept, last = channels.next_plan(model, current)
+        if plan.rewind_weights:  # the rewind snapshot, sliced to the surviving channels
             rewind = checkpoints.load(self.run.rewind_path)
-            checkpoints.load_into(self.model, rewind["model"], str(self.run.rewind_path))
-        zero_pruned(self.params, mask)
-        self._train(method, level, plan, mask)
+            model = channels.build(kept, rewind["model"], str(self.run.rewind_path), state_is_dense=True)
+        else:
+            model = channels.shrink_to(model, current, kept)
+        self._use(model.to(self.device))
+        self.extra = {"channels": encode(kept), "last": last}
+        self._train(method, level, plan, Mask({}))
+        return last
+
+    def _use(self, model: nn.Module) -> None:
+        """Train ``model`` from now on (structured levels build a new, smaller one each round)."""
+        self.model = model
+        self.trainable = self.ranks.wrap(model)
 
     def _train(self, method: str, level: int, plan: RetrainPlan, mask: Mask) -> None:
         """Run ``plan`` for one level, checkpointing every epoch, then write its ``final.pt``."""
@@ -197,12 +268,12 @@ class _Job:
 
         def on_epoch_end(epoch: int, lr: float, _loss: float) -> None:
             lrs.append(lr)
-            if level == 0 and "weight-rewind" in config.methods and epoch + 1 == config.rewind_epoch:
+            if level == 0 and any_rewinds_weights(config.methods) and epoch + 1 == config.rewind_epoch:
                 run.save({"model": _cpu_state(self.model)}, run.rewind_path)
             run.save({"model": _cpu_state(self.model), "optimizer": optimizer.state_dict(),
                       "mask": mask.state_dict(), "epoch": epoch, "rng": checkpoints.capture_rng(self.generators),
                       "lrs": list(lrs), "seconds": seconds_before + time.perf_counter() - began,
-                      "config": config.to_dict()}, checkpoint_path)
+                      "config": config.to_dict(), **self.extra}, checkpoint_path)
             if self.epoch_callback is not None:
                 self.epoch_callback(method, level, epoch)
 
@@ -217,7 +288,9 @@ class _Job:
         """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json."""
         began = time.perf_counter()
         self.ranks.broadcast_state(self.model)  # every rank evaluates exactly what rank 0 saves
-        mask_checksums = self.ranks.agree("masks", mask)
+        # Structured levels have no mask: every rank must have derived the same channel plan instead.
+        mask_checksums = self.ranks.agree("masks", mask) if self.channels is None else \
+            self.ranks.agree("channel plans", self.extra["channels"])
         accuracy, loss = evaluate(self.model, self.test_loader, self.device, reduce=self.ranks.sum)
         require_finite(loss, "dense" if level == 0 else f"{method} level {level}", "after training (test loss)")
         final = {
@@ -226,8 +299,11 @@ class _Job:
             "epochs": epochs, "seconds": seconds + time.perf_counter() - began, "lrs": lrs,
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else {},
-            "world_size": self.ranks.world_size, "mask_sha256": mask_checksums,
+            "world_size": self.ranks.world_size, "mask_sha256": mask_checksums, **self.extra,
         }
+        if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
+            final.update(self.channels.describe(self.model))
+            final["layers"] = final["widths"]
         self.run.save(final, self.run.final_path(method, level))
         self.run.remove(self.run.checkpoint_path(method, level))
         if self.run.writer:

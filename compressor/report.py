@@ -29,6 +29,8 @@ def markdown_table(metrics: Dict[str, Any]) -> str:
         "| method | level | sparsity | compression | accuracy | Δ vs dense | loss | epochs | seconds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if _structured(metrics):
+        return _channels_table(metrics, lines[:2])
     for method, levels in metrics["methods"].items():
         dense = levels[0]["accuracy"] if levels else 0.0
         for entry in levels:
@@ -78,6 +80,26 @@ def warn_thin_layers(method: str, level: int, layers: Dict[str, float], warned: 
             warned.add((method, name))
             log.warning(f"warning: {method} level {level}: layer {name} keeps only {density:.2%} of its weights "
                         f"(below {THIN_LAYER_DENSITY:.0%}); raise --layer-floor to keep more")
+def _structured(metrics: Dict[str, Any]) -> bool:
+    levels = [e for ls in metrics["methods"].values() for e in ls]
+    return bool(levels) and all("macs" in e for e in levels)
+
+
+def _channels_table(metrics: Dict[str, Any], lines: List[str]) -> str:
+    """--structure channels: parameters and MACs per level, then every level's layer widths."""
+    lines += ["| method | level | params | params removed | MACs | MACs removed | accuracy | Δ vs dense | "
+              "epochs | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    widths = ["", "## Layer widths (output channels)", ""]
+    for method, levels in metrics["methods"].items():
+        dense = levels[0]["accuracy"] if levels else 0.0
+        for entry in levels:
+            lines.append(
+                f"| {method} | {entry['level']} | {entry['params']:,} | {entry['sparsity']:.2%} | "
+                f"{entry['macs']:,} | {entry['macs_removed']:.2%} | {entry['accuracy']:.2%} | "
+                f"{100 * (entry['accuracy'] - dense):+.2f} | {entry['epochs']} | {entry['seconds']:.1f} |")
+            shown = " ".join(f"{name}:{width}" for name, width in entry["widths"].items())
+            widths.append(f"- {method} level {entry['level']}: {shown}")
+    return "\n".join(lines + widths) + "\n"
 
 
 def plot_png(metrics: Dict[str, Any]) -> bytes:
@@ -88,6 +110,12 @@ def plot_png(metrics: Dict[str, Any]) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    if _structured(metrics):  # a smaller dense network: MACs are the x axis that predicts speed
+        for method, levels in metrics["methods"].items():
+            ax.plot([e["macs"] / 1e6 for e in levels], [100 * e["accuracy"] for e in levels], marker="o", label=method)
+        ax.invert_xaxis()  # fewer MACs to the right, like higher sparsity
+        ax.set_xlabel("MACs per example (millions)")
+        return _finish_plot(fig, ax, metrics)
     for method, levels in metrics["methods"].items():
         density = [max(1.0 - e["sparsity"], 1e-6) for e in levels]
         ax.plot(density, [100 * e["accuracy"] for e in levels], marker="o", label=method)
@@ -100,6 +128,12 @@ def plot_png(metrics: Dict[str, Any]) -> bytes:
     ax.set_xticklabels([f"{100 * (1 - d):.1f}%" for d in shown], rotation=45)
     ax.minorticks_off()
     ax.set_xlabel("sparsity (log density axis)")
+    return _finish_plot(fig, ax, metrics)
+
+
+def _finish_plot(fig: Any, ax: Any, metrics: Dict[str, Any]) -> bytes:
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{metrics['model']} on {metrics['data']}")
     ax.grid(True, alpha=0.3)

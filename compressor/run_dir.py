@@ -156,7 +156,10 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     A non-finite number (a level saved by an older version from a diverged run) becomes ``None``, so
     metrics.json stays strict JSON.
     """
-    return {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
+    record = {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
+    # --structure channels levels also carry the smaller network's size and each layer's width.
+    record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths") if key in final})
+    return record
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -259,6 +262,8 @@ def load_level(run_dir: Path, method: Optional[str] = None, level: Optional[int]
     model_name = str(config.get("model"))
     final = checkpoints.load(chosen.path)  # checked before any model code runs
     model = rebuild_model(Path(run_dir), config, model, trust_factory)
+    if "channels" in final:  # a structured level: shrink the factory's dense model to the stored plan
+        model = _shrunken(model, final, config, chosen.path)
     checkpoints.load_into(model, final["model"], str(chosen.path))
     model.eval()
     shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
@@ -315,3 +320,13 @@ def _build_trusted(recorded: str, recorded_sha: Optional[str]) -> nn.Module:
                                     f"{recorded_sha}); to build from it anyway, name it: --model {recorded} "
                                     "(Python: model=...)")
     return build_model(recorded, expect_sha256=recorded_sha)
+def _shrunken(model: nn.Module, final: Dict[str, Any], config: Dict[str, Any], path: Path) -> nn.Module:
+    """The dense ``model`` with the channels that ``final``'s plan drops removed (deterministically)."""
+    from compressor.channels import decode, example_input, find_groups, full_plan, shrink
+
+    shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
+    if not shape:
+        raise RunDirError(f"{path}: a structured level needs the run's input shape, which it does not record")
+    example = example_input(shape)
+    groups = find_groups(model, example, tuple(config.get("exclude") or ()))
+    return shrink(model, full_plan(groups), decode(final["channels"], groups, str(path)), example)

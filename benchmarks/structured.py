@@ -1,0 +1,223 @@
+"""Structured pruning: does removing channels make onnxruntime faster? And LR rewinding vs fine-tuning.
+
+    python benchmarks/structured.py                       # latency table: resnet20 and digits-cnn
+    python benchmarks/structured.py --compare-methods     # + LRR vs FT on digits-cnn, 3 seeds
+    python benchmarks/structured.py --json out.json --rounds 9 --epochs 3
+
+Latency: each model is trained briefly (``--epochs``, dense then one retraining per level) on the
+scikit-learn digits — resnet20 sees them upsampled to 3×32×32 (accuracy is only a sanity figure;
+latency does not depend on it) — then pruned with ``--structure channels`` to 30/50/70% of its MACs
+removed (one-shot from the shared dense network, so each level prunes the same weights), exported
+to ONNX, and timed in onnxruntime at batch 1 with 1 and 2 intra-op threads, at the model's input
+size and a larger one. Every configuration times the dense model and the pruned levels in the same
+process, interleaved round by round (so load on this shared machine hits them alike); the figure is
+the median over all rounds of each model's per-run times.
+
+Methods: digits-cnn pruned iteratively (20% of the remaining channels per round) to ``--target-macs``
+with lr-rewind and finetune from one dense training per seed; test accuracy mean ± std per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from compressor.channels import example_input
+from compressor.config import config_for
+from compressor.data import TensorLoader, load_data
+from compressor.models import build_model, input_shape_of
+from compressor.pipeline import compress
+
+LEVELS = (0.3, 0.5, 0.7)
+SIZES = {"resnet20": ((3, 32, 32), (3, 128, 128)), "digits-cnn": ((1, 8, 8), (1, 64, 64))}
+
+
+def digits_as(shape: Sequence[int], batch_size: int, seed: int) -> Tuple[TensorLoader, TensorLoader]:
+    """The digits, upsampled (nearest) and repeated over channels to ``shape`` (for resnet20)."""
+    train, test = load_data("digits", (1, 8, 8), batch_size, seed)
+
+    def grow(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.interpolate(x, size=tuple(shape[1:]), mode="nearest")
+        return x.repeat(1, shape[0], 1, 1)
+
+    return (TensorLoader(grow(train.inputs), train.labels, batch_size, shuffle=True, seed=seed),
+            TensorLoader(grow(test.inputs), test.labels, 256))
+
+
+def loaders(model_name: str, model: torch.nn.Module, batch_size: int, seed: int):
+    shape = input_shape_of(model)
+    if model_name == "digits-cnn":
+        return load_data("digits", shape, batch_size, seed)
+    return digits_as(shape, batch_size, seed)
+
+
+def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path,
+                 min_channels: int | None = None) -> List[Dict[str, Any]]:
+    """Dense + one-shot levels at 30/50/70% MACs removed; each entry has the model and its figures."""
+    torch.manual_seed(0)
+    dense_model = build_model(model_name)
+    base = dict(epochs=epochs, lr_drops=(epochs * 2 // 3,) if epochs > 1 else (), structure="channels", one_shot=True,
+                channel_multiple=multiple, min_channels=min_channels, batch_size=64, seed=0)
+    train, test = loaders(model_name, dense_model, 64, 0)
+    levels: List[Dict[str, Any]] = []
+    dense_state = None
+    for target in LEVELS:
+        torch.manual_seed(0)
+        model = build_model(model_name)
+        config = config_for(model_name, target_macs=target, **base)
+        out = scratch / f"{model_name}-{target}-{multiple}-{min_channels}"
+        result = compress(model, train, test, config, out=out, device="cpu",
+                          model_name=model_name, data_name="digits", pretrained=dense_state)
+        dense_entry, last = result.metrics["methods"]["lr-rewind"][0], result.final()
+        if dense_state is None:  # the first run trained the dense network: every target starts from it
+            from compressor.run_dir import load_level
+
+            dense = load_level(out, level=0)
+            dense_state = {k: v.clone() for k, v in dense.model.state_dict().items()}
+            levels.append({"name": "dense", "model": dense.model.eval(), **_figures(dense_entry)})
+        levels.append({"name": f"{int(target * 100)}%", "model": result.model.cpu().eval(), **_figures(last)})
+    return levels
+
+
+def _figures(entry: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: entry[k] for k in ("params", "macs", "macs_removed", "accuracy", "widths")}
+
+
+def onnx_bytes(model: torch.nn.Module, shape: Sequence[int]) -> bytes:
+    from compressor.onnx_graph import torch_to_onnx
+
+    with torch.no_grad():
+        return torch_to_onnx(model, example_input(shape)).SerializeToString()
+
+
+def time_sessions(models: List[bytes], shape: Sequence[int], threads: int, rounds: int, runs: int) -> List[float]:
+    """p50 seconds per model at batch 1: interleaved rounds, median of every timed run."""
+    import onnxruntime as ort
+
+    sessions = []
+    for data in models:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3
+        sessions.append(ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]))
+    feed = np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32)
+    times: List[List[float]] = [[] for _ in sessions]
+    for round_ in range(rounds + 1):
+        for index, session in enumerate(sessions):
+            name = session.get_inputs()[0].name
+            for _ in range(runs):
+                began = time.perf_counter()
+                session.run(None, {name: feed})
+                if round_:  # round 0 warms caches and allocators
+                    times[index].append(time.perf_counter() - began)
+    return [statistics.median(t) for t in times]
+
+
+def latency_table(model_name: str, levels: List[Dict[str, Any]], rounds: int, runs: int) -> Dict[str, Any]:
+    """Print and return one model's table: figures per level, p50 ms and speed-up per configuration."""
+    results: Dict[str, Any] = {"levels": [{k: v for k, v in lv.items() if k != "model"} for lv in levels],
+                               "latency": {}}
+    columns = []
+    for shape in SIZES[model_name]:
+        exported = [onnx_bytes(lv["model"], shape) for lv in levels]
+        for threads in (1, 2):
+            key = f"{'x'.join(map(str, shape[1:]))} {threads}t"
+            p50 = time_sessions(exported, shape, threads, rounds, runs)
+            results["latency"][key] = p50
+            columns.append(key)
+    print(f"\n## {model_name}: onnxruntime p50 ms at batch 1 (speed-up vs dense)\n")
+    print("| level | params | MACs (input size) | MACs removed | accuracy | " + " | ".join(columns) + " |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(columns))
+    for index, level in enumerate(levels):
+        cells = []
+        for key in columns:
+            p50 = results["latency"][key]
+            cells.append(f"{1000 * p50[index]:.3f} ({p50[0] / p50[index]:.2f}×)")
+        print(f"| {level['name']} | {level['params']:,} | {level['macs'] / 1e6:.2f} M | {level['macs_removed']:.1%} | "
+              f"{100 * level['accuracy']:.2f}% | " + " | ".join(cells) + " |")
+    for level in levels[1:]:
+        print(f"- {level['name']} widths: " + " ".join(f"{n}:{w}" for n, w in level["widths"].items()))
+    return results
+
+
+def compare_methods(seeds: List[int], epochs: int, target: float, scratch: Path) -> Dict[str, Any]:
+    """digits-cnn, lr-rewind vs finetune under iterative channel pruning; mean ± std per level."""
+    runs = []
+    for seed in seeds:
+        config = config_for("digits-cnn", epochs=epochs, seed=seed, structure="channels", target_macs=target,
+                            methods=("lr-rewind", "finetune"))
+        torch.manual_seed(seed)
+        model = build_model("digits-cnn")
+        train, test = load_data("digits", input_shape_of(model), config.batch_size, seed)
+        runs.append(compress(model, train, test, config, out=scratch / f"methods-{seed}", device="cpu",
+                             model_name="digits-cnn", data_name="digits").metrics)
+    print(f"\n## digits-cnn, --structure channels to {target:.0%} MACs removed: test accuracy % "
+          f"(mean ± std over seeds {seeds}, {epochs} epochs per training)\n")
+    print("Each (seed, method) takes its own path (plans come from its own weights), so a level's MACs "
+          "differ a little between runs: the columns give each method's mean; n = runs that have the level.\n")
+    print("| level | lr-rewind MACs removed | lr-rewind | finetune MACs removed | finetune | n |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    depth = max(len(run["methods"][m]) for run in runs for m in ("lr-rewind", "finetune"))
+    for level in range(depth):
+        row: Dict[str, Any] = {"level": level}
+        cells = []
+        for method in ("lr-rewind", "finetune"):
+            entries = [run["methods"][method][level] for run in runs if len(run["methods"][method]) > level]
+            values = [100 * e["accuracy"] for e in entries]
+            row[method] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                           "values": values, "macs_removed": statistics.mean(e["macs_removed"] for e in entries)}
+            cells += [f"{row[method]['macs_removed']:.1%}", f"{row[method]['mean']:.2f} ± {row[method]['std']:.2f}"]
+        counts = {len(row[m]["values"]) for m in ("lr-rewind", "finetune")}
+        rows.append(row)
+        print(f"| {level} | " + " | ".join(cells) + f" | {'/'.join(map(str, sorted(counts)))} |")
+    return {"seeds": seeds, "epochs": epochs, "target_macs": target, "levels": rows}
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="resnet20,digits-cnn")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per training (default: %(default)s)")
+    parser.add_argument("--channel-multiple", type=int, default=8)
+    parser.add_argument("--min-channels", type=int, default=None,
+                        help="narrowest width (default: the multiple); e.g. 16 and 8 keep widths 8, 16, 32, 48, ...")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per model per round (default: %(default)s)")
+    parser.add_argument("--compare-methods", action="store_true", help="also LRR vs FT on digits-cnn")
+    parser.add_argument("--method-seeds", default="0,1,2")
+    parser.add_argument("--method-epochs", type=int, default=10)
+    parser.add_argument("--method-target", type=float, default=0.7)
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--json", default="structured.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # training on one core: the machine is shared
+    import onnxruntime
+
+    results: Dict[str, Any] = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                               "channel_multiple": args.channel_multiple,
+                               "min_channels": args.min_channels, "epochs": args.epochs, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="edgeprune-structured-") as scratch:
+        if not args.skip_latency:
+            for model_name in [m for m in args.models.split(",") if m]:
+                levels = prune_levels(model_name, args.epochs, args.channel_multiple, Path(scratch), args.min_channels)
+                results["models"][model_name] = latency_table(model_name, levels, args.rounds, args.runs)
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        if args.compare_methods:
+            seeds = [int(s) for s in args.method_seeds.split(",") if s]
+            results["methods"] = compare_methods(seeds, args.method_epochs, args.method_target, Path(scratch))
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

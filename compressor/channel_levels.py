@@ -1,0 +1,111 @@
+"""What ``--structure channels`` adds to the pipeline: the level-to-level plans and the models they build.
+
+One object per run holds the dense template (the architecture, never pruned itself), its channel
+groups, the dense parameter and MAC counts, and the target. Each level asks it for the next plan
+(computed from the previous level's trained weights, so a resumed run computes the same plan) and
+for the model that plan describes. Levels are not counted in advance as for weights: a round removes
+``--prune-fraction`` of the remaining prunable channels, and the round whose plan would reach the
+target instead prunes to the smallest plan that reaches it exactly — that level is the last.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from compressor import checkpoints
+from compressor.channels import (ChannelPlan, Ranking, channel_count, copy_model, example_input, find_groups,
+                                 full_plan, group_scores, params_and_macs, shrink, smallest, widths)
+from compressor.config import PruneConfig
+from compressor.criteria import ChannelCriterion
+from compressor.errors import ConfigError, StructureError
+
+
+class ChannelLevels:
+    """The structured side of one run (see the module docstring)."""
+
+    def __init__(self, template: nn.Module, input_shape: Sequence[int], config: PruneConfig,
+                 criterion: ChannelCriterion) -> None:
+        self.template = copy_model(template).cpu()
+        self.example = example_input(input_shape)
+        self.config, self.criterion = config, criterion
+        self.groups = find_groups(self.template, self.example, config.exclude)
+        self.dense_params, self.dense_macs = params_and_macs(self.template, self.example)
+        self.metric = "macs" if config.target_macs is not None else "params"
+        self.target = float(config.target_macs if config.target_macs is not None else config.target_sparsity)
+        self._cache: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], float] = {}
+        self._check_reachable()
+
+    @property
+    def _rounding(self) -> Tuple[int, Optional[int]]:
+        return self.config.channel_multiple, self.config.min_channels
+
+    def dense_plan(self) -> ChannelPlan:
+        return full_plan(self.groups)
+
+    def build(self, plan: Mapping[str, Sequence[int]], state: Optional[Dict[str, torch.Tensor]], source: str,
+              state_is_dense: bool = False) -> nn.Module:
+        """The template shrunk to ``plan`` with ``state`` loaded (a dense state is loaded first and
+        sliced with the channels: weight rewinding's snapshot)."""
+        model = copy_model(self.template)
+        if state is not None and state_is_dense:
+            checkpoints.load_into(model, state, source)
+        shrink(model, self.dense_plan(), plan, self.example)
+        if state is not None and not state_is_dense:
+            checkpoints.load_into(model, state, source)
+        return model
+
+    def shrink_to(self, model: nn.Module, current: ChannelPlan, kept: ChannelPlan) -> nn.Module:
+        """``model`` (built for ``current``) with the channels ``kept`` drops removed, weights kept."""
+        return shrink(model, current, kept, self.example)
+
+    def removed(self, plan: Mapping[str, Sequence[int]]) -> float:
+        """Fraction of the dense parameters (or MACs, for --target-macs) that ``plan`` removes."""
+        key = tuple((root, tuple(kept)) for root, kept in sorted(plan.items()))
+        if key not in self._cache:
+            params, macs = params_and_macs(self.build(plan, None, ""), self.example)
+            self._cache[key] = 1.0 - (macs / self.dense_macs if self.metric == "macs" else params / self.dense_params)
+        return self._cache[key]
+
+    def next_plan(self, model: nn.Module, current: ChannelPlan) -> Tuple[ChannelPlan, bool]:
+        """The next level's plan from ``model`` (the previous level, trained) and whether it is the last."""
+        scores = group_scores(model, self.groups, current, self.criterion, self.example)
+        ranking = Ranking(self.groups, current, scores, *self._rounding)
+        if not self.config.one_shot:
+            have = channel_count(current)
+            want = max(1, round(self.config.prune_fraction * have))
+            n = smallest(ranking.units, lambda k: have - channel_count(ranking.plan(k)) >= want)
+            plan = ranking.plan(ranking.units if n is None else n)
+            if channel_count(plan) == have:
+                raise StructureError(self._unreachable())
+            if self.removed(plan) < self.target:
+                return plan, False
+        n = smallest(ranking.units, lambda k: self.removed(ranking.plan(k)) >= self.target)
+        if n is None:
+            raise StructureError(self._unreachable())
+        return ranking.plan(n), True
+
+    def describe(self, model: nn.Module) -> Dict[str, Any]:
+        """final.pt's structured figures: params, MACs, their fractions removed, per-layer widths."""
+        params, macs = params_and_macs(model, self.example)
+        return {"params": params, "macs": macs, "sparsity": 1.0 - params / self.dense_params,
+                "macs_removed": 1.0 - macs / self.dense_macs, "widths": widths(model), "structure": "channels"}
+
+    def _check_reachable(self) -> None:
+        """Refuse, before anything is trained, a target that even the narrowest network misses."""
+        uniform = {g.root: torch.zeros(g.size) for g in self.groups}
+        narrowest = Ranking(self.groups, self.dense_plan(), uniform, *self._rounding)
+        if self.removed(narrowest.plan(narrowest.units)) < self.target:
+            raise ConfigError(self._unreachable())
+
+    def _unreachable(self) -> str:
+        uniform = {g.root: torch.zeros(g.size) for g in self.groups}
+        narrowest = Ranking(self.groups, self.dense_plan(), uniform, *self._rounding)
+        most = self.removed(narrowest.plan(narrowest.units))
+        flag = "--target-macs" if self.metric == "macs" else "--target-sparsity"
+        return (f"{flag} {self.target:g} is out of reach: with every prunable group down to "
+                f"{self.config.min_channels or self.config.channel_multiple} channels at most {most:.1%} of the "
+                f"{'MACs' if self.metric == 'macs' else 'parameters'} go; lower the target, the multiple "
+                f"or the --exclude list")

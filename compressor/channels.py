@@ -1,0 +1,356 @@
+"""Structured pruning: whole channels removed with every tensor coupled to them.
+
+Which tensors are coupled (BatchNorm, the next layer's inputs, every branch of a residual ``add``,
+concatenations, depthwise and grouped convs, the first Linear after a flatten) comes from
+Torch-Pruning's ``DependencyGraph`` (Fang et al., DepGraph, CVPR 2023), which traces the model's
+autograd graph; edgeprune adds the global ranking, the channel rounding and the bookkeeping.
+
+A *group* is a set of coupled channels, named after its root: the Conv/Linear whose output
+channels define it. A *plan* (``ChannelPlan``) maps every root to the dense model's channel indices
+that are kept. Plans are what a RUN_DIR stores (int64 tensors, loadable with ``weights_only``):
+rebuilding a level is "build the dense model from its factory, :func:`shrink` it to the plan, load
+its state_dict" — deterministic, so ``load_level``, export and ``--resume`` get the same network.
+
+Never pruned: the layers whose output channels reach the model's output (the classifier), the
+input's channels (no group contains them), ``--exclude``d layers (a group touching one stays
+whole), and no group below one ``--channel-multiple`` of channels (``--min-channels`` when given;
+or its current width if that is smaller) — so no layer ever disappears.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from compressor.criteria import ChannelCriterion
+from compressor.errors import CheckpointError, StructureError
+
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+ChannelPlan = Dict[str, List[int]]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One set of coupled channels: its root layer's name, its dense width, and ``blocks`` > 1 when a
+    grouped conv is in it (then the same positions go in every one of the ``blocks`` blocks)."""
+
+    root: str
+    size: int
+    blocks: int = 1
+
+
+def _tp():
+    # Imported on use: Torch-Pruning is only needed for --structure channels.
+    import torch_pruning
+
+    logging.getLogger("torch_pruning").setLevel(logging.ERROR)
+    return torch_pruning
+
+
+def example_input(input_shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+    """One seeded example for tracing (its own generator: the global RNG stays untouched)."""
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn((1, *input_shape), generator=generator)
+    return example.to(device) if device is not None else example
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def trace(model: nn.Module, example: torch.Tensor):
+    """Torch-Pruning's dependency graph of ``model``; ``StructureError`` naming the layer or op when the
+    model cannot be traced. Traced in eval mode so BatchNorm statistics are not touched."""
+    tp = _tp()
+    called: List[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda module, _i, _o: called.append(module))
+             for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():  # the graph is read from autograd: callers may be under no_grad
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.to(_device_of(model)))
+    except Exception as error:  # the user's forward or an op Torch-Pruning cannot follow
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise StructureError(f"--structure channels: tracing the model failed ({type(error).__name__}: "
+                             f"{detail[:200]}); use --structure weights for this model") from error
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    names = {module: name for name, module in model.named_modules()}
+    for module in called:
+        if module not in graph.module2node:
+            raise StructureError(
+                f"--structure channels: layer {names.get(module, type(module).__name__)!r} "
+                f"({type(module).__name__}) is not on the autograd path to the output (an op such as "
+                f"detach(), .data, .numpy() or torch.no_grad() cuts the graph there), so its channels "
+                f"cannot be traced; remove that op or use --structure weights")
+    return graph
+
+
+def _reaches_output(graph, module: nn.Module) -> bool:
+    """Whether ``module``'s output channels reach the model's output without passing a layer that
+    absorbs them (a Conv/Linear consumes channels; elementwise ops, BatchNorm, pooling pass them on)."""
+    stack, seen = [graph.module2node[module]], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if not node.outputs:
+            return True
+        for out in node.outputs:
+            if isinstance(out.module, PRUNABLE) and not _is_depthwise(out.module):
+                continue
+            stack.append(out)
+    return False
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups == module.out_channels > 1 \
+        and module.groups == module.in_channels
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _full_group(graph, module: nn.Module, indices: Sequence[int]):
+    pruner = graph.get_pruner_of_module(module)
+    return graph.get_pruning_group(module, pruner.prune_out_channels, list(indices))
+
+
+def _blocks(graph, group) -> int:
+    """Channel blocks forced by grouped (not depthwise) convs in the group (MetaPruner's rule)."""
+    blocks = 1
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):
+            blocks = max(blocks, module.groups)
+    return blocks
+
+
+def find_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[str] = ()) -> List[Group]:
+    """The prunable channel groups of ``model`` (dense), in a deterministic order."""
+    graph = trace(model, example)
+    names = {module: name for name, module in model.named_modules()}
+    excluded = {module for name, module in model.named_modules()
+                if name in {e[: -len(".weight")] if e.endswith(".weight") else e for e in exclude}}
+    groups: List[Group] = []
+    for group in graph.get_all_groups(root_module_types=PRUNABLE):
+        root = group[0].dep.target.module
+        members = [dep.target.module for dep, _ in group]
+        if any(m in excluded for m in members):
+            continue  # --exclude keeps a layer whole: neither its inputs nor its outputs shrink
+        outs = [dep.target.module for dep, _ in group
+                if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module)]
+        if any(_reaches_output(graph, m) for m in outs if m in graph.module2node):
+            continue  # the classifier's outputs (and anything tied to them) are the model's contract
+        groups.append(Group(names[root], _out_channels(root), _blocks(graph, group)))
+    if not groups:
+        raise StructureError("--structure channels: the model has no prunable channel group "
+                             "(every Conv/Linear feeds the output or is excluded)")
+    return groups
+
+
+def full_plan(groups: Sequence[Group]) -> ChannelPlan:
+    """The dense model's plan: every channel kept."""
+    return {g.root: list(range(g.size)) for g in groups}
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, current: Mapping[str, Sequence[int]], new: Mapping[str, Sequence[int]],
+           example: torch.Tensor) -> nn.Module:
+    """Remove, in place, the channels that ``current`` keeps and ``new`` does not (both in dense
+    indices); returns ``model``. Each group's removal is checked with a forward pass, so a graph that
+    Torch-Pruning misreads fails here naming the group's root layer."""
+    modules = dict(model.named_modules())
+    graph = None
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    try:
+        for root, kept_now in current.items():
+            keep = set(int(i) for i in new[root])
+            removed = [pos for pos, channel in enumerate(kept_now) if int(channel) not in keep]
+            if not removed:
+                continue
+            if graph is None:
+                graph = trace(model, example)
+            _full_group(graph, modules[root], removed).prune(record_history=False)
+            try:
+                model(example.to(device))
+            except Exception as error:
+                raise StructureError(f"--structure channels: removing channels of layer {root!r} breaks the "
+                                     f"model ({type(error).__name__}: {str(error)[:160]}); --exclude {root} "
+                                     f"or use --structure weights") from error
+    finally:
+        model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def group_scores(model: nn.Module, groups: Sequence[Group], plan: Mapping[str, Sequence[int]],
+                 criterion: ChannelCriterion, example: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Per group, one score per current channel: the criterion's layer scores averaged over every
+    Conv/Linear whose output channels the group removes (a residual stage's convs vote together)."""
+    graph = trace(model, example)
+    modules = dict(model.named_modules())
+    following_bn = _following_batchnorm(graph, model)
+    scores: Dict[str, torch.Tensor] = {}
+    for g in groups:
+        width = len(plan[g.root])
+        total, count = torch.zeros(width), torch.zeros(width)
+        for item in _full_group(graph, modules[g.root], range(width)):
+            module = item.dep.target.module
+            if not (isinstance(module, PRUNABLE) and graph.is_out_channel_pruning_fn(item.dep.handler)):
+                continue
+            layer = criterion.layer_scores(module, following_bn.get(module)).cpu()
+            # idxs: channels of this layer; root_idxs: the same channels counted in the root (concat offsets)
+            own = torch.tensor([int(i) for i in item.idxs], dtype=torch.long)
+            root = torch.tensor([int(i) for i in item.root_idxs], dtype=torch.long)
+            total.index_add_(0, root, layer[own])
+            count.index_add_(0, root, torch.ones(len(root)))
+        scores[g.root] = total / count.clamp_min(1.0)
+    return scores
+
+
+def _following_batchnorm(graph, model: nn.Module) -> Dict[nn.Module, nn.Module]:
+    found = {}
+    for module in model.modules():
+        if isinstance(module, PRUNABLE) and module in graph.module2node:
+            for out in graph.module2node[module].outputs:
+                if isinstance(out.module, nn.modules.batchnorm._BatchNorm):
+                    found[module] = out.module
+    return found
+
+
+class Ranking:
+    """The current channels of every group in one global order, weakest first; ``plan(n)`` removes the
+    ``n`` weakest units, then rounds each group's kept count to ``multiple``.
+
+    A *unit* is one channel, or (grouped convs) one position in every block at once. ``plan(n)`` keeps
+    fewer channels as ``n`` grows, in every group, which is what makes the binary searches valid.
+    """
+
+    def __init__(self, groups: Sequence[Group], current: Mapping[str, Sequence[int]],
+                 scores: Mapping[str, torch.Tensor], multiple: int, narrowest: Optional[int] = None) -> None:
+        self.groups, self.current, self.multiple = list(groups), current, multiple
+        self.narrowest = narrowest or multiple
+        self.unit_scores: Dict[str, torch.Tensor] = {}
+        entries: List[Tuple[float, int, int]] = []
+        for index, g in enumerate(self.groups):
+            units = len(current[g.root]) // g.blocks
+            unit = scores[g.root].view(g.blocks, units).mean(0)
+            self.unit_scores[g.root] = unit
+            entries += [(float(s), index, pos) for pos, s in enumerate(unit.tolist())]
+        entries.sort()
+        self.order = [index for _, index, _ in entries]  # the group of the k-th weakest unit
+
+    @property
+    def units(self) -> int:
+        return len(self.order)
+
+    def _step(self, g: Group) -> int:
+        return max(1, self.multiple // math.gcd(self.multiple, g.blocks))
+
+    def keep_units(self, g: Group, removed: int) -> int:
+        """Units kept in ``g`` when ``removed`` of its units rank among the weakest: rounded to the
+        nearest multiple of the step, never below one step, never above what it has."""
+        have = len(self.current[g.root]) // g.blocks
+        if g.blocks == 1 and self.narrowest != self.multiple:
+            return self._nearest_allowed(have, have - removed)
+        step = self._step(g)
+        if have <= step:
+            return have
+        rounded = int(math.floor((have - removed) / step + 0.5)) * step
+        return min(have, max(step, rounded))
+
+    def _nearest_allowed(self, have: int, wanted: int) -> int:
+        """Widths allowed: ``narrowest`` and the multiples of ``multiple`` (e.g. 8, 16, 32, 48 for
+        --min-channels 8 --channel-multiple 16), never above ``have``; ties go to the wider."""
+        if have <= self.narrowest:
+            return have
+        allowed = {self.narrowest, have} | set(range(self.multiple, have + 1, self.multiple))
+        return min((w for w in allowed if self.narrowest <= w <= have), key=lambda w: (abs(w - wanted), -w))
+
+    def plan(self, n: int) -> ChannelPlan:
+        """The plan that removes the ``n`` weakest units (before rounding)."""
+        removed = [0] * len(self.groups)
+        for index in self.order[:n]:
+            removed[index] += 1
+        new: ChannelPlan = {}
+        for index, g in enumerate(self.groups):
+            kept_now = list(self.current[g.root])
+            units = len(kept_now) // g.blocks
+            keep = self.keep_units(g, removed[index])
+            strongest = torch.sort(self.unit_scores[g.root], descending=True, stable=True).indices[:keep]
+            positions = sorted(int(p) for p in strongest)
+            new[g.root] = sorted(kept_now[b * units + p] for b in range(g.blocks) for p in positions)
+        return new
+
+
+def channel_count(plan: Mapping[str, Sequence[int]]) -> int:
+    return sum(len(v) for v in plan.values())
+
+
+def smallest(n_max: int, ok) -> Optional[int]:
+    """The smallest ``n`` in ``[0, n_max]`` with ``ok(n)`` (``ok`` monotone), or None."""
+    if not ok(n_max):
+        return None
+    low, high = 0, n_max
+    while low < high:
+        middle = (low + high) // 2
+        if ok(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def encode(plan: Mapping[str, Sequence[int]]) -> Dict[str, torch.Tensor]:
+    """A plan as plain int64 tensors (what final.pt stores)."""
+    return {root: torch.tensor(list(kept), dtype=torch.int64) for root, kept in plan.items()}
+
+
+def decode(stored: object, groups: Sequence[Group], source: str) -> ChannelPlan:
+    """A stored plan, checked against the model's groups (RUN_DIRs may come from elsewhere)."""
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{source}: 'channels' is not a mapping")
+    expected = {g.root: g for g in groups}
+    if set(stored) != set(expected):
+        raise CheckpointError(f"{source}: its channel groups {sorted(stored)} do not fit the model's "
+                              f"{sorted(expected)}")
+    plan: ChannelPlan = {}
+    for root, tensor in stored.items():
+        g = expected[root]
+        kept = tensor.tolist() if isinstance(tensor, torch.Tensor) else None
+        if not isinstance(kept, list) or not kept or any(not isinstance(i, int) for i in kept) \
+                or kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= g.size or len(kept) % g.blocks:
+            raise CheckpointError(f"{source}: kept channels of {root!r} are not sorted indices below {g.size}")
+        plan[root] = kept
+    return plan
+
+
+def widths(model: nn.Module) -> Dict[str, int]:
+    """Output width of every Conv/Linear layer (metrics.json's per-layer widths)."""
+    return {name: _out_channels(m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+
+
+def params_and_macs(model: nn.Module, example: torch.Tensor) -> Tuple[int, int]:
+    """Parameters and multiply-accumulates of one forward pass at batch 1 (Torch-Pruning's counter)."""
+    macs, params = _tp().utils.count_ops_and_params(model, example.to(_device_of(model)))
+    return int(params), int(macs)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy (the dense template is copied, never pruned itself)."""
+    return copy.deepcopy(model)

@@ -1,0 +1,45 @@
+"""Pruning criteria: a registry of named strategies (OpenLTH's ``pruning/registry.py`` style).
+
+A criterion ranks what a pruning round removes. Two kinds, one per ``--structure``:
+
+- weights (unstructured): ``prune(params, mask, keep) -> Mask`` keeps the ``keep`` best weights;
+- channels (structured): ``layer_scores(module) -> Tensor`` scores each output channel of one
+  Conv/Linear layer, on a scale comparable across layers (``compressor.channels`` sums them over a
+  coupled group and ranks all groups together).
+
+A new criterion is one file in this folder and one line in ``REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Type
+
+from compressor.criteria.base import ChannelCriterion, Criterion, WeightCriterion
+from compressor.criteria.bn_scale import BatchNormScale
+from compressor.criteria.l1_norm import NormalizedL1
+from compressor.criteria.magnitude import GlobalMagnitude
+from compressor.errors import ConfigError
+
+REGISTRY: Dict[str, Type[Criterion]] = {
+    "magnitude": GlobalMagnitude,
+    "l1-norm": NormalizedL1,
+    "bn-scale": BatchNormScale,
+}
+
+DEFAULTS = {"weights": "magnitude", "channels": "l1-norm"}
+
+
+def criterion_named(name: str | None, structure: str) -> Criterion:
+    """The criterion ``name`` (default: the structure's), checked to fit ``structure``."""
+    name = name or DEFAULTS[structure]
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown criterion {name!r}; choose from {', '.join(REGISTRY)}")
+    criterion = REGISTRY[name]()
+    if criterion.structure != structure:
+        fits = ", ".join(n for n, c in REGISTRY.items() if c.structure == structure)
+        raise ConfigError(f"criterion {name!r} ranks {criterion.structure}, not {structure}; for "
+                          f"--structure {structure} choose from {fits}")
+    return criterion
+
+
+__all__ = ["REGISTRY", "DEFAULTS", "Criterion", "WeightCriterion", "ChannelCriterion", "criterion_named"]
