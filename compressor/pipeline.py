@@ -308,7 +308,8 @@ class _Job:
         self.run.remove(self.run.checkpoint_path(method, level))
         if self.run.writer:
             write_metrics(self.run, collect_metrics(self.run, self.records))
-            warn_thin_layers(method, level, final["layers"], self.warned)
+            if self.channels is None:  # structured levels' "layers" are widths, never nearly empty
+                warn_thin_layers(method, level, final["layers"], self.warned)
         self.ranks.barrier()  # the next level reads this final.pt on every rank
 
 

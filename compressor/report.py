@@ -161,6 +161,8 @@ def _last_layers(run: RunDir, metrics: Dict[str, Any]) -> Tuple[Dict[str, Dict[s
         if len(levels) < 2:
             continue
         final = checkpoints.load(run.final_path(method, int(levels[-1]["level"])))
+        if "channels" in final:  # structured: its layers are widths, reported in the main table
+            continue
         layers[method] = {str(k): float(v) for k, v in dict(final.get("layers", {})).items()}
         sizes.update({name: int(final["model"][name].numel()) for name in layers[method] if name in final["model"]})
     return layers, sizes

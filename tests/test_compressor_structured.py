@@ -225,8 +225,8 @@ def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
     assert "MACs removed" in (run / "report.md").read_text()
     from compressor.export import export_run_dir
 
-    export_run_dir(run, model_dir)  # the last level
-    export_run_dir(run, dense_dir, level=0)
+    export_run_dir(run, model_dir, model=spec)  # the last level; the user names the factory they trust
+    export_run_dir(run, dense_dir, level=0, model=spec)
     size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
     assert size(model_dir) < 0.8 * size(dense_dir)
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
@@ -235,7 +235,7 @@ def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
     from compressor.run_dir import load_level
 
     with torch.no_grad():
-        expected = load_level(run).model(torch.from_numpy(x)).numpy()
+        expected = load_level(run, model=spec).model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(stock, expected, atol=1e-4)
     proc = subprocess.run([sys.executable, "-m", "edge_runtime", "check", str(model_dir)], capture_output=True,
                           text=True, cwd=REPO, env=ENV, timeout=120)
