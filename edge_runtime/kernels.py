@@ -4,6 +4,10 @@ Every weight layer reduces to one of two products: ``rows(A) = A @ M.T`` for Gem
 (``A [R, K]``), and ``cols(C) = M @ C`` for Conv's im2col columns (``C [K, P]``). The CSR kernel can
 split M into row blocks of about equal non-zeros and run them in threads: scipy's sparse products
 release the GIL, so on a multi-core device the blocks run in parallel.
+
+Grouped convolutions never loop over groups in Python: the CSR form is one block-diagonal matrix over
+all input channels (its zeros cost nothing), the dense form one batched matmul ``[G, Og, K] @ [G, K, P]``,
+and a depthwise conv (one input and one output channel per group) a sum over its kernel taps.
 """
 
 from __future__ import annotations
@@ -74,6 +78,60 @@ class CsrKernel:
     @property
     def nbytes(self) -> int:
         return self.matrix.data.nbytes + self.matrix.indices.nbytes + self.matrix.indptr.nbytes
+
+
+class GroupedDenseKernel:
+    """A grouped conv's weight as ``[G, Og, K]``: ``cols(C)`` for C ``[G*K, P]`` is one batched matmul."""
+
+    kind = "dense"
+
+    def __init__(self, matrix: np.ndarray, groups: int) -> None:
+        self.groups = groups
+        self.weight = np.ascontiguousarray(matrix, dtype=np.float32).reshape(groups, matrix.shape[0] // groups, -1)
+        self.shape = (matrix.shape[0], groups * self.weight.shape[2])
+
+    def cols(self, c: np.ndarray) -> np.ndarray:
+        y = np.matmul(self.weight, c.reshape(self.groups, self.weight.shape[2], -1))
+        return y.reshape(self.shape[0], -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+class DepthwiseKernel:
+    """A depthwise conv's weight ``[C, taps]``: ``taps(view)`` sums ``view[..., tap] * w[:, tap]`` over
+    the kernel's taps on the whole batch at once (no im2col copy, one vector op per tap)."""
+
+    kind = "dense"
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.weight = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.shape = self.weight.shape
+
+    def taps(self, view: np.ndarray, rank: int) -> np.ndarray:
+        """``view`` ``[N, C, *out, *kernel]`` → ``[N, C, *out]``."""
+        kernel = view.shape[-rank:]
+        lead = view.shape[:-rank]
+        weight = self.weight.reshape(self.shape[0], *kernel)
+        out = np.zeros(lead, dtype=np.result_type(view.dtype, np.float32))
+        for tap in np.ndindex(*kernel):
+            w = weight[(slice(None), *tap)].reshape(1, -1, *([1] * (len(lead) - 2)))
+            out += view[(Ellipsis, *tap)] * w
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+def block_diagonal(matrix: sp.csr_matrix, groups: int) -> sp.csr_matrix:
+    """A grouped conv's CSR ``[O, Cg*k]`` as ``[O, G*Cg*k]``: row r of group g moves to columns
+    ``g*Cg*k + ...``, so one sparse product covers every group."""
+    rows, width = matrix.shape
+    shift = (np.arange(rows) // (rows // groups)) * width
+    indices = matrix.indices + np.repeat(shift, np.diff(matrix.indptr)).astype(matrix.indices.dtype)
+    return sp.csr_matrix((matrix.data, indices, matrix.indptr.copy()), shape=(rows, groups * width))
 
 
 def row_blocks(matrix: sp.csr_matrix, count: int) -> List[Tuple[slice, sp.csr_matrix]]:

@@ -2,7 +2,8 @@
 
 Besides the built-in registry models: a user-style CNN with residual adds, concat, average pooling
 and softmax; a transformer-style MLP block (LayerNorm, GELU, 3-D MatMul, residual); and a model with
-an op the native runtime does not implement (HardSwish) to exercise the fallback/error paths.
+HardSwish; and a model with an op the native runtime does not implement (CumSum) to exercise the
+fallback/error paths.
 """
 
 from __future__ import annotations
@@ -60,6 +61,17 @@ class HardSwishNet(nn.Module):
         return self.fc2(nn.functional.hardswish(self.fc1(x)))
 
 
+class CumSumNet(nn.Module):
+    input_shape = (16,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.cumsum(self.fc1(x), dim=1))
+
+
 def wide_mlp(width: int = 4096, inputs: int = 1024, classes: int = 10) -> nn.Module:
     model = nn.Sequential(nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                           nn.Linear(width, classes))
@@ -70,7 +82,8 @@ def wide_mlp(width: int = 4096, inputs: int = 1024, classes: int = 10) -> nn.Mod
 def make(name: str) -> nn.Module:
     """A model by test name, with random (seeded) weights and non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
-    factories = {"residual-cnn": ResidualCNN, "mlp-block": MlpBlock, "hardswish": HardSwishNet}
+    factories = {"residual-cnn": ResidualCNN, "mlp-block": MlpBlock, "hardswish": HardSwishNet,
+                 "cumsum": CumSumNet}
     model = factories[name]() if name in factories else build_model(name)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):  # trained-looking stats, so folding is really tested
