@@ -22,8 +22,8 @@ import scipy.sparse as sp
 from edge_runtime.conv import conv_forward, conv_kernel
 from edge_runtime.errors import UnsupportedOpError
 from edge_runtime.kernels import make_kernel
-from edge_runtime.ops import OPS, OUTPUTS, Attrs
-from edge_runtime.ops.base import DEFAULT_OPSET, NUMERIC_KINDS
+from edge_runtime.ops import CHECKS, OPS, OUTPUTS, Attrs
+from edge_runtime.ops.base import DEFAULT_OPSET, is_native
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_WEIGHTS = ("float32", "float16")  # what the kernels compute with (float16 is widened at load)
@@ -184,13 +184,15 @@ class Program:
         return [values[name] for name in self.output_names]
 
 
-def _check_node(node: Dict[str, Any], weights: Any, needed: set) -> None:
+def _check_node(node: Dict[str, Any], weights: Any, needed: set, opset: int) -> None:
     """Refuse a node the executor cannot run, before loading anything."""
     op = node["op_type"]
     if node.get("domain") not in (None, "", "ai.onnx"):
         raise UnsupportedOpError(op, f"domain {node['domain']}")
     if op not in OPS and not is_weight_node(node, weights):
         raise UnsupportedOpError(op)
+    if op in CHECKS:
+        CHECKS[op](Attrs(node.get("attributes") or {}, op, opset, len(node["outputs"])))
     produced = 1 if is_weight_node(node, weights) else OUTPUTS.get(op, 1)
     for index, name in enumerate(node["outputs"]):
         if name and name in needed and index >= produced:
@@ -205,7 +207,7 @@ def _op_step(node: Dict[str, Any], name: str, opset: int, outputs: List[str]) ->
 
     def run(values: List[Optional[np.ndarray]]) -> Any:
         for value in values:  # strings, objects, bfloat16...: said, not computed wrongly
-            if value is not None and value.dtype.kind not in NUMERIC_KINDS:
+            if value is not None and not is_native(value.dtype):
                 raise UnsupportedOpError(op, f"input of dtype {value.dtype}")
         return fn(values, attrs)
     return Step(op, name, list(node["inputs"]), outputs, run)
@@ -218,7 +220,7 @@ def compile_nodes(nodes: Sequence[Dict[str, Any]], input_names: Sequence[str], o
     initializers in ``weights``; ``choose(weight_name)`` gives each weight layer's kernel kind."""
     needed = set(output_names) | {name for node in nodes for name in node["inputs"] if name}
     for node in nodes:
-        _check_node(node, weights, needed)
+        _check_node(node, weights, needed, opset)
     weight_nodes = [is_weight_node(node, weights) for node in nodes]
     weight_names = {node["inputs"][1] for node, w in zip(nodes, weight_nodes) if w}
     constants = {name: weights.dense(name) for node in nodes for name in node["inputs"]

@@ -3,7 +3,8 @@
 An op function takes the node's inputs (``None`` for an omitted optional one) and its ``Attrs`` (the
 attributes, plus the model's opset and the node's output count) and returns its output, or a tuple
 when the op has several. ``OUTPUTS`` says how many outputs an op can produce (1 when absent); a
-node that reads an output beyond that is refused at load. Adding an op is one function and one line
+node that reads an output beyond that is refused at load, and so is one whose attributes fail its op's
+``CHECKS`` entry (training modes, unsupported attribute values). Adding an op is one function and one line
 in its family's ``OPS``.
 """
 
@@ -18,5 +19,6 @@ OpFunction = Callable[[Inputs, Dict[str, Any]], Any]
 
 OPS: Dict[str, OpFunction] = {**elementwise.OPS, **tensor.OPS, **reduce.OPS, **nn.OPS}
 OUTPUTS: Dict[str, int] = {**tensor.OUTPUTS, **nn.OUTPUTS}
+CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {**tensor.CHECKS, **elementwise.CHECKS, **nn.CHECKS}
 
-__all__ = ["OPS", "OUTPUTS", "Attrs", "Inputs", "OpFunction"]
+__all__ = ["OPS", "OUTPUTS", "CHECKS", "Attrs", "Inputs", "OpFunction"]

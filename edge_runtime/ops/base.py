@@ -17,7 +17,15 @@ Inputs = List[Optional[np.ndarray]]
 ONNX_DTYPES: Dict[int, Any] = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16,
                                6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64,
                                12: np.uint32, 13: np.uint64}
-NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: the dtypes the executor computes with
+# The dtypes the executor computes with. Others that numpy can hold through add-on packages (ml_dtypes'
+# bfloat16, float8, int4) look numeric but round and saturate differently: refused, never computed.
+NATIVE_DTYPES = frozenset(np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                                                np.uint16, np.uint32, np.uint64, np.float16, np.float32,
+                                                np.float64))
+
+
+def is_native(dtype: np.dtype) -> bool:
+    return dtype in NATIVE_DTYPES
 DEFAULT_OPSET = 17      # what compressor's export writes; a manifest without "opset" came from it
 
 

@@ -48,12 +48,9 @@ def div(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
 
 
 def mod(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    """fmod=1: C's fmod (sign of the dividend); fmod=0: Python's mod (sign of the divisor)."""
     a, b = inputs[0], inputs[1]
-    if attrs.get("fmod", 0):
-        return same_dtype(np.fmod(a, b), a)
-    if a.dtype.kind == "f":
-        raise UnsupportedOpError("Mod", "fmod=0 on floating-point inputs (ONNX requires fmod=1)")
-    return same_dtype(np.mod(a, b), a)
+    return same_dtype(np.fmod(a, b) if attrs.get("fmod", 0) else np.mod(a, b), a)
 
 
 def pow_(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
@@ -79,13 +76,16 @@ def clip(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     return same_dtype(result, x)
 
 
+def check_gelu(attrs: Dict[str, Any]) -> None:
+    if attrs.get("approximate", "none") not in ("none", "tanh"):
+        raise UnsupportedOpError("Gelu", f"approximate={attrs['approximate']!r}")
+
+
 def gelu(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     x = inputs[0]
-    approximate = attrs.get("approximate", "none")
-    if approximate == "tanh":
+    check_gelu(attrs)
+    if attrs.get("approximate", "none") == "tanh":
         return same_dtype(0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))), x)
-    if approximate != "none":
-        raise UnsupportedOpError("Gelu", f"approximate={approximate!r}")
     return same_dtype(0.5 * x * (1 + special.erf(x / np.sqrt(2))), x)
 
 
@@ -160,3 +160,4 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], np.ndarray]] = {
     "IsNaN": lambda i, a: np.isnan(i[0]),
     "Where": where,
 }
+CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {"Gelu": check_gelu}

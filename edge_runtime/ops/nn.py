@@ -27,10 +27,14 @@ def _lowest(dtype: np.dtype) -> Any:
     return -np.inf if dtype.kind == "f" else np.iinfo(dtype).min
 
 
-def max_pool(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
-    x = inputs[0]
+def check_max_pool(attrs: Dict[str, Any]) -> None:
     if attrs.get("storage_order", 0):
         raise UnsupportedOpError("MaxPool", "storage_order=1")
+
+
+def max_pool(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x = inputs[0]
+    check_max_pool(attrs)
     kernel, strides, dilations, pads, ceil = _pool_params("MaxPool", x, attrs)
     view, _ = windows(x, kernel, strides, pads, dilations, ceil, pad_value=_lowest(x.dtype))
     return view.max(axis=tuple(range(-len(kernel), 0)))
@@ -90,14 +94,19 @@ def hardmax(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     return result.reshape(shape)
 
 
-def batch_normalization(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
-    x, scale, bias, mean, var = inputs[:5]
+def check_batch_normalization(attrs: Dict[str, Any]) -> None:
+    """Training-mode BatchNormalization normalises by the batch's own statistics: refused."""
     if attrs.get("training_mode", 0):
         raise UnsupportedOpError("BatchNormalization", "training_mode=1 (batch statistics)")
     if opset_of(attrs) < 7 and not attrs.get("is_test", 0):
         raise UnsupportedOpError("BatchNormalization", "is_test=0 (training) in opset < 7")
     if opset_of(attrs) < 9 and not attrs.get("spatial", 1):
         raise UnsupportedOpError("BatchNormalization", "spatial=0")
+
+
+def batch_normalization(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x, scale, bias, mean, var = inputs[:5]
+    check_batch_normalization(attrs)
     shape = (1, -1) + (1,) * (x.ndim - 2)
     factor = scale / np.sqrt(var + attrs.get("epsilon", 1e-5))
     return same_dtype(x * factor.reshape(shape) + (bias - mean * factor).reshape(shape), x)
@@ -140,15 +149,21 @@ def lrn(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     return same_dtype(x / (bias + alpha / size * window) ** beta, x)
 
 
+def check_dropout(attrs: Dict[str, Any]) -> None:
+    if opset_of(attrs) < 7 and not attrs.get("is_test", 0):
+        raise UnsupportedOpError("Dropout", "is_test=0 (training) in opset < 7")
+
+
 def dropout(inputs: Inputs, attrs: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
     """Identity at inference, and the all-true mask. Training (attribute before opset 12, input after)
     is refused: dropping random units is not what a deployed model should do silently."""
     x = inputs[0]
     training = optional(inputs, 2) if opset_of(attrs) >= 12 else None
-    if training is not None and bool(np.asarray(training).reshape(-1)[0]):
-        raise UnsupportedOpError("Dropout", "training_mode=True")
-    if opset_of(attrs) < 7 and not attrs.get("is_test", 0):
-        raise UnsupportedOpError("Dropout", "is_test=0 (training) in opset < 7")
+    ratio = optional(inputs, 1) if opset_of(attrs) >= 12 else attrs.get("ratio", 0.5)
+    dropping = ratio is None or float(np.asarray(ratio).reshape(-1)[0]) != 0.0  # omitted: 0.5
+    if training is not None and bool(np.asarray(training).reshape(-1)[0]) and dropping:
+        raise UnsupportedOpError("Dropout", "training_mode=True with a non-zero ratio")
+    check_dropout(attrs)
     return x, np.ones(x.shape, dtype=np.bool_)
 
 
@@ -183,3 +198,9 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], Any]] = {
     "Conv": conv_op,
 }
 OUTPUTS: Dict[str, int] = {"LayerNormalization": 3, "Dropout": 2}
+# Attribute checks that need no input values: run at load, so such a node is refused before anything runs.
+CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {
+    "BatchNormalization": check_batch_normalization,
+    "MaxPool": check_max_pool,
+    "Dropout": check_dropout,
+}

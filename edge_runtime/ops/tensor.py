@@ -9,8 +9,8 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 
 from edge_runtime.errors import UnsupportedOpError
-from edge_runtime.ops.base import (Inputs, attr_tensor, axis_of, ints, numpy_dtype, operand, opset_of,
-                                   optional)
+from edge_runtime.ops.base import (Inputs, attr_tensor, axis_of, ints, is_native, numpy_dtype, operand,
+                                   opset_of, optional)
 
 
 def reshape(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
@@ -23,7 +23,8 @@ def reshape(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
 
 def flatten(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     x = inputs[0]
-    axis = axis_of(attrs.get("axis", 1), x.ndim + 1, "Flatten")
+    axis = int(attrs.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis  # Flatten's axis runs over [-r, r]
     return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
 
 
@@ -147,24 +148,30 @@ def range_(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
 
 def cast(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     x = inputs[0]
-    if x.dtype.kind not in "biuf":
+    if not is_native(x.dtype):
         raise UnsupportedOpError("Cast", f"input of dtype {x.dtype}")
     return x.astype(numpy_dtype(int(attrs["to"]), "Cast"))
 
 
 def cast_like(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
-    if inputs[0].dtype.kind not in "biuf" or inputs[1].dtype.kind not in "biuf":
+    if not is_native(inputs[0].dtype) or not is_native(inputs[1].dtype):
         raise UnsupportedOpError("CastLike", f"dtype {inputs[0].dtype} → {inputs[1].dtype}")
     return inputs[0].astype(inputs[1].dtype)
+
+
+PAD_MODES = ("constant", "reflect", "edge", "wrap")
+
+
+def check_pad(attrs: Dict[str, Any]) -> None:
+    if attrs.get("mode", "constant") not in PAD_MODES:
+        raise UnsupportedOpError("Pad", f"mode={attrs['mode']!r}")
 
 
 def pad(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     """constant/reflect/edge/wrap padding; negative pads crop."""
     x = inputs[0]
+    check_pad(attrs)
     mode = attrs.get("mode", "constant")
-    modes = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
-    if mode not in modes:
-        raise UnsupportedOpError("Pad", f"mode={mode!r}")
     if opset_of(attrs) < 11:
         pads, value, axes = ints(attrs["pads"]), attrs.get("value", 0.0), None
     else:
@@ -181,7 +188,7 @@ def pad(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     widths = [(max(b, 0), max(e, 0)) for b, e in widths]
     if mode == "constant":
         return np.pad(x, widths, mode="constant", constant_values=np.asarray(value).astype(x.dtype))
-    return np.pad(x, widths, mode=modes[mode])
+    return np.pad(x, widths, mode=mode)
 
 
 def transpose(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
@@ -217,3 +224,4 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], Any]] = {
     "CastLike": cast_like,
 }
 OUTPUTS: Dict[str, int] = {"Split": 1 << 16}  # as many as the node declares
+CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {"Pad": check_pad}
