@@ -1,6 +1,6 @@
-"""Conv on a whole batch at once: im2col columns times the weight kernel, or, for a depthwise conv,
-a sum over kernel taps (kernels.DepthwiseKernel). Used by weight layers (graph.WeightLayer) and by the
-Conv op whose weight is computed at run time (ops.nn)."""
+"""Conv on a whole batch at once: im2col columns times the weight kernel (for grouped and depthwise
+convs too: see kernels.py). Used by weight layers (graph.WeightLayer) and by the Conv op whose weight
+is computed at run time (ops.nn)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from edge_runtime.kernels import DepthwiseKernel, GroupedDenseKernel, block_diagonal, make_kernel
-from edge_runtime.windows import from_cols, im2col, resolve_pads, windows
+from edge_runtime.kernels import GroupedDenseKernel, block_diagonal, make_kernel
+from edge_runtime.windows import from_cols, im2col, resolve_pads
 
 
 def conv_geometry(attrs: Dict[str, Any], weight_shape: Sequence[int]):
@@ -27,10 +27,7 @@ def conv_kernel(kind: str, dense: Optional[np.ndarray], csr: Any, groups: int, w
     if groups == 1:
         return make_kernel(kind, dense, csr, pool, threads)
     if kind == "dense":
-        dense = dense if dense is not None else csr.toarray()
-        if weight_shape[0] == groups and weight_shape[1] == 1:  # depthwise: one channel in and out per group
-            return DepthwiseKernel(dense)
-        return GroupedDenseKernel(dense, groups)
+        return GroupedDenseKernel(dense if dense is not None else csr.toarray(), groups)
     csr = csr if csr is not None else make_kernel("sparse", dense, None, None, 1).matrix
     return make_kernel(kind, None, block_diagonal(csr.tocsr(), groups), pool, threads)
 
@@ -40,10 +37,6 @@ def conv_forward(x: np.ndarray, kernel: Any, bias: Optional[np.ndarray], attrs: 
     """Conv of ``x`` ``[N, C, *spatial]`` with a weight of ``weight_shape`` held by ``kernel``."""
     kernel_shape, strides, dilations = conv_geometry(attrs, weight_shape)
     pads = resolve_pads("Conv", attrs, x.shape[2:], kernel_shape, strides, dilations)
-    if isinstance(kernel, DepthwiseKernel):
-        view, _ = windows(x, kernel_shape, strides, pads, dilations)
-        y = kernel.taps(view, len(kernel_shape))
-        return y + bias.reshape(1, -1, *([1] * len(kernel_shape))) if bias is not None else y
     cols, out = im2col(x, kernel_shape, strides, pads, dilations)
     y = kernel.cols(cols)
     if bias is not None:

@@ -7,7 +7,7 @@ release the GIL, so on a multi-core device the blocks run in parallel.
 
 Grouped convolutions never loop over groups in Python: the CSR form is one block-diagonal matrix over
 all input channels (its zeros cost nothing), the dense form one batched matmul ``[G, Og, K] @ [G, K, P]``,
-and a depthwise conv (one input and one output channel per group) a sum over its kernel taps.
+which for a depthwise conv is ``[C, 1, k] @ [C, k, P]``.
 """
 
 from __future__ import annotations
@@ -93,32 +93,6 @@ class GroupedDenseKernel:
     def cols(self, c: np.ndarray) -> np.ndarray:
         y = np.matmul(self.weight, c.reshape(self.groups, self.weight.shape[2], -1))
         return y.reshape(self.shape[0], -1)
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.nbytes
-
-
-class DepthwiseKernel:
-    """A depthwise conv's weight ``[C, taps]``: ``taps(view)`` sums ``view[..., tap] * w[:, tap]`` over
-    the kernel's taps on the whole batch at once (no im2col copy, one vector op per tap)."""
-
-    kind = "dense"
-
-    def __init__(self, matrix: np.ndarray) -> None:
-        self.weight = np.ascontiguousarray(matrix, dtype=np.float32)
-        self.shape = self.weight.shape
-
-    def taps(self, view: np.ndarray, rank: int) -> np.ndarray:
-        """``view`` ``[N, C, *out, *kernel]`` → ``[N, C, *out]``."""
-        kernel = view.shape[-rank:]
-        lead = view.shape[:-rank]
-        weight = self.weight.reshape(self.shape[0], *kernel)
-        out = np.zeros(lead, dtype=np.result_type(view.dtype, np.float32))
-        for tap in np.ndindex(*kernel):
-            w = weight[(slice(None), *tap)].reshape(1, -1, *([1] * (len(lead) - 2)))
-            out += view[(Ellipsis, *tap)] * w
-        return out
 
     @property
     def nbytes(self) -> int:

@@ -163,3 +163,16 @@ def test_slice_expand_gather_elements_range_lrn_match_onnxruntime() -> None:
              helper.make_node("HardSwish", ["x"], ["h"]), helper.make_node("HardSigmoid", ["x"], ["hs"]),
              helper.make_node("Sum", ["x", "l", "h"], ["sum"])]
     assert_matches(model(nodes, {"x": x}, ["e", "g", "r", "sum", "hs"], consts), {"x": x})
+
+
+def test_older_opsets_take_operands_from_attributes() -> None:
+    """Axes, split sizes, slice bounds and clip bounds were attributes before they became inputs."""
+    x = np.random.default_rng(7).standard_normal((2, 6, 4)).astype(np.float32)
+    nodes = [helper.make_node("Slice", ["x"], ["s"], starts=[1, 0], ends=[5, 3], axes=[1, 2]),
+             helper.make_node("ReduceMean", ["s"], ["m"], axes=[2], keepdims=0),
+             helper.make_node("Unsqueeze", ["m"], ["u"], axes=[0]),
+             helper.make_node("Split", ["x"], ["a", "b"], axis=1, split=[2, 4]),
+             helper.make_node("Clip", ["b"], ["c"], min=-0.5, max=0.5),
+             helper.make_node("Squeeze", ["u"], ["q"], axes=[0]),
+             helper.make_node("Softmax", ["x"], ["p"])]
+    assert_matches(model(nodes, {"x": x}, ["q", "a", "c", "p"], {}, opset=9), {"x": x})

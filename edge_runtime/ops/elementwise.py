@@ -68,11 +68,9 @@ def clip(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     high = attrs.get("max") if high is None else high
     if low is None and high is None:  # ONNX allows it (identity); numpy before 2.1 refuses np.clip(x, None, None)
         return x
-    result = x
-    if low is not None:
-        result = np.maximum(result, np.asarray(low, dtype=x.dtype))
-    if high is not None:
-        result = np.minimum(result, np.asarray(high, dtype=x.dtype))
+    result = np.maximum(x, np.asarray(low, dtype=x.dtype)) if low is not None else None
+    if high is not None:  # into the first result's buffer: one allocation (ReLU6 runs on big activations)
+        result = np.minimum(x if result is None else result, np.asarray(high, dtype=x.dtype), out=result)
     return same_dtype(result, x)
 
 
