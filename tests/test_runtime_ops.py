@@ -115,8 +115,12 @@ def test_unused_extra_outputs_are_allowed_and_used_ones_computed() -> None:
     # the normalisation statistics, asked for as graph outputs, are computed and right
     assert_matches(model(nodes[:2], {"x": x}, ["y", "mean", "inv_std", "mask"], {"scale": scale, "bias": bias}),
                    {"x": x})
-    with pytest.raises(UnsupportedOpError, match="MaxPool.*output 1"):
-        native(model(nodes, {"x": x}, ["p", "indices"], {"scale": scale, "bias": bias}), {"x": x})
+    # MaxPool's indices, when read, are computed (they index the flattened input, as onnxruntime's)
+    assert_matches(model(nodes, {"x": x}, ["p", "indices"], {"scale": scale, "bias": bias}), {"x": x})
+    # an output an op cannot produce is refused at load, naming the op
+    extra = [helper.make_node("Reshape", ["x", "shape"], ["r", "r2"])]
+    with pytest.raises(UnsupportedOpError, match="Reshape.*output 1"):
+        native(model(extra, {"x": x}, ["r2"], {"shape": np.array([-1], np.int64)}), {"x": x})
 
 
 def test_training_modes_are_refused_never_ignored() -> None:

@@ -96,6 +96,27 @@ def where(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     return np.where(inputs[0], inputs[1], inputs[2]).astype(inputs[1].dtype, copy=False)
 
 
+def is_inf(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x = inputs[0]
+    positive, negative = attrs.get("detect_positive", 1), attrs.get("detect_negative", 1)
+    return np.isinf(x) & ((x > 0) if positive and not negative else (x < 0) if negative and not positive
+                          else np.bool_(positive or negative))
+
+
+def shrink(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x = inputs[0]
+    bias, lambd = _f(attrs, "bias", 0.0), _f(attrs, "lambd", 0.5)
+    return same_dtype(np.where(x < -lambd, x + bias, np.where(x > lambd, x - bias, 0)), x)
+
+
+def bit_shift(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    direction = attrs["direction"]
+    if direction not in ("LEFT", "RIGHT"):
+        raise UnsupportedOpError("BitShift", f"direction={direction!r}")
+    fn = np.left_shift if direction == "LEFT" else np.right_shift
+    return same_dtype(fn(inputs[0], inputs[1]), inputs[0])
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return special.expit(x)
 
@@ -117,6 +138,15 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], np.ndarray]] = {
     "Round": _unary(np.round),  # half to even, as ONNX
     "Sin": _unary(np.sin),
     "Cos": _unary(np.cos),
+    "Tan": _unary(np.tan),
+    "Asin": _unary(np.arcsin),
+    "Acos": _unary(np.arccos),
+    "Atan": _unary(np.arctan),
+    "Sinh": _unary(np.sinh),
+    "Cosh": _unary(np.cosh),
+    "Asinh": _unary(np.arcsinh),
+    "Acosh": _unary(np.arccosh),
+    "Atanh": _unary(np.arctanh),
     "Tanh": _unary(np.tanh),
     "Erf": _unary(special.erf),
     "Sigmoid": _unary(_sigmoid),
@@ -156,6 +186,13 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], np.ndarray]] = {
     "Xor": _compare(np.logical_xor),
     "Not": _unary(np.logical_not),
     "IsNaN": lambda i, a: np.isnan(i[0]),
+    "IsInf": is_inf,
+    "Shrink": shrink,
+    "BitShift": bit_shift,
+    "BitwiseNot": _unary(np.invert),
+    "BitwiseAnd": _binary(np.bitwise_and),
+    "BitwiseOr": _binary(np.bitwise_or),
+    "BitwiseXor": _binary(np.bitwise_xor),
     "Where": where,
 }
 CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {"Gelu": check_gelu}

@@ -27,17 +27,24 @@ def _lowest(dtype: np.dtype) -> Any:
     return -np.inf if dtype.kind == "f" else np.iinfo(dtype).min
 
 
-def check_max_pool(attrs: Dict[str, Any]) -> None:
-    if attrs.get("storage_order", 0):
-        raise UnsupportedOpError("MaxPool", "storage_order=1")
-
-
-def max_pool(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+def max_pool(inputs: Inputs, attrs: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+    """The maxima, and their int64 indices into the flattened input (spatial order row-major, or
+    column-major with ``storage_order=1``; the first maximum of a window wins a tie)."""
     x = inputs[0]
-    check_max_pool(attrs)
     kernel, strides, dilations, pads, ceil = _pool_params("MaxPool", x, attrs)
-    view, _ = windows(x, kernel, strides, pads, dilations, ceil, pad_value=_lowest(x.dtype))
-    return view.max(axis=tuple(range(-len(kernel), 0)))
+    rank = len(kernel)
+    view, out = windows(x, kernel, strides, pads, dilations, ceil, pad_value=_lowest(x.dtype))
+    values = view.max(axis=tuple(range(-rank, 0)))
+    if getattr(attrs, "outputs", 1) < 2:
+        return values, None
+    taps = np.unravel_index(view.reshape(*view.shape[:-rank], -1).argmax(axis=-1), kernel)
+    spatial = x.shape[2:]
+    positions = [np.arange(n).reshape([-1 if j == i else 1 for j in range(rank)]) * strides[i] - pads[i]
+                 + taps[i] * dilations[i] for i, n in enumerate(out)]
+    order = "F" if attrs.get("storage_order", 0) else "C"
+    inner = np.ravel_multi_index(positions, spatial, order=order)
+    lead = np.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1], *([1] * rank))
+    return values, (lead * int(np.prod(spatial)) + inner).astype(np.int64)
 
 
 def average_pool(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
@@ -197,10 +204,9 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], Any]] = {
     "MatMul": lambda i, a: np.matmul(i[0], i[1]),
     "Conv": conv_op,
 }
-OUTPUTS: Dict[str, int] = {"LayerNormalization": 3, "Dropout": 2}
+OUTPUTS: Dict[str, int] = {"LayerNormalization": 3, "Dropout": 2, "MaxPool": 2}
 # Attribute checks that need no input values: run at load, so such a node is refused before anything runs.
 CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {
     "BatchNormalization": check_batch_normalization,
-    "MaxPool": check_max_pool,
     "Dropout": check_dropout,
 }

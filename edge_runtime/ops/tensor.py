@@ -191,6 +191,99 @@ def pad(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     return np.pad(x, widths, mode=mode)
 
 
+def trilu(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x, k = inputs[0], optional(inputs, 1)
+    k = 0 if k is None else int(np.asarray(k).reshape(-1)[0])
+    return np.triu(x, k) if attrs.get("upper", 1) else np.tril(x, k)
+
+
+def depth_to_space(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x = inputs[0]
+    n, c, h, w = x.shape
+    b = int(attrs["blocksize"])
+    mode = attrs.get("mode", "DCR")
+    if mode not in ("DCR", "CRD"):
+        raise UnsupportedOpError("DepthToSpace", f"mode={mode!r}")
+    if mode == "DCR":
+        y = x.reshape(n, b, b, c // (b * b), h, w).transpose(0, 3, 4, 1, 5, 2)
+    else:
+        y = x.reshape(n, c // (b * b), b, b, h, w).transpose(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // (b * b), h * b, w * b)
+
+
+def space_to_depth(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x = inputs[0]
+    n, c, h, w = x.shape
+    b = int(attrs["blocksize"])
+    mode = attrs.get("mode", "DCR")
+    if mode not in ("DCR", "CRD"):
+        raise UnsupportedOpError("SpaceToDepth", f"mode={mode!r}")
+    order = (0, 3, 5, 1, 2, 4) if mode == "DCR" else (0, 1, 3, 5, 2, 4)
+    y = x.reshape(n, c, h // b, b, w // b, b).transpose(order)
+    return y.reshape(n, c * b * b, h // b, w // b)
+
+
+def one_hot(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    indices, depth, values = inputs[0], int(np.asarray(inputs[1]).reshape(-1)[0]), inputs[2]
+    axis = axis_of(attrs.get("axis", -1), indices.ndim + 1, "OneHot")
+    index = indices.astype(np.int64)
+    index = np.where(index < 0, index + depth, index)
+    hot = np.expand_dims(index, axis) == np.arange(depth).reshape([-1 if i == axis else 1
+                                                                    for i in range(indices.ndim + 1)])
+    return np.where(hot, values[1], values[0]).astype(values.dtype)
+
+
+def top_k(inputs: Inputs, attrs: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+    """Values and int64 indices; ties go to the lower index, as ONNX specifies."""
+    x, k = inputs[0], int(np.asarray(inputs[1]).reshape(-1)[0])
+    axis = axis_of(attrs.get("axis", -1), x.ndim, "TopK")
+    if not attrs.get("sorted", 1):
+        raise UnsupportedOpError("TopK", "sorted=0")
+    keys = -x if attrs.get("largest", 1) else x
+    if x.dtype.kind == "u" and attrs.get("largest", 1):
+        keys = np.iinfo(x.dtype).max - x
+    order = np.argsort(keys, axis=axis, kind="stable")
+    index = np.take(order, np.arange(k), axis=axis)
+    return np.take_along_axis(x, index, axis=axis), index.astype(np.int64)
+
+
+def einsum(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    return np.asarray(np.einsum(attrs["equation"].replace(" ", ""), *inputs)).astype(inputs[0].dtype, copy=False)
+
+
+SCATTER_REDUCTIONS = {"add": np.add, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
+def _scatter(op: str, out: np.ndarray, index: Tuple[np.ndarray, ...], updates: np.ndarray,
+             attrs: Dict[str, Any]) -> np.ndarray:
+    """Write (reduction none: the last duplicate wins) or reduce ``updates`` into ``out`` at ``index``."""
+    reduction = attrs.get("reduction", "none")
+    if reduction == "none":
+        out[index] = updates
+    elif reduction in SCATTER_REDUCTIONS:
+        SCATTER_REDUCTIONS[reduction].at(out, index, updates)  # .at: duplicates accumulate
+    else:
+        raise UnsupportedOpError(op, f"reduction={reduction!r}")
+    return out
+
+
+def scatter_elements(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x, indices, updates = inputs[0], inputs[1].astype(np.int64), inputs[2]
+    axis = axis_of(attrs.get("axis", 0), x.ndim, "ScatterElements")
+    index = list(np.indices(indices.shape, sparse=True))
+    index[axis] = np.where(indices < 0, indices + x.shape[axis], indices)
+    return _scatter("ScatterElements", x.copy(), tuple(index), updates, attrs)
+
+
+def scatter_nd(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    x, indices, updates = inputs[0], inputs[1].astype(np.int64), inputs[2]
+    return _scatter("ScatterND", x.copy(), tuple(np.moveaxis(indices, -1, 0)), updates, attrs)
+
+
+def non_zero(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    return np.array(np.nonzero(inputs[0]), dtype=np.int64).reshape(inputs[0].ndim, -1)
+
+
 def transpose(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     perm = attrs.get("perm")
     return np.transpose(inputs[0], None if perm is None else ints(perm))
@@ -220,8 +313,17 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], Any]] = {
     "ConstantOfShape": constant_of_shape,
     "Constant": constant,
     "Range": range_,
+    "Trilu": trilu,
+    "DepthToSpace": depth_to_space,
+    "SpaceToDepth": space_to_depth,
+    "OneHot": one_hot,
+    "TopK": top_k,
+    "Einsum": einsum,
+    "ScatterElements": scatter_elements,
+    "ScatterND": scatter_nd,
+    "NonZero": non_zero,
     "Cast": cast,
     "CastLike": cast_like,
 }
-OUTPUTS: Dict[str, int] = {"Split": 1 << 16}  # as many as the node declares
+OUTPUTS: Dict[str, int] = {"Split": 1 << 16, "TopK": 2}  # Split: as many as the node declares
 CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {"Pad": check_pad}
