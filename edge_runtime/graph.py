@@ -23,7 +23,7 @@ from edge_runtime.conv import conv_forward, conv_kernel
 from edge_runtime.errors import UnsupportedOpError
 from edge_runtime.kernels import make_kernel
 from edge_runtime.ops import CHECKS, OPS, OUTPUTS, Attrs
-from edge_runtime.ops.base import DEFAULT_OPSET, is_native
+from edge_runtime.ops.base import DEFAULT_OPSET, is_native, numpy_dtype
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_WEIGHTS = ("float32", "float16")  # what the kernels compute with (float16 is widened at load)
@@ -213,14 +213,26 @@ def _op_step(node: Dict[str, Any], name: str, opset: int, outputs: List[str]) ->
     return Step(op, name, list(node["inputs"]), outputs, run)
 
 
+def _check_input_types(nodes: Sequence[Dict[str, Any]], input_types: Mapping[str, int]) -> None:
+    """A graph input declared with an ONNX type numpy cannot hold (bfloat16, float8, string...) is
+    refused by the op that would read it: its array could only be a reinterpretation."""
+    for node in nodes:
+        for name in node["inputs"]:
+            if name in input_types:
+                numpy_dtype(int(input_types[name]), node["op_type"])
+
+
 def compile_nodes(nodes: Sequence[Dict[str, Any]], input_names: Sequence[str], output_names: Sequence[str],
                   weights: Any, choose: Callable[[str], str], pool: Optional[Executor] = None,
-                  threads: int = 1, opset: int = DEFAULT_OPSET) -> Program:
+                  threads: int = 1, opset: int = DEFAULT_OPSET,
+                  input_types: Optional[Mapping[str, int]] = None) -> Program:
     """Build a Program from nodes (dicts: op_type, inputs, outputs, attributes, domain, name) and the
-    initializers in ``weights``; ``choose(weight_name)`` gives each weight layer's kernel kind."""
+    initializers in ``weights``; ``choose(weight_name)`` gives each weight layer's kernel kind.
+    ``input_types`` (optional): the graph inputs' declared ONNX element types."""
     needed = set(output_names) | {name for node in nodes for name in node["inputs"] if name}
     for node in nodes:
         _check_node(node, weights, needed, opset)
+    _check_input_types(nodes, input_types or {})
     weight_nodes = [is_weight_node(node, weights) for node in nodes]
     weight_names = {node["inputs"][1] for node, w in zip(nodes, weight_nodes) if w}
     constants = {name: weights.dense(name) for node in nodes for name in node["inputs"]

@@ -17,6 +17,7 @@ from edge_runtime.errors import UnsupportedOpError  # noqa: E402
 from edge_runtime.graph import ArrayWeights, compile_nodes  # noqa: E402
 from tests.conformance import node_dicts  # noqa: E402
 
+ORT_VERSION = tuple(int(part) for part in ort.__version__.split(".")[:2])
 DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
           np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.bool_): TensorProto.BOOL}
 
@@ -85,6 +86,10 @@ def test_grouped_and_depthwise_conv_match_onnxruntime(spec: tuple, kind: str, ba
                                                      (5, 2, 2, (0, 0, 1, 1)), (8, 3, 3, (1, 1, 1, 1))])
 def test_average_pool_ceil_and_padding_match_onnxruntime(size: int, kernel: int, stride: int, pads: tuple,
                                                          ceil_mode: int, count_include_pad: int) -> None:
+    n = -(-(size + pads[0] + pads[2] - kernel) // stride) + 1
+    if ceil_mode and (n - 1) * stride >= size + pads[0] and ORT_VERSION < (1, 32):
+        pytest.skip("onnxruntime 1.19 still lets the last ceil_mode window start in the end padding "
+                    "(1.32 follows the ONNX spec, as the runtime does)")
     x = np.random.default_rng(1).standard_normal((2, 3, size, size)).astype(np.float32)
     node = helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[kernel, kernel], strides=[stride, stride],
                             pads=list(pads), ceil_mode=ceil_mode, count_include_pad=count_include_pad)

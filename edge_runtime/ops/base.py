@@ -26,6 +26,9 @@ NATIVE_DTYPES = frozenset(np.dtype(t) for t in (np.bool_, np.int8, np.int16, np.
 
 def is_native(dtype: np.dtype) -> bool:
     return dtype in NATIVE_DTYPES
+ONNX_TYPE_NAMES = {8: "string", 14: "complex64", 15: "complex128", 16: "bfloat16", 17: "float8e4m3fn",
+                   18: "float8e4m3fnuz", 19: "float8e5m2", 20: "float8e5m2fnuz", 21: "uint4", 22: "int4",
+                   23: "float4e2m1", 24: "float8e8m0", 25: "uint2", 26: "int2"}
 DEFAULT_OPSET = 17      # what compressor's export writes; a manifest without "opset" came from it
 
 
@@ -84,7 +87,8 @@ def attr_tensor(value: Any) -> np.ndarray:
 
 def numpy_dtype(code: int, op: str) -> Any:
     if code not in ONNX_DTYPES:
-        raise UnsupportedOpError(op, f"data type {code} (no numpy equivalent in this runtime)")
+        name = ONNX_TYPE_NAMES.get(code, "unknown")
+        raise UnsupportedOpError(op, f"data type {code} ({name}: no numpy equivalent in this runtime)")
     return ONNX_DTYPES[code]
 
 
