@@ -13,7 +13,7 @@ import pytest
 from edge_runtime import InferenceSession, UnsupportedOpError
 from tests.runtime_fixtures import example_input, model_dir, torch_output
 
-SUPPORTED = ["digits-mlp", "digits-cnn", "resnet20", "residual-cnn", "mlp-block", "hardswish"]
+SUPPORTED = ["digits-mlp", "digits-cnn", "resnet20", "residual-cnn", "mlp-block", "hardswish", "mobile-cnn"]
 TOLERANCE = 1e-4
 
 
