@@ -185,3 +185,20 @@ def test_older_opsets_take_operands_from_attributes() -> None:
              helper.make_node("Squeeze", ["u"], ["q"], axes=[0]),
              helper.make_node("Softmax", ["x"], ["p"])]
     assert_matches(model(nodes, {"x": x}, ["q", "a", "c", "p"], {}, opset=9), {"x": x})
+
+
+@pytest.mark.parametrize("attrs", [
+    {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+    {"strides": [3, 2], "dilations": [2, 1], "group": 2},
+    {"strides": [2, 2], "auto_pad": "SAME_UPPER"},
+    {"strides": [2, 3], "auto_pad": "SAME_LOWER", "group": 4},
+    {"strides": [2, 2], "output_shape": [12, 11]},
+], ids=lambda a: "-".join(a))
+def test_conv_transpose_matches_onnxruntime(attrs: Dict[str, Any]) -> None:
+    rng = np.random.default_rng(8)
+    group = attrs.get("group", 1)
+    x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
+    weight = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)  # 3 output channels per group
+    bias = rng.standard_normal(weight.shape[1] * group).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], **attrs)
+    assert_matches(model([node], {"x": x}, ["y"], {"w": weight, "b": bias}), {"x": x}, atol=1e-4)

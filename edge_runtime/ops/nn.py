@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
-from edge_runtime.conv import conv_op
+from edge_runtime.conv import conv_op, conv_transpose_op
 from edge_runtime.errors import UnsupportedOpError
 from edge_runtime.ops.base import Inputs, axis_of, opset_of, optional, same_dtype
 from edge_runtime.windows import resolve_pads, windows
@@ -203,6 +203,7 @@ OPS: Dict[str, Callable[[Inputs, Dict[str, Any]], Any]] = {
     "Gemm": gemm,
     "MatMul": lambda i, a: np.matmul(i[0], i[1]),
     "Conv": conv_op,
+    "ConvTranspose": conv_transpose_op,
 }
 OUTPUTS: Dict[str, int] = {"LayerNormalization": 3, "Dropout": 2, "MaxPool": 2}
 # Attribute checks that need no input values: run at load, so such a node is refused before anything runs.
