@@ -202,3 +202,19 @@ def test_conv_transpose_matches_onnxruntime(attrs: Dict[str, Any]) -> None:
     bias = rng.standard_normal(weight.shape[1] * group).astype(np.float32)
     node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], **attrs)
     assert_matches(model([node], {"x": x}, ["y"], {"w": weight, "b": bias}), {"x": x}, atol=1e-4)
+
+
+@pytest.mark.parametrize("attrs,scales,sizes", [
+    ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, [1, 1, 2, 2], None),
+    ({"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, [1, 1, 2, 3], None),
+    ({"mode": "linear", "coordinate_transformation_mode": "align_corners"}, None, [2, 3, 9, 4]),
+    ({"mode": "nearest", "coordinate_transformation_mode": "half_pixel"}, [1, 1, 0.5, 1.7], None),
+    ({"mode": "linear", "coordinate_transformation_mode": "half_pixel"}, None, [2, 3, 3, 11]),
+], ids=["nearest-x2", "bilinear-pytorch", "align-corners-sizes", "nearest-down", "linear-sizes"])
+def test_resize_matches_onnxruntime(attrs: Dict[str, Any], scales: Any, sizes: Any) -> None:
+    """The forms torch.nn.Upsample / F.interpolate export."""
+    x = np.random.default_rng(9).standard_normal((2, 3, 6, 5)).astype(np.float32)
+    extra = {"scales": np.array(scales, np.float32)} if scales else {"sizes": np.array(sizes, np.int64)}
+    names = ["x", "", "scales"] if scales else ["x", "", "", "sizes"]
+    node = helper.make_node("Resize", names, ["y"], **attrs)
+    assert_matches(model([node], {"x": x}, ["y"], extra, opset=13), {"x": x})

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
-from edge_runtime.ops import elementwise, nn, reduce, tensor
+from edge_runtime.ops import elementwise, nn, reduce, resize, tensor
 from edge_runtime.ops.base import Attrs, Inputs
 
 OpFunction = Callable[[Inputs, Dict[str, Any]], Any]
 
-OPS: Dict[str, OpFunction] = {**elementwise.OPS, **tensor.OPS, **reduce.OPS, **nn.OPS}
+OPS: Dict[str, OpFunction] = {**elementwise.OPS, **tensor.OPS, **reduce.OPS, **nn.OPS, **resize.OPS}
 OUTPUTS: Dict[str, int] = {**tensor.OUTPUTS, **nn.OUTPUTS}
-CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {**tensor.CHECKS, **elementwise.CHECKS, **nn.CHECKS}
+CHECKS: Dict[str, Callable[[Dict[str, Any]], None]] = {**tensor.CHECKS, **elementwise.CHECKS, **nn.CHECKS,
+                                                       **resize.CHECKS}
 
 __all__ = ["OPS", "OUTPUTS", "CHECKS", "Attrs", "Inputs", "OpFunction"]
