@@ -203,7 +203,7 @@ def _check_node(node: Dict[str, Any], weights: Any, needed: set, opset: int) -> 
 def _op_step(node: Dict[str, Any], name: str, opset: int, outputs: List[str]) -> Step:
     op = node["op_type"]
     fn = OPS[op]
-    attrs = Attrs(node.get("attributes") or {}, op, opset, len(node["outputs"]))
+    attrs = Attrs(node.get("attributes") or {}, op, opset, len(node["outputs"]), [bool(o) for o in outputs])
 
     def run(values: List[Optional[np.ndarray]]) -> Any:
         for value in values:  # strings, objects, bfloat16...: said, not computed wrongly

@@ -37,11 +37,18 @@ class Attrs(dict):
     (defaults changed across versions) and how many outputs the node declares."""
 
     def __init__(self, values: Dict[str, Any], op_type: str = "", opset: int = DEFAULT_OPSET,
-                 outputs: int = 1) -> None:
+                 outputs: int = 1, used: Sequence[bool] = (True,)) -> None:
         super().__init__(values)
         self.op_type = op_type
         self.opset = opset
         self.outputs = outputs
+        self.used = tuple(used)
+
+
+def output_used(attrs: Dict[str, Any], index: int) -> bool:
+    """Whether anything reads output ``index``: an optional output nobody reads is not computed."""
+    used = getattr(attrs, "used", (True,))
+    return index < len(used) and used[index]
 
 
 def opset_of(attrs: Dict[str, Any]) -> int:

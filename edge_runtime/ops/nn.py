@@ -10,7 +10,7 @@ import numpy as np
 
 from edge_runtime.conv import conv_op, conv_transpose_op
 from edge_runtime.errors import UnsupportedOpError
-from edge_runtime.ops.base import Inputs, axis_of, opset_of, optional, same_dtype
+from edge_runtime.ops.base import Inputs, axis_of, opset_of, optional, output_used, same_dtype
 from edge_runtime.windows import resolve_pads, windows
 
 
@@ -35,7 +35,7 @@ def max_pool(inputs: Inputs, attrs: Dict[str, Any]) -> Tuple[np.ndarray, np.ndar
     rank = len(kernel)
     view, out = windows(x, kernel, strides, pads, dilations, ceil, pad_value=_lowest(x.dtype))
     values = view.max(axis=tuple(range(-rank, 0)))
-    if getattr(attrs, "outputs", 1) < 2:
+    if not output_used(attrs, 1):
         return values, None
     taps = np.unravel_index(view.reshape(*view.shape[:-rank], -1).argmax(axis=-1), kernel)
     spatial = x.shape[2:]
@@ -171,7 +171,7 @@ def dropout(inputs: Inputs, attrs: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarr
     if training is not None and bool(np.asarray(training).reshape(-1)[0]) and dropping:
         raise UnsupportedOpError("Dropout", "training_mode=True with a non-zero ratio")
     check_dropout(attrs)
-    return x, np.ones(x.shape, dtype=np.bool_)
+    return x, np.ones(x.shape, dtype=np.bool_) if output_used(attrs, 1) else None
 
 
 def gemm(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
