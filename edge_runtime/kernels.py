@@ -4,6 +4,10 @@ Every weight layer reduces to one of two products: ``rows(A) = A @ M.T`` for Gem
 (``A [R, K]``), and ``cols(C) = M @ C`` for Conv's im2col columns (``C [K, P]``). The CSR kernel can
 split M into row blocks of about equal non-zeros and run them in threads: scipy's sparse products
 release the GIL, so on a multi-core device the blocks run in parallel.
+
+Grouped convolutions never loop over groups in Python: the CSR form is one block-diagonal matrix over
+all input channels (its zeros cost nothing), the dense form one batched matmul ``[G, Og, K] @ [G, K, P]``,
+which for a depthwise conv is ``[C, 1, k] @ [C, k, P]``.
 """
 
 from __future__ import annotations
@@ -74,6 +78,34 @@ class CsrKernel:
     @property
     def nbytes(self) -> int:
         return self.matrix.data.nbytes + self.matrix.indices.nbytes + self.matrix.indptr.nbytes
+
+
+class GroupedDenseKernel:
+    """A grouped conv's weight as ``[G, Og, K]``: ``cols(C)`` for C ``[G*K, P]`` is one batched matmul."""
+
+    kind = "dense"
+
+    def __init__(self, matrix: np.ndarray, groups: int) -> None:
+        self.groups = groups
+        self.weight = np.ascontiguousarray(matrix, dtype=np.float32).reshape(groups, matrix.shape[0] // groups, -1)
+        self.shape = (matrix.shape[0], groups * self.weight.shape[2])
+
+    def cols(self, c: np.ndarray) -> np.ndarray:
+        y = np.matmul(self.weight, c.reshape(self.groups, self.weight.shape[2], -1))
+        return y.reshape(self.shape[0], -1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+def block_diagonal(matrix: sp.csr_matrix, groups: int) -> sp.csr_matrix:
+    """A grouped conv's CSR ``[O, Cg*k]`` as ``[O, G*Cg*k]``: row r of group g moves to columns
+    ``g*Cg*k + ...``, so one sparse product covers every group."""
+    rows, width = matrix.shape
+    shift = (np.arange(rows) // (rows // groups)) * width
+    indices = matrix.indices + np.repeat(shift, np.diff(matrix.indptr)).astype(matrix.indices.dtype)
+    return sp.csr_matrix((matrix.data, indices, matrix.indptr.copy()), shape=(rows, groups * width))
 
 
 def row_blocks(matrix: sp.csr_matrix, count: int) -> List[Tuple[slice, sp.csr_matrix]]:

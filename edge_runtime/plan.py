@@ -26,6 +26,8 @@ ROUNDS = 5             # ... candidates take turns round by round, and each one'
 ENGINE_ROUNDS = 9      # native vs onnxruntime decides the whole model: more rounds, median round
 NATIVE_MARGIN = 1.05   # native must beat onnxruntime by 5% to be chosen: onnxruntime is the stock
                        # baseline, so a near-tie goes to it and `auto` is never slower beyond noise
+CANNOT_WIN = 2.0       # a candidate whose fastest round is this many times the leader's slowest round
+                       # stops being timed: noise between rounds is tens of percent, never 2×
 
 
 def _round(fn: Callable[[], Any], round_seconds: float) -> float:
@@ -39,18 +41,36 @@ def _round(fn: Callable[[], Any], round_seconds: float) -> float:
 
 
 def compare(candidates: Dict[str, Callable[[], Any]], rounds: int = ROUNDS,
-            round_seconds: float = ROUND_SECONDS, statistic: str = "min") -> Dict[str, float]:
+            round_seconds: float = ROUND_SECONDS, statistic: str = "min",
+            give_up: Optional[float] = CANNOT_WIN) -> Dict[str, float]:
     """Milliseconds per call of each candidate: interleaved rounds (after a warm-up), then each
     candidate's best round (``min``: a kernel's own speed) or its median round (``median``: closer to
-    the p50 latency that users measure, for decisions about the whole model)."""
+    the p50 latency that users measure, for decisions about the whole model).
+
+    A candidate that cannot win (see ``still_in``) is timed no further; its figure comes from the rounds
+    it ran. This is what keeps tuning a model whose native program is far slower than onnxruntime short.
+    """
     for fn in candidates.values():
         fn()
     per_round: Dict[str, list] = {name: [] for name in candidates}
+    active = list(candidates)
     for _ in range(rounds):
-        for name, fn in candidates.items():
-            per_round[name].append(1e3 * _round(fn, round_seconds))
+        for name in active:
+            per_round[name].append(1e3 * _round(candidates[name], round_seconds))
+        active = still_in(per_round, active, give_up)
+        if len(active) == 1:
+            break
     pick = min if statistic == "min" else (lambda times: sorted(times)[len(times) // 2])
     return {name: pick(times) for name, times in per_round.items()}
+
+
+def still_in(per_round: Dict[str, list], active: list, give_up: Optional[float]) -> list:
+    """The candidates that can still win: those whose fastest round is within ``give_up`` times the
+    slowest round of the leader (the candidate with the best worst round). The leader always stays."""
+    if give_up is None or len(active) < 2:
+        return active
+    leader_worst = min(max(per_round[name]) for name in active)
+    return [name for name in active if min(per_round[name]) <= give_up * leader_worst]
 
 
 def plan_key(manifest: Dict[str, Any], threads: int) -> str:
@@ -97,15 +117,28 @@ def save(model_dir: Path, key: str, plan: Dict[str, Any]) -> Optional[Path]:
 
 def choose_layer_kinds(program: Any, make_kernels: Callable[[Any, str], Any], sample: Any,
                        kinds: tuple) -> Dict[str, Dict[str, float]]:
-    """Time every kind on each weight layer's recorded input; returns {weight: {kind: ms}}."""
+    """Time the kinds that can win on each weight layer's recorded input; returns {weight: {kind: ms}}
+    (a kind left out could not win).
+
+    sparse-mt runs the sparse kernel's row blocks on at most one thread per core, so it is never faster
+    than sparse divided by the core count: it is only built and timed when that bound beats the best
+    single-thread kind. Within a layer, ``compare`` drops a kind as soon as it falls 2× behind.
+    """
     recorded: Dict[str, list] = {}
     program.run(sample, record=recorded)
+    cores = os.cpu_count() or 1
     timings: Dict[str, Dict[str, float]] = {}
     for step in program.steps:
         if step.weight is None:
             continue
         layer, args = program.layers[step.name], recorded[step.name]
-        runs = {kind: make_kernels(layer, kind) for kind in kinds}
-        timings[step.weight] = compare({kind: (lambda run=run: run(args)) for kind, run in runs.items()},
-                                       rounds=3, round_seconds=0.005)
+        timed = _time_kinds(layer, args, make_kernels, [k for k in kinds if k != "sparse-mt"])
+        if "sparse-mt" in kinds and "sparse" in timed and timed["sparse"] / cores < min(timed.values()):
+            timed.update(_time_kinds(layer, args, make_kernels, ["sparse-mt"]))
+        timings[step.weight] = timed
     return timings
+
+
+def _time_kinds(layer: Any, args: list, make_kernels: Callable[[Any, str], Any], kinds: list) -> Dict[str, float]:
+    runs = {kind: make_kernels(layer, kind) for kind in kinds}
+    return compare({kind: (lambda run=run: run(args)) for kind, run in runs.items()}, rounds=3, round_seconds=0.005)

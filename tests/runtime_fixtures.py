@@ -27,6 +27,8 @@ MODELS = {
     "residual-cnn": (0.8, "float32"),
     "mlp-block": (0.95, "float32"),
     "hardswish": (0.5, "float32"),
+    "cumsum": (0.5, "float32"),
+    "mobile-cnn": (0.6, "float32"),
     "digits-mlp-fp16": (SPARSITY, "float16"),
 }
 ENV = "EDGEPRUNE_RUNTIME_FIXTURES"

@@ -1,0 +1,67 @@
+"""The tuner stops timing what cannot win: a candidate far behind the leader, and sparse-mt where
+even perfect scaling over every core would not beat the best single-thread kernel. Slowness here is
+a sleep of 20 ms against a no-op, so which candidate loses is never in doubt; the tests count calls,
+they assert no timings."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_runtime import plan
+from edge_runtime.graph import ArrayWeights, compile_nodes
+
+SLOW = 0.02
+
+
+def counted(counter: Counter, name: str, seconds: float) -> Callable[[], None]:
+    def run(*_: Any) -> None:
+        counter[name] += 1
+        if seconds:
+            time.sleep(seconds)
+    return run
+
+
+def test_still_in_keeps_the_leader_and_drops_what_is_2x_behind() -> None:
+    rounds = {"a": [1.0, 1.2], "b": [2.5, 2.6], "c": [2.3, 9.0]}
+    # the leader (best worst round) is a at 1.2 ms: b's best 2.5 is out of reach, c's best 2.3 is not
+    assert plan.still_in(rounds, ["a", "b", "c"], 2.0) == ["a", "c"]
+    assert plan.still_in(rounds, ["a", "b", "c"], 3.0) == ["a", "b", "c"]
+    assert plan.still_in(rounds, ["b"], 2.0) == ["b"]
+    assert plan.still_in(rounds, ["a", "b"], None) == ["a", "b"]
+
+
+def test_compare_stops_timing_a_candidate_that_cannot_win() -> None:
+    calls: Counter = Counter()
+    result = plan.compare({"fast": counted(calls, "fast", 0), "slow": counted(calls, "slow", SLOW)},
+                          rounds=5, round_seconds=0.001)
+    assert result["slow"] > result["fast"]
+    assert calls["slow"] == 3  # the warm-up and one round of two calls, then never again
+    without = Counter()
+    plan.compare({"fast": counted(without, "fast", 0), "slow": counted(without, "slow", SLOW)},
+                 rounds=3, round_seconds=0.001, give_up=None)
+    assert without["slow"] == 1 + 3 * 2  # the old behaviour: every round for every candidate
+
+
+def one_layer_program() -> Any:
+    weight = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    node = {"op_type": "Gemm", "name": "fc", "inputs": ["x", "w"], "outputs": ["y"], "attributes": {"transB": 1}}
+    return compile_nodes([node], ["x"], ["y"], ArrayWeights({"w": weight}), lambda _: "dense")
+
+
+def test_sparse_mt_is_only_timed_when_it_could_win() -> None:
+    program, x = one_layer_program(), np.ones((1, 4), np.float32)
+    for slow_kind, expect_mt in (("sparse", False), ("dense", True)):
+        built: Counter = Counter()
+
+        def make(layer: Any, kind: str) -> Callable[..., None]:
+            built[kind] += 1
+            return counted(Counter(), kind, SLOW if kind == slow_kind else 0)
+
+        timings = plan.choose_layer_kinds(program, make, x, ("dense", "sparse", "sparse-mt"))
+        assert ("sparse-mt" in timings["w"]) == expect_mt
+        assert built["sparse-mt"] == int(expect_mt)
+        assert built["dense"] == built["sparse"] == 1
