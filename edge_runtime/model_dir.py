@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from edge_runtime.errors import ModelDirError
 
 FORMAT = "edgeprune-model"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)  # 2: several inputs / other dtypes (`inputs`, `output_specs`)
 MANIFEST_FILE = "manifest.json"
 REQUIRED_KEYS = ("format", "format_version", "input", "outputs", "graph", "tensors", "files")
 
@@ -130,6 +130,13 @@ class Weights:
         if array.shape != shape:
             raise ModelDirError(f"{self.path}: {name!r} has shape {array.shape}, manifest says {shape}")
         return array.astype(np.float32) if array.dtype == np.float16 else array
+
+    def sample_inputs(self, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        """Every smoke-test input by name: ``sample.inputs`` (several inputs), else the single ``sample.input``."""
+        members = (manifest.get("sample") or {}).get("inputs")
+        if isinstance(members, dict) and members:
+            return {str(name): self._member(str(member)) for name, member in members.items()}
+        return {manifest["input"]["name"]: self.sample(manifest)[0]}
 
     def sample(self, manifest: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, float]:
         """The manifest's smoke-test input, its expected output and the tolerance."""
