@@ -89,15 +89,19 @@ def load_data_and_loss(spec: str, input_shape: Optional[Sequence[int]], batch_si
 
 def input_shape_for(model: torch.nn.Module) -> Optional[Tuple[int, ...]]:
     """The input shape the built-in data should take for ``model``: its declared ``input_shape``, else
-    ``(C, 8, 8)`` images when its first layer is a Conv2d, ``(F,)`` when it is a Linear, else None."""
+    ``(C, 8, 8)`` images when its first layer is a Conv2d, ``(F,)`` when it is a Linear, else None (an
+    embedding or another first layer: the data's own shape, which the probe before training checks)."""
     declared = input_shape_of(model)
     if declared:
         return declared
+    nn = torch.nn
     for module in model.modules():  # registration order: the first layer in almost every model
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, nn.Conv2d):
             return (int(module.in_channels), 8, 8)
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, nn.Linear):
             return (int(module.in_features),)
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Conv1d, nn.Conv3d, nn.RNNBase)):
+            return None
     return None
 
 

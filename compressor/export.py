@@ -432,24 +432,36 @@ def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int
     return max(within, key=lambda info: (info.sparsity, info.level))
 
 
-def _real_sample(data_spec: Optional[str], input_shape: Sequence[int], count: int = 1) -> Optional[np.ndarray]:
-    """A few real test examples of the run's data, or None when the data cannot be loaded here."""
+def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]], count: int = 1) -> Any:
+    """A few real test examples of the run's data (an array, tuple or dict of arrays, batch first), or
+    None when the data cannot be loaded here."""
     if not data_spec:
         return None
     try:
+        from compressor.batches import example_inputs, split_batch
         from compressor.data import load_data
 
         _, test_loader = load_data(data_spec, input_shape, count, 0)
-        inputs, _ = next(iter(test_loader))
-        return np.ascontiguousarray(inputs[:count].detach().cpu().numpy(), dtype=np.float32)
+        inputs, _ = split_batch(next(iter(test_loader)))
+        examples = example_inputs(inputs, count)
     except Exception:  # any failure only means we fall back to seeded noise for the smoke test
         return None
+    if isinstance(examples, dict):
+        return {name: value.numpy() for name, value in examples.items()}
+    if isinstance(examples, tuple):
+        return tuple(value.numpy() for value in examples)
+    return examples.numpy()
 
 
 def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional[str] = None,
                    level: Optional[int] = None, max_drop: Optional[float] = None,
-                   values_dtype: str = "float32", force: bool = False) -> ExportResult:
-    """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``."""
+                   values_dtype: str = "float32", output: Optional[str] = None, sample: Any = None,
+                   force: bool = False) -> ExportResult:
+    """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``.
+
+    The example inputs come from ``sample``, else the run's test data, else seeded noise of the run's
+    input shape; ``output`` defaults to the run's own ``--output``.
+    """
     from compressor.errors import CompressorError
     from compressor.run_dir import CONFIG, list_levels, load_level, read_json
 
@@ -462,18 +474,20 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
     except CompressorError as error:
         raise ExportError(str(error)) from error
     shape = loaded.input_shape
-    if not shape:
-        raise ExportError(f"{run_dir}: the run records no input shape")
+    example = sample if sample is not None else _real_sample(config.get("data"), shape)
+    if not shape and example is None:
+        raise ExportError(f"{run_dir}: the run records no input shape and its data cannot be loaded here; "
+                          "give example inputs (--sample inputs.npz)")
     source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
               "level": loaded.level, "data": config.get("data")}
-    return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype,
-                        sample=_real_sample(config.get("data"), shape), accuracy=loaded.accuracy,
+    return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
+                        output=output or config.get("output"), accuracy=loaded.accuracy,
                         sparsity=loaded.sparsity, source=source, force=force)
 
 
 def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir: Path | str, *,
                       input_shape: Optional[Sequence[int]] = None, values_dtype: str = "float32",
-                      force: bool = False) -> ExportResult:
+                      output: Optional[str] = None, sample: Any = None, force: bool = False) -> ExportResult:
     """Export any registry/user model (``--model``) with weights from a checkpoint or state_dict file."""
     from compressor import checkpoints
     from compressor.models import build_model, input_shape_of
@@ -483,4 +497,20 @@ def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir
         checkpoints.load_into(model, checkpoints.load_state_dict(Path(checkpoint)), str(checkpoint))
     shape = tuple(input_shape) if input_shape else input_shape_of(model)
     source = {"model": model_spec, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
-    return export_model(model, out_dir, input_shape=shape, values_dtype=values_dtype, source=source, force=force)
+    return export_model(model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=sample,
+                        output=output, source=source, force=force)
+
+
+def read_sample(path: Path | str) -> Any:
+    """Example inputs from an ``.npz`` (no pickle): each member a keyword input of the model's forward
+    (``input_ids``, ``attention_mask``), batch first; a single member named ``input`` is positional."""
+    import zipfile
+
+    try:
+        with np.load(Path(path), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ExportError(f"{path}: not a readable .npz of example inputs ({error})") from error
+    if not arrays:
+        raise ExportError(f"{path} holds no arrays")
+    return arrays["input"] if list(arrays) == ["input"] else arrays
