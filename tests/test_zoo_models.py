@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -120,7 +121,28 @@ def test_compress_export_run(tmp_path: Path, model: str, data: str, flags: List[
     assert engines["ort"] == "ort"
     if native:
         assert engines["sparse"] == engines["dense"] == "native"
+    # shape/axes/index constants stay inline in model.onnx, where onnxruntime's shape inference reads them
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    for tensor in graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
+            assert not tensor.external_data, tensor.name
     assert _cli("export", run_dir, "--out", model_dir, "--force") == 0  # export is repeatable
+
+
+@pytest.mark.parametrize("data, flags", [
+    pytest.param("regression_data", ["--loss", "mse"], id="loss-mse"),
+    pytest.param("regression_with_loss", [], id="factory-loss"),
+])
+def test_a_regression_head_trains_with_its_loss(tmp_path: Path, data: str, flags: List[str]) -> None:
+    """Float targets with --loss mse or the data factory's own loss: the run completes, the loss is
+    recorded and accuracy (meaningless here) is NaN rather than a made-up number."""
+    run_dir = tmp_path / "run"
+    assert _cli("compress", "--model", f"{ZOO}:two_inputs", "--data", f"{ZOO}:{data}", "--epochs", 1,
+                "--target-sparsity", 0.5, "--one-shot", "--lr", 0.01, "--out", run_dir, *flags) == 0
+    levels = json.loads((run_dir / "metrics.json").read_text())["methods"]["lr-rewind"]
+    assert len(levels) == 2
+    assert all(np.isnan(level["accuracy"]) and np.isfinite(level["loss"]) for level in levels)
+    assert json.loads((run_dir / "config.json").read_text())["loss"] == (flags[1] if flags else "cross-entropy")
 
 
 def test_digits_follow_a_model_without_input_shape(tmp_path: Path) -> None:

@@ -148,3 +148,23 @@ def pair_data():
     """(train, test) for TwoInputs: positional (features, mask) tuples."""
     make = lambda batch, g: (torch.randn(batch, 16, generator=g), torch.randint(0, 2, (batch, 16), generator=g))
     return _batches(make, 4, 8, 0), _batches(make, 1, 8, 1)
+
+
+def _regression(batch: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 16, generator=generator), torch.ones(batch, 16, dtype=torch.long)
+
+
+def _with_targets(batches: List[Tuple[Any, torch.Tensor]]) -> List[Tuple[Any, torch.Tensor]]:
+    """Float regression targets [N, 3] instead of class labels."""
+    return [(inputs, torch.stack([y.float(), -y.float(), y.float() / 2], 1)) for inputs, y in batches]
+
+
+def regression_data():
+    """(train, test) for TwoInputs with float targets: needs --loss mse (or l1)."""
+    return _with_targets(_batches(_regression, 4, 8, 0)), _with_targets(_batches(_regression, 1, 8, 1))
+
+
+def regression_with_loss():
+    """(train, test, loss): the factory brings its own loss (smooth L1) for the float targets."""
+    train, test = regression_data()
+    return train, test, torch.nn.functional.smooth_l1_loss
