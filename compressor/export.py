@@ -427,6 +427,8 @@ def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int
     dense = next((info for info in of_method if info.level == 0), None)
     if dense is None:
         raise ExportError("--max-drop needs the dense level (0), which is not finished")
+    if dense.accuracy != dense.accuracy:  # NaN: a run trained with a regression loss has no accuracy
+        raise ExportError("--max-drop needs accuracies, and this run's loss reports none; pick --level")
     floor = dense.accuracy - max_drop / 100.0  # accuracies are fractions, POINTS are percent
     within = [info for info in of_method if info.accuracy >= floor]
     return max(within, key=lambda info: (info.sparsity, info.level))

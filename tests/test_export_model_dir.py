@@ -148,6 +148,9 @@ def test_pick_level_by_max_drop() -> None:
         pick_level(levels, None, 7, None)
     with pytest.raises(ExportError, match="--max-drop must be >= 0"):
         pick_level(levels, None, None, -1.0)  # would leave no level at all: not a bare ValueError
+    regression = [LevelInfo("lr-rewind", k, s, float("nan"), Path("x")) for k, s in [(0, 0.0), (1, 0.2)]]
+    with pytest.raises(ExportError, match="needs accuracies"):
+        pick_level(regression, None, None, 1.0)  # a run trained with --loss mse has no accuracy to compare
 
 
 def test_failed_swap_puts_the_previous_model_dir_back(tmp_path: Path, monkeypatch) -> None:
