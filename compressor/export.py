@@ -277,8 +277,8 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
         onnx_graph.inline_identities(graph)
         onnx_graph.fold_batchnorm(graph)
         onnx_graph.rename_tensors(graph)
-        inputs = _graph_inputs(graph, feed)
-        feed = {name: feed[name] for name in inputs}
+        # the graph's inputs (the exporter drops ones the output ignores); PyTorch still gets them all
+        graph_feed = {name: feed[name] for name in _graph_inputs(graph, feed)}
         tensors = onnx_graph.initializers(graph)
         weights = onnx_graph.weight_inputs(graph)
         storage = _plan_storage(tensors, weights, np.dtype(values_dtype))
@@ -296,19 +296,19 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
             if torch_diff > TORCH_TOLERANCE:
                 raise ExportError(f"exported model differs from PyTorch by {torch_diff:.3g} (> {TORCH_TOLERANCE})")
 
-        sample_members = {name: SAMPLE_INPUT if i == 0 else f"{SAMPLE_INPUT}.{i}" for i, name in enumerate(feed)}
-        arrays.update({sample_members[name]: array for name, array in feed.items()})
+        sample_members = {name: SAMPLE_INPUT if i == 0 else f"{SAMPLE_INPUT}.{i}" for i, name in enumerate(graph_feed)}
+        arrays.update({sample_members[name]: array for name, array in graph_feed.items()})
         arrays[SAMPLE_OUTPUT] = expected
         write_npz(temp / WEIGHTS_FILE, arrays)
         final = _build_onnx(onnx_model, arrays, coo, storage, member_offsets(temp / WEIGHTS_FILE))
         (temp / ONNX_FILE).write_bytes(final.SerializeToString())
-        _validate(temp, feed, expected)
+        _validate(temp, graph_feed, expected)
 
         layers = _layer_table(tensors, weights, storage)
         total = sum(layer["size"] for layer in layers)
         own_sparsity = sum(layer["size"] * layer["sparsity"] for layer in layers) / max(total, 1)
         input_specs = [{"name": name, "shape": ["batch", *array.shape[1:]], "dtype": str(array.dtype)}
-                       for name, array in feed.items()]
+                       for name, array in graph_feed.items()]
         output_specs = [{"name": output_name, "shape": ["batch", *expected.shape[1:]], "dtype": str(expected.dtype)}]
         simple = len(input_specs) == 1 and input_specs[0]["dtype"] == "float32" and expected.dtype == np.float32
         manifest = {

@@ -105,7 +105,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     """``(accuracy as a fraction, mean loss)`` on ``loader``; accuracy is NaN for a ``task`` whose
     loss is not a classification loss (argmax accuracy would mean nothing).
 
-    ``reduce`` sums ``[correct, total, loss sum]`` over processes when each scored a slice of the
+    ``reduce`` sums ``[correct, counted, total, loss sum]`` over processes when each scored a slice of the
     test set (``Distributed.sum``), so the result is over the whole test set.
     """
     model.eval()

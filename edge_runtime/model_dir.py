@@ -58,6 +58,11 @@ def read_manifest(model_dir: Path) -> Dict[str, Any]:
             and isinstance(manifest["files"], dict) and isinstance(manifest["tensors"], dict)
             and isinstance(manifest["graph"], list) and isinstance(manifest["outputs"], list)):
         raise ModelDirError(f"{path}: malformed manifest (input, files, tensors, graph or outputs)")
+    specs = manifest.get("inputs", [spec])  # format 2: every input; format 1 has only `input`
+    if not (isinstance(specs, list) and specs and all(
+            isinstance(s, dict) and {"name", "shape", "dtype"} <= set(s) and isinstance(s["shape"], list)
+            for s in specs)):
+        raise ModelDirError(f"{path}: malformed manifest (inputs)")
     return manifest
 
 
