@@ -194,20 +194,27 @@ def run_model(name: str, size: int, work: Path, seconds: float) -> Dict[str, Any
     native = [latency[k] for k in ("sparse", "dense") if k in latency]
     row["runtime"] = "native+ort" if native else f"ort ({next(iter(refused.values()), '')[:60]})"
     row["max_error"] = max(errors) if errors else None
+    row["output_scale"] = float(np.max(np.abs(expected)))  # an error only means something beside this
     row["native_ms"] = round(min(native), 3) if native else None
     row["ort_ms"] = round(latency["ort"], 3) if "ort" in latency else None
     return row
 
 
+def _error(row: Dict[str, Any]) -> str:
+    if row.get("max_error") is None:
+        return "—"
+    return f"{row['max_error']:.2g} (of \\|y\\| ≤ {row['output_scale']:.2g})"
+
+
 def _table(rows: List[Dict[str, Any]]) -> str:
-    head = ("| model | params | compress | export | runtime | max error | native ms | onnxruntime ms "
+    head = ("| model | params | compress | export | runtime | max error vs PyTorch | native ms | onnxruntime ms "
             "| first load (auto) |")
     lines = [head, "|" + "---|" * 9]
     show = lambda v, fmt="{}": "—" if v is None else fmt.format(v)
     for r in rows:
         load = f"{r['first_load_s']} s → {r['auto_engine']}" if "first_load_s" in r else "—"
         lines.append(f"| {r['model']} | {show(r.get('params'), '{:,}')} | {r.get('compress', '—')} | "
-                     f"{r.get('export', '—')} | {r.get('runtime', '—')} | {show(r.get('max_error'), '{:.2g}')} | "
+                     f"{r.get('export', '—')} | {r.get('runtime', '—')} | {_error(r)} | "
                      f"{show(r.get('native_ms'))} | {show(r.get('ort_ms'))} | {load} |")
     return "\n".join(lines)
 
