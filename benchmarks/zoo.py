@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -192,12 +193,19 @@ def run_model(name: str, size: int, work: Path, seconds: float) -> Dict[str, Any
         finally:
             session.close()
     native = [latency[k] for k in ("sparse", "dense") if k in latency]
-    row["runtime"] = "native+ort" if native else f"ort ({next(iter(refused.values()), '')[:60]})"
+    row["runtime"] = "native+ort" if native else f"ort only ({_missing(refused)})"
     row["max_error"] = max(errors) if errors else None
     row["output_scale"] = float(np.max(np.abs(expected)))  # an error only means something beside this
     row["native_ms"] = round(min(native), 3) if native else None
     row["ort_ms"] = round(latency["ort"], 3) if "ort" in latency else None
     return row
+
+
+def _missing(refused: Dict[str, str]) -> str:
+    """``native lacks Slice``: the op the native engines refused, from UnsupportedOpError's message."""
+    message = next(iter(refused.values()), "")
+    found = re.search(r"'([^']+)'", message)
+    return f"native lacks {found.group(1)}" if found else message[:60]
 
 
 def _error(row: Dict[str, Any]) -> str:
