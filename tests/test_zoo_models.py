@@ -48,7 +48,7 @@ CASES = [
     pytest.param("plain_cnn", "random_digits", [], True, id="plain-cnn-reshape"),
     pytest.param("two_inputs", "pair_data", ["--output", "logits"], True, id="two-inputs-dict-output"),
     pytest.param("bert", "text_data", [], False, id="hf-bert", marks=_needs_transformers()),
-    pytest.param("distilbert", "text_data", [], False, id="hf-distilbert",
+    pytest.param("distilbert", "text_dataset", [], False, id="hf-distilbert-map-style-dataset",
                  marks=_needs_transformers()),
     pytest.param("vit", "image_data", [], False, id="hf-vit", marks=_needs_transformers()),
 ]
@@ -61,7 +61,7 @@ def _cli(*argv: str) -> int:
 def _fresh_inputs(data: str) -> Any:
     """A batch of 3 fresh examples (the export traced batch 2 and sampled batch 1)."""
     _, test = getattr(zoo_models, data)()
-    inputs, _ = split_batch(test[0])
+    inputs, _ = split_batch(test[0] if isinstance(test, list) else next(iter(torch.utils.data.DataLoader(test, 8))))
     if isinstance(inputs, dict):
         return {k: v[:3] for k, v in inputs.items()}
     if isinstance(inputs, tuple):

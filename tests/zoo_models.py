@@ -124,6 +124,26 @@ def text_data():
     return _batches(_text, 4, 8, 0), _batches(_text, 1, 8, 1)
 
 
+class _Examples(torch.utils.data.Dataset):
+    """A map-style dataset of ({"input_ids", "attention_mask"}, label) examples (torch collates dicts)."""
+
+    def __init__(self, batches: List[Tuple[Any, torch.Tensor]]) -> None:
+        self.items = [({k: v[i] for k, v in inputs.items()}, labels[i])
+                      for inputs, labels in batches for i in range(len(labels))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Tuple[Any, torch.Tensor]:
+        return self.items[index]
+
+
+def text_dataset():
+    """text_data as map-style datasets of single examples (batched by the compressor)."""
+    train, test = text_data()
+    return _Examples(train), _Examples(test)
+
+
 def image_data():
     """(train, test): random 3×16×16 ``pixel_values`` for ViT."""
     make = lambda batch, g: {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
