@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ from compressor.config import LOSS_NAMES
 from compressor.errors import ConfigError
 
 Inputs = Any  # a tensor, a tuple/list of tensors, or a dict name -> tensor
+SINGLE_INPUT_NAME = "input"  # the graph input's name for a model fed one tensor (MODEL_DIRs before v2 too)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -251,7 +252,7 @@ def named_inputs(model: nn.Module, inputs: Inputs) -> Dict[str, torch.Tensor]:
     tensor, the forward's parameter names for a tuple (``input_ids``, ``attention_mask``), a dict's keys
     in the forward's parameter order (the order ``torch.onnx.export`` gives keyword arguments)."""
     if isinstance(inputs, torch.Tensor):
-        return {"input": inputs}
+        return {SINGLE_INPUT_NAME: inputs}
     params = _parameter_names(model)
     if isinstance(inputs, Mapping):
         rank = {name: i for i, name in enumerate(params)}

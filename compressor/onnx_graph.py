@@ -20,7 +20,6 @@ from onnx import helper, numpy_helper
 from compressor.errors import ExportError
 
 OPSET = 17
-INPUT_NAME = "input"
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers whose weight is pruned and may be stored as CSR
 
 
