@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
 def _compress_and_report(args: argparse.Namespace) -> int:
     from compressor import checkpoints
     from compressor.config import PruneConfig, config_for
-    from compressor.data import load_data
-    from compressor.models import build_model, input_shape_of
+    from compressor.data import input_shape_for, load_data_and_loss
+    from compressor.models import build_model
     from compressor.distributed import is_main_process
     from compressor.pipeline import compress
     import torch
@@ -104,17 +104,18 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     pretrained = checkpoints.load_state_dict(args.pretrained) if args.pretrained else None
     torch.manual_seed(config.seed)  # the dense initialisation is part of the run's reproducibility
     model = build_model(args.model)
-    train_loader, test_loader = load_data(args.data, input_shape_of(model), config.batch_size, config.seed)
+    train_loader, test_loader, loss_fn = load_data_and_loss(args.data, input_shape_for(model), config.batch_size,
+                                                            config.seed)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
                       device=args.device, model_name=args.model, data_name=args.data,
-                      pretrained=pretrained, progress=progress)
+                      pretrained=pretrained, progress=progress, loss_fn=loss_fn)
     if not is_main_process():
         return 0
     structured = config.structure == "channels"
     print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}" + ("     params  MACs removed" if structured else ""))
     for method, levels in result.metrics["methods"].items():
-        for entry in levels:
+        for entry in levels:  # accuracy is NaN (printed "nan%") under a regression loss
             extra = f" {entry['params']:>10,} {entry['macs_removed']:>13.2%}" if structured else ""
             print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {entry['accuracy']:>9.2%}{extra}")
     print(f"results: {args.out}/metrics.json, report.md, sparsity_accuracy.png")

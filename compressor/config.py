@@ -18,6 +18,7 @@ from compressor.errors import ConfigError
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
 STRUCTURES = ("weights", "channels")
+LOSS_NAMES = ("cross-entropy", "mse", "l1")  # compressor.batches.LOSSES implements them
 
 
 def _help(text: str) -> Dict[str, str]:
@@ -45,6 +46,12 @@ class PruneConfig:
         "0 = pure global, 1 = uniform"))
     epochs: int = field(default=30, metadata=_help("epochs of the (dense) training schedule"))
     batch_size: int = field(default=64, metadata=_help("mini-batch size"))
+    loss: str = field(default="cross-entropy", metadata=_help(
+        "training loss: cross-entropy (integer labels; accuracy reported), mse or l1 (accuracy is NaN); "
+        "a data factory may return its own loss callable instead"))
+    output: Optional[str] = field(default=None, metadata=_help(
+        "which model output the loss (and export) uses: a dict/ModelOutput key or a tuple position "
+        "(default: logits if the model returns it, else the first tensor)"))
     lr: float = field(default=0.1, metadata=_help("peak learning rate of SGD"))
     momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
     weight_decay: float = field(default=1e-4, metadata=_help("SGD weight decay (L2)"))
@@ -115,6 +122,8 @@ class PruneConfig:
             raise ConfigError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"method listed twice: {','.join(self.methods)}")
+        if self.loss not in LOSS_NAMES:
+            raise ConfigError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSS_NAMES)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch size must be at least 1")
         if self.lr <= 0 or self.momentum < 0 or self.weight_decay < 0 or self.gamma <= 0:
@@ -195,4 +204,8 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
     defaults = PruneConfig().to_dict()
     saved = {**{k: v for k, v in defaults.items() if k not in saved and current.get(k) == v}, **saved}
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    # A key added after the run was written (loss, output) still at its default is no difference.
+    defaults = json.loads(json.dumps(PruneConfig().to_dict()))
+    added_at_default = {k for k in keys if k not in saved and k in defaults and current.get(k) == defaults[k]}
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if saved.get(k) != current.get(k) and k not in added_at_default]

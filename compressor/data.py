@@ -2,11 +2,14 @@
 
 Specs (``--data``):
 - ``digits``: scikit-learn's 8×8 digits, a fixed seeded stratified 75/25 split, pixels in [0, 1],
-  shaped to the model's ``input_shape`` (64 or 1×8×8).
+  shaped to the model's ``input_shape`` (64 or 1×8×8); a model that declares none gets 1×8×8 images
+  when its first layer is a Conv2d and the flat 64-vector otherwise (:func:`input_shape_for`).
 - ``cifar10:DIR``: the python-format CIFAR-10 batches in DIR; random crop (pad 4) + horizontal flip
   for training, per-channel normalisation. Kept as uint8 in memory (150 MB, not 600 MB of floats).
-- ``path/to/file.py:factory``: ``factory()`` returns ``(train, test)``, each a loader (an iterable
-  of ``(inputs, labels)`` batches) or a map-style dataset of ``(input, label)`` pairs.
+- ``path/to/file.py:factory``: ``factory()`` returns ``(train, test)`` or ``(train, test, loss)``, each
+  part a loader (an iterable of ``(inputs, target)`` batches) or a map-style dataset of ``(input,
+  target)`` pairs; inputs may be a tensor, a tuple or a dict of tensors (``compressor.batches``), and
+  ``loss(output, target) -> scalar`` replaces ``--loss``.
 Nothing is ever downloaded.
 """
 
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 
 from compressor.errors import ConfigError
-from compressor.models import load_factory
+from compressor.models import input_shape_of, load_factory
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 Transform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]
@@ -44,7 +47,8 @@ class TensorLoader:
             raise ConfigError(f"{len(inputs)} inputs but {len(labels)} labels")
         if len(inputs) == 0:
             raise ConfigError("empty data set")
-        self.inputs, self.labels = inputs, labels.long()
+        # integer class labels as int64; float targets (regression, soft labels) stay as they are
+        self.inputs, self.labels = inputs, (labels if labels.is_floating_point() else labels.long())
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.transform = transform
@@ -67,13 +71,38 @@ class TensorLoader:
 def load_data(spec: str, input_shape: Optional[Sequence[int]], batch_size: int,
               seed: int) -> Tuple[Iterable[Batch], Iterable[Batch]]:
     """``(train_loader, test_loader)`` for a ``--data`` spec (see the module docstring)."""
+    train, test, _ = load_data_and_loss(spec, input_shape, batch_size, seed)
+    return train, test
+
+
+def load_data_and_loss(spec: str, input_shape: Optional[Sequence[int]], batch_size: int,
+                       seed: int) -> Tuple[Iterable[Batch], Iterable[Batch], Optional[Callable]]:
+    """``(train_loader, test_loader, loss or None)``: a data factory may bring its own loss."""
     if spec == "digits":
-        return digits(input_shape, batch_size, seed)
+        return (*digits(input_shape, batch_size, seed), None)
     if spec.startswith("cifar10:"):
-        return cifar10(Path(spec[len("cifar10:"):]), batch_size, seed)
+        return (*cifar10(Path(spec[len("cifar10:"):]), batch_size, seed), None)
     if ":" in spec:
         return from_factory(spec, batch_size, seed)
     raise ConfigError(f"unknown data {spec!r}; use digits, cifar10:DIR or path/to/file.py:factory")
+
+
+def input_shape_for(model: torch.nn.Module) -> Optional[Tuple[int, ...]]:
+    """The input shape the built-in data should take for ``model``: its declared ``input_shape``, else
+    ``(C, 8, 8)`` images when its first layer is a Conv2d, ``(F,)`` when it is a Linear, else None (an
+    embedding or another first layer: the data's own shape, which the probe before training checks)."""
+    declared = input_shape_of(model)
+    if declared:
+        return declared
+    nn = torch.nn
+    for module in model.modules():  # registration order: the first layer in almost every model
+        if isinstance(module, nn.Conv2d):
+            return (int(module.in_channels), 8, 8)
+        if isinstance(module, nn.Linear):
+            return (int(module.in_features),)
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, nn.Conv1d, nn.Conv3d, nn.RNNBase)):
+            return None
+    return None
 
 
 def digits(input_shape: Optional[Sequence[int]], batch_size: int, seed: int) -> Tuple[TensorLoader, TensorLoader]:
@@ -83,7 +112,8 @@ def digits(input_shape: Optional[Sequence[int]], batch_size: int, seed: int) -> 
 
     shape = tuple(input_shape) if input_shape else (64,)
     if int(np.prod(shape)) != 64:
-        raise ConfigError(f"the digits are 8×8 = 64 pixels; the model wants input shape {shape}")
+        raise ConfigError(f"the digits are 1×8×8 grayscale images (64 pixels); the model wants input shape "
+                          f"{shape}: use --data path/to/file.py:factory for other data")
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)  # pixels are 0..16
     x_train, x_test, y_train, y_test = train_test_split(
@@ -166,25 +196,41 @@ def _as_loader(obj: Any, what: str, spec: str, batch_size: int, shuffle: bool, s
     """A user's loader as is; a user's map-style dataset materialised into a ``TensorLoader``."""
     if hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, (tuple, list, str)):
         try:
+            first = obj[0]
+            if not isinstance(first[0], (torch.Tensor, np.ndarray, list, float, int)):
+                return _collated(obj, batch_size, shuffle, seed)  # dict / tuple inputs: torch's collate
             items = [obj[i] for i in range(len(obj))]
-            inputs = torch.stack([torch.as_tensor(item[0]) for item in items]).float()
-            labels = torch.as_tensor([int(item[1]) for item in items])
+            inputs = torch.stack([torch.as_tensor(item[0]) for item in items])
+            inputs = inputs.float() if inputs.dtype == torch.float64 else inputs  # int token ids stay ints
+            labels = torch.stack([torch.as_tensor(item[1]) for item in items])
         except Exception as error:
-            raise ConfigError(f"{spec}: the {what} dataset does not yield (input, label) pairs: {error}") from error
+            raise ConfigError(f"{spec}: the {what} dataset does not yield (input, target) pairs: {error}") from error
         return TensorLoader(inputs, labels, batch_size, shuffle=shuffle, seed=seed)
     if hasattr(obj, "__iter__") and not isinstance(obj, (str, bytes)):
         return obj
     raise ConfigError(f"{spec}: the {what} part is a {type(obj).__name__}, not a loader or dataset")
 
 
-def from_factory(spec: str, batch_size: int, seed: int) -> Tuple[Iterable[Batch], Iterable[Batch]]:
-    """Call a user's ``file.py:factory`` that returns ``(train, test)`` loaders or datasets."""
+def _collated(dataset: Any, batch_size: int, shuffle: bool, seed: int) -> Iterable[Batch]:
+    """A map-style dataset whose inputs are dicts or tuples, batched by torch's default collate; the
+    loader's seeded ``generator`` is what checkpoints save, as for ``TensorLoader``."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def from_factory(spec: str, batch_size: int, seed: int
+                 ) -> Tuple[Iterable[Batch], Iterable[Batch], Optional[Callable]]:
+    """Call a user's ``file.py:factory`` that returns ``(train, test)`` or ``(train, test, loss)``."""
     factory = load_factory(spec)
     try:
         result = factory()
     except Exception as error:
         raise ConfigError(f"data factory {spec} raised {type(error).__name__}: {error}") from error
-    if not isinstance(result, (tuple, list)) or len(result) != 2:
-        raise ConfigError(f"data factory {spec} must return (train, test), got {type(result).__name__}")
+    if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
+        raise ConfigError(f"data factory {spec} must return (train, test) or (train, test, loss), "
+                          f"got {type(result).__name__}")
+    loss = result[2] if len(result) == 3 else None
+    if loss is not None and not callable(loss):
+        raise ConfigError(f"data factory {spec}: the third item (the loss) is a {type(loss).__name__}, not callable")
     return (_as_loader(result[0], "train", spec, batch_size, True, seed),
-            _as_loader(result[1], "test", spec, batch_size, False, seed))
+            _as_loader(result[1], "test", spec, batch_size, False, seed), loss)

@@ -1,10 +1,11 @@
 """Write a pruned PyTorch model as a MODEL_DIR: sparse ONNX + CSR weights + manifest.json.
 
-The steps: export to ONNX (TorchScript exporter), fold BatchNorm into the convs, give tensors
-readable names, decide per weight whether CSR or dense storage is smaller, write every tensor once
-into an uncompressed weights.npz, point model.onnx's (sparse) initializers at those bytes as ONNX
-external data, then check the result with onnxruntime before moving it into place. See the MODEL_DIR
-section of ARCHITECTURE.md for the format.
+The steps: export to ONNX (TorchScript exporter; any inputs, one chosen output), fold BatchNorm into
+the convs, give tensors readable names, decide per weight whether CSR or dense storage is smaller,
+write every tensor into an uncompressed weights.npz, point model.onnx's weights and other large
+(sparse) initializers at those bytes as ONNX external data while small constants (shape, axes, index
+tensors) stay inline in model.onnx, where onnxruntime's shape inference must read them; then check
+the result with onnxruntime before moving it into place. See the MODEL_DIR section of ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import numpy as np
 from compressor.errors import ExportError
 
 FORMAT = "edgeprune-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1          # a single float32 input and a float32 output: every runtime reads it
+FORMAT_VERSION_INPUTS = 2   # several inputs or other dtypes: the reader must know `inputs`/`output_specs`
+INLINE_BYTES = 1024         # a non-weight tensor this small stays inline in model.onnx (onnx's own
+                            # external-data threshold); integer/bool tensors (shapes, axes, indices) always
 WEIGHTS_FILE = "weights.npz"
 ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -92,8 +96,14 @@ def _plan_storage(tensors: Dict[str, np.ndarray], weights: Dict[str, Tuple[str, 
         dtype = values_dtype if is_weight else array.dtype
         sparse = is_weight and sparse_is_smaller(array, dtype)
         plan[name] = {"storage": "csr" if sparse else "dense", "dtype": str(np.dtype(dtype)),
-                      "shape": list(array.shape)}
+                      "shape": list(array.shape), "onnx": "external" if is_weight or not _inline(array) else "inline"}
     return plan
+
+
+def _inline(array: np.ndarray) -> bool:
+    """Whether a non-weight tensor stays inside model.onnx: onnxruntime's shape inference reads the
+    values of Reshape/Unsqueeze/Slice/Expand... inputs and cannot read them from external data."""
+    return array.nbytes <= INLINE_BYTES or not np.issubdtype(array.dtype, np.floating)
 
 
 def _encode(tensors: Dict[str, np.ndarray], storage: Dict[str, Dict[str, Any]]
@@ -127,9 +137,9 @@ def _build_onnx(template: Any, arrays: Dict[str, np.ndarray], coo: Dict[str, np.
     import onnx
     from onnx import helper, numpy_helper
 
-    def tensor(key: str, name: str) -> onnx.TensorProto:
+    def tensor(key: str, name: str, inline: bool = False) -> onnx.TensorProto:
         array = arrays[key]
-        if offsets is None:
+        if offsets is None or inline:
             return numpy_helper.from_array(array, name)
         proto = onnx.TensorProto()
         proto.name = name
@@ -158,7 +168,7 @@ def _build_onnx(template: Any, arrays: Dict[str, np.ndarray], coo: Dict[str, np.
             indices = numpy_helper.from_array(coo[name], f"{stored_name}.coo")
             graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, entry["shape"]))
         else:
-            graph.initializer.append(tensor(name, stored_name))
+            graph.initializer.append(tensor(name, stored_name, entry.get("onnx") == "inline"))
     if casts:
         nodes = casts + list(graph.node)
         del graph.node[:]
@@ -166,7 +176,8 @@ def _build_onnx(template: Any, arrays: Dict[str, np.ndarray], coo: Dict[str, np.
     return model
 
 
-def _run_onnx(model_or_path: Any, sample: np.ndarray) -> np.ndarray:
+def _run_onnx(model_or_path: Any, feed: Dict[str, np.ndarray]) -> np.ndarray:
+    """The (single) output of model.onnx, in memory or on disk, for ``feed``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -174,32 +185,75 @@ def _run_onnx(model_or_path: Any, sample: np.ndarray) -> np.ndarray:
     source = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        return session.run(None, {session.get_inputs()[0].name: sample})[0]
+        wanted = {i.name for i in session.get_inputs()}
+        return session.run(None, {k: v for k, v in feed.items() if k in wanted})[0]
     except Exception as error:  # onnxruntime's own exceptions are not a stable public type
         raise ExportError(f"onnxruntime cannot run the exported model: {error}") from error
 
 
-def _torch_output(model: Any, sample: np.ndarray) -> np.ndarray:
+def _torch_output(model: Any, feed: Dict[str, np.ndarray], positional: bool, output: Optional[str]) -> np.ndarray:
     import torch
 
+    from compressor.batches import pick_output
+
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in feed.items()}
     with torch.no_grad():
-        out = model(torch.from_numpy(sample))
-    return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+        out = model(*tensors.values()) if positional else model(**tensors)
+    return pick_output(out, output)[1].numpy()
+
+
+def _example_feed(model: Any, sample: Any, input_shape: Tuple[int, ...], seed: int) -> Tuple[Dict[str, np.ndarray], bool]:
+    """``({input name: array}, positional)`` from a sample (an array/tensor, a tuple of them, or a dict
+    of keyword arguments; batch first) or, with none, one seeded float32 example of ``input_shape``."""
+    import torch
+
+    from compressor.batches import named_inputs
+
+    if sample is None:
+        if not input_shape:
+            raise ExportError("the model declares no input_shape; pass one (e.g. --input-shape 3,32,32) "
+                              "or example inputs (--sample inputs.npz)")
+        sample = np.random.default_rng(seed).standard_normal((1, *input_shape)).astype(np.float32)
+    positional = not isinstance(sample, dict)
+    as_tensor = lambda value: torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+    if isinstance(sample, dict):
+        structure: Any = {str(k): as_tensor(v) for k, v in sample.items()}
+    elif isinstance(sample, (tuple, list)):
+        structure = tuple(as_tensor(v) for v in sample)
+    else:
+        structure = as_tensor(sample)
+    feed = {}
+    for name, tensor in named_inputs(model, structure).items():
+        array = tensor.detach().cpu().numpy()
+        array = array.astype(np.float32) if array.dtype == np.float64 else array  # the model runs in float32
+        if array.ndim == 0 or array.shape[0] < 1:
+            raise ExportError(f"example input {name!r} has shape {list(array.shape)}; inputs are batch first")
+        feed[name] = np.ascontiguousarray(array)
+    batches = {array.shape[0] for array in feed.values()}
+    if len(batches) != 1:
+        raise ExportError(f"example inputs disagree on the batch size: {sorted(batches)}")
+    return feed, positional
+
+
+def _batch_of(feed: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
+    """The feed with its first example repeated ``size`` times (a second batch size to check)."""
+    return {name: np.ascontiguousarray(np.repeat(array[:1], size, axis=0)) for name, array in feed.items()}
 
 
 def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Sequence[int]] = None,
-                 values_dtype: str = "float32", sample: Optional[np.ndarray] = None,
+                 values_dtype: str = "float32", sample: Any = None, output: Optional[str] = None,
                  accuracy: Optional[float] = None, sparsity: Optional[float] = None,
                  source: Optional[Dict[str, Any]] = None, force: bool = False, seed: int = 0) -> ExportResult:
     """Export a (pruned) PyTorch module to ``out_dir`` as a MODEL_DIR and verify it with onnxruntime.
 
-    ``input_shape`` is one example's shape without the batch axis (default: ``model.input_shape``).
-    ``sample`` (batch first) becomes the manifest's smoke-test input; default: one seeded random example.
+    ``sample`` (batch first) is the example the graph is traced with and the manifest's smoke test: an
+    array/tensor (one input), a tuple (positional inputs) or a dict (keyword inputs: ``input_ids``,
+    ``attention_mask``; any dtype). Without one, one seeded float32 example of ``input_shape`` (default:
+    ``model.input_shape``, one example's shape without the batch axis). ``output`` picks the model's
+    output to export (a dict/ModelOutput key or tuple position; default ``logits`` or the first tensor).
     ``accuracy``/``sparsity`` are the level's figures (sparsity defaults to the exported weights' own).
     Raises ExportError for anything the user can fix; nothing is written to ``out_dir`` unless it all works.
     """
-    import torch
-
     from compressor import onnx_graph
     from compressor.onnx_npz import member_offsets, write_npz
 
@@ -207,49 +261,62 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
         raise ExportError(f"values dtype must be float32 or float16, got {values_dtype!r}")
     out_dir = Path(out_dir)
     shape = tuple(input_shape or getattr(model, "input_shape", None) or ())
-    if not shape:
-        raise ExportError("the model declares no input_shape; pass one (e.g. --input-shape 3,32,32)")
-    if sample is None:
-        sample = np.random.default_rng(seed).standard_normal((1, *shape)).astype(np.float32)
-    sample = np.ascontiguousarray(sample, dtype=np.float32)
-    if tuple(sample.shape[1:]) != shape:
-        raise ExportError(f"sample shape {sample.shape[1:]} does not match input shape {shape}")
-
     model = model.float().cpu().eval()  # (in place, as torch does for modules)
+    feed, positional = _example_feed(model, sample, shape, seed)
+    if sample is None or isinstance(sample, np.ndarray) and shape:
+        first = next(iter(feed.values()))
+        if tuple(first.shape[1:]) != shape:
+            raise ExportError(f"sample shape {first.shape[1:]} does not match input shape {shape}")
     temp = _prepare_out_dir(out_dir, force)
     try:
-        onnx_model = onnx_graph.torch_to_onnx(model, torch.from_numpy(sample))
+        # Traced at batch 2: a batch of 1 lets the tracer bake size-1 broadcasts into the graph.
+        onnx_model, output_name = onnx_graph.torch_to_onnx(model, _torch_feed(_batch_of(feed, 2)), output,
+                                                           positional)
         graph = onnx_model.graph
         onnx_graph.constants_to_initializers(graph)
         onnx_graph.inline_identities(graph)
         onnx_graph.fold_batchnorm(graph)
         onnx_graph.rename_tensors(graph)
+        # the graph's inputs (the exporter drops ones the output ignores); PyTorch still gets them all
+        graph_feed = {name: feed[name] for name in _graph_inputs(graph, feed)}
         tensors = onnx_graph.initializers(graph)
         weights = onnx_graph.weight_inputs(graph)
         storage = _plan_storage(tensors, weights, np.dtype(values_dtype))
         arrays, coo = _encode(tensors, storage)
         dense_onnx_bytes = onnx_model.ByteSize()
 
-        expected = _run_onnx(_build_onnx(onnx_model, arrays, coo, storage, None), sample)
+        in_memory = _build_onnx(onnx_model, arrays, coo, storage, None)
+        expected = _run_onnx(in_memory, feed)
         torch_diff = None
         if values_dtype == "float32":
-            torch_diff = float(np.max(np.abs(expected - _torch_output(model, sample))))
+            torch_diff = 0.0
+            for check in (feed, _batch_of(feed, 3)):  # the batch axis really is free
+                got = expected if check is feed else _run_onnx(in_memory, check)
+                torch_diff = max(torch_diff, _max_diff(got, _torch_output(model, check, positional, output)))
             if torch_diff > TORCH_TOLERANCE:
                 raise ExportError(f"exported model differs from PyTorch by {torch_diff:.3g} (> {TORCH_TOLERANCE})")
 
-        arrays[SAMPLE_INPUT], arrays[SAMPLE_OUTPUT] = sample, expected
+        sample_members = {name: SAMPLE_INPUT if i == 0 else f"{SAMPLE_INPUT}.{i}" for i, name in enumerate(graph_feed)}
+        arrays.update({sample_members[name]: array for name, array in graph_feed.items()})
+        arrays[SAMPLE_OUTPUT] = expected
         write_npz(temp / WEIGHTS_FILE, arrays)
         final = _build_onnx(onnx_model, arrays, coo, storage, member_offsets(temp / WEIGHTS_FILE))
         (temp / ONNX_FILE).write_bytes(final.SerializeToString())
-        _validate(temp, sample, expected)
+        _validate(temp, graph_feed, expected)
 
         layers = _layer_table(tensors, weights, storage)
         total = sum(layer["size"] for layer in layers)
         own_sparsity = sum(layer["size"] * layer["sparsity"] for layer in layers) / max(total, 1)
+        input_specs = [{"name": name, "shape": ["batch", *array.shape[1:]], "dtype": str(array.dtype)}
+                       for name, array in graph_feed.items()]
+        output_specs = [{"name": output_name, "shape": ["batch", *expected.shape[1:]], "dtype": str(expected.dtype)}]
+        simple = len(input_specs) == 1 and input_specs[0]["dtype"] == "float32" and expected.dtype == np.float32
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
-            "input": {"name": onnx_graph.INPUT_NAME, "shape": ["batch", *shape], "dtype": "float32"},
-            "outputs": [o.name for o in graph.output],
+            "format": FORMAT, "format_version": FORMAT_VERSION if simple else FORMAT_VERSION_INPUTS,
+            "input": input_specs[0],
+            "inputs": input_specs,
+            "outputs": [output_name],
+            "output_specs": output_specs,
             "graph": onnx_graph.node_list(graph),
             "tensors": storage,
             "layers": layers,
@@ -261,8 +328,8 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
             "sizes": {"model.onnx": (temp / ONNX_FILE).stat().st_size,
                       "weights.npz": (temp / WEIGHTS_FILE).stat().st_size,
                       "dense_onnx": dense_onnx_bytes},
-            "sample": {"file": WEIGHTS_FILE, "input": SAMPLE_INPUT, "output": SAMPLE_OUTPUT,
-                       "atol": 1e-4 if values_dtype == "float32" else 1e-2},
+            "sample": {"file": WEIGHTS_FILE, "input": SAMPLE_INPUT, "inputs": sample_members,
+                       "output": SAMPLE_OUTPUT, "atol": 1e-4 if values_dtype == "float32" else 1e-2},
             "source": source or {},
         }
         (temp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
@@ -274,7 +341,33 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
     return ExportResult(out_dir, size, dense_onnx_bytes, manifest["sparsity"], torch_diff, layers)
 
 
-def _validate(model_dir: Path, sample: np.ndarray, expected: np.ndarray) -> None:
+def _torch_feed(feed: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    import torch
+
+    return {name: torch.from_numpy(array) for name, array in feed.items()}
+
+
+def _max_diff(got: np.ndarray, expected: np.ndarray) -> float:
+    if got.shape != expected.shape:
+        raise ExportError(f"exported model gives shape {list(got.shape)}, PyTorch {list(expected.shape)}")
+    if got.size == 0:
+        return 0.0
+    return float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64))))
+
+
+def _graph_inputs(graph: Any, feed: Dict[str, np.ndarray]) -> List[str]:
+    """The graph's inputs, in order; the exporter drops inputs the output does not depend on."""
+    init_names = {t.name for t in graph.initializer}
+    names = [i.name for i in graph.input if i.name not in init_names]
+    unknown = [name for name in names if name not in feed]
+    if unknown:
+        raise ExportError(f"the exported graph wants inputs {', '.join(unknown)} that the example does not give")
+    if not names:
+        raise ExportError("the exported graph has no input: the chosen output does not depend on the inputs")
+    return names
+
+
+def _validate(model_dir: Path, feed: Dict[str, np.ndarray], expected: np.ndarray) -> None:
     """Check the written files: the ONNX checker on the model with its external data loaded into memory
     (it cannot follow external sparse tensors by itself), then onnxruntime on the files as written."""
     import onnx
@@ -293,8 +386,8 @@ def _validate(model_dir: Path, sample: np.ndarray, expected: np.ndarray) -> None
         onnx.checker.check_model(loaded)  # full_check: shape inference types sparse initializers wrongly
     except onnx.checker.ValidationError as error:
         raise ExportError(f"the exported ONNX model is invalid: {error}") from error
-    got = _run_onnx(str(model_dir / ONNX_FILE), sample)
-    if not np.array_equal(got, expected):
+    got = _run_onnx(str(model_dir / ONNX_FILE), feed)
+    if not np.array_equal(got, expected, equal_nan=True):
         raise ExportError("model.onnx with external weights gives different outputs than in memory")
 
 
@@ -334,33 +427,45 @@ def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int
     dense = next((info for info in of_method if info.level == 0), None)
     if dense is None:
         raise ExportError("--max-drop needs the dense level (0), which is not finished")
+    if dense.accuracy != dense.accuracy:  # NaN: a run trained with a regression loss has no accuracy
+        raise ExportError("--max-drop needs accuracies, and this run's loss reports none; pick --level")
     floor = dense.accuracy - max_drop / 100.0  # accuracies are fractions, POINTS are percent
     within = [info for info in of_method if info.accuracy >= floor]
     return max(within, key=lambda info: (info.sparsity, info.level))
 
 
-def _real_sample(data_spec: Optional[str], input_shape: Sequence[int], count: int = 1) -> Optional[np.ndarray]:
-    """A few real test examples of the run's data, or None when the data cannot be loaded here."""
+def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]], count: int = 1) -> Any:
+    """A few real test examples of the run's data (an array, tuple or dict of arrays, batch first), or
+    None when the data cannot be loaded here."""
     # Built-in data only: a data factory (file.py:factory) is code that the run names, never run here.
     if not data_spec or not (data_spec == "digits" or data_spec.startswith("cifar10:")):
         return None
     try:
+        from compressor.batches import example_inputs, split_batch
         from compressor.data import load_data
 
         _, test_loader = load_data(data_spec, input_shape, count, 0)
-        inputs, _ = next(iter(test_loader))
-        return np.ascontiguousarray(inputs[:count].detach().cpu().numpy(), dtype=np.float32)
+        inputs, _ = split_batch(next(iter(test_loader)))
+        examples = example_inputs(inputs, count)
     except Exception:  # any failure only means we fall back to seeded noise for the smoke test
         return None
+    if isinstance(examples, dict):
+        return {name: value.numpy() for name, value in examples.items()}
+    if isinstance(examples, tuple):
+        return tuple(value.numpy() for value in examples)
+    return examples.numpy()
 
 
 def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional[str] = None,
                    level: Optional[int] = None, max_drop: Optional[float] = None,
-                   values_dtype: str = "float32", force: bool = False, model: Optional[str] = None) -> ExportResult:
+                   values_dtype: str = "float32", output: Optional[str] = None, sample: Any = None,
+                   force: bool = False, model: Optional[str] = None) -> ExportResult:
     """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``.
 
     ``model`` (a built-in name or ``file.py:factory``) builds the network; a run made with a factory
-    needs it, since reading a run never runs a file the run names (``run_dir.load_level``).
+    needs it, since reading a run never runs a file the run names (``run_dir.load_level``). The
+    example inputs come from ``sample``, else the run's built-in test data, else seeded noise of the
+    run's input shape; ``output`` defaults to the run's own ``--output``.
     """
     from compressor.errors import CompressorError
     from compressor.run_dir import CONFIG, list_levels, load_level, read_json
@@ -374,12 +479,14 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
     except CompressorError as error:
         raise ExportError(str(error)) from error
     shape = loaded.input_shape
-    if not shape:
-        raise ExportError(f"{run_dir}: the run records no input shape")
+    example = sample if sample is not None else _real_sample(config.get("data"), shape)
+    if not shape and example is None:
+        raise ExportError(f"{run_dir}: the run records no input shape and its data cannot be loaded here; "
+                          "give example inputs (--sample inputs.npz)")
     source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
               "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config)}
-    return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype,
-                        sample=_real_sample(config.get("data"), shape), accuracy=loaded.accuracy,
+    return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
+                        output=output or config.get("output"), accuracy=loaded.accuracy,
                         sparsity=loaded.sparsity, source=source, force=force)
 
 
@@ -393,7 +500,7 @@ def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, s
 
 def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir: Path | str, *,
                       input_shape: Optional[Sequence[int]] = None, values_dtype: str = "float32",
-                      force: bool = False) -> ExportResult:
+                      output: Optional[str] = None, sample: Any = None, force: bool = False) -> ExportResult:
     """Export any registry/user model (``--model``) with weights from a checkpoint or state_dict file."""
     from compressor import checkpoints
     from compressor.models import build_model, input_shape_of
@@ -403,4 +510,20 @@ def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir
         checkpoints.load_into(model, checkpoints.load_state_dict(Path(checkpoint)), str(checkpoint))
     shape = tuple(input_shape) if input_shape else input_shape_of(model)
     source = {"model": model_spec, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
-    return export_model(model, out_dir, input_shape=shape, values_dtype=values_dtype, source=source, force=force)
+    return export_model(model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=sample,
+                        output=output, source=source, force=force)
+
+
+def read_sample(path: Path | str) -> Any:
+    """Example inputs from an ``.npz`` (no pickle): each member a keyword input of the model's forward
+    (``input_ids``, ``attention_mask``), batch first; a single member named ``input`` is positional."""
+    import zipfile
+
+    try:
+        with np.load(Path(path), allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ExportError(f"{path}: not a readable .npz of example inputs ({error})") from error
+    if not arrays:
+        raise ExportError(f"{path} holds no arrays")
+    return arrays["input"] if list(arrays) == ["input"] else arrays

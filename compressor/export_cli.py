@@ -2,6 +2,7 @@
 
     edgeprune export RUN_DIR --out MODEL_DIR [--method M] [--level K | --max-drop POINTS] [--model FILE.py:FACTORY]
     edgeprune export --model NAME_OR_FILE.py:FACTORY [--checkpoint FILE.pt] --out MODEL_DIR
+    ... [--output logits] [--sample inputs.npz]   # a model with several / integer inputs (Hugging Face)
 
 Reading a RUN_DIR never runs a Python file that the run names: a run made with a user factory is
 exported only with ``--model FILE.py:FACTORY`` given here (the run's error message names the file
@@ -43,6 +44,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="with --model: a state_dict or edgeprune checkpoint (.pt)")
     parser.add_argument("--input-shape", type=_shape, help="one example's shape without batch, e.g. 3,32,32 "
                         "(default: the model's input_shape)")
+    parser.add_argument("--output", metavar="NAME", help="the model output to export when it returns a tuple, "
+                        "dict or ModelOutput: a key or position (default: the run's --output, else logits, "
+                        "else the first tensor)")
+    parser.add_argument("--sample", type=Path, metavar="INPUTS.npz",
+                        help="example inputs (.npz, batch first): one member per keyword input of the model's "
+                             "forward (input_ids, attention_mask, ...), or one member 'input' (default: the "
+                             "run's test data, else seeded noise of --input-shape)")
     parser.add_argument("--fp16", action="store_true", help="store weight values as float16 (half the value bytes)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty MODEL_DIR")
 
@@ -50,21 +58,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export, then print where and how big."""
     from compressor.errors import ConfigError
-    from compressor.export import export_checkpoint, export_run_dir
+    from compressor.export import export_checkpoint, export_run_dir, read_sample
 
     dtype = "float16" if args.fp16 else "float32"
+    sample = read_sample(args.sample) if args.sample is not None else None
     if args.run_dir is None and args.model is None:
         raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
     if args.run_dir is not None:
         if args.checkpoint or args.input_shape:
             raise ConfigError("--checkpoint/--input-shape go with --model alone, not with a RUN_DIR")
         result = export_run_dir(args.run_dir, args.out, method=args.method, level=args.level,
-                                max_drop=args.max_drop, values_dtype=dtype, force=args.force, model=args.model)
+                                max_drop=args.max_drop, values_dtype=dtype, output=args.output, sample=sample,
+                                force=args.force, model=args.model)
     else:
         if args.method or args.level is not None or args.max_drop is not None:
             raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")
         result = export_checkpoint(args.model, args.checkpoint, args.out, input_shape=args.input_shape,
-                                   values_dtype=dtype, force=args.force)
+                                   values_dtype=dtype, output=args.output, sample=sample, force=args.force)
     ratio = result.dense_onnx_bytes / max(result.size_bytes, 1)
     sparse = sum(1 for layer in result.layers if layer["storage"] == "csr")
     print(f"wrote {result.out_dir}: {result.size_bytes / 1024:.1f} KiB ({ratio:.2f}x smaller than dense ONNX), "

@@ -20,28 +20,66 @@ from onnx import helper, numpy_helper
 from compressor.errors import ExportError
 
 OPSET = 17
-INPUT_NAME = "input"
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers whose weight is pruned and may be stored as CSR
 
 
-def torch_to_onnx(model: Any, example: Any) -> onnx.ModelProto:
-    """Export an eval-mode module with the TorchScript exporter (a plain graph), dynamic batch axis."""
+def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = None,
+                  positional: bool = True) -> Tuple[onnx.ModelProto, str]:
+    """Export an eval-mode module with the TorchScript exporter (a plain graph), dynamic batch axis.
+
+    ``inputs`` maps each graph input's name to its example tensor, in the forward's parameter order;
+    they are passed positionally, or as keyword arguments when not ``positional``. The model may
+    return a tensor, tuple, dict or ModelOutput: only the output ``output`` (see
+    ``compressor.batches.pick_output``) is kept, and the graph is cut down to what computes it.
+    Returns ``(model, the kept output's name)``: ``output`` for a model returning one tensor.
+    """
     import torch  # the workstation side only; keeps this module importable for inspection
 
+    from compressor.batches import flat_outputs, pick_output
+
+    args = tuple(inputs.values()) if positional else ()
+    kwargs = {} if positional else dict(inputs)
+    try:
+        with torch.no_grad():
+            produced = model(*args, **kwargs)
+        chosen, _ = pick_output(produced, output)
+    except ExportError:
+        raise
+    except Exception as error:  # the user's model does not take these inputs, or returns no tensor
+        raise ExportError(f"the model cannot run on the example inputs: {type(error).__name__}: "
+                          f"{str(error).strip()[:300]}") from error
+    output_names = [name for name, _ in flat_outputs(produced)]
+    axes = {name: {0: "batch"} for name in [*inputs, *output_names]}
     buffer = io.BytesIO()
-    outputs = model(example)
-    count = len(outputs) if isinstance(outputs, (tuple, list)) else 1
-    output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
-    axes = {name: {0: "batch"} for name in [INPUT_NAME, *output_names]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=OPSET,
-                              input_names=[INPUT_NAME], output_names=output_names,
+            torch.onnx.export(model, args, buffer, kwargs=kwargs or None, dynamo=False, opset_version=OPSET,
+                              input_names=list(inputs), output_names=output_names,
                               dynamic_axes=axes, do_constant_folding=True)
         except Exception as error:  # an op torch cannot export is the user's model's limitation
             raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
-    return onnx.load_from_string(buffer.getvalue())
+    exported = onnx.load_from_string(buffer.getvalue())
+    keep_only_output(exported.graph, chosen)
+    return exported, chosen
+
+
+def keep_only_output(graph: onnx.GraphProto, name: str) -> None:
+    """Drop every graph output but ``name`` and every node that no longer contributes to it."""
+    kept = [o for o in graph.output if o.name == name]
+    if not kept:
+        have = ", ".join(o.name for o in graph.output)
+        raise ExportError(f"the exported graph has no output {name!r} (it has {have})")
+    del graph.output[:]
+    graph.output.extend(kept)
+    needed, live = {name}, []
+    for node in reversed(graph.node):
+        if any(out in needed for out in node.output):
+            live.append(node)
+            needed.update(i for i in node.input if i)
+    del graph.node[:]
+    graph.node.extend(reversed(live))
+    prune_unused_initializers(graph)
 
 
 def initializers(graph: onnx.GraphProto) -> Dict[str, np.ndarray]:
@@ -67,11 +105,23 @@ def _replace_nodes_by_initializers(graph: onnx.GraphProto,
     graph.node.extend(keep)
 
 
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                   "value_ints": np.int64}
+
+
 def constants_to_initializers(graph: onnx.GraphProto) -> None:
-    """Turn ``Constant`` nodes into initializers, so every tensor ends up in weights.npz."""
+    """Turn ``Constant`` nodes (``value`` or ``value_float(s)``/``value_int(s)``) into initializers, so
+    every tensor is an initializer the runtime finds in weights.npz."""
     def constant_value(node: onnx.NodeProto) -> Optional[onnx.TensorProto]:
-        single_value = len(node.attribute) == 1 and node.attribute[0].name == "value"
-        return node.attribute[0].t if node.op_type == "Constant" and single_value else None
+        if node.op_type != "Constant" or len(node.attribute) != 1:
+            return None
+        attribute = node.attribute[0]
+        if attribute.name == "value":
+            return attribute.t
+        if attribute.name in _CONSTANT_LISTS:
+            array = np.array(helper.get_attribute_value(attribute), dtype=_CONSTANT_LISTS[attribute.name])
+            return numpy_helper.from_array(array)
+        return None
 
     _replace_nodes_by_initializers(graph, constant_value)
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from compressor import checkpoints
 from compressor.channel_levels import ChannelLevels
 from compressor.channels import decode, encode
+from compressor.batches import Task
 from compressor.config import PruneConfig
 from compressor.devices import resolve_device
 from compressor.distributed import Distributed, current, require_shared
@@ -68,7 +69,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
              out: Union[str, Path, None] = None, *, resume: bool = False, device: str = "auto",
              model_name: Optional[str] = None, data_name: str = "custom",
              pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: bool = False,
-             epoch_callback: Optional[EpochCallback] = None) -> CompressResult:
+             epoch_callback: Optional[EpochCallback] = None, loss_fn: Optional[Callable] = None) -> CompressResult:
     """Iteratively prune ``model`` to ``config.target_sparsity`` and retrain it after every round.
 
     ``config.structure == "channels"`` removes whole channels instead of single weights (until
@@ -88,6 +89,11 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         pretrained: a trained state_dict to start from instead of dense training.
         progress: show tqdm bars (levels and epochs) on stderr.
         epoch_callback: called as ``(method, level, epoch)`` after each epoch's checkpoint.
+        loss_fn: ``loss(output, target) -> scalar`` replacing ``config.loss`` (e.g. a data factory's).
+
+    Batches are ``(inputs, target)`` with inputs a tensor, tuple or dict (``compressor.batches``). One
+    forward on one batch of each loader runs first: a model or data the compressor cannot drive is a
+    ConfigError before anything is trained or written.
 
     Under ``torch.distributed`` (an initialised process group, e.g. ``edgeprune compress`` under
     torchrun) every rank calls this with the same arguments: training runs data-parallel on
@@ -109,6 +115,9 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
                                              config.target_sparsity, config.one_shot)
     model.to(torch_device)
+    task = Task(config.loss, config.output, loss_fn)  # how a batch feeds the model; one probe per loader
+    task.probe(model, train_loader, torch_device, "training data")
+    task.probe(model, test_loader, torch_device, "test data")
     params = prunable_parameters(model, config.exclude)  # the parameters as they live on the device
     trainable = ranks.wrap(model)  # DistributedDataParallel under torchrun; shares model's parameters
     record = {**model_fields(model_name or type(model).__name__), "data": data_name,
@@ -122,7 +131,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         progress = progress and ranks.is_main
         job = _Job(run, model, {} if channels else params, ranks.shard(train_loader, train=True),
                    ranks.shard(test_loader, train=False), config, torch_device, progress, epoch_callback, ranks,
-                   trainable)
+                   trainable, task)
         job.counts, job.criterion, job.channels = counts, criterion, channels
         bar = stack.enter_context(tqdm(total=1 + len(config.methods) * len(counts) if counts else None,
                                        desc="levels", disable=not progress))
@@ -170,8 +179,9 @@ class _Job:
     def __init__(self, run: RunDir, model: nn.Module, params: Dict[str, torch.Tensor], train_loader: Iterable,
                  test_loader: Iterable, config: PruneConfig, device: torch.device, progress: bool,
                  epoch_callback: Optional[EpochCallback], ranks: Optional[Distributed] = None,
-                 trainable: Optional[nn.Module] = None) -> None:
+                 trainable: Optional[nn.Module] = None, task: Optional[Task] = None) -> None:
         self.run, self.model, self.params = run, model, params
+        self.task = task or Task(config.loss, config.output)
         self.ranks = ranks if ranks is not None else Distributed(device=device)
         # What the training loop calls: the model, or DistributedDataParallel around it.
         self.trainable = trainable if trainable is not None else model
@@ -279,7 +289,7 @@ class _Job:
 
         desc = "dense" if level == 0 else f"{method} level {level}"
         train(self.trainable, optimizer, self.train_loader, plan.lr_at, range(start, plan.epochs.stop), self.params,
-              mask, self.device, on_epoch_end, self.progress, desc)
+              mask, self.device, on_epoch_end, self.progress, desc, self.task)
         self._finish(method, level, mask, epochs=len(plan.epochs),
                      seconds=seconds_before + time.perf_counter() - began, lrs=lrs, optimizer=optimizer)
 
@@ -291,7 +301,7 @@ class _Job:
         # Structured levels have no mask: every rank must have derived the same channel plan instead.
         mask_checksums = self.ranks.agree("masks", mask) if self.channels is None else \
             self.ranks.agree("channel plans", self.extra["channels"])
-        accuracy, loss = evaluate(self.model, self.test_loader, self.device, reduce=self.ranks.sum)
+        accuracy, loss = evaluate(self.model, self.test_loader, self.device, reduce=self.ranks.sum, task=self.task)
         require_finite(loss, "dense" if level == 0 else f"{method} level {level}", "after training (test loss)")
         final = {
             "model": _cpu_state(self.model), "mask": mask.state_dict(), "level": level,

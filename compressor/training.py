@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.errors import DivergedError
+from compressor.batches import Task, example_count, split_batch, to_device
 from compressor.mask import Mask
 
 LrAt = Callable[[float], float]
@@ -72,29 +73,30 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, lr_at: LrAt,
                 epoch: int, params: Dict[str, torch.Tensor], mask: Mask, device: torch.device,
-                progress: bool = False) -> Tuple[float, float]:
+                progress: bool = False, task: Optional[Task] = None) -> Tuple[float, float]:
     """One pass over ``loader``; the LR is set per step from ``lr_at(epoch + step / steps)``.
 
+    ``task`` says how a batch feeds the model and what the loss is (default: cross-entropy on logits).
     Returns ``(lr of the first step, mean training loss)``; the loss is NaN or infinite if any step's was.
     """
     model.train()
+    task = task or Task()
     steps = len(loader) if hasattr(loader, "__len__") else 0
-    loss_fn = nn.CrossEntropyLoss()
     pruned = PrunedWeights(params, mask)
     # The loss is summed on the device: a float() per step would make a GPU wait for every batch.
     total_loss, seen, first_lr = torch.zeros((), device=device), 0, lr_at(float(epoch))
     batches = tqdm(loader, total=steps or None, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
-    for step, (inputs, labels) in enumerate(batches):
-        inputs = inputs.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
+    for step, batch in enumerate(batches):
+        inputs, labels = split_batch(batch)
+        inputs, labels = to_device(inputs, device), labels.to(device, non_blocking=True)
         _set_lr(optimizer, lr_at(epoch + step / steps) if steps else first_lr)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(inputs), labels)
+        loss = task.loss(task.forward(model, inputs), labels)
         loss.backward()
         optimizer.step()
         pruned.apply(optimizer)
-        total_loss += loss.detach() * len(labels)
-        seen += len(labels)
+        total_loss += loss.detach() * example_count(labels)
+        seen += example_count(labels)
     return first_lr, float(total_loss) / max(seen, 1)
 
 
@@ -107,29 +109,35 @@ def require_finite(loss: float, what: str, when: str) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Tuple[float, float]:
-    """``(accuracy as a fraction, mean cross-entropy loss)`` on ``loader``.
+             reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             task: Optional[Task] = None) -> Tuple[float, float]:
+    """``(accuracy as a fraction, mean loss)`` on ``loader``; accuracy is NaN for a ``task`` whose
+    loss is not a classification loss (argmax accuracy would mean nothing).
 
-    ``reduce`` sums ``[correct, total, loss sum]`` over processes when each scored a slice of the
+    ``reduce`` sums ``[correct, counted, total, loss sum]`` over processes when each scored a slice of the
     test set (``Distributed.sum``), so the result is over the whole test set.
     """
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
-    for inputs, labels in loader:
-        inputs, labels = inputs.to(device), labels.to(device)
-        logits = model(inputs)
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-        total += len(labels)
+    task = task or Task()
+    correct, counted, total, loss_sum = 0, 0, 0, 0.0
+    for batch in loader:
+        inputs, labels = split_batch(batch)
+        inputs, labels = to_device(inputs, device), labels.to(device)
+        output = task.forward(model, inputs)
+        loss_sum += float(task.loss(output, labels, reduction="sum"))
+        hits, scored = task.correct(output, labels)
+        correct, counted, total = correct + hits, counted + scored, total + example_count(labels)
     if reduce is not None:  # float64 holds the counts exactly
-        sums = reduce(torch.tensor([correct, total, loss_sum], dtype=torch.float64))
-        correct, total, loss_sum = int(sums[0]), int(sums[1]), float(sums[2])
-    return correct / max(total, 1), loss_sum / max(total, 1)
+        sums = reduce(torch.tensor([correct, counted, total, loss_sum], dtype=torch.float64))
+        correct, counted, total, loss_sum = int(sums[0]), int(sums[1]), int(sums[2]), float(sums[3])
+    accuracy = correct / max(counted, 1) if task.has_accuracy else float("nan")
+    return accuracy, loss_sum / max(total, 1)
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, lr_at: LrAt,
           epochs: range, params: Dict[str, torch.Tensor], mask: Mask, device: torch.device,
-          on_epoch_end: Optional[EpochHook] = None, progress: bool = False, desc: str = "") -> None:
+          on_epoch_end: Optional[EpochHook] = None, progress: bool = False, desc: str = "",
+          task: Optional[Task] = None) -> None:
     """Train for ``epochs`` (absolute epoch numbers, which the LR schedule is evaluated at).
 
     ``on_epoch_end(epoch, first_lr, train_loss)`` runs after every epoch (checkpointing lives there).
@@ -138,7 +146,7 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable, 
     """
     zero_pruned(params, mask)
     for epoch in tqdm(epochs, desc=desc, leave=False, disable=not progress):
-        first_lr, loss = train_epoch(model, optimizer, loader, lr_at, epoch, params, mask, device, progress)
+        first_lr, loss = train_epoch(model, optimizer, loader, lr_at, epoch, params, mask, device, progress, task)
         # The epoch's summed loss is NaN/inf if any step's was: one check per epoch, no extra sync.
         require_finite(loss, desc or "training", f"in epoch {epoch + 1} (mean training loss; peak lr {first_lr:g})")
         if on_epoch_end is not None:

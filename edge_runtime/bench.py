@@ -21,6 +21,16 @@ def model_size_bytes(model_dir: Path, manifest: Dict[str, Any]) -> int:
     return sum((model_dir / name).stat().st_size for name in manifest["files"]) + (model_dir / "manifest.json").stat().st_size
 
 
+def _random_input(spec: Any, batch: int, seed: int) -> np.ndarray:
+    """Seeded noise for a float input; zeros (valid token ids / mask values) for an integer one."""
+    shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
+    dtype = spec.type[len("tensor("):-1]
+    dtype = np.dtype({"float": "float32", "double": "float64"}.get(dtype, dtype))
+    if np.issubdtype(dtype, np.floating):
+        return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+    return np.zeros(shape, dtype)
+
+
 def latency_stats(samples_ms: List[float]) -> Dict[str, float]:
     """mean/std/min/percentiles/max of per-run latencies in milliseconds."""
     values = np.asarray(samples_ms, dtype=np.float64)
@@ -70,9 +80,7 @@ def benchmark(model_dir: Path, kernels: str, threads: int, warmup: int, iters: i
     start = time.perf_counter()
     session = InferenceSession(model_dir, kernels=kernels, threads=threads)
     load_s = time.perf_counter() - start
-    spec = session.get_inputs()[0]
-    shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
-    feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    feed = {spec.name: _random_input(spec, batch, seed) for spec in session.get_inputs()}
     start = time.perf_counter()
     session.run(None, feed)
     first_ms = 1e3 * (time.perf_counter() - start)

@@ -124,11 +124,13 @@ def _check(args: argparse.Namespace) -> int:
     session = InferenceSession(args.model_dir, kernels=args.kernels, threads=args.threads)
     weights = Weights(args.model_dir, session.manifest)
     try:
-        sample, expected, atol = weights.sample(session.manifest)
+        _, expected, atol = weights.sample(session.manifest)
+        feed = weights.sample_inputs(session.manifest)
     finally:
         weights.close()
-    got = session.run(None, {session.get_inputs()[0].name: sample})[0]
-    diff = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+    got = session.run(None, feed)[0]
+    diff = (float(np.max(np.abs(got.astype(np.float64) - expected), initial=0.0)) if got.shape == expected.shape
+            else float("inf"))
     if not diff <= atol:
         print(f"edge-runtime check: FAIL {args.model_dir}: sample output differs by {diff:.3g} (> {atol})",
               file=sys.stderr)

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from edge_runtime.errors import ModelDirError
 
 FORMAT = "edgeprune-model"
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)  # 2: several inputs / other dtypes (`inputs`, `output_specs`)
 MANIFEST_FILE = "manifest.json"
 REQUIRED_KEYS = ("format", "format_version", "input", "outputs", "graph", "tensors", "files")
 
@@ -58,6 +58,11 @@ def read_manifest(model_dir: Path) -> Dict[str, Any]:
             and isinstance(manifest["files"], dict) and isinstance(manifest["tensors"], dict)
             and isinstance(manifest["graph"], list) and isinstance(manifest["outputs"], list)):
         raise ModelDirError(f"{path}: malformed manifest (input, files, tensors, graph or outputs)")
+    specs = manifest.get("inputs", [spec])  # format 2: every input; format 1 has only `input`
+    if not (isinstance(specs, list) and specs and all(
+            isinstance(s, dict) and {"name", "shape", "dtype"} <= set(s) and isinstance(s["shape"], list)
+            for s in specs)):
+        raise ModelDirError(f"{path}: malformed manifest (inputs)")
     return manifest
 
 
@@ -130,6 +135,13 @@ class Weights:
         if array.shape != shape:
             raise ModelDirError(f"{self.path}: {name!r} has shape {array.shape}, manifest says {shape}")
         return array.astype(np.float32) if array.dtype == np.float16 else array
+
+    def sample_inputs(self, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        """Every smoke-test input by name: ``sample.inputs`` (several inputs), else the single ``sample.input``."""
+        members = (manifest.get("sample") or {}).get("inputs")
+        if isinstance(members, dict) and members:
+            return {str(name): self._member(str(member)) for name, member in members.items()}
+        return {manifest["input"]["name"]: self.sample(manifest)[0]}
 
     def sample(self, manifest: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray, float]:
         """The manifest's smoke-test input, its expected output and the tolerance."""

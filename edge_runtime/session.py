@@ -11,6 +11,7 @@ imported (the ``edge-runtime`` CLI sets them from ``--threads``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,15 @@ class NodeArg(NamedTuple):
     name: str
     shape: List[Any]
     type: str
+
+
+_NUMPY_DTYPE = {"float": "float32", "double": "float64"}  # onnxruntime's type names -> numpy's
+
+
+def _onnx_type(dtype: str) -> str:
+    """``tensor(float)`` / ``tensor(int64)``: the type string onnxruntime's NodeArg reports."""
+    names = {"float32": "float", "float64": "double"}
+    return f"tensor({names.get(dtype, dtype)})"
 
 
 class InferenceSession:
@@ -99,7 +109,8 @@ class InferenceSession:
 
     def _tune(self) -> Dict[str, Any]:
         """Measure layer kernels, then the native program against onnxruntime (see plan.py)."""
-        sample = self._sample_input()
+        feed = self._sample_feed()
+        sample = feed[self._input_specs()[0]["name"]]
         kinds = ("dense", "sparse", "sparse-mt") if self.threads > 1 else ("dense", "sparse")
         plan: Dict[str, Any] = {"threads": self.threads, "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 # not part of the cache key, but it shapes the dense timings: keep a record
@@ -110,19 +121,19 @@ class InferenceSession:
         except UnsupportedOpError as error:
             plan.update(engine="ort", reason=str(error), layers={})
             return plan
+        self._program = program
         timings = plans.choose_layer_kinds(
-            program, lambda layer, kind: layer.make_run(layer.kernels(kind, self._pool, self.threads),
+            self._bound(feed), lambda layer, kind: layer.make_run(layer.kernels(kind, self._pool, self.threads),
                                                          layer.bias(program.constants)),
             sample, kinds)
         layers = {w: min(t, key=t.get) for w, t in timings.items()}
         self._program = compile_graph(self.manifest, self._weights, lambda w: layers[w], self._pool, self.threads)
-        program = self._program
+        program = self._bound(feed)
         candidates = {"native": lambda: program.run(sample)}
         plan.update(layers=layers, layer_ms=timings, engine="native")
         try:
             self._ort = self._ort_session()
-            name = self._ort.get_inputs()[0].name
-            candidates["ort"] = lambda: self._ort.run(None, {name: sample})
+            candidates["ort"] = lambda: self._ort.run(None, feed)
         except ModelDirError as error:  # no onnxruntime here, or it cannot load the model: native only
             plan["reason"] = str(error)
         measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")
@@ -136,12 +147,31 @@ class InferenceSession:
                               f"onnxruntime {ort_ms:.3f} ms")
         return plan
 
-    def _sample_input(self) -> np.ndarray:
+    def _sample_feed(self) -> Dict[str, np.ndarray]:
+        """The manifest's sample inputs; without them, seeded noise (zeros for integer inputs), batch 1."""
         try:
-            return self._weights.sample(self.manifest)[0]
-        except ModelDirError:  # no sample: tune on seeded noise of the declared shape, batch 1
-            shape = [1 if isinstance(d, str) else int(d) for d in self.manifest["input"]["shape"]]
-            return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            return self._weights.sample_inputs(self.manifest)
+        except ModelDirError:
+            feed = {}
+            for spec in self._input_specs():
+                shape = [1 if isinstance(d, str) else int(d) for d in spec["shape"]]
+                dtype = np.dtype(spec["dtype"])
+                feed[spec["name"]] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
+                                      if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
+            return feed
+
+    def _input_specs(self) -> List[Dict[str, Any]]:
+        """Every input (manifest ``inputs``; a format-1 manifest has only ``input``)."""
+        specs = self.manifest.get("inputs")
+        return specs if isinstance(specs, list) and specs else [self.manifest["input"]]
+
+    def _bound(self, feed: Dict[str, np.ndarray]) -> Program:
+        """The native program with every input but the first bound as a constant of this run."""
+        names = [spec["name"] for spec in self._input_specs()]
+        if len(names) == 1:
+            return self._program
+        extra = {name: feed[name] for name in names[1:]}
+        return dataclasses.replace(self._program, constants={**self._program.constants, **extra})
 
     def _ort_session(self):
         try:
@@ -165,20 +195,24 @@ class InferenceSession:
         return "ort" if self._ort is not None and self._program is None else "native"
 
     def get_inputs(self) -> List[NodeArg]:
-        spec = self.manifest["input"]
-        return [NodeArg(spec["name"], list(spec["shape"]), f"tensor({spec['dtype']})")]
+        return [NodeArg(spec["name"], list(spec["shape"]), _onnx_type(spec["dtype"])) for spec in self._input_specs()]
 
     def get_outputs(self) -> List[NodeArg]:
-        return [NodeArg(name, [], "tensor(float)") for name in self.manifest["outputs"]]
+        specs = {spec.get("name"): spec for spec in self.manifest.get("output_specs") or [] if isinstance(spec, dict)}
+        return [NodeArg(name, list(specs.get(name, {}).get("shape", [])),
+                        _onnx_type(specs.get(name, {}).get("dtype", "float32"))) for name in self.manifest["outputs"]]
 
-    def _check_feed(self, input_feed: Dict[str, Any]) -> np.ndarray:
-        spec = self.manifest["input"]
-        if not isinstance(input_feed, dict) or spec["name"] not in input_feed:
-            raise InputError(f"input feed must be a dict with key {spec['name']!r}")
-        extra = set(input_feed) - {spec["name"]}
+    def _check_feed(self, input_feed: Dict[str, Any]) -> Dict[str, np.ndarray]:
+        specs = self._input_specs()
+        names = [spec["name"] for spec in specs]
+        if not isinstance(input_feed, dict) or any(name not in input_feed for name in names):
+            raise InputError(f"input feed must be a dict with key(s) {', '.join(map(repr, names))}")
+        extra = set(input_feed) - set(names)
         if extra:
             raise InputError(f"unknown input(s): {', '.join(sorted(extra))}")
-        x = input_feed[spec["name"]]
+        return {spec["name"]: self._check_input(spec, input_feed[spec["name"]]) for spec in specs}
+
+    def _check_input(self, spec: Dict[str, Any], x: Any) -> np.ndarray:
         if not isinstance(x, np.ndarray):
             raise InputError(f"input {spec['name']!r} must be a numpy array, got {type(x).__name__}")
         if x.dtype != np.dtype(spec["dtype"]):
@@ -196,11 +230,13 @@ class InferenceSession:
         unknown = [n for n in names if n not in self.manifest["outputs"]]
         if unknown:
             raise InputError(f"unknown output(s): {', '.join(unknown)}")
-        x = self._check_feed(input_feed)
+        feed = self._check_feed(input_feed)
         if self._program is None:
-            return self._ort.run(names, {self.manifest["input"]["name"]: x})
-        outputs = dict(zip(self._program.output_names, self._program.run(x)))
-        return [np.asarray(outputs[n], dtype=np.float32) for n in names]
+            return self._ort.run(names, feed)
+        first = feed[self._input_specs()[0]["name"]]
+        outputs = dict(zip(self._program.output_names, self._bound(feed).run(first)))
+        dtypes = {arg.name: arg.type[len("tensor("):-1] for arg in self.get_outputs()}
+        return [np.asarray(outputs[n], dtype=_NUMPY_DTYPE.get(dtypes[n], dtypes[n])) for n in names]
 
     def close(self) -> None:
         """Stop the thread pool (also done when the session is garbage collected)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -74,7 +75,11 @@ def modified_runtime_wheel(out_dir: Path, tag: str, formats: str = ""):
                                   ignore=shutil.ignore_patterns("__pycache__")))
     _replace(source / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "0.1.0+{tag}"')
     if formats:
-        _replace(source / "model_dir.py", "SUPPORTED_VERSIONS = (1,)", f"SUPPORTED_VERSIONS = {formats}")
+        path = source / "model_dir.py"
+        text, count = re.subn(r"^SUPPORTED_VERSIONS = \([^)]*\)", f"SUPPORTED_VERSIONS = {formats}",
+                              path.read_text(), flags=re.M)
+        assert count == 1, f"{path} no longer sets SUPPORTED_VERSIONS: update tests/deploy_fixtures.py"
+        path.write_text(text)
     return build_runtime_wheel(out_dir / "wheel", source=source)
 
 

@@ -23,3 +23,13 @@ def test_drops_that_can_never_happen_are_refused():
 
 def test_none_means_a_constant_learning_rate():
     assert config_for("digits-mlp", epochs=4, lr_drops="none").lr_drops == ()
+
+
+def test_a_run_written_before_loss_and_output_existed_still_resumes() -> None:
+    """Keys added to PruneConfig later (loss, output) compare equal at their default, and only there."""
+    from compressor.config import PruneConfig, config_differences
+
+    current = PruneConfig().to_dict()
+    old = {k: v for k, v in current.items() if k not in ("loss", "output")}
+    assert config_differences(old, current) == []
+    assert config_differences(old, PruneConfig(loss="mse").to_dict()) == ["loss: None -> 'mse'"]

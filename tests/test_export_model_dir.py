@@ -90,7 +90,13 @@ def test_sparse_layers_are_sparse_initializers_sharing_the_csr_bytes(tmp_path: P
         assert (layer["weight"] in names) == (layer["storage"] == "dense")
     with zipfile.ZipFile(out / "weights.npz") as archive:
         assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_STORED}
-    assert not graph.initializer or all(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.initializer)
+    # weights and large tensors point into weights.npz; small constants stay inline (shape inference
+    # reads them), recorded as such in the manifest
+    for tensor in graph.initializer:
+        inline = manifest["tensors"][tensor.name]["onnx"] == "inline"
+        assert (tensor.data_location != onnx.TensorProto.EXTERNAL) == inline
+        assert not inline or (tensor.name not in {l["weight"] for l in manifest["layers"]}
+                              and numpy_helper.to_array(tensor).nbytes <= 1024)
 
 
 def test_storage_rule_and_size(tmp_path: Path) -> None:
@@ -142,6 +148,9 @@ def test_pick_level_by_max_drop() -> None:
         pick_level(levels, None, 7, None)
     with pytest.raises(ExportError, match="--max-drop must be >= 0"):
         pick_level(levels, None, None, -1.0)  # would leave no level at all: not a bare ValueError
+    regression = [LevelInfo("lr-rewind", k, s, float("nan"), Path("x")) for k, s in [(0, 0.0), (1, 0.2)]]
+    with pytest.raises(ExportError, match="needs accuracies"):
+        pick_level(regression, None, None, 1.0)  # a run trained with --loss mse has no accuracy to compare
 
 
 def test_failed_swap_puts_the_previous_model_dir_back(tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,252 @@
+"""Real architectures through compress → export → runtime, with figures: the zoo benchmark.
+
+    python benchmarks/zoo.py                                   # every model importable here
+    python benchmarks/zoo.py --models resnet18,mobilenet_v2 --size 64 --json zoo.json
+
+Each model (random weights: nothing is downloaded) is compressed for one epoch on small random data to
+50% sparsity (one shot), exported as a MODEL_DIR, then opened in ``edge_runtime`` with each kernels
+choice. Printed per model: whether each stage worked (or the one-line reason it did not), the largest
+difference from PyTorch over every engine that ran, the p50 latency at batch 1 of the native engine
+(best of sparse/dense kernels) and of onnxruntime (1 thread each), and the first-load time of
+``kernels="auto"`` (tuning included, no cached plan).
+
+torchvision and timm models need those packages; their PyPI wheels are built against a CUDA torch, so
+on a CPU-only machine they live in their own venv, e.g.::
+
+    python3 -m venv zoo-venv && zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm \\
+        onnx onnxruntime numpy scipy scikit-learn tqdm matplotlib
+    PYTHONPATH=$PWD zoo-venv/bin/python benchmarks/zoo.py
+
+Models whose package is missing are listed as skipped. Hugging Face models (tiny configs) need
+``transformers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from compressor.batches import call_model, pick_output
+from compressor.config import PruneConfig
+from compressor.export import export_model
+from compressor.pipeline import compress
+
+Builder = Callable[[int], Tuple[torch.nn.Module, Callable[[int, torch.Generator], Any]]]
+CLASSES = 10
+TORCHVISION = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
+               "mnasnet0_5")
+TIMM = ("ghostnet_050", "mobilevit_xxs", "vit_tiny_patch16_224")
+HF = ("hf-bert", "hf-distilbert", "hf-vit")
+OWN = ("user-cnn", "resnet20")
+
+
+def _images(channels: int, size: int) -> Callable[[int, torch.Generator], torch.Tensor]:
+    return lambda batch, generator: torch.randn(batch, channels, size, size, generator=generator)
+
+
+def _torchvision(name: str) -> Builder:
+    def build(size: int):
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=CLASSES), _images(3, size)
+    return build
+
+
+def _timm(name: str) -> Builder:
+    def build(size: int):
+        import timm
+
+        extra = {"img_size": size} if name.startswith(("vit", "mobilevit")) else {}
+        return timm.create_model(name, pretrained=False, num_classes=CLASSES, **extra), _images(3, size)
+    return build
+
+
+def _hf(name: str) -> Builder:
+    def build(size: int):
+        from tests import zoo_models
+
+        model = getattr(zoo_models, name[len("hf-"):])()
+        if name == "hf-vit":
+            return model, lambda batch, g: {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+        return model, lambda batch, g: zoo_models._text(batch, g)
+    return build
+
+
+def _own(name: str) -> Builder:
+    def build(size: int):
+        if name == "user-cnn":
+            from tests import zoo_models
+
+            return zoo_models.user_cnn(), _images(1, 8)
+        from compressor.models import build_model
+
+        return build_model(name), _images(3, 32)
+    return build
+
+
+BUILDERS: Dict[str, Builder] = {
+    **{n: _torchvision(n) for n in TORCHVISION}, **{n: _timm(n) for n in TIMM},
+    **{n: _hf(n) for n in HF}, **{n: _own(n) for n in OWN},
+}
+PACKAGE = {**{n: "torchvision" for n in TORCHVISION}, **{n: "timm" for n in TIMM},
+           **{n: "transformers" for n in HF}}
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160] if text else ''}"
+
+
+def _batches(make: Callable, count: int, batch: int, seed: int,
+             classes: int = CLASSES) -> List[Tuple[Any, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(make(batch, generator), torch.randint(0, classes, (batch,), generator=generator))
+            for _ in range(count)]
+
+
+def _numpy(inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.numpy() for k, v in inputs.items()}
+    return inputs.numpy()
+
+
+def _feed(session: Any, inputs: Any) -> Dict[str, np.ndarray]:
+    if isinstance(inputs, dict):
+        return {arg.name: inputs[arg.name].numpy() for arg in session.get_inputs()}
+    return {session.get_inputs()[0].name: inputs.numpy()}
+
+
+def _p50_ms(fn: Callable[[], Any], seconds: float, min_runs: int = 10) -> float:
+    fn()
+    times: List[float] = []
+    began = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - began < seconds:
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def run_model(name: str, size: int, work: Path, seconds: float) -> Dict[str, Any]:
+    """Compress, export and run one model; every stage records ok or its one-line failure."""
+    from edge_runtime import InferenceSession
+    from edge_runtime.errors import UnsupportedOpError
+
+    row: Dict[str, Any] = {"model": name}
+    torch.manual_seed(0)
+    try:
+        model, make = BUILDERS[name](size)
+    except ImportError as error:
+        return {**row, "compress": f"skipped ({PACKAGE.get(name, '?')} not installed: {error.name})"}
+    except Exception as error:
+        return {**row, "compress": f"build failed: {_one_line(error)}"}
+    row["params"] = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():  # labels in the model's own class count (the tiny HF heads have 3)
+        classes = int(pick_output(call_model(model.eval(), make(2, torch.Generator().manual_seed(9))))[1].shape[-1])
+    config = PruneConfig(epochs=1, target_sparsity=0.5, one_shot=True, lr=0.01, batch_size=8)
+    began = time.perf_counter()
+    try:
+        compress(model, _batches(make, 2, 8, 0, classes), _batches(make, 1, 8, 1, classes), config,
+                 out=work / "run")
+        row["compress"] = f"ok {time.perf_counter() - began:.1f}s"
+    except Exception as error:
+        return {**row, "compress": _one_line(error)}
+    model.eval()
+    example = _batches(make, 1, 1, 2)[0][0]
+    began = time.perf_counter()
+    try:
+        result = export_model(model, work / "model", sample=_numpy(example))
+        row["export"] = f"ok {time.perf_counter() - began:.1f}s"
+        row["size_kib"] = round(result.size_bytes / 1024, 1)
+    except Exception as error:
+        return {**row, "export": _one_line(error)}
+    fresh = _batches(make, 1, 1, 3)[0][0]
+    with torch.no_grad():
+        expected = pick_output(call_model(model, fresh))[1].numpy()
+    errors, latency, refused = [], {}, {}
+    for kernels in ("sparse", "dense", "ort", "auto"):
+        began = time.perf_counter()
+        try:
+            session = InferenceSession(work / "model", kernels=kernels, threads=1, retune=True)
+        except UnsupportedOpError as error:
+            refused[kernels] = str(error)
+            continue
+        load_s = time.perf_counter() - began
+        try:
+            feed = _feed(session, fresh)
+            got = session.run(None, feed)[0]
+            errors.append(float(np.max(np.abs(got.astype(np.float64) - expected))))
+            if kernels == "auto":
+                row["first_load_s"], row["auto_engine"] = round(load_s, 2), session.engine
+            else:
+                latency[kernels] = _p50_ms(lambda: session.run(None, feed), seconds)
+        finally:
+            session.close()
+    native = [latency[k] for k in ("sparse", "dense") if k in latency]
+    row["runtime"] = "native+ort" if native else f"ort only ({_missing(refused)})"
+    row["max_error"] = max(errors) if errors else None
+    row["output_scale"] = float(np.max(np.abs(expected)))  # an error only means something beside this
+    row["native_ms"] = round(min(native), 3) if native else None
+    row["ort_ms"] = round(latency["ort"], 3) if "ort" in latency else None
+    return row
+
+
+def _missing(refused: Dict[str, str]) -> str:
+    """``native lacks Slice``: the op the native engines refused, from UnsupportedOpError's message."""
+    message = next(iter(refused.values()), "")
+    found = re.search(r"'([^']+)'", message)
+    return f"native lacks {found.group(1)}" if found else message[:60]
+
+
+def _error(row: Dict[str, Any]) -> str:
+    if row.get("max_error") is None:
+        return "—"
+    return f"{row['max_error']:.2g} (of \\|y\\| ≤ {row['output_scale']:.2g})"
+
+
+def _table(rows: List[Dict[str, Any]]) -> str:
+    head = ("| model | params | compress | export | runtime | max error vs PyTorch | native ms | onnxruntime ms "
+            "| first load (auto) |")
+    lines = [head, "|" + "---|" * 9]
+    show = lambda v, fmt="{}": "—" if v is None else fmt.format(v)
+    for r in rows:
+        load = f"{r['first_load_s']} s → {r['auto_engine']}" if "first_load_s" in r else "—"
+        lines.append(f"| {r['model']} | {show(r.get('params'), '{:,}')} | {r.get('compress', '—')} | "
+                     f"{r.get('export', '—')} | {r.get('runtime', '—')} | {_error(r)} | "
+                     f"{show(r.get('native_ms'))} | {show(r.get('ort_ms'))} | {load} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(BUILDERS), help="comma separated (default: all)")
+    parser.add_argument("--size", type=int, default=64, help="image side for torchvision/timm models")
+    parser.add_argument("--seconds", type=float, default=0.5, help="latency measuring time per engine")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.models.split(","):
+        if name not in BUILDERS:
+            parser.error(f"unknown model {name!r}; known: {', '.join(BUILDERS)}")
+        with tempfile.TemporaryDirectory() as work:
+            rows.append(run_model(name, args.size, Path(work), args.seconds))
+        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    print(_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
