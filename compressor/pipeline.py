@@ -207,7 +207,7 @@ class _Job:
             self.extra = {"channels": encode(self.channels.dense_plan()), "last": False}
         if pretrained is not None:  # already loaded into the model by compress()
             began = time.perf_counter()
-            self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[], optimizer=None)
+            self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[])
             return
         if any_rewinds_weights(self.config.methods) and self.config.rewind_epoch == 0 and \
                 not self.run.rewind_path.is_file():
@@ -291,11 +291,14 @@ class _Job:
         train(self.trainable, optimizer, self.train_loader, plan.lr_at, range(start, plan.epochs.stop), self.params,
               mask, self.device, on_epoch_end, self.progress, desc, self.task)
         self._finish(method, level, mask, epochs=len(plan.epochs),
-                     seconds=seconds_before + time.perf_counter() - began, lrs=lrs, optimizer=optimizer)
+                     seconds=seconds_before + time.perf_counter() - began, lrs=lrs)
 
-    def _finish(self, method: str, level: int, mask: Mask, epochs: int, seconds: float, lrs: List[float],
-                optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json."""
+    def _finish(self, method: str, level: int, mask: Mask, epochs: int, seconds: float, lrs: List[float]) -> None:
+        """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json.
+
+        ``final.pt`` holds no optimizer state: every level starts a fresh optimizer (the schedule is
+        replayed), so only the per-epoch ``checkpoint.pt`` needs it for resuming — and it is deleted here.
+        """
         began = time.perf_counter()
         self.ranks.broadcast_state(self.model)  # every rank evaluates exactly what rank 0 saves
         # Structured levels have no mask: every rank must have derived the same channel plan instead.
@@ -308,7 +311,6 @@ class _Job:
             "method": method, "sparsity": weight_sparsity(self.params), "accuracy": accuracy, "loss": loss,
             "epochs": epochs, "seconds": seconds + time.perf_counter() - began, "lrs": lrs,
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else {},
             "world_size": self.ranks.world_size, "mask_sha256": mask_checksums, **self.extra,
         }
         if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
