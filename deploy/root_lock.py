@@ -34,19 +34,28 @@ _NOT_FOUND = 127
 _HOLD_LIMIT = 7 * 24 * 3600.0
 _READY = "locked\n"
 
-# Runs under flock with the connection's tag as $1. `grep -z` reads /proc/PID/environ (NUL-separated)
-# of every process at once; only our own user's are readable, and only ours carry the tag. TERM,
-# up to 5 s for them to go, then KILL: then exit, and the lock goes with flock.
+# Runs under flock with the connection's tag as $1. A command of ours shows the tag in its command
+# line while its login shell starts it (`export EDGEPRUNE_SESSION=TAG; exec ...`), then, from the exec
+# on, in its environment (/proc/PID/environ), as do its children: grep both at once (the pattern
+# comes on stdin, so grep's own command line does not match). Only our own user's processes are
+# readable. TERM what is found, every 0.1 s (a command whose shell was just forking appears on the
+# next look), until nothing is left (looking at least 3 times) or 5 s have passed; then KILL the
+# rest and exit, and the lock goes with flock.
 HOLDER = r"""
 echo locked
 cat >/dev/null
 tagged() {
-  grep -lsxzF "EDGEPRUNE_SESSION=$1" /proc/[0-9]*/environ 2>/dev/null | sed 's|^/proc/||; s|/environ$||'
+  printf 'EDGEPRUNE_SESSION=%s\n' "$1" | grep -lsaF -f - /proc/[0-9]*/environ /proc/[0-9]*/cmdline 2>/dev/null |
+    sed 's|^/proc/||; s|/[a-z]*$||' | sort -u
 }
-pids=$(tagged "$1")
-[ -z "$pids" ] || kill -TERM $pids 2>/dev/null
 n=0
-while [ -n "$pids" ] && [ $n -lt 50 ]; do sleep 0.1; pids=$(tagged "$1"); n=$((n + 1)); done
+while [ $n -lt 50 ]; do
+  pids=$(tagged "$1")
+  if [ -n "$pids" ]; then kill -TERM $pids 2>/dev/null; elif [ $n -ge 2 ]; then break; fi
+  sleep 0.1
+  n=$((n + 1))
+done
+pids=$(tagged "$1")
 [ -z "$pids" ] || kill -KILL $pids 2>/dev/null
 exit 0
 """
