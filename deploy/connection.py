@@ -42,7 +42,7 @@ from deploy.errors import (
     RemoteTimeout,
     UploadError,
 )
-from deploy.host_keys import KnownHostsPolicy, read_known_hosts
+from deploy.host_keys import KnownHostsPolicy, prefer_key_types, read_known_hosts
 from deploy.remote_command import command_line, signal_number, watch_exit_signals
 
 #: Called with the number of bytes just sent (so ``tqdm.update`` fits as it is).
@@ -229,14 +229,21 @@ class Device:
         try:
             entries = read_known_hosts((options.user_known_hosts, options.known_hosts))
             record_in = Path(options.known_hosts or options.user_known_hosts).expanduser()
-            client.set_missing_host_key_policy(KnownHostsPolicy(entries, record_in if options.accept_new_host_key
-                                                                else None))
+            policy = KnownHostsPolicy(entries, record_in if options.accept_new_host_key else None)
+            client.set_missing_host_key_policy(policy)
+            known_types = policy.known_key_types(_known_hosts_name(target))
+
+            def transport_factory(sock, **kwargs) -> paramiko.Transport:
+                transport = paramiko.Transport(sock, **kwargs)
+                prefer_key_types(transport, known_types)
+                return transport
+
             client.connect(
                 target.hostname, port=target.port, username=target.user,
                 key_filename=target.key_files or None,
                 allow_agent=not target.identities_only, look_for_keys=not target.identities_only,
                 timeout=options.timeout, banner_timeout=options.timeout, auth_timeout=options.timeout,
-                sock=sock,
+                sock=sock, transport_factory=transport_factory,
             )
         except HostKeyError:
             client.close()
@@ -756,6 +763,11 @@ def _connect_error(target: _Target, options: ConnectOptions, error: BaseExceptio
     if isinstance(error, (paramiko.SSHException, OSError, EOFError)):
         return ConnectError(f"{where}: {error or type(error).__name__}")
     return ConnectError(f"{where}: {type(error).__name__}: {error}")
+
+
+def _known_hosts_name(target: _Target) -> str:
+    """The name known_hosts records the target under (what paramiko hands the host key policy)."""
+    return target.hostname if target.port == 22 else f"[{target.hostname}]:{target.port}"
 
 
 def _last_line(text: str) -> str:

@@ -7,9 +7,14 @@ every server key reaches :class:`KnownHostsPolicy`, which decides as OpenSSH doe
 
 1. a ``@revoked`` line that matches the host and lists this key: refused, whatever else is there;
 2. a plain line that matches the host and lists this key: trusted;
-3. a plain line that matches the host with another key of the same type: HOST KEY CHANGED, refused
-   (``--accept-new-host-key`` never overrides it);
-4. otherwise the host is unknown: recorded with ``accept-new``, else refused with its fingerprint.
+3. a plain line that matches the host with another key (of any type, as OpenSSH 9 decides): HOST
+   KEY CHANGED, refused (``--accept-new-host-key`` never overrides it);
+4. for a port other than 22, a plain line for the bare host name that lists this key: trusted
+   (OpenSSH's "found matching key w/out port");
+5. otherwise the host is unknown: recorded with ``accept-new``, else refused with its fingerprint.
+
+As OpenSSH does, the key types known for the host are offered first in the key exchange
+(:func:`prefer_key_types`), so the server shows the key that known_hosts records.
 
 Host fields match like OpenSSH's ``match_hostname``: comma lists, ``*`` and ``?`` wildcards,
 ``!negation`` (a negated match rules the line out), case-insensitive, hashed ``|1|salt|hash``
@@ -106,7 +111,7 @@ def _parse(line: str, where: str) -> Optional[KnownHost]:
         return None
     try:
         key = paramiko.PKey.from_type_string(fields[1], base64.b64decode(fields[2]))
-    except (paramiko.SSHException, ValueError, TypeError, IndexError, base64.binascii.Error):
+    except Exception:  # noqa: BLE001 - any line paramiko cannot read (unknown type, bad base64...) is skipped
         return None
     return KnownHost(marker, fields[0], key, where)
 
@@ -122,20 +127,62 @@ class KnownHostsPolicy(paramiko.MissingHostKeyPolicy):
         self.record_in = record_in
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        matching = [entry for entry in self.entries if host_matches(entry.hosts, hostname)]
-        if any(entry.marker == REVOKED and entry.key == key for entry in matching):
-            raise HostKeyError(revoked_message(hostname, key))
-        trusted = [entry for entry in matching if entry.marker == ""]
+        names = lookup_names(hostname)
+        self._refuse_revoked(hostname, key)
+        trusted = self._trusted(hostname)
         if any(entry.key == key for entry in trusted):
             return
-        changed = [entry for entry in trusted if entry.key.get_name() == key.get_name()]
-        if changed:
-            raise HostKeyError(changed_message(hostname, key, changed[0]))
+        if trusted:
+            # OpenSSH: any other key recorded for the host (of any type) means the key changed.
+            raise HostKeyError(changed_message(hostname, key, trusted[0]))
+        if len(names) > 1:
+            # OpenSSH also accepts the key recorded for the bare host name ("found matching key w/out port").
+            self._refuse_revoked(names[1], key)
+            if any(entry.key == key for entry in self._trusted(names[1])):
+                return
         if self.record_in is None:
             raise HostKeyError(
                 f"unknown host {hostname}: its {key.get_name()} key is {fingerprint(key)}; if that is right, "
                 "run again with --accept-new-host-key (or add it to known_hosts with ssh-keyscan)")
         record_host_key(self.record_in, hostname, key)
+
+    def _refuse_revoked(self, name: str, key: paramiko.PKey) -> None:
+        if any(entry.marker == REVOKED and entry.key == key and host_matches(entry.hosts, name)
+               for entry in self.entries):
+            raise HostKeyError(revoked_message(name, key))
+
+    def _trusted(self, name: str) -> List[KnownHost]:
+        return [entry for entry in self.entries if entry.marker == "" and host_matches(entry.hosts, name)]
+
+    def known_key_types(self, hostname: str) -> List[str]:
+        """Key types known for ``hostname`` (``[host]:port`` first, then the bare name), most wanted first.
+
+        The transport offers these host key algorithms first, as OpenSSH does, so a device with an
+        RSA and an Ed25519 key is checked against the one that known_hosts records.
+        """
+        types: List[str] = []
+        for name in lookup_names(hostname):
+            for entry in self._trusted(name):
+                if entry.key.get_name() not in types:
+                    types.append(entry.key.get_name())
+        return types
+
+
+def lookup_names(hostname: str) -> List[str]:
+    """``[host]:port`` and then ``host`` (OpenSSH's fallback for ports other than 22), or just ``host``."""
+    match = re.fullmatch(r"\[(.+)\]:(\d+)", hostname)
+    return [hostname, match[1]] if match else [hostname]
+
+
+def prefer_key_types(transport: paramiko.Transport, known: List[str]) -> None:
+    """Put the host key algorithms of the ``known`` key types first in what ``transport`` offers."""
+    options = transport.get_security_options()
+    wanted = []
+    for key_type in known:
+        wanted += ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"] if key_type == "ssh-rsa" else [key_type]
+    first = [name for name in wanted if name in options.key_types]
+    if first:
+        options.key_types = first + [name for name in options.key_types if name not in first]
 
 
 def record_host_key(path: Path, hostname: str, key: paramiko.PKey) -> None:
