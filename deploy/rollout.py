@@ -62,13 +62,17 @@ class HostResult:
 
 
 def deploy_to_host(spec: HostSpec, model: LocalModel, wheel: RuntimeWheel, settings: DeploySettings,
-                   log: Log, bar_position: int = 0, progress: Optional[Progress] = None) -> HostResult:
+                   log: Log, bar_position: int = 0, progress: Optional[Progress] = None,
+                   on_connect: Optional[Callable[[Device], None]] = None) -> HostResult:
     """Deploy ``model`` to one host; raises DeployError (one line) on any failure.
 
-    ``progress`` is called with each uploaded chunk's size, besides the progress bar.
+    ``progress`` is called with each uploaded chunk's size, besides the progress bar. ``on_connect``
+    is given the open Device first (a fleet deploy keeps them, to cut them all on Ctrl-C).
     """
     started = time.monotonic()
     with Device.connect(spec, settings.connect) as device:
+        if on_connect is not None:
+            on_connect(device)
         root = device.resolve_path(settings.remote_root)
         made = device.run(["mkdir", "-p", root], check=False)  # the lock lives in it
         if not made.ok:
@@ -191,28 +195,50 @@ def _upload_with_bar(remote: RemoteModel, model: LocalModel, show: bool, label: 
 
 def deploy_fleet(specs: Sequence[HostSpec], model: LocalModel, wheel: RuntimeWheel, settings: DeploySettings,
                  jobs: int, log: Log) -> List[HostResult]:
-    """Deploy to every host, ``jobs`` at a time; one host's failure never stops the others."""
+    """Deploy to every host, ``jobs`` at a time; one host's failure never stops the others.
+
+    Ctrl-C (KeyboardInterrupt in the calling thread) cuts every open connection at once, cancels the
+    hosts not started yet and is re-raised without waiting for the devices.
+    """
     lock = threading.Lock()
+    open_devices: List[Device] = []
+    stopping = threading.Event()
 
     def locked_log(message: str) -> None:
         with lock:
             log(message)
 
+    def track(device: Device) -> None:
+        with lock:
+            open_devices.append(device)
+            if stopping.is_set():
+                device.abort()
+
     def one(index_spec) -> HostResult:
         index, spec = index_spec
         started = time.monotonic()
         try:
-            return deploy_to_host(spec, model, wheel, settings, locked_log, bar_position=index)
+            return deploy_to_host(spec, model, wheel, settings, locked_log, bar_position=index, on_connect=track)
         except DeployError as error:
-            locked_log(f"{spec}: FAILED: {error}")
+            if not stopping.is_set():
+                locked_log(f"{spec}: FAILED: {error}")
             return HostResult(str(spec), "failed", seconds=time.monotonic() - started, error=str(error))
         except Exception as error:  # noqa: BLE001 - a bug on one host must not hide the others' results
             locked_log(f"{spec}: FAILED (internal error): {type(error).__name__}: {error}")
             return HostResult(str(spec), "failed", seconds=time.monotonic() - started,
                               error=f"internal error: {type(error).__name__}: {error}")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         return list(pool.map(one, enumerate(specs)))
+    except KeyboardInterrupt:
+        with lock:
+            stopping.set()
+            for device in open_devices:
+                device.abort()  # each worker's next step fails at once; the devices end what we started
+        raise
+    finally:
+        pool.shutdown(wait=not stopping.is_set(), cancel_futures=stopping.is_set())
 
 
 def result_table(results: Sequence[HostResult]) -> str:

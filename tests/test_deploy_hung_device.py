@@ -112,3 +112,39 @@ def test_a_device_that_freezes_mid_command_is_given_up_on_after_timeout(sshd_fac
             for pid in frozen:
                 os.kill(pid, signal.SIGCONT)
     kill_leftovers(marker)
+
+
+def test_a_fleet_deploy_to_hung_devices_ends_by_timeout_and_by_sigint(sshd_factory, model_dirs, tmp_path):
+    hung = [start_hung_server(sshd_factory, "sftp", tmp_path / f"device{i}") for i in range(2)]
+    # Relative, so each host needs SFTP (its home folder) first; one absolute root would also be one
+    # lock for both "devices" (this machine), and the second would be refused at once.
+    root = Path(f"edgeprune-hung-fleet-{tmp_path.name}")
+    home = tmp_path / "home"
+    home.mkdir()
+    specs = [h.server.spec for h in hung]
+
+    def args(timeout: float) -> list:
+        return ["deploy", *specs, model_dirs["v1"], "--name", "hung", "--jobs", "2", *hung[0].server.cli_args(),
+                "-F", "/dev/null", "--python", device_python(), "--remote-root", root, "--timeout", timeout]
+
+    def stuck() -> bool:
+        return all(processes_matching(h.marker) for h in hung)
+
+    try:
+        by_timeout = run_cli(args(TIMEOUT), home)
+        assert by_timeout.code == 2 and "Traceback" not in by_timeout.err, by_timeout
+        assert by_timeout.err.strip().splitlines()[-1] == "edgeprune deploy: 2 of 2 hosts failed"
+        assert by_timeout.seconds < TIMEOUT + 30, by_timeout
+        for h in hung:
+            kill_leftovers(h.marker)
+        by_sigint = interrupt_cli(args(PATIENT), home, stuck)
+        assert by_sigint.code == INTERRUPTED and "Traceback" not in by_sigint.err, by_sigint
+        assert by_sigint.seconds < 5, by_sigint
+        for h in hung:
+            kill_leftovers(h.marker)
+            _nothing_of_ours_left(h.server, root)
+        print(f"\nHUNG sftp     deploy x2 --timeout {TIMEOUT}: ended in {by_timeout.seconds:.1f} s (exit "
+              f"{by_timeout.code});  SIGINT: ended {by_sigint.seconds:.2f} s after the signal (exit {by_sigint.code})")
+    finally:
+        for h in hung:
+            kill_leftovers(h.marker)
