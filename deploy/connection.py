@@ -247,6 +247,7 @@ class Device:
             )
         except HostKeyError:
             client.close()
+            _quietly(sock.close)
             _close(jump)
             raise
         except BaseException as error:

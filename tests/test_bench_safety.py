@@ -59,6 +59,7 @@ def test_only_listed_regular_files_are_uploaded(bench_cli, bench_models, bench_d
     assert not scratch.exists()  # a half upload is never left to be used
 
 
+@pytest.mark.slow
 def test_a_configuration_on_a_device_that_stops_answering_is_a_timeout(bench_cli, bench_models, bench_device_root,
                                                                         sshd, tmp_path):
     running = lambda: processes_matching(f"edge_runtime bench {bench_device_root}",  # noqa: E731

@@ -6,6 +6,7 @@ sshd on 127.0.0.1, so the expected outcome comes from OpenSSH, not from this fil
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import paramiko
@@ -16,7 +17,8 @@ from deploy.errors import HostKeyError
 from tests.deploy_fixtures import edgeprune  # noqa: F401  (pytest fixture)
 from tests.sshd import keygen, sshd_factory  # noqa: F401  (pytest fixture)
 
-pytestmark = pytest.mark.sshd
+pytestmark = [pytest.mark.sshd,
+              pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH's client (ssh) is not installed")]
 
 
 def _openssh_says(server, known_hosts) -> str:

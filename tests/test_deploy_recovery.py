@@ -58,6 +58,7 @@ def test_a_command_killed_by_a_signal_is_reported_with_its_name(sshd):
         assert device.run(["true"]).ok  # the connection is fine afterwards
 
 
+@pytest.mark.slow
 def test_a_damaged_release_is_uploaded_again_and_can_be_rolled_back_to(sshd, device_root, model_dirs, edgeprune):
     name = "damaged"
     flags = deploy_args(sshd, device_root)
@@ -85,6 +86,7 @@ def test_a_damaged_release_is_uploaded_again_and_can_be_rolled_back_to(sshd, dev
         assert current_release(device_root, name) == target
 
 
+@pytest.mark.slow
 def test_a_deploy_killed_in_its_smoke_test_leaves_no_release(sshd, device_root, model_dirs, edgeprune, tmp_path):
     name = "killed-in-smoke"
     flags = deploy_args(sshd, device_root)
