@@ -19,7 +19,6 @@ import os
 import posixpath
 import re
 import secrets
-import select
 import shlex
 import socket
 import stat
@@ -43,7 +42,14 @@ from deploy.errors import (
     UploadError,
 )
 from deploy.host_keys import KnownHostsPolicy, prefer_key_types, read_known_hosts
-from deploy.remote_command import command_line, signal_number, watch_exit_signals
+from deploy.remote_command import (  # noqa: F401  (CommandResult, RemoteProcess: part of this module's API)
+    LOST,
+    CommandResult,
+    RemoteProcess,
+    command_line,
+    quietly as _quietly,
+    watch_exit_signals,
+)
 
 #: Called with the number of bytes just sent (so ``tqdm.update`` fits as it is).
 Progress = Callable[[int], None]
@@ -51,9 +57,7 @@ Progress = Callable[[int], None]
 # A step with no overall deadline (an upload: each of its SFTP requests has one).
 _NO_DEADLINE = math.inf
 
-# Exceptions paramiko/sockets raise when an established connection goes away. (Not all of OSError:
-# SFTP reports remote file errors as OSError too; those are told apart by asking the transport.)
-_LOST = (EOFError, ConnectionError, socket.timeout, paramiko.SSHException)
+_LOST = LOST
 
 _HOST_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s\[\]]+)(?::(?P<port>\d+))?$")
 
@@ -102,25 +106,6 @@ class ConnectOptions:
     command_timeout: float = 900.0  # default limit for one remote command
     ssh_config: Optional[Path] = field(default_factory=lambda: Path("~/.ssh/config").expanduser())
     user_known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a remote command left behind. ``stdout``/``stderr`` are decoded as UTF-8 (lenient)."""
-
-    argv: tuple
-    exit_status: int  # 128 + N when killed by signal N, as a shell reports it
-    stdout: str
-    stderr: str
-    signal: Optional[str] = None  # "KILL", "SEGV"...: the signal that killed it, if one did
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_status == 0 and self.signal is None
-
-    def describe(self) -> str:
-        """``exit 3`` or ``killed by SIGKILL``: how the command ended, for messages."""
-        return f"killed by SIG{self.signal}" if self.signal else f"exit {self.exit_status}"
 
 
 @dataclass
@@ -590,159 +575,6 @@ def regular_file_inside(folder: Path, relative: str) -> Path:
     return path
 
 
-class RemoteProcess:
-    """A command started by :meth:`Device.start`: wait for it, or cancel it (kills it on the device)."""
-
-    def __init__(self, device: Device, argv: tuple, channel: paramiko.Channel, limit: float):
-        self.device = device
-        self.argv = argv
-        self._channel = channel
-        self._limit = limit
-        self._pid: Optional[int] = None
-        self._pid_line = b""
-        self._out, self._err = bytearray(), bytearray()
-        self._started = time.monotonic()
-        self._heard = self._started  # when the device last said anything on this channel
-
-    def wait(self) -> CommandResult:
-        """Drain stdout and stderr together until the command exits; return its result."""
-        channel = self._channel
-        # The device's `timeout` kills the command at the limit; the local deadline only guards
-        # against a device that stopped answering altogether.
-        deadline = self._started + self._limit + self.device.options.timeout + 10
-        try:
-            while True:
-                if time.monotonic() > deadline:
-                    self.cancel()
-                    raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` did not finish in {self._limit:.0f} s")
-                got = self._pump(0.2)
-                if not got and (channel.exit_status_ready() or channel.closed):
-                    break
-                self._check_answering()
-        except KeyboardInterrupt:
-            self.device.abort()  # no round trip: the device ends what we started once we are gone
-            raise
-        except _LOST as error:
-            raise self.device.lost(f"connection lost while running {self.argv[0]}: {error}") from None
-        return self._result()
-
-    def _pump(self, wait_s: float) -> bool:
-        """Read what has arrived (waiting up to ``wait_s`` for something); whether anything came."""
-        channel = self._channel
-        select.select([channel], [], [], wait_s)
-        got = False
-        while channel.recv_ready():
-            self._take_stdout(channel.recv(65536), self._out)
-            got = True
-        while channel.recv_stderr_ready():
-            self._err += channel.recv_stderr(65536)
-            got = True
-        if got:
-            self._heard = time.monotonic()
-        return got
-
-    def _check_answering(self) -> None:
-        """RemoteTimeout once the device is hung: the command never started (no pid line within
-        ``options.timeout``), or a quiet command's connection no longer answers a keepalive."""
-        device = self.device
-        if not device._alive():
-            raise device.lost(f"connection lost while running {self.argv[0]}")
-        quiet = time.monotonic() - self._heard
-        if self._pid is None and quiet > device.options.timeout and not self._channel.exit_status_ready():
-            why = (f"{device.label}: the device did not start `{self.argv[0]}` within "
-                   f"{device.options.timeout:g} s; gave up (is it hung or overloaded? see --timeout)")
-            device.abort(why)
-            raise RemoteTimeout(why)
-        if quiet > device.options.timeout:
-            device.keepalive()  # RemoteTimeout (connection cut) if the device no longer answers
-            self._heard = time.monotonic()
-
-    def _result(self) -> CommandResult:
-        channel = self._channel
-        status = channel.recv_exit_status() if channel.exit_status_ready() else -1
-        signal_name = getattr(channel, "exit_signal", None)
-        channel.close()
-        if status == -1 and signal_name:
-            number = signal_number(signal_name)
-            status = 128 + number if number else 255  # what a shell reports for a killed command
-        elif status == -1:
-            raise self.device.lost(f"`{self.argv[0]}` ended without an exit status")
-        # `timeout` exits 124 (137 after -k's SIGKILL); only past the limit is that our timeout (an
-        # OOM-killed command also exits 137).
-        if status in (124, 137) and time.monotonic() - self._started >= self._limit - 0.5:
-            raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` ran past {self._limit:.0f} s and was killed")
-        return CommandResult(self.argv, status, self._out.decode("utf-8", "replace"),
-                             self._err.decode("utf-8", "replace"), signal_name)
-
-    def read_until(self, text: str, timeout: float) -> bool:
-        """Read output until stdout holds ``text`` (True), or the command exits or ``timeout`` passes (False).
-
-        What was read stays for :meth:`wait`. ConnectionLost if the connection drops meanwhile.
-        """
-        channel, wanted = self._channel, text.encode()
-        deadline = time.monotonic() + timeout
-        try:
-            while wanted not in self._out:
-                if time.monotonic() > deadline or (channel.exit_status_ready() and not channel.recv_ready()):
-                    return False
-                self._pump(0.2)
-                self.device._raise_if_lost()
-        except KeyboardInterrupt:
-            self.device.abort()
-            raise
-        except _LOST as error:
-            raise self.device.lost(f"connection lost while running {self.argv[0]}: {error}") from None
-        return True
-
-    def exited(self) -> bool:
-        """Whether the command has ended (its exit status has arrived)."""
-        return self._channel.exit_status_ready()
-
-    def close_stdin(self) -> None:
-        """Send EOF on the command's stdin (see ``keep_stdin_open``); harmless on a dead connection."""
-        _quietly(self._channel.shutdown_write)
-
-    def _take_stdout(self, chunk: bytes, out: bytearray) -> None:
-        # The first line is `echo $$` from start(): the pid to signal on cancel, not output.
-        if self._pid is None:
-            self._pid_line += chunk
-            if b"\n" not in self._pid_line:
-                return
-            line, _, rest = self._pid_line.partition(b"\n")
-            self._pid = int(line) if line.strip().isdigit() else 0
-            out += rest
-        else:
-            out += chunk
-
-    def cancel(self) -> None:
-        """Kill the command on the device (SIGTERM to `timeout`, which passes it on) and close.
-
-        Bounded by ``options.timeout`` in all: a device that stopped answering must not hang it.
-        """
-        device = self.device
-        deadline = time.monotonic() + device.options.timeout
-        try:
-            while self._pid is None and time.monotonic() < deadline and not self._channel.closed:
-                # The pid line comes first; wait() may not have read it yet.
-                if self._channel.recv_ready():
-                    self._take_stdout(self._channel.recv(65536), self._out)
-                else:
-                    time.sleep(0.01)
-            if self._pid and device._alive():
-                with device.answering(f"cancelling {self.argv[0]}", seconds=max(deadline - time.monotonic(), 1)):
-                    channel = device.transport.open_session(timeout=device.options.timeout)
-                    channel.exec_command(f"kill -TERM {self._pid}")
-                    while not channel.exit_status_ready():
-                        time.sleep(0.02)
-                    channel.close()
-        except KeyboardInterrupt:
-            device.abort()
-            raise
-        except (DeployError, OSError, *_LOST):
-            pass
-        _quietly(self._channel.close)
-
-
 def _connect_error(target: _Target, options: ConnectOptions, error: BaseException) -> ConnectError:
     """Turn whatever paramiko/socket raised while connecting into one clear line."""
     where = f"{target.label}" + (f" ({target.hostname})" if target.hostname not in target.label else "")
@@ -774,13 +606,6 @@ def _known_hosts_name(target: _Target) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
-
-
-def _quietly(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways; nothing to do
-        pass
 
 
 def _timer(seconds: float, action: Callable[[], object]) -> threading.Timer:
