@@ -115,8 +115,8 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     structured = config.structure == "channels"
     print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}" + ("     params  MACs removed" if structured else ""))
     for method, levels in result.metrics["methods"].items():
-        for entry in levels:  # accuracy is NaN (printed "nan%") under a regression loss
+        for entry in levels:  # accuracy is null under a regression loss: printed "nan%"
             extra = f" {entry['params']:>10,} {entry['macs_removed']:>13.2%}" if structured else ""
-            print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {entry['accuracy']:>9.2%}{extra}")
+            print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {float('nan') if entry['accuracy'] is None else entry['accuracy']:>9.2%}{extra}")
     print(f"results: {args.out}/metrics.json, report.md, sparsity_accuracy.png")
     return 0

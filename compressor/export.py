@@ -434,11 +434,14 @@ def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int
     return max(within, key=lambda info: (info.sparsity, info.level))
 
 
-def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]], count: int = 1) -> Any:
+def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]], count: int = 1,
+                 trusted: bool = False) -> Any:
     """A few real test examples of the run's data (an array, tuple or dict of arrays, batch first), or
     None when the data cannot be loaded here."""
-    # Built-in data only: a data factory (file.py:factory) is code that the run names, never run here.
-    if not data_spec or not (data_spec == "digits" or data_spec.startswith("cifar10:")):
+    # A data factory (file.py:factory) is code: run only when the user named it (``trusted``), never
+    # because a RUN_DIR's config.json names it.
+    builtin = data_spec == "digits" or (data_spec or "").startswith("cifar10:")
+    if not data_spec or not (builtin or trusted):
         return None
     try:
         from compressor.batches import example_inputs, split_batch
@@ -459,13 +462,14 @@ def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]],
 def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional[str] = None,
                    level: Optional[int] = None, max_drop: Optional[float] = None,
                    values_dtype: str = "float32", output: Optional[str] = None, sample: Any = None,
-                   force: bool = False, model: Optional[str] = None) -> ExportResult:
+                   force: bool = False, model: Optional[str] = None, data: Optional[str] = None) -> ExportResult:
     """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``.
 
     ``model`` (a built-in name or ``file.py:factory``) builds the network; a run made with a factory
     needs it, since reading a run never runs a file the run names (``run_dir.load_level``). The
-    example inputs come from ``sample``, else the run's built-in test data, else seeded noise of the
-    run's input shape; ``output`` defaults to the run's own ``--output``.
+    example inputs come from ``sample``, else the data factory the user names in ``data``, else the
+    run's built-in test data, else seeded noise of the run's input shape; ``output`` defaults to the
+    run's own ``--output``.
     """
     from compressor.errors import CompressorError
     from compressor.run_dir import CONFIG, list_levels, load_level, read_json
@@ -479,7 +483,7 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
     except CompressorError as error:
         raise ExportError(str(error)) from error
     shape = loaded.input_shape
-    example = sample if sample is not None else _real_sample(config.get("data"), shape)
+    example = sample if sample is not None else _real_sample(data or config.get("data"), shape, trusted=data is not None)
     if not shape and example is None:
         raise ExportError(f"{run_dir}: the run records no input shape and its data cannot be loaded here; "
                           "give example inputs (--sample inputs.npz)")

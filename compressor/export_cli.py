@@ -41,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="export the sparsest level whose accuracy is within POINTS percentage points of dense")
     parser.add_argument("--model", help="a built-in model name or path/to/file.py:factory: instead of a RUN_DIR, "
                         "or with one whose model is a factory file (runs that file: name only one you trust)")
+    parser.add_argument("--data", metavar="FILE.py:FACTORY",
+                        help="with a RUN_DIR made with a data factory: run that factory for the example inputs "
+                        "(name only one you trust; default: the run's built-in data, else --sample or noise)")
     parser.add_argument("--checkpoint", type=Path, help="with --model: a state_dict or edgeprune checkpoint (.pt)")
     parser.add_argument("--input-shape", type=_shape, help="one example's shape without batch, e.g. 3,32,32 "
                         "(default: the model's input_shape)")
@@ -67,9 +70,12 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         if args.checkpoint or args.input_shape:
             raise ConfigError("--checkpoint/--input-shape go with --model alone, not with a RUN_DIR")
+    elif args.data is not None:
+        raise ConfigError("--data names a RUN_DIR's data factory; with --model alone give --sample")
+    if args.run_dir is not None:
         result = export_run_dir(args.run_dir, args.out, method=args.method, level=args.level,
                                 max_drop=args.max_drop, values_dtype=dtype, output=args.output, sample=sample,
-                                force=args.force, model=args.model)
+                                force=args.force, model=args.model, data=args.data)
     else:
         if args.method or args.level is not None or args.max_drop is not None:
             raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")
