@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -44,6 +44,7 @@ class ExportResult:
     sparsity: float
     max_abs_diff_torch: Optional[float]
     layers: List[Dict[str, Any]] = field(default_factory=list)
+    picked: str = ""  # from a RUN_DIR: which level was exported and why (printed by the CLI)
 
 
 def sha256_of(path: Path) -> str:
@@ -489,9 +490,22 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
                           "give example inputs (--sample inputs.npz)")
     source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
               "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config)}
-    return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
-                        output=output or config.get("output"), accuracy=loaded.accuracy,
-                        sparsity=loaded.sparsity, source=source, force=force)
+    result = export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
+                          output=output or config.get("output"), accuracy=loaded.accuracy,
+                          sparsity=loaded.sparsity, source=source, force=force)
+    return replace(result, picked=_why_picked(chosen, level, max_drop))
+
+
+def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float]) -> str:
+    """One line saying which level was exported and by which rule, so a default is never a surprise."""
+    if level is not None:
+        why = "as asked (--level)"
+    elif max_drop is not None:
+        why = f"the sparsest level within {max_drop:g} points of dense (--max-drop)"
+    else:
+        why = "the method's last level, the default (--level K or --max-drop POINTS pick another)"
+    accuracy = "no accuracy" if chosen.accuracy != chosen.accuracy else f"accuracy {chosen.accuracy:.2%}"
+    return f"exported {chosen.method} level {chosen.level} (sparsity {chosen.sparsity:.1%}, {accuracy}): {why}"
 
 
 def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, str]:

@@ -12,6 +12,7 @@ and its recorded sha256).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from compressor.errors import CompressorError
@@ -83,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
                                    values_dtype=dtype, output=args.output, sample=sample, force=args.force)
     ratio = result.dense_onnx_bytes / max(result.size_bytes, 1)
     sparse = sum(1 for layer in result.layers if layer["storage"] == "csr")
+    if result.picked:
+        print(result.picked)
     print(f"wrote {result.out_dir}: {result.size_bytes / 1024:.1f} KiB ({ratio:.2f}x smaller than dense ONNX), "
           f"sparsity {result.sparsity:.1%}, {sparse}/{len(result.layers)} layers stored as CSR")
+    if ratio < 1:
+        print(f"warning: this MODEL_DIR is larger than the dense ONNX ({result.dense_onnx_bytes / 1024:.1f} KiB): "
+              "below ~72% sparsity CSR does not pay, and a small model carries the manifest's graph",
+              file=sys.stderr)
     return 0
