@@ -10,6 +10,7 @@ a level's result independent of which process ran the levels before it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import tempfile
 import time
@@ -41,6 +42,7 @@ from compressor.report import warn_thin_layers, write_metrics, write_report
 from compressor.run_dir import CONFIG, RunDir, collect_metrics, model_fields
 from compressor.training import evaluate, require_finite, train, zero_pruned
 
+log = logging.getLogger("compressor")
 EpochCallback = Callable[[str, int, int], None]
 DENSE = "dense"
 
@@ -320,6 +322,9 @@ class _Job:
         self.run.remove(self.run.checkpoint_path(method, level))
         if self.run.writer:
             write_metrics(self.run, collect_metrics(self.run, self.records))
+            accuracy_text = "no accuracy" if accuracy != accuracy else f"accuracy {accuracy:.2%}"
+            log.info(f"{'dense' if level == 0 else f'{method} level {level}'} done: sparsity {final['sparsity']:.2%}, "
+                     f"{accuracy_text}, loss {loss:.4f}, {epochs} epochs in {final['seconds']:.0f} s")
             if self.channels is None:  # structured levels' "layers" are widths, never nearly empty
                 warn_thin_layers(method, level, final["layers"], self.warned)
         self.ranks.barrier()  # the next level reads this final.pt on every rank
