@@ -220,9 +220,10 @@ def deploy_fleet(specs: Sequence[HostSpec], model: LocalModel, wheel: RuntimeWhe
         try:
             return deploy_to_host(spec, model, wheel, settings, locked_log, bar_position=index, on_connect=track)
         except DeployError as error:
+            reason = _without_host(str(error), spec)
             if not stopping.is_set():
-                locked_log(f"{spec}: FAILED: {error}")
-            return HostResult(str(spec), "failed", seconds=time.monotonic() - started, error=str(error))
+                locked_log(f"{spec}: FAILED: {reason}")
+            return HostResult(str(spec), "failed", seconds=time.monotonic() - started, error=reason)
         except Exception as error:  # noqa: BLE001 - a bug on one host must not hide the others' results
             locked_log(f"{spec}: FAILED (internal error): {type(error).__name__}: {error}")
             return HostResult(str(spec), "failed", seconds=time.monotonic() - started,
@@ -239,6 +240,12 @@ def deploy_fleet(specs: Sequence[HostSpec], model: LocalModel, wheel: RuntimeWhe
         raise
     finally:
         pool.shutdown(wait=not stopping.is_set(), cancel_futures=stopping.is_set())
+
+
+def _without_host(message: str, spec: HostSpec) -> str:
+    """``message`` without a leading "HOST: " (or "USER@HOST:PORT: "): the line already starts with the host."""
+    head, sep, rest = message.partition(": ")
+    return rest if sep and spec.host in head and " " not in head else message
 
 
 def result_table(results: Sequence[HostResult]) -> str:
