@@ -92,6 +92,9 @@ def parse_facts(stdout: str, where: str) -> Dict[str, object]:
     return facts
 
 
+SCRATCH_DAYS = 7  # bench's uploads unused this long are removed when bench next opens the device
+
+
 def model_content_id(entry: ModelEntry) -> str:
     """A short id for a MODEL_DIR's content (its manifest's file hashes), naming its scratch copy."""
     return hashlib.sha256((entry.local_dir / "manifest.json").read_bytes()).hexdigest()[:16]
@@ -209,12 +212,22 @@ class SshTarget:
             self.python = ensure_runtime(self.device, **self._runtime_kwargs())
             self.scratch = posixpath.join(self.root, "scratch")
             self.device.run(["mkdir", "-p", self.scratch], timeout=30)
+            self._prune_scratch()
             self.tools_dir = posixpath.join(self.scratch, f"bench-tools-{tools_id()}")
             if not self.device.is_dir(self.tools_dir):
                 self._upload_atomically(self.tools_dir, lambda tmp: [
                     self.device.put(script, posixpath.join(tmp, script.name)) for script in DEVICE_SCRIPTS])
         except DeployError as error:
             raise TargetError(str(error)) from None
+
+    def _prune_scratch(self) -> None:
+        """Delete scratch copies (models, old device scripts) unused for SCRATCH_DAYS days.
+
+        Bench uploads every local MODEL_DIR it measures into ``scratch/``; without this a device
+        benchmarked often fills up. A copy in use is touched when staged, so it is never stale.
+        """
+        self.device.run(["find", self.scratch, "-mindepth", "1", "-maxdepth", "1", "-mtime", f"+{SCRATCH_DAYS}",
+                         "-exec", "rm", "-rf", "--", "{}", "+"], timeout=120, check=False)
 
     def _runtime_kwargs(self) -> Dict[str, object]:
         kwargs: Dict[str, object] = {"remote_root": self.root}
@@ -275,6 +288,8 @@ class SshTarget:
                 # (an unlisted or symlinked file of a shared MODEL_DIR never leaves this machine).
                 listed = sorted(name for name in entry.files if name != "manifest.json") + ["manifest.json"]
                 self._upload_atomically(path, lambda tmp: self.device.put_listed(entry.local_dir, listed, tmp))
+            else:
+                self.device.run(["touch", "-c", path], timeout=30)  # in use: not pruned as stale
             return path, None
         except DeployError as error:
             raise TargetError(str(error)) from None

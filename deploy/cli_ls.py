@@ -32,10 +32,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{device.label}: {root}")
         print(f"runtime: {runtime.get('reported') or runtime.get('version')} ({runtime.get('version')}, "
               f"python {runtime.get('python')})" if runtime else "runtime: not installed")
-        rows = [("MODEL", "RELEASE", "CURRENT", "SIZE", "DEPLOYED")]
+        rows = [("MODEL", "RELEASE", "CURRENT", "LEVEL", "SPARSITY", "ACCURACY", "SIZE", "DEPLOYED")]
         for name in list_models(device, root):
-            for release in RemoteModel(device, root, name).releases():
-                rows.append((name, release.id, "*" if release.current else "", _size(release.size),
+            model = RemoteModel(device, root, name)
+            for release in model.releases():
+                about = model.summary(release.id)
+                rows.append((name, release.id, "*" if release.current else "", about["level"], about["sparsity"],
+                             about["accuracy"], _size(release.size),
                              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(release.deployed))))
     if len(rows) == 1:
         print("no models deployed")

@@ -17,13 +17,34 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+import json
+from typing import Any, Callable, Dict, List, Optional
 
 from deploy.connection import Device, Progress, temp_stamp
 from deploy.errors import ConnectionLost, ReleaseError, RemoteCommandError, RemoteTimeout
 from deploy.model_dir import MANIFEST, LocalModel, check_name
 
 Log = Callable[[str], None]
+PLANS = "plans.json"  # the runtime's plan cache inside a release (edge_runtime's PLANS_FILE)
+
+
+def describe_manifest(text: str) -> Dict[str, str]:
+    """``{"level", "sparsity", "accuracy"}`` as short strings from a manifest's text ("-" where unknown).
+
+    The manifest on a device is only displayed here, never trusted: anything malformed shows as "-".
+    """
+    try:
+        manifest: Any = json.loads(text)
+    except ValueError:
+        manifest = {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    level = f"{source.get('method')} {source.get('level')}" if "level" in source else "-"
+    number = lambda key: manifest.get(key) if isinstance(manifest.get(key), (int, float)) else None  # noqa: E731
+    sparsity, accuracy = number("sparsity"), number("accuracy")
+    return {"level": level.replace(" ", ":") if level != "-" else level,
+            "sparsity": "-" if sparsity is None else f"{sparsity:.1%}",
+            "accuracy": "-" if accuracy is None else f"{accuracy:.1%}"}
 
 
 @dataclass(frozen=True)
@@ -63,13 +84,29 @@ class RemoteModel:
         listing = self.device.run(["find", self.releases_dir, "-mindepth", "1", "-maxdepth", "1", "-type", "d",
                                    "-printf", "%T@ %f\\n"]).stdout.split("\n")
         stamps = {name: float(stamp) for stamp, _, name in (line.partition(" ") for line in listing) if name}
-        sizes = {}
-        if stamps:
-            usage = self.device.run(["du", "-sb", "--", *(self.release_dir(name) for name in stamps)])
-            sizes = {posixpath.basename(path): int(size) for size, _, path in
-                     (line.partition("\t") for line in usage.stdout.splitlines()) if path}
+        sizes = self._shipped_sizes() if stamps else {}
         found = [Release(name, stamp, sizes.get(name, 0), name == current) for name, stamp in stamps.items()]
         return sorted(found, key=lambda release: (release.deployed, release.id), reverse=True)
+
+    def _shipped_sizes(self) -> Dict[str, int]:
+        """Bytes of each release's MODEL_DIR files, as export counts a model's size.
+
+        ``plans.json`` is the runtime's cache of measured kernel plans, written on the device and never
+        shipped: it is not part of the model, so it is not counted (nor are folder blocks, as ``du`` would).
+        """
+        listing = self.device.run(["find", self.releases_dir, "-mindepth", "2", "-maxdepth", "2", "-type", "f",
+                                   "!", "-name", PLANS, "-printf", "%h\\t%s\\n"]).stdout
+        sizes: Dict[str, int] = {}
+        for folder, _, size in (line.partition("\t") for line in listing.splitlines()):
+            if size.isdigit():
+                release = posixpath.basename(folder)
+                sizes[release] = sizes.get(release, 0) + int(size)
+        return sizes
+
+    def summary(self, release_id: str) -> Dict[str, str]:
+        """What ``edgeprune ls`` shows of a release: method and level, sparsity, accuracy (from its manifest)."""
+        text = self.device.read_text(posixpath.join(self.release_dir(release_id), MANIFEST)) or ""
+        return describe_manifest(text)
 
     def remove_stale_uploads(self) -> None:
         """Delete ``.tmp-*`` folders left by an upload whose connection dropped.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import signal
 import subprocess
 import sys
@@ -33,8 +36,13 @@ def test_ssh_sweep_of_two_levels(bench_cli, bench_models, bench_device_root, ssh
     for name in ("results.csv", "latency_vs_sparsity.png", "accuracy_vs_latency.png"):
         assert (out / name).stat().st_size > 0
 
-    # A second sweep reuses the uploaded copies instead of sending the models again.
+    # A second sweep reuses the uploaded copies instead of sending the models again, and removes
+    # scratch copies unused for a week (here: one aged by hand), so a busy device does not fill up.
     scratch = sorted(p.name for p in (bench_device_root / "scratch").iterdir())
+    stale = bench_device_root / "scratch" / "model-0123456789abcdef"
+    stale.mkdir()
+    old = time.time() - 8 * 86400
+    os.utime(stale, (old, old))
     code, _, err = bench_cli(sshd.spec, bench_models["sparse90"], "--kernels", "sparse", *FAST,
                              "--out", tmp_path / "again", *ssh_args(sshd, bench_device_root))
     assert code == 0, err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import shutil
 from pathlib import Path
@@ -53,6 +55,12 @@ def test_deploy_redeploy_new_version_ls_rollback(sshd, device_root, model_dirs, 
     rows = {line.split()[1]: line.split() for line in listing.out.splitlines() if line.startswith(name + " ")}
     assert set(rows) == {v1, v2}
     assert rows[v2][2] == "*" and rows[v1][2] != "*"
+    manifest = json.loads((model_dirs["v2"] / "manifest.json").read_text())
+    shipped = sum((model_dirs["v2"] / name).stat().st_size for name in (*manifest["files"], "manifest.json"))
+    (device_root / "models" / name / "releases" / v2 / "plans.json").write_text("{}")  # the runtime's cache
+    listing = edgeprune("ls", sshd.spec, *flags)
+    row = next(line for line in listing.out.splitlines() if line.split()[:2] == [name, v2])
+    assert f"{manifest['sparsity']:.1%}" in row and f"{shipped / 1024:.1f} KiB" in row  # the size export reports
 
     back = edgeprune("rollback", sshd.spec, name, *flags)
     assert back.code == 0, back.err
