@@ -7,7 +7,7 @@
 #      tests/emulated_pi/setup.sh, which the emulated-Pi test runs itself (cached between runs);
 #   2. the project and its test extras in a virtual environment (setup.sh: ./.venv, torch pinned to the
 #      CPU build; Debian refuses pip outside a venv), whose python3 then runs everything below;
-#   3. the pytest suite;
+#   3. the linter (ruff, rules in pyproject.toml), then the pytest suite;
 #   4. the edge runtime's tests once more on Raspberry Pi OS's numpy 1.24 / scipy 1.10 (a pinned venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,8 @@ fi
 
 bash setup.sh --test
 export PATH="$PWD/${EDGEPRUNE_VENV:-.venv}/bin:$PATH"   # so every `python3` below is the venv's
+
+python3 -m ruff check --quiet . && echo "run_all.sh: ruff found nothing"
 
 started=$SECONDS
 python3 -m pytest -q "$@"

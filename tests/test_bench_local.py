@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench_fixtures import (FAST, HANGING, bench_cli, bench_models, fake_vcgencmd, hanging_python,  # noqa: F401
-                                  kill_leftovers, processes_matching, read_results, wait_for)
+from tests.bench_fixtures import FAST, HANGING, kill_leftovers, processes_matching, read_results, wait_for
 
 OUTPUTS = ("results.json", "results.csv", "report.md", "latency_vs_sparsity.png", "accuracy_vs_latency.png")
 

@@ -18,9 +18,8 @@ import pytest
 
 from benchmarks.sweep_plan import read_model_dir
 from benchmarks.targets import model_content_id
-from tests.bench_fixtures import (FAST, bench_cli, bench_device_root, bench_models, kill_leftovers,  # noqa: F401
-                                  processes_matching, read_results, ssh_args, wait_for)
-from tests.sshd import _children, sshd, sshd_factory  # noqa: F401
+from tests.bench_fixtures import FAST, kill_leftovers, processes_matching, read_results, ssh_args, wait_for
+from tests.sshd import _children
 
 pytestmark = pytest.mark.sshd
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench_fixtures import (FAST, bench_cli, bench_device_root, bench_models, kill_leftovers,  # noqa: F401
-                                  processes_matching, read_results, ssh_args, wait_for)
-from tests.sshd import sshd, sshd_factory  # noqa: F401
+from tests.bench_fixtures import FAST, kill_leftovers, processes_matching, read_results, ssh_args, wait_for
 
 pytestmark = pytest.mark.sshd
 

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks.device_facts import SUPERVISOR_SCRIPT, throttle_warnings, temperature_warnings
 from benchmarks.sweep_plan import ModelEntry, parse_kernels, plan
-from tests.bench_fixtures import bench_cli, bench_models, kill_leftovers, processes_matching, wait_for  # noqa: F401
+from tests.bench_fixtures import kill_leftovers, processes_matching, wait_for
 
 
 def test_plan_interleaves_models_and_adds_the_ort_reference():

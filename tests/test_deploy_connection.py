@@ -9,8 +9,7 @@ import pytest
 
 from deploy.connection import CommandResult, Device, HostSpec
 from deploy.errors import AuthError, ConnectError, HostKeyError, RemoteCommandError, RemoteTimeout
-from tests.deploy_fixtures import edgeprune  # noqa: F401  (pytest fixture)
-from tests.sshd import keygen, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
+from tests.sshd import keygen
 
 pytestmark = pytest.mark.sshd
 

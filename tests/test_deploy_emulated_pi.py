@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 
 from deploy.connection import Device, HostSpec
-from tests.deploy_fixtures import current_release, edgeprune, model_dirs  # noqa: F401  (pytest fixtures)
-from tests.sshd import sshd, sshd_factory  # noqa: F401  (pytest fixtures)
 
 pytestmark = [pytest.mark.emulated_pi, pytest.mark.sshd, pytest.mark.slow]
 

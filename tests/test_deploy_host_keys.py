@@ -14,8 +14,7 @@ import pytest
 
 from deploy.connection import Device, HostSpec
 from deploy.errors import HostKeyError
-from tests.deploy_fixtures import edgeprune  # noqa: F401  (pytest fixture)
-from tests.sshd import keygen, sshd_factory  # noqa: F401  (pytest fixture)
+from tests.sshd import keygen
 
 pytestmark = [pytest.mark.sshd,
               pytest.mark.skipif(shutil.which("ssh") is None, reason="OpenSSH's client (ssh) is not installed")]

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.bench_fixtures import kill_leftovers, processes_matching, wait_for
-from tests.deploy_fixtures import model_dirs  # noqa: F401  (pytest fixture)
 from tests.hung_device import interrupt_cli, pids_with_environment, run_cli, start_hung_server
-from tests.sshd import _children, device_python, sshd_factory  # noqa: F401  (pytest fixture)
+from tests.sshd import _children, device_python
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 

@@ -20,15 +20,8 @@ from deploy.model_dir import load_model_dir
 from deploy.root_lock import hold_root_lock, lock_path
 from deploy.rollout import DeploySettings, deploy_to_host
 from deploy.wheel import build_runtime_wheel
-from tests.deploy_fixtures import (  # noqa: F401  (pytest fixtures)
-    current_release,
-    deploy_args,
-    device_root,
-    edgeprune,
-    model_dirs,
-    tree_snapshot,
-)
-from tests.sshd import device_python, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
+from tests.deploy_fixtures import current_release, deploy_args, tree_snapshot
+from tests.sshd import device_python
 
 pytestmark = pytest.mark.sshd
 

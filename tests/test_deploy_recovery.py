@@ -22,14 +22,8 @@ from deploy.connection import Device, HostSpec
 from deploy.errors import ModelDirError, RemoteCommandError
 from deploy.model_dir import check_name, load_model_dir
 from tests.bench_fixtures import processes_matching, wait_for
-from tests.deploy_fixtures import (  # noqa: F401  (pytest fixtures)
-    current_release,
-    deploy_args,
-    device_root,
-    edgeprune,
-    model_dirs,
-)
-from tests.sshd import device_python, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
+from tests.deploy_fixtures import current_release, deploy_args
+from tests.sshd import device_python
 
 pytestmark = pytest.mark.sshd
 

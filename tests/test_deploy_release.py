@@ -12,15 +12,8 @@ import pytest
 
 from deploy.connection import Device, HostSpec
 from deploy.errors import ConnectionLost, PreflightError, UploadError
-from tests.deploy_fixtures import (  # noqa: F401  (pytest fixtures)
-    current_release,
-    deploy_args,
-    device_root,
-    edgeprune,
-    model_dirs,
-    tree_snapshot,
-)
-from tests.sshd import device_python, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
+from tests.deploy_fixtures import current_release, deploy_args, tree_snapshot
+from tests.sshd import device_python
 
 pytestmark = pytest.mark.sshd
 

@@ -18,16 +18,8 @@ from deploy.preflight import probe, runtime_is_current
 from deploy.rollout import DeploySettings, deploy_to_host
 from deploy.runtime_install import runtime_id
 from deploy.wheel import build_runtime_wheel
-from tests.deploy_fixtures import (  # noqa: F401  (pytest fixtures)
-    current_release,
-    deploy_args,
-    edgeprune,
-    make_legacy_device_root,
-    model_dirs,
-    modified_runtime_wheel,
-    with_format_version,
-)
-from tests.sshd import device_python, sshd, sshd_factory  # noqa: F401  (pytest fixtures)
+from tests.deploy_fixtures import (current_release, deploy_args, make_legacy_device_root, modified_runtime_wheel, with_format_version)
+from tests.sshd import device_python
 
 pytestmark = pytest.mark.sshd
 
