@@ -1,9 +1,9 @@
 """The training loop: the one place where batches meet the optimizer.
 
-It knows nothing about files, levels or methods: the caller builds the model, optimizer and
-loaders (``compressor.setup``) and passes an ``on_epoch_end`` hook that checkpoints. That keeps the
-loop small and lets a later DDP wrapper (``DistributedDataParallel`` around the model, a
-``DistributedSampler``-style loader) slot in without touching it.
+It knows nothing about files, levels or methods: the caller (``compressor.pipeline``) builds the
+model, optimizer and loaders and passes an ``on_epoch_end`` hook that checkpoints. That keeps the
+loop small, and is why ``DistributedDataParallel`` (``compressor.distributed``) wraps the model and
+shards the loaders without the loop knowing.
 
 Pruned weights stay exactly zero: before each step their gradients and momentum are masked (so
 weight decay and momentum carry nothing into them) and after each step they are zeroed again (so

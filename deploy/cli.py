@@ -6,11 +6,13 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from deploy.cli_options import USER_ERRORS, add_connection_arguments, connect_options
-from deploy.connection import HostSpec
 from deploy.errors import DeployError, ModelDirError
+
+if TYPE_CHECKING:  # deploy.connection loads paramiko: only when a command runs
+    from deploy.connection import HostSpec
 
 __all__ = ["configure", "run", "USER_ERRORS"]
 
@@ -32,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
 
 
-def _hosts(args: argparse.Namespace) -> List[HostSpec]:
+def _hosts(args: argparse.Namespace) -> List["HostSpec"]:
     texts = list(args.targets[:-1])
     if args.hosts is not None:
         try:
@@ -42,6 +44,8 @@ def _hosts(args: argparse.Namespace) -> List[HostSpec]:
         texts += [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
     if not texts:
         raise DeployError("no host given: `edgeprune deploy HOST [HOST ...] MODEL_DIR` (or --hosts FILE)")
+    from deploy.connection import HostSpec  # paramiko: loaded for the work, not for --help
+
     specs = list(dict.fromkeys(HostSpec.parse(text) for text in texts))  # a host twice would race itself
     return specs
 

@@ -6,7 +6,6 @@ import argparse
 import time
 
 from deploy.cli_options import USER_ERRORS, add_connection_arguments, connect_options
-from deploy.connection import Device, HostSpec
 
 __all__ = ["configure", "run", "USER_ERRORS"]
 
@@ -25,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     """Print the device's runtime line and a table of models and releases (``*`` = current)."""
     from deploy.release import RemoteModel, list_models
     from deploy.runtime_install import installed_runtime
+
+    from deploy.connection import Device, HostSpec  # paramiko: loaded for the work, not for --help
 
     with Device.connect(HostSpec.parse(args.host), connect_options(args)) as device:
         root = device.resolve_path(args.remote_root)

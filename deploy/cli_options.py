@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from deploy.connection import ConnectOptions
 from deploy.errors import DeployError
+
+if TYPE_CHECKING:  # paramiko loads with deploy.connection: not for `--help`
+    from deploy.connection import ConnectOptions
 
 #: What the deploy-side subcommands report as one line + exit code 2.
 USER_ERRORS = (DeployError,)
@@ -35,8 +38,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the runtime and models live on the device (default: ~/.edgeprune)")
 
 
-def connect_options(args: argparse.Namespace) -> ConnectOptions:
+def connect_options(args: argparse.Namespace) -> "ConnectOptions":
     """ConnectOptions from the parsed flags."""
+    from deploy.connection import ConnectOptions
+
     if args.timeout <= 0:
         raise DeployError("--timeout must be positive")
     return ConnectOptions(identity_file=args.identity_file, known_hosts=args.known_hosts,

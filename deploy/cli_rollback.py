@@ -7,12 +7,16 @@ so a rollback cannot switch to a damaged release. It holds the remote root's loc
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import argparse
 import sys
 
 from deploy.cli_options import USER_ERRORS, add_connection_arguments, connect_options
-from deploy.connection import Device, HostSpec
 from deploy.errors import ReleaseError
+
+if TYPE_CHECKING:  # deploy.connection loads paramiko: only when a command runs
+    from deploy.connection import Device
 
 __all__ = ["configure", "run", "USER_ERRORS"]
 
@@ -30,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     """Verify, smoke-test and switch to the chosen release, holding the remote root's lock."""
     from deploy.root_lock import hold_root_lock
 
+    from deploy.connection import Device, HostSpec  # paramiko: loaded for the work, not for --help
+
     with Device.connect(HostSpec.parse(args.host), connect_options(args)) as device:
         root = device.resolve_path(args.remote_root)
         if not device.is_dir(root):
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             return _roll_back(device, root, args)
 
 
-def _roll_back(device: Device, root: str, args: argparse.Namespace) -> int:
+def _roll_back(device: "Device", root: str, args: argparse.Namespace) -> int:
     """run()'s steps, while this rollback holds the root's lock (no deploy can race it)."""
     from deploy.preflight import venv_python
     from deploy.release import RemoteModel

@@ -23,9 +23,9 @@ def test_device_side_commands_never_import_torch(command):
         "from edgeprune.cli import main\n"
         f"try: main(['{command}', '--help'])\n"
         "except SystemExit: pass\n"
-        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', 'paramiko' in sys.modules)\n")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().endswith("NO-TORCH")
+    assert done.stdout.strip().endswith("NO-TORCH False")  # --help loads neither torch nor paramiko
 
 
 def test_top_level_help_lists_every_command():
