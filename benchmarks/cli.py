@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
         exported = export_levels(args.run, args.levels, out_dir, model=args.model)
         models = [read_model_dir(path, label=path.name) for path in exported] + models
-    for entry, label in zip(models, unique_labels([m.label for m in models])):
+    for entry, label in zip(models, unique_labels(models)):
         entry.label = label
 
     options = BenchOptions(warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
@@ -162,27 +162,19 @@ def _model_entries(arguments: List[str], local: bool) -> list:
 
 
 def _targets(args: argparse.Namespace, hosts: List[str]) -> list:
-    from benchmarks.targets import LocalTarget, SshTarget
+    from benchmarks.targets import target_for
 
     if not hosts:
-        return [LocalTarget(python=args.python)]
+        return [target_for("local", python=args.python)]
     from deploy.cli_options import connect_options
-    from deploy.connection import HostSpec
     from deploy.errors import DeployError
 
     try:
         options = connect_options(args)
     except DeployError as error:
         raise BenchError(str(error)) from None
-    targets = []
-    for host in dict.fromkeys(hosts):
-        try:
-            HostSpec.parse(host)
-        except DeployError as error:
-            raise BenchError(str(error)) from None
-        targets.append(SshTarget(host, options, remote_root=args.remote_root, python=args.python or "python3",
-                                 wheelhouse=args.wheelhouse))
-    return targets
+    return [target_for(host, options, remote_root=args.remote_root, python=args.python, wheelhouse=args.wheelhouse)
+            for host in dict.fromkeys(hosts)]
 
 
 class _progress_bar:

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from benchmarks.errors import BenchError, TargetTimeout
 from benchmarks.results_store import ResultsStore, now
 from benchmarks.sweep_plan import Config, ModelEntry
-from benchmarks.targets import BenchOptions
+from benchmarks.targets import BenchOptions, Target
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def _fill_from_manifest(entry: ModelEntry, manifest: Dict[str, object]) -> None:
             setattr(entry, name, getattr(found, name))
 
 
-def run_sweep(targets: Sequence, models: Sequence[ModelEntry], configs: Sequence[Config],
+def run_sweep(targets: Sequence[Target], models: Sequence[ModelEntry], configs: Sequence[Config],
               options: BenchOptions, settings: SweepSettings, store: ResultsStore,
               progress: Optional[Callable[[int], None]] = None) -> None:
     """Run ``configs`` on every target (hosts in parallel, bounded by ``settings.jobs``).

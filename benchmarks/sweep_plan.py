@@ -95,14 +95,28 @@ def read_model_dir(path: Path, label: Optional[str] = None) -> ModelEntry:
     return entry
 
 
-def unique_labels(names: Sequence[str]) -> List[str]:
-    """Make display names unique by suffixing repeats (two `model/` dirs from different runs)."""
-    seen: Dict[str, int] = {}
-    labels = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+def unique_labels(entries: Sequence["ModelEntry"]) -> List[str]:
+    """Display names, unique: a repeated name (two ``model/`` dirs from different runs) gets the
+    folder it came from (``model (runs/a)``), not a counter that says nothing about it."""
+    counts: Dict[str, int] = {}
+    for entry in entries:
+        counts[entry.label] = counts.get(entry.label, 0) + 1
+    labels, seen = [], set()
+    for entry in entries:
+        label = entry.label
+        if counts[label] > 1 and entry.local_dir is not None:
+            label = f"{label} ({_short_parent(entry.local_dir)})"
+        while label in seen:  # still equal (same parent names): number what cannot be told apart
+            label += "'"
+        seen.add(label)
+        labels.append(label)
     return labels
+
+
+def _short_parent(path: Path) -> str:
+    """The last two folders above ``path``, enough to tell runs apart without a long absolute path."""
+    parents = Path(path).resolve().parent.parts[-2:]
+    return "/".join(parents) or "/"
 
 
 def parse_kernels(text: str) -> List[str]:

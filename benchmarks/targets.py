@@ -24,7 +24,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 from benchmarks.device_facts import DEVICE_SCRIPTS, PROBE_SCRIPT, SUPERVISOR_SCRIPT
 from benchmarks.errors import ModelDirError, TargetError, TargetTimeout
@@ -32,6 +32,42 @@ from benchmarks.sweep_plan import ModelEntry, parse_manifest
 
 DEPLOYED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SUPERVISOR_MARGIN_S = 30.0  # the supervisor's own time limit is the configuration's; this bounds the rest
+
+
+class Target(Protocol):
+    """What the sweep needs of a place to measure on (this module's docstring says what each does)."""
+
+    name: str
+
+    def open(self) -> None: ...
+
+    def facts(self, quick: bool = False) -> Dict[str, object]: ...
+
+    def stage(self, entry: ModelEntry) -> Tuple[str, Optional[Dict[str, object]]]: ...
+
+    def bench(self, path: str, kernels: str, threads: int, options: "BenchOptions") -> Dict[str, object]: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def target_for(host: str, connect: Optional[object] = None, remote_root: str = "~/.edgeprune",
+               python: Optional[str] = None, wheelhouse: Optional[str] = None) -> Target:
+    """The target a command-line host string names: ``local`` for this machine, else ``[USER@]HOST[:PORT]``.
+
+    ``connect`` is deploy's ``ConnectOptions`` (host keys, key file, timeouts) for an SSH target.
+    """
+    if host == "local":
+        return LocalTarget(python=python)
+    from deploy.connection import HostSpec
+    from deploy.errors import DeployError
+
+    try:
+        HostSpec.parse(host)
+    except DeployError as error:
+        raise TargetError(str(error)) from None
+    return SshTarget(host, connect, remote_root=remote_root, python=python or "python3", wheelhouse=wheelhouse)
 
 
 @dataclass(frozen=True)
@@ -276,7 +312,9 @@ class SshTarget:
 
         try:
             if entry.local_dir is None:
-                path = posixpath.join(self.root, "models", entry.deployed_name, "current")
+                from deploy.release import RemoteModel  # deploy owns the remote layout
+
+                path = RemoteModel(self.device, self.root, entry.deployed_name).current_link
                 text = self.device.read_text(posixpath.join(path, "manifest.json"))
                 if text is None:
                     raise ModelDirError(f"{self.name}: no model named {entry.deployed_name!r} is deployed "

@@ -7,9 +7,11 @@ front imports this module to build ``--help``, and must stay fast and torch-free
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 from compressor.errors import CompressorError
 
@@ -69,16 +71,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=str, metavar=f.name.upper(), **kwargs)
 
 
-def _log_lines_to_stderr() -> None:
-    """Send the compressor's progress lines (logging INFO) to stderr, one plain line each."""
-    import logging
-
+@contextlib.contextmanager
+def _log_lines_to_stderr(enabled: bool) -> Iterator[None]:
+    """While compressing, send the compressor's progress lines (logging INFO) to stderr, one plain
+    line each; afterwards the logger is as it was (the Python API stays quiet unless asked)."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("compressor")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("compressor")
+    saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _epoch_lines(epochs: int, lines_per_level: int = 4):
@@ -137,12 +149,11 @@ def _compress_and_report(args: argparse.Namespace) -> int:
                                                             config.seed)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     lines = not progress and is_main_process()  # a log file or CI: a line per level and a few per level's epochs
-    if lines:
-        _log_lines_to_stderr()
-    result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
-                      device=args.device, model_name=args.model, data_name=args.data,
-                      pretrained=pretrained, progress=progress, loss_fn=loss_fn,
-                      epoch_callback=_epoch_lines(config.epochs) if lines else None)
+    with _log_lines_to_stderr(lines):
+        result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
+                          device=args.device, model_name=args.model, data_name=args.data,
+                          pretrained=pretrained, progress=progress, loss_fn=loss_fn,
+                          epoch_callback=_epoch_lines(config.epochs) if lines else None)
     if not is_main_process():
         return 0
     structured = config.structure == "channels"

@@ -126,3 +126,12 @@ def test_each_architecture_has_its_own_reference():
     configs = plan(small + wide, ["sparse"], [1])
     # s1 (dense small) and w0 (least sparse wide) under ort, then the sweep itself.
     assert [(c.model, c.kernels) for c in configs if c.reference_only] == [(1, "ort"), (2, "ort")]
+
+
+def test_repeated_model_names_say_where_they_came_from(tmp_path):
+    from benchmarks.sweep_plan import ModelEntry, unique_labels
+
+    entries = [ModelEntry(label="model", local_dir=tmp_path / "runs" / "a" / "model"),
+               ModelEntry(label="model", local_dir=tmp_path / "runs" / "b" / "model"),
+               ModelEntry(label="dense", local_dir=tmp_path / "dense")]
+    assert unique_labels(entries) == ["model (runs/a)", "model (runs/b)", "dense"]
