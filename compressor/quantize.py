@@ -36,6 +36,7 @@ INT8_FILE = "model.int8.onnx"
 ONNX_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.onnx", "weights.npz", "manifest.json"
 CALIBRATION_BATCH = 32    # examples per calibration batch
 EVAL_BATCH = 256
+SAMPLE_VALUES = 4096      # an int8 sample output up to this many values is kept in the manifest
 
 
 @dataclass
@@ -263,12 +264,34 @@ def add_int8_variant(model_dir: Path | str, *, data_spec: Optional[str], input_s
             os.replace(temp, model_dir / INT8_FILE)
             variants.append({"name": "int8", "file": INT8_FILE, "engine": "ort-int8", "method": method,
                              "accuracy": int8_accuracy, "size": result.size,
-                             "calibration_batches": len(calibration)})
+                             "calibration_batches": len(calibration),
+                             "sample": _int8_sample(model_dir / INT8_FILE, model_dir, manifest, method)})
         _write_manifest(model_dir, manifest, variants)
         return [result]
     finally:
         if temp.exists():
             temp.unlink()
+
+
+def _int8_sample(path: Path, model_dir: Path, manifest: Dict[str, Any], method: str) -> Optional[Dict[str, Any]]:
+    """The int8 model's output on the MODEL_DIR's sample input: what ``edge-runtime check`` compares an
+    int8 engine against (the fp32 sample output differs by the quantization error). Kept only when small."""
+    import onnxruntime as ort
+
+    sample = manifest.get("sample") or {}
+    with np.load(model_dir / WEIGHTS_FILE, allow_pickle=False) as npz:
+        x = npz[sample["input"]]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    out = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {
+        manifest["input"]["name"]: x})[0]
+    if out.size > SAMPLE_VALUES:
+        return None
+    # Dynamic quantization is integer arithmetic then one float scale: onnxruntime versions agree closely.
+    # Static QDQ may be fused differently by another onnxruntime build, moving a value by a step or two.
+    scale = float(np.max(np.abs(out), initial=1.0))
+    atol = 1e-4 * scale if method == "dynamic" else 0.05 * scale
+    return {"output": out.astype(np.float64).ravel().tolist(), "shape": list(out.shape), "atol": atol}
 
 
 def _check_int8(fp32: Any, path: Path) -> None:
