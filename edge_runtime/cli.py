@@ -206,8 +206,10 @@ def _tune(args: argparse.Namespace) -> int:
             counts[kind] = counts.get(kind, 0) + 1
         print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']} "
               f"(variant {session.variant['name']}), "
-              f"layers {counts or '-'}, native {plan.get('native_ms') or 0:.3f} ms, "
-              f"onnxruntime {plan.get('ort_ms') or 0:.3f} ms; cached in {plan.get('cache_path')}")
+              f"layers {counts or '-'}, "
+              + ", ".join(f"{engine} {ms:.3f} ms" for engine, ms in (plan.get("engine_ms") or {
+                  "native": plan.get("native_ms") or 0, "onnxruntime": plan.get("ort_ms") or 0}).items())
+              + f"; cached in {plan.get('cache_path')}")
     return 0
 
 

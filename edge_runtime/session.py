@@ -5,8 +5,8 @@
 
 ``kernels``: "auto" (measure once per device, cached), "sparse", "dense", "ort" (stock
 onnxruntime on model.onnx, the baseline), or "ort-int8" (onnxruntime on the int8 variant, see
-variants.py); "auto" measures every engine the MODEL_DIR holds. ``threads`` sets onnxruntime's intra-op threads and the CSR
-row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS/OMP_NUM_THREADS when numpy is first
+variants.py); "auto" measures every engine the MODEL_DIR holds. ``threads`` sets onnxruntime's
+intra-op threads and the CSR row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS/OMP_NUM_THREADS when numpy is first
 imported (the ``edge-runtime`` CLI sets them from ``--threads``).
 """
 
@@ -162,10 +162,15 @@ class InferenceSession:
             ort_session = self._ort = self._ort or self._ort_session()
             candidates["ort"] = lambda: ort_session.run(None, feed)
         for engine in variants.ENGINES:
-            if variants.find(self.manifest, engine) is not None:
+            if variants.find(self.manifest, engine) is None:
+                continue
+            try:
                 session = variants.open_session(self.model_dir, self.manifest, engine, self.threads)
-                candidates[engine] = lambda session=session: session.run(None, feed)
-                self._variant_ort = session
+            except ModelDirError as error:  # e.g. an older onnxruntime without its ops: the others still run
+                plan[f"{engine}_error"] = str(error)
+                continue
+            candidates[engine] = lambda session=session: session.run(None, feed)
+            self._variant_ort = session
         if len(candidates) < 2:
             return plan
         measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")
