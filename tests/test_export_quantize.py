@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from compressor.export import export_model, sha256_of
-from compressor.quantize import add_int8_variant, dense_model, gemm_to_matmul, zeros_kept
+from compressor.quantize import add_int8_variant, dense_level_accuracy, dense_model, gemm_to_matmul, zeros_kept
 from edge_runtime import InferenceSession
 from tests.compressor_fixtures import TEMP_ROOT, cli, run_tiny, tree_snapshot
 from tests.runtime_models import make, prune_global
@@ -73,6 +73,12 @@ def test_max_drop_refuses_a_variant_that_loses_too_much(tmp_path: Path) -> None:
     assert "model.int8.onnx" not in manifest["files"] and not (out2 / "model.int8.onnx").exists()
     assert manifest["files"] == before["files"]
     assert sorted(p.name for p in out2.iterdir()) == ["manifest.json", "model.onnx", "weights.npz"]
+    # the CLI measures the drop against the run's dense level
+    dense = json.loads((tiny_run("digits-mlp") / "metrics.json").read_text())["methods"]["lr-rewind"][0]
+    assert dense["level"] == 0 and dense_level_accuracy(tiny_run("digits-mlp"), None) == dense["accuracy"]
+    code, stdout, stderr = cli(["export", str(tiny_run("digits-mlp")), "--out", str(tmp_path / "m4"),
+                                "--max-drop", "100", "--quantize", "int8"])
+    assert code == 0 and stdout.strip().splitlines()[-1].startswith("int8 variant model.int8.onnx"), stderr
     # within the limit it ships
     out3 = tmp_path / "m3"
     cli(["export", str(tiny_run("digits-mlp")), "--out", str(out3)])
