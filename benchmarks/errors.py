@@ -13,5 +13,9 @@ class TargetError(BenchError):
     """A device cannot be reached or prepared (connection, runtime install, upload)."""
 
 
+class TargetTimeout(TargetError):
+    """A configuration or the device did not finish or answer in time (recorded as "timeout", not "failed")."""
+
+
 class ResultsError(BenchError):
     """The output directory cannot be written, or an existing results.json is not ours."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from benchmarks.errors import BenchError
+from benchmarks.errors import BenchError, TargetTimeout
 from benchmarks.results_store import ResultsStore, now
 from benchmarks.sweep_plan import Config, ModelEntry
 from benchmarks.targets import BenchOptions
@@ -141,8 +142,10 @@ class HostRun:
         except BenchError as error:
             if self.stop.is_set():
                 raise
-            # The connection dropped mid-configuration: record it, reconnect, carry on.
+            # The connection dropped or the device hung mid-configuration: record it, reconnect, carry on.
             record = failed_record(self.key, self.models, config, str(error))
+            if isinstance(error, TargetTimeout):
+                record["status"] = "timeout"
             self._reconnect()
             return record
         return make_record(self.key, self.models, config, envelope, self.options.timeout_s)
@@ -192,9 +195,11 @@ def run_sweep(targets: Sequence, models: Sequence[ModelEntry], configs: Sequence
     except KeyboardInterrupt:
         stop.set()
         for run in runs:
-            run.target.abort()
+            run.target.abort()  # cuts each connection at once: no thread waits on a device any more
+        deadline = time.monotonic() + 5
         for thread in threads:
-            thread.join(30)
+            # Daemon threads: one still stuck after the connections were cut must not hold Ctrl-C up.
+            thread.join(max(deadline - time.monotonic(), 0))
         raise
     store.set_models([m.describe() for m in models])  # deployed models may have gained their figures
 

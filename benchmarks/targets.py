@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from benchmarks.device_facts import DEVICE_SCRIPTS, PROBE_SCRIPT, SUPERVISOR_SCRIPT
-from benchmarks.errors import ModelDirError, TargetError
+from benchmarks.errors import ModelDirError, TargetError, TargetTimeout
 from benchmarks.sweep_plan import ModelEntry, parse_manifest
 
 DEPLOYED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -73,6 +73,12 @@ def parse_envelope(stdout: str, stderr: str, exit_status: int) -> Dict[str, obje
                 "stderr": (stderr or stdout or "the supervisor printed nothing")[-4000:],
                 "temperature_c_before": None, "temperature_c_after": None, "throttled_after": None}
     return envelope
+
+
+def timeout_envelope(message: str) -> Dict[str, object]:
+    """The envelope of a configuration that hung past every limit (its supervisor printed nothing)."""
+    return {"returncode": None, "timed_out": True, "wall_s": None, "stdout": "", "stderr": message,
+            "temperature_c_before": None, "temperature_c_after": None, "throttled_after": None}
 
 
 def parse_facts(stdout: str, where: str) -> Dict[str, object]:
@@ -146,7 +152,10 @@ class LocalTarget:
             stdout, stderr = process.communicate(timeout=options.timeout_s + SUPERVISOR_MARGIN_S)
         except subprocess.TimeoutExpired:
             self.abort()
-            stdout, stderr = process.communicate()
+            process.communicate()
+            # The supervisor itself hung past its own limit: a timeout, whatever it managed to print.
+            return timeout_envelope(f"local: the configuration did not finish in {options.timeout_s:g} s "
+                                    "(nor its supervisor) and was killed")
         except BaseException:
             self.abort()  # Ctrl-C: SIGTERM lets the supervisor kill the benchmark's process group
             raise
@@ -262,14 +271,20 @@ class SshTarget:
                 return path, parse_manifest(text, f"{self.name}:{path}")
             path = posixpath.join(self.scratch, f"model-{model_content_id(entry)}")
             if not self.device.is_dir(path):
-                self._upload_atomically(path, lambda tmp: self.device.put_dir(entry.local_dir, tmp))
+                # What the manifest lists, manifest.json last; regular files inside the folder only
+                # (an unlisted or symlinked file of a shared MODEL_DIR never leaves this machine).
+                listed = sorted(name for name in entry.files if name != "manifest.json") + ["manifest.json"]
+                self._upload_atomically(path, lambda tmp: self.device.put_listed(entry.local_dir, listed, tmp))
             return path, None
         except DeployError as error:
             raise TargetError(str(error)) from None
 
     def bench(self, path: str, kernels: str, threads: int, options: BenchOptions) -> Dict[str, object]:
-        """One configuration on the device under the supervisor; returns its envelope."""
-        from deploy.errors import DeployError
+        """One configuration on the device under the supervisor; returns its envelope.
+
+        TargetTimeout when it (or the device) hung past every limit; TargetError when the connection dropped.
+        """
+        from deploy.errors import DeployError, RemoteTimeout
 
         argv = supervised_argv(self.python, self.tools_dir, options.timeout_s,
                                runtime_argv(self.python, path, kernels, threads, options))
@@ -277,6 +292,8 @@ class SshTarget:
             with self._lock:
                 self._running = self.device.start(argv, timeout=options.timeout_s + SUPERVISOR_MARGIN_S)
             result = self._running.wait()
+        except RemoteTimeout as error:
+            raise TargetTimeout(str(error)) from None  # hung: the configuration, or the whole device
         except DeployError as error:
             raise TargetError(str(error)) from None
         finally:
@@ -285,11 +302,13 @@ class SshTarget:
         return parse_envelope(result.stdout, result.stderr, result.exit_status)
 
     def abort(self) -> None:
-        """Kill the running configuration on the device, then drop the connection."""
-        with self._lock:
-            running = self._running
-        if running is not None:
-            running.cancel()
+        """Drop the connection now, from any thread (Ctrl-C), without waiting for the device.
+
+        The configuration running there dies with it: its supervisor kills the benchmark once the
+        session that started it is gone, and commands under a deploy lock are ended by the holder.
+        """
+        if self.device is not None:
+            self.device.abort()
         self.close()
 
     def close(self) -> None:

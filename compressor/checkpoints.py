@@ -26,14 +26,32 @@ import torch
 from compressor.errors import CheckpointError
 
 
+def _temp_beside(path: Path) -> tuple:
+    """``(fd, name)`` of a new temporary file next to ``path``, with the mode a plain ``open`` would give.
+
+    ``mkstemp`` creates files 0600 whatever the umask; a RUN_DIR is meant to be shared and read by
+    other tools and users like any other output, so the file gets ``0666 & ~umask`` as usual.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: the only portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically (temp file in the same folder + ``os.replace``).
 
     A write the filesystem refuses (ENOSPC, EFBIG, EIO) is a ``CheckpointError`` naming the file;
     the temporary file is removed and ``path`` keeps its previous content.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
@@ -58,8 +76,7 @@ def _raise_if_write_failed(error: BaseException, path: Path) -> None:
 
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write a file atomically (temp file in the same folder + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -69,6 +69,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=str, metavar=f.name.upper(), **kwargs)
 
 
+def _log_lines_to_stderr() -> None:
+    """Send the compressor's progress lines (logging INFO) to stderr, one plain line each."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("compressor")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def _epoch_lines(epochs: int, lines_per_level: int = 4):
+    """An epoch callback printing about ``lines_per_level`` lines per level (for logs without a bar)."""
+    every = max(1, epochs // lines_per_level)
+
+    def report(method: str, level: int, epoch: int) -> None:
+        if (epoch + 1) % every == 0 and epoch + 1 < epochs:
+            name = "dense" if level == 0 else f"{method} level {level}"
+            print(f"{name}: epoch {epoch + 1}/{epochs}", file=sys.stderr, flush=True)
+    return report
+
+
 def _show(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(map(str, value)) or "none"
@@ -82,8 +105,14 @@ def run(args: argparse.Namespace) -> int:
     """
     from compressor.distributed import session
 
-    with session(args.device):
-        return _compress_and_report(args)
+    try:
+        with session(args.device):
+            return _compress_and_report(args)
+    except KeyboardInterrupt:
+        # Every finished epoch is checkpointed: say how to continue rather than just "interrupted".
+        print(f"edgeprune compress: interrupted; continue where it stopped with the same command plus --resume "
+              f"(--out {args.out})", file=sys.stderr)
+        return 130
 
 
 def _compress_and_report(args: argparse.Namespace) -> int:
@@ -107,16 +136,20 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     train_loader, test_loader, loss_fn = load_data_and_loss(args.data, input_shape_for(model), config.batch_size,
                                                             config.seed)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
+    lines = not progress and is_main_process()  # a log file or CI: a line per level and a few per level's epochs
+    if lines:
+        _log_lines_to_stderr()
     result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
                       device=args.device, model_name=args.model, data_name=args.data,
-                      pretrained=pretrained, progress=progress, loss_fn=loss_fn)
+                      pretrained=pretrained, progress=progress, loss_fn=loss_fn,
+                      epoch_callback=_epoch_lines(config.epochs) if lines else None)
     if not is_main_process():
         return 0
     structured = config.structure == "channels"
     print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}" + ("     params  MACs removed" if structured else ""))
     for method, levels in result.metrics["methods"].items():
-        for entry in levels:  # accuracy is NaN (printed "nan%") under a regression loss
+        for entry in levels:  # accuracy is null under a regression loss: printed "nan%"
             extra = f" {entry['params']:>10,} {entry['macs_removed']:>13.2%}" if structured else ""
-            print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {entry['accuracy']:>9.2%}{extra}")
+            print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {float('nan') if entry['accuracy'] is None else entry['accuracy']:>9.2%}{extra}")
     print(f"results: {args.out}/metrics.json, report.md, sparsity_accuracy.png")
     return 0

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -44,6 +44,7 @@ class ExportResult:
     sparsity: float
     max_abs_diff_torch: Optional[float]
     layers: List[Dict[str, Any]] = field(default_factory=list)
+    picked: str = ""  # from a RUN_DIR: which level was exported and why (printed by the CLI)
 
 
 def sha256_of(path: Path) -> str:
@@ -434,11 +435,14 @@ def pick_level(levels: Sequence[Any], method: Optional[str], level: Optional[int
     return max(within, key=lambda info: (info.sparsity, info.level))
 
 
-def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]], count: int = 1) -> Any:
+def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]], count: int = 1,
+                 trusted: bool = False) -> Any:
     """A few real test examples of the run's data (an array, tuple or dict of arrays, batch first), or
     None when the data cannot be loaded here."""
-    # Built-in data only: a data factory (file.py:factory) is code that the run names, never run here.
-    if not data_spec or not (data_spec == "digits" or data_spec.startswith("cifar10:")):
+    # A data factory (file.py:factory) is code: run only when the user named it (``trusted``), never
+    # because a RUN_DIR's config.json names it.
+    builtin = data_spec == "digits" or (data_spec or "").startswith("cifar10:")
+    if not data_spec or not (builtin or trusted):
         return None
     try:
         from compressor.batches import example_inputs, split_batch
@@ -459,13 +463,14 @@ def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]],
 def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional[str] = None,
                    level: Optional[int] = None, max_drop: Optional[float] = None,
                    values_dtype: str = "float32", output: Optional[str] = None, sample: Any = None,
-                   force: bool = False, model: Optional[str] = None) -> ExportResult:
+                   force: bool = False, model: Optional[str] = None, data: Optional[str] = None) -> ExportResult:
     """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``.
 
     ``model`` (a built-in name or ``file.py:factory``) builds the network; a run made with a factory
     needs it, since reading a run never runs a file the run names (``run_dir.load_level``). The
-    example inputs come from ``sample``, else the run's built-in test data, else seeded noise of the
-    run's input shape; ``output`` defaults to the run's own ``--output``.
+    example inputs come from ``sample``, else the data factory the user names in ``data``, else the
+    run's built-in test data, else seeded noise of the run's input shape; ``output`` defaults to the
+    run's own ``--output``.
     """
     from compressor.errors import CompressorError
     from compressor.run_dir import CONFIG, list_levels, load_level, read_json
@@ -479,15 +484,28 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
     except CompressorError as error:
         raise ExportError(str(error)) from error
     shape = loaded.input_shape
-    example = sample if sample is not None else _real_sample(config.get("data"), shape)
+    example = sample if sample is not None else _real_sample(data or config.get("data"), shape, trusted=data is not None)
     if not shape and example is None:
         raise ExportError(f"{run_dir}: the run records no input shape and its data cannot be loaded here; "
                           "give example inputs (--sample inputs.npz)")
     source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
               "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config)}
-    return export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
-                        output=output or config.get("output"), accuracy=loaded.accuracy,
-                        sparsity=loaded.sparsity, source=source, force=force)
+    result = export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
+                          output=output or config.get("output"), accuracy=loaded.accuracy,
+                          sparsity=loaded.sparsity, source=source, force=force)
+    return replace(result, picked=_why_picked(chosen, level, max_drop))
+
+
+def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float]) -> str:
+    """One line saying which level was exported and by which rule, so a default is never a surprise."""
+    if level is not None:
+        why = "as asked (--level)"
+    elif max_drop is not None:
+        why = f"the sparsest level within {max_drop:g} points of dense (--max-drop)"
+    else:
+        why = "the method's last level, the default (--level K or --max-drop POINTS pick another)"
+    accuracy = "no accuracy" if chosen.accuracy != chosen.accuracy else f"accuracy {chosen.accuracy:.2%}"
+    return f"exported {chosen.method} level {chosen.level} (sparsity {chosen.sparsity:.1%}, {accuracy}): {why}"
 
 
 def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, str]:

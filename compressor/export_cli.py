@@ -12,6 +12,7 @@ and its recorded sha256).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from compressor.errors import CompressorError
@@ -41,6 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="export the sparsest level whose accuracy is within POINTS percentage points of dense")
     parser.add_argument("--model", help="a built-in model name or path/to/file.py:factory: instead of a RUN_DIR, "
                         "or with one whose model is a factory file (runs that file: name only one you trust)")
+    parser.add_argument("--data", metavar="FILE.py:FACTORY",
+                        help="with a RUN_DIR made with a data factory: run that factory for the example inputs "
+                        "(name only one you trust; default: the run's built-in data, else --sample or noise)")
     parser.add_argument("--checkpoint", type=Path, help="with --model: a state_dict or edgeprune checkpoint (.pt)")
     parser.add_argument("--input-shape", type=_shape, help="one example's shape without batch, e.g. 3,32,32 "
                         "(default: the model's input_shape)")
@@ -76,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         if args.checkpoint or args.input_shape:
             raise ConfigError("--checkpoint/--input-shape go with --model alone, not with a RUN_DIR")
+    elif args.data is not None:
+        raise ConfigError("--data names a RUN_DIR's data factory; with --model alone give --sample")
+    if args.run_dir is not None:
         result = export_run_dir(args.run_dir, args.out, method=args.method, level=args.level,
                                 max_drop=args.max_drop, values_dtype=dtype, output=args.output, sample=sample,
-                                force=args.force, model=args.model)
+                                force=args.force, model=args.model, data=args.data)
     else:
         if args.method or args.level is not None or args.max_drop is not None:
             raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")
@@ -86,8 +93,14 @@ def run(args: argparse.Namespace) -> int:
                                    values_dtype=dtype, output=args.output, sample=sample, force=args.force)
     ratio = result.dense_onnx_bytes / max(result.size_bytes, 1)
     sparse = sum(1 for layer in result.layers if layer["storage"] == "csr")
+    if result.picked:
+        print(result.picked)
     print(f"wrote {result.out_dir}: {result.size_bytes / 1024:.1f} KiB ({ratio:.2f}x smaller than dense ONNX), "
           f"sparsity {result.sparsity:.1%}, {sparse}/{len(result.layers)} layers stored as CSR")
+    if ratio < 1:
+        print(f"warning: this MODEL_DIR is larger than the dense ONNX ({result.dense_onnx_bytes / 1024:.1f} KiB): "
+              "below ~72% sparsity CSR does not pay, and a small model carries the manifest's graph",
+              file=sys.stderr)
     if args.quantize:
         _quantize(args)
     return 0

@@ -10,6 +10,7 @@ a level's result independent of which process ran the levels before it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import tempfile
 import time
@@ -41,6 +42,7 @@ from compressor.report import warn_thin_layers, write_metrics, write_report
 from compressor.run_dir import CONFIG, RunDir, collect_metrics, model_fields
 from compressor.training import evaluate, require_finite, train, zero_pruned
 
+log = logging.getLogger("compressor")
 EpochCallback = Callable[[str, int, int], None]
 DENSE = "dense"
 
@@ -207,7 +209,7 @@ class _Job:
             self.extra = {"channels": encode(self.channels.dense_plan()), "last": False}
         if pretrained is not None:  # already loaded into the model by compress()
             began = time.perf_counter()
-            self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[], optimizer=None)
+            self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[])
             return
         if any_rewinds_weights(self.config.methods) and self.config.rewind_epoch == 0 and \
                 not self.run.rewind_path.is_file():
@@ -291,11 +293,14 @@ class _Job:
         train(self.trainable, optimizer, self.train_loader, plan.lr_at, range(start, plan.epochs.stop), self.params,
               mask, self.device, on_epoch_end, self.progress, desc, self.task)
         self._finish(method, level, mask, epochs=len(plan.epochs),
-                     seconds=seconds_before + time.perf_counter() - began, lrs=lrs, optimizer=optimizer)
+                     seconds=seconds_before + time.perf_counter() - began, lrs=lrs)
 
-    def _finish(self, method: str, level: int, mask: Mask, epochs: int, seconds: float, lrs: List[float],
-                optimizer: Optional[torch.optim.Optimizer]) -> None:
-        """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json."""
+    def _finish(self, method: str, level: int, mask: Mask, epochs: int, seconds: float, lrs: List[float]) -> None:
+        """Evaluate, write the level's ``final.pt``, drop its epoch checkpoint, refresh metrics.json.
+
+        ``final.pt`` holds no optimizer state: every level starts a fresh optimizer (the schedule is
+        replayed), so only the per-epoch ``checkpoint.pt`` needs it for resuming — and it is deleted here.
+        """
         began = time.perf_counter()
         self.ranks.broadcast_state(self.model)  # every rank evaluates exactly what rank 0 saves
         # Structured levels have no mask: every rank must have derived the same channel plan instead.
@@ -308,7 +313,6 @@ class _Job:
             "method": method, "sparsity": weight_sparsity(self.params), "accuracy": accuracy, "loss": loss,
             "epochs": epochs, "seconds": seconds + time.perf_counter() - began, "lrs": lrs,
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else {},
             "world_size": self.ranks.world_size, "mask_sha256": mask_checksums, **self.extra,
         }
         if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
@@ -318,6 +322,9 @@ class _Job:
         self.run.remove(self.run.checkpoint_path(method, level))
         if self.run.writer:
             write_metrics(self.run, collect_metrics(self.run, self.records))
+            accuracy_text = "no accuracy" if accuracy != accuracy else f"accuracy {accuracy:.2%}"
+            log.info(f"{'dense' if level == 0 else f'{method} level {level}'} done: sparsity {final['sparsity']:.2%}, "
+                     f"{accuracy_text}, loss {loss:.4f}, {epochs} epochs in {final['seconds']:.0f} s")
             if self.channels is None:  # structured levels' "layers" are widths, never nearly empty
                 warn_thin_layers(method, level, final["layers"], self.warned)
         self.ranks.barrier()  # the next level reads this final.pt on every rank

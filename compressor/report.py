@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import logging
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -21,6 +22,20 @@ def _number(value: Optional[float], spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _accuracy(entry: Dict[str, Any]) -> float:
+    """A level's accuracy as a float: NaN where there is none (a regression loss; null in metrics.json)."""
+    value = entry.get("accuracy")
+    return float("nan") if value is None else float(value)
+
+
+def _accuracy_cells(entry: Dict[str, Any], dense: float) -> str:
+    """``accuracy | Δ vs dense`` cells, "–" when the run has no accuracy (a regression loss)."""
+    value = _accuracy(entry)
+    if math.isnan(value):
+        return "– | –"
+    return f"{value:.2%} | {100 * (value - dense):+.2f}"
+
+
 def markdown_table(metrics: Dict[str, Any]) -> str:
     """One row per (method, level): sparsity, compression, accuracy and its change from dense."""
     lines = [
@@ -32,13 +47,13 @@ def markdown_table(metrics: Dict[str, Any]) -> str:
     if _structured(metrics):
         return _channels_table(metrics, lines[:2])
     for method, levels in metrics["methods"].items():
-        dense = levels[0]["accuracy"] if levels else 0.0
+        dense = _accuracy(levels[0]) if levels else 0.0
         for entry in levels:
             density = 1.0 - entry["sparsity"]
             compression = f"{1.0 / density:.1f}×" if density > 0 else "∞"
             lines.append(
                 f"| {method} | {entry['level']} | {entry['sparsity']:.2%} | {compression} | "
-                f"{entry['accuracy']:.2%} | {100 * (entry['accuracy'] - dense):+.2f} | {_number(entry['loss'], '.4f')} | "
+                f"{_accuracy_cells(entry, dense)} | {_number(entry['loss'], '.4f')} | "
                 f"{entry['epochs']} | {_number(entry['seconds'], '.1f')} |"
             )
     return "\n".join(lines) + "\n"
@@ -91,12 +106,12 @@ def _channels_table(metrics: Dict[str, Any], lines: List[str]) -> str:
               "epochs | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     widths = ["", "## Layer widths (output channels)", ""]
     for method, levels in metrics["methods"].items():
-        dense = levels[0]["accuracy"] if levels else 0.0
+        dense = _accuracy(levels[0]) if levels else 0.0
         for entry in levels:
             lines.append(
                 f"| {method} | {entry['level']} | {entry['params']:,} | {entry['sparsity']:.2%} | "
-                f"{entry['macs']:,} | {entry['macs_removed']:.2%} | {entry['accuracy']:.2%} | "
-                f"{100 * (entry['accuracy'] - dense):+.2f} | {entry['epochs']} | {entry['seconds']:.1f} |")
+                f"{entry['macs']:,} | {entry['macs_removed']:.2%} | {_accuracy_cells(entry, dense)} | "
+                f"{entry['epochs']} | {_number(entry['seconds'], '.1f')} |")
             shown = " ".join(f"{name}:{width}" for name, width in entry["widths"].items())
             widths.append(f"- {method} level {entry['level']}: {shown}")
     return "\n".join(lines + widths) + "\n"
@@ -112,13 +127,13 @@ def plot_png(metrics: Dict[str, Any]) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     if _structured(metrics):  # a smaller dense network: MACs are the x axis that predicts speed
         for method, levels in metrics["methods"].items():
-            ax.plot([e["macs"] / 1e6 for e in levels], [100 * e["accuracy"] for e in levels], marker="o", label=method)
+            ax.plot([e["macs"] / 1e6 for e in levels], [100 * _accuracy(e) for e in levels], marker="o", label=method)
         ax.invert_xaxis()  # fewer MACs to the right, like higher sparsity
         ax.set_xlabel("MACs per example (millions)")
         return _finish_plot(fig, ax, metrics)
     for method, levels in metrics["methods"].items():
         density = [max(1.0 - e["sparsity"], 1e-6) for e in levels]
-        ax.plot(density, [100 * e["accuracy"] for e in levels], marker="o", label=method)
+        ax.plot(density, [100 * _accuracy(e) for e in levels], marker="o", label=method)
     ax.set_xscale("log")
     ax.invert_xaxis()  # sparser to the right
     densities = sorted({round(max(1.0 - e["sparsity"], 1e-6), 6) for ls in metrics["methods"].values() for e in ls},

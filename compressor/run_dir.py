@@ -225,7 +225,9 @@ def list_levels(run_dir: Path) -> List[LevelInfo]:
     metrics = read_json(run.root / METRICS)
     try:
         return [
-            LevelInfo(method, int(entry["level"]), float(entry["sparsity"]), float(entry["accuracy"]),
+            # accuracy is null for a run under a regression loss (no accuracy to speak of)
+            LevelInfo(method, int(entry["level"]), float(entry["sparsity"]),
+                      float("nan") if entry["accuracy"] is None else float(entry["accuracy"]),
                       run.final_path(method, int(entry["level"])))
             for method, levels in metrics["methods"].items() for entry in levels
         ]

@@ -47,7 +47,11 @@ def _hosts(args: argparse.Namespace) -> List[HostSpec]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Deploy MODEL_DIR to every host; 0 if all succeeded, 2 if any failed (table at the end)."""
+    """Deploy MODEL_DIR to every host; 0 if all succeeded, 1 if any host failed (table at the end).
+
+    Exit 2 stays what it means everywhere: the command line or the inputs were wrong (one line). A
+    fleet where some devices were unreachable is a partial failure of the work, reported per host.
+    """
     from deploy.model_dir import check_name, load_model_dir
     from deploy.rollout import DeploySettings, deploy_fleet, deploy_to_host, result_table
     from deploy.wheel import build_runtime_wheel
@@ -77,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
     failed = [result for result in results if not result.ok]
     if failed:
         print(f"edgeprune deploy: {len(failed)} of {len(results)} hosts failed", file=sys.stderr)
-        return 2
+        return 1
     return 0

@@ -25,7 +25,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-F", "--ssh-config", type=Path, metavar="FILE", default=Path("~/.ssh/config"),
                        help="ssh client configuration (default: ~/.ssh/config)")
     group.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
-                       help="connect/authentication timeout (default: 15)")
+                       help="how long the device may take to answer any one step (connecting, starting a "
+                            "command, each SFTP request, a keepalive); past it the device counts as hung and "
+                            "the command ends (default: 15)")
     device = parser.add_argument_group("device")
     device.add_argument("--python", default="python3", metavar="PYTHON",
                         help="the device's Python (>= 3.9) the runtime venv is built from (default: python3)")

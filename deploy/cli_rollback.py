@@ -60,7 +60,10 @@ def _roll_back(device: Device, root: str, args: argparse.Namespace) -> int:
     if target == current:
         print(f"{device.label}: {args.name} is already at release {target}")
         return 0
-    model.verify_release(target)
+    try:
+        model.verify_release(target)
+    except ReleaseError as error:
+        raise ReleaseError(f"{error}; release {target} is damaged: deploy its MODEL_DIR again to repair it") from None
     smoke = model.smoke_test(model.release_dir(target), venv_python(root))
     print(f"{device.label}: smoke test: {smoke}")
     model.switch(target)

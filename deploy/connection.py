@@ -14,18 +14,20 @@ One ``Device`` per host and per thread (paramiko's client is not meant to be sha
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import re
-import select
+import secrets
 import shlex
 import socket
 import stat
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import paramiko
 
@@ -39,22 +41,23 @@ from deploy.errors import (
     RemoteTimeout,
     UploadError,
 )
-from deploy.host_keys import (
-    AcceptNewPolicy,
-    RefuseRevokedPolicy,
-    RefuseUnknownPolicy,
-    fingerprint,
-    is_revoked,
-    load_known_hosts,
-    revoked_message,
+from deploy.host_keys import KnownHostsPolicy, prefer_key_types, read_known_hosts
+from deploy.remote_command import (  # noqa: F401  (CommandResult, RemoteProcess: part of this module's API)
+    LOST,
+    CommandResult,
+    RemoteProcess,
+    command_line,
+    quietly as _quietly,
+    watch_exit_signals,
 )
 
 #: Called with the number of bytes just sent (so ``tqdm.update`` fits as it is).
 Progress = Callable[[int], None]
 
-# Exceptions paramiko/sockets raise when an established connection goes away. (Not all of OSError:
-# SFTP reports remote file errors as OSError too; those are told apart by asking the transport.)
-_LOST = (EOFError, ConnectionError, socket.timeout, paramiko.SSHException)
+# A step with no overall deadline (an upload: each of its SFTP requests has one).
+_NO_DEADLINE = math.inf
+
+_LOST = LOST
 
 _HOST_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?P<host>\[[^\]]+\]|[^:@\s\[\]]+)(?::(?P<port>\d+))?$")
 
@@ -96,26 +99,13 @@ class ConnectOptions:
     identity_file: Optional[Path] = None
     known_hosts: Optional[Path] = None
     accept_new_host_key: bool = False
-    timeout: float = 15.0  # TCP connect, banner and authentication, each
+    #: How long the device may take to answer any one step (the whole connect included): past it the
+    #: device counts as hung and the connection is cut (see Device). Quiet commands are kept alive
+    #: with a keepalive after this long without a word, like ServerAliveInterval.
+    timeout: float = 15.0
     command_timeout: float = 900.0  # default limit for one remote command
-    io_timeout: float = 60.0  # a stalled SFTP transfer fails after this long
-    keepalive: int = 15  # seconds between keepalives (0 = off), like ServerAliveInterval
     ssh_config: Optional[Path] = field(default_factory=lambda: Path("~/.ssh/config").expanduser())
     user_known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
-
-
-@dataclass(frozen=True)
-class CommandResult:
-    """What a remote command left behind. ``stdout``/``stderr`` are decoded as UTF-8 (lenient)."""
-
-    argv: tuple
-    exit_status: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_status == 0
 
 
 @dataclass
@@ -168,7 +158,15 @@ def temp_stamp() -> str:
 
 
 class Device:
-    """An open SSH connection to one device: run commands, upload files, rename atomically."""
+    """An open SSH connection to one device: run commands, upload files, rename atomically.
+
+    Deadlines: the device must answer every step (connecting, opening a channel or the SFTP
+    session, starting a command, each SFTP request, a keepalive while a command runs quietly)
+    within ``options.timeout``; a device that does not is *hung*: the connection is cut at once, the
+    step raises RemoteTimeout, and every later step fails fast. Ctrl-C (KeyboardInterrupt) during a
+    step cuts the connection too, without another round trip to the device; the device then ends
+    what we started (the deploy lock's holder, :mod:`deploy.root_lock`; bench's supervisor).
+    """
 
     def __init__(self, client: paramiko.SSHClient, label: str, options: ConnectOptions,
                  jump: Optional["Device"] = None):
@@ -178,17 +176,22 @@ class Device:
         self._jump = jump
         self._sftp: Optional[paramiko.SFTPClient] = None
         self._home: Optional[str] = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # opening the SFTP session; never held while closing
+        self._hung: Optional[str] = None  # why the connection was cut, once it was
+        #: Marks every command started through this connection (see deploy.remote_command).
+        self.session_tag = secrets.token_hex(8)
 
     # ---- connecting -------------------------------------------------------------------------------
 
     @classmethod
     def connect(cls, spec: HostSpec, options: Optional[ConnectOptions] = None) -> "Device":
-        """Open a verified, authenticated connection. Raises ConnectError/HostKeyError/AuthError."""
+        """Open a verified, authenticated connection. Raises ConnectError/HostKeyError/AuthError.
+
+        The whole of it (TCP, banner, key exchange, authentication) must be done in ``options.timeout``.
+        """
         options = options or ConnectOptions()
         target = _resolve(spec, options)
         jump = None
-        sock = None
         if target.proxy_jump:
             # ProxyJump: a direct-tcpip channel through the jump host stands in for the TCP socket.
             jump_options = ConnectOptions(**{**options.__dict__, "identity_file": None})
@@ -199,42 +202,75 @@ class Device:
             except (paramiko.SSHException, OSError) as error:
                 jump.close()
                 raise ConnectError(f"{target.label}: jump host {target.proxy_jump} cannot reach it: {error}") from None
+        else:
+            try:
+                sock = socket.create_connection((target.hostname, target.port), timeout=options.timeout)
+            except BaseException as error:
+                raise _connect_error(target, options, error) from None
         client = paramiko.SSHClient()
-        revoked: list = []
+        # paramiko's own timeouts apply to each phase; this one bounds them all together.
+        expired = threading.Event()
+        timer = _timer(options.timeout, lambda: (expired.set(), _quietly(sock.close)))
         try:
-            revoked = load_known_hosts(client, (options.user_known_hosts, options.known_hosts))
+            entries = read_known_hosts((options.user_known_hosts, options.known_hosts))
             record_in = Path(options.known_hosts or options.user_known_hosts).expanduser()
-            client.set_missing_host_key_policy(RefuseRevokedPolicy(
-                revoked, AcceptNewPolicy(record_in) if options.accept_new_host_key else RefuseUnknownPolicy()))
+            policy = KnownHostsPolicy(entries, record_in if options.accept_new_host_key else None)
+            client.set_missing_host_key_policy(policy)
+            known_types = policy.known_key_types(_known_hosts_name(target))
+
+            def transport_factory(sock, **kwargs) -> paramiko.Transport:
+                transport = paramiko.Transport(sock, **kwargs)
+                prefer_key_types(transport, known_types)
+                return transport
+
             client.connect(
                 target.hostname, port=target.port, username=target.user,
                 key_filename=target.key_files or None,
                 allow_agent=not target.identities_only, look_for_keys=not target.identities_only,
                 timeout=options.timeout, banner_timeout=options.timeout, auth_timeout=options.timeout,
-                sock=sock,
+                sock=sock, transport_factory=transport_factory,
             )
         except HostKeyError:
             client.close()
+            _quietly(sock.close)
             _close(jump)
             raise
         except BaseException as error:
             client.close()
+            _quietly(sock.close)
             _close(jump)
-            raise _connect_error(target, options, error, revoked) from None
+            raise _connect_error(target, options, socket.timeout() if expired.is_set() else error) from None
+        finally:
+            timer.cancel()
         transport = client.get_transport()
-        if options.keepalive:
-            transport.set_keepalive(options.keepalive)
+        watch_exit_signals(transport)
         return cls(client, target.label, options, jump)
 
     def close(self) -> None:
-        """Close the SFTP session and the connection (and the jump host's, if any). Idempotent."""
-        with self._lock:
-            if self._sftp is not None:
-                _quietly(self._sftp.close)
-                self._sftp = None
-            _quietly(self._client.close)
-            _close(self._jump)
-            self._jump = None
+        """Close the SFTP session and the connection (and the jump host's, if any). Idempotent.
+
+        Never waits for another thread: a thread stuck on a hung device must not block Ctrl-C.
+        """
+        sftp, self._sftp = self._sftp, None
+        if sftp is not None:
+            _quietly(sftp.close)
+        _quietly(self._client.close)
+        jump, self._jump = self._jump, None
+        _close(jump)
+
+    def abort(self, why: Optional[str] = None) -> None:
+        """Cut the connection now, from any thread, without a word to the device (Ctrl-C, a hung device).
+
+        Every step in progress or to come fails at once; ``why`` becomes their RemoteTimeout message.
+        """
+        if why is not None and self._hung is None:
+            self._hung = why
+        transport = self._client.get_transport()
+        if transport is not None:
+            _quietly(transport.close)
+        jump = self._jump
+        if jump is not None:
+            jump.abort()
 
     def __enter__(self) -> "Device":
         return self
@@ -251,39 +287,81 @@ class Device:
         """The underlying transport (fault-injection tests close it to cut the connection)."""
         transport = self._client.get_transport()
         if transport is None or not transport.is_active():
-            raise ConnectionLost(f"{self.label}: connection lost")
+            raise self.lost("connection lost")
         return transport
+
+    def lost(self, what: str) -> DeployError:
+        """The error for a step that failed because the connection is gone: RemoteTimeout if we cut it
+        because the device stopped answering, else ConnectionLost."""
+        if self._hung is not None:
+            return RemoteTimeout(self._hung)
+        return ConnectionLost(f"{self.label}: {what}")
+
+    @contextmanager
+    def answering(self, what: str, seconds: Optional[float] = None) -> Iterator[None]:
+        """A step the device must answer within ``seconds`` (default ``options.timeout``).
+
+        Past the deadline the connection is cut (the step then fails) and RemoteTimeout raised;
+        Ctrl-C cuts it too. Socket timeouts inside the step (SFTP's) count as no answer.
+        """
+        seconds = self.options.timeout if seconds is None else seconds
+        why = (f"{self.label}: the device did not answer ({what}) within {seconds:g} s; gave up "
+               "(is it hung or overloaded? see --timeout)")
+        timer = _timer(seconds, lambda: self.abort(why))
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.abort()
+            raise
+        except socket.timeout:
+            self.abort(why)
+            raise RemoteTimeout(why) from None
+        except DeployError:
+            if self._hung is not None:
+                raise RemoteTimeout(self._hung) from None
+            raise
+        except (OSError, *_LOST):
+            if self._hung is not None:
+                raise RemoteTimeout(self._hung) from None
+            raise
+        finally:
+            timer.cancel()
+        if self._hung is not None:
+            raise RemoteTimeout(self._hung)
+
+    def keepalive(self) -> None:
+        """One round trip that any SSH server answers (OpenSSH's ServerAlive); RemoteTimeout if none comes."""
+        with self.answering("keepalive"):
+            transport = self.transport
+            transport.global_request("keepalive@openssh.com", wait=True)
+            if not transport.is_active():
+                raise self.lost("connection lost")
 
     # ---- commands ---------------------------------------------------------------------------------
 
     def start(self, argv: Sequence[str], timeout: Optional[float] = None, cwd: Optional[str] = None,
-              stdin: Optional[bytes] = None, keep_stdin_open: bool = False) -> "RemoteProcess":
+              stdin: Optional[bytes] = None, keep_stdin_open: bool = False, tagged: bool = True) -> "RemoteProcess":
         """Start ``argv`` on the device without waiting; see :meth:`run` for the other arguments.
 
         ``keep_stdin_open``: leave the command's stdin (the SSH channel) open until
         :meth:`RemoteProcess.close_stdin`, so that it can tell when we are done or gone (a lock holder).
+        ``tagged``: mark it with :attr:`session_tag`, so the deploy lock's holder ends it before
+        letting the lock go (off only for the holder itself).
         """
         if not argv:
             raise ValueError("empty command")
         limit = self.options.command_timeout if timeout is None else timeout
-        # `echo $$; exec timeout ...`: the first stdout line is the pid of `timeout`, which we can
-        # signal to cancel (closing a PTY-less channel does not kill the remote process); `timeout`
-        # kills the command's whole process group when it runs past the limit, `-k` if TERM is ignored.
-        # A `cd` goes after the echo and guards the exec: a folder that cannot be entered fails the
-        # command (non-zero exit, the shell's message on stderr) instead of running it elsewhere.
-        command = "exec " + shlex.join(["timeout", "-k", "5", f"{max(limit, 1):.0f}", *map(str, argv)])
-        if cwd is not None:
-            command = f"cd {shlex.quote(cwd)} && {command}"
-        command = "echo $$; " + command
-        try:
-            channel = self.transport.open_session(timeout=self.options.timeout)
-            channel.exec_command(command)
-            if stdin:
-                channel.sendall(stdin)
-            if not keep_stdin_open:
-                channel.shutdown_write()
-        except _LOST as error:
-            raise ConnectionLost(f"{self.label}: connection lost while starting {argv[0]}: {error}") from None
+        command = command_line(argv, limit, cwd, self.session_tag if tagged else None)
+        with self.answering(f"starting {argv[0]}"):
+            try:
+                channel = self.transport.open_session(timeout=self.options.timeout)
+                channel.exec_command(command)
+                if stdin:
+                    channel.sendall(stdin)
+                if not keep_stdin_open:
+                    channel.shutdown_write()
+            except _LOST as error:
+                raise self.lost(f"connection lost while starting {argv[0]}: {error}") from None
         return RemoteProcess(self, tuple(map(str, argv)), channel, limit)
 
     def run(self, argv: Sequence[str], timeout: Optional[float] = None, check: bool = True,
@@ -292,14 +370,14 @@ class Device:
 
         ``timeout`` (seconds, default ``options.command_timeout``) is enforced on the device by
         coreutils ``timeout``, which kills the command; RemoteTimeout is raised. With ``check``, a
-        non-zero exit raises RemoteCommandError carrying the last stderr line. Stdout and stderr are
-        drained together, so large outputs cannot deadlock.
+        non-zero exit (or a signal) raises RemoteCommandError carrying the last stderr line. Stdout
+        and stderr are drained together, so large outputs cannot deadlock.
         """
         result = self.start(argv, timeout=timeout, cwd=cwd, stdin=stdin).wait()
-        if check and result.exit_status != 0:
+        if check and not result.ok:
             last = _last_line(result.stderr) or _last_line(result.stdout) or "no output"
             raise RemoteCommandError(
-                f"{self.label}: `{shlex.join(result.argv)}` failed (exit {result.exit_status}): {last}",
+                f"{self.label}: `{shlex.join(result.argv)}` failed ({result.describe()}): {last}",
                 result.exit_status, result.stderr)
         return result
 
@@ -307,23 +385,33 @@ class Device:
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
-        """The connection's SFTP session, opened on first use."""
+        """The connection's SFTP session, opened on first use (the device must answer in ``options.timeout``)."""
         with self._lock:
             if self._sftp is None:
-                try:
-                    self._sftp = self._client.open_sftp()
-                except _LOST as error:
-                    raise ConnectionLost(f"{self.label}: cannot open SFTP: {error}") from None
-                self._sftp.get_channel().settimeout(self.options.io_timeout)
+                with self.answering("opening SFTP"):
+                    try:
+                        channel = self.transport.open_session(timeout=self.options.timeout)
+                        # Set before the version exchange: an sftp-server that never answers must not
+                        # hang SFTPClient's constructor (paramiko's open_sftp() sets no timeout at all).
+                        channel.settimeout(self.options.timeout)
+                        channel.invoke_subsystem("sftp")
+                        self._sftp = paramiko.SFTPClient(channel)
+                    except (OSError, *_LOST) as error:
+                        if isinstance(error, socket.timeout):
+                            raise
+                        raise self.lost(f"cannot open SFTP: {error}") from None
             return self._sftp
 
     def home(self) -> str:
         """The remote user's home directory (where SFTP starts)."""
         if self._home is None:
-            try:
-                self._home = self.sftp.normalize(".")
-            except (OSError, *_LOST) as error:
-                raise ConnectionLost(f"{self.label}: cannot find the home directory: {error}") from None
+            with self.answering("SFTP: home directory"):
+                try:
+                    self._home = self.sftp.normalize(".")
+                except (OSError, *_LOST) as error:
+                    if isinstance(error, socket.timeout):
+                        raise
+                    raise self.lost(f"cannot find the home directory: {error}") from None
         return self._home
 
     def resolve_path(self, path: str) -> str:
@@ -338,7 +426,11 @@ class Device:
         return posixpath.normpath(path)
 
     def put(self, local: Path, remote: str, progress: Optional[Progress] = None) -> None:
-        """Upload one file to the absolute path ``remote`` (its directory must exist)."""
+        """Upload one regular file to the absolute path ``remote`` (its directory must exist).
+
+        Each SFTP request must be answered within ``options.timeout`` (the transfer as a whole may
+        take as long as the link needs).
+        """
         sent = [0]
 
         def callback(done: int, _total: int) -> None:
@@ -346,250 +438,168 @@ class Device:
                 progress(done - sent[0])
             sent[0] = done
 
-        try:
-            self.sftp.put(str(local), remote, callback=callback, confirm=True)
-        except _LOST as error:
-            raise ConnectionLost(f"{self.label}: connection lost while uploading {Path(local).name}: {error}") from None
-        except OSError as error:
-            if not self._alive():
-                raise ConnectionLost(f"{self.label}: connection lost while uploading {Path(local).name}") from None
-            # OpenSSH's sftp-server reports ENOSPC and friends as a bare "Failure".
-            raise UploadError(f"{self.label}: cannot write {remote}: {error.strerror or error} "
-                              "(is the disk full or the folder not writable?)") from None
+        with self.answering(f"uploading {Path(local).name}", seconds=_NO_DEADLINE):
+            try:
+                self.sftp.put(str(local), remote, callback=callback, confirm=True)
+            except socket.timeout:
+                raise
+            except _LOST as error:
+                raise self.lost(f"connection lost while uploading {Path(local).name}: {error}") from None
+            except OSError as error:
+                if not self._alive():
+                    raise self.lost(f"connection lost while uploading {Path(local).name}") from None
+                # OpenSSH's sftp-server reports ENOSPC and friends as a bare "Failure".
+                raise UploadError(f"{self.label}: cannot write {remote}: {error.strerror or error} "
+                                  "(is the disk full or the folder not writable?)") from None
 
-    def put_dir(self, local_dir: Path, remote_dir: str, progress: Optional[Progress] = None) -> None:
-        """Upload a folder tree into ``remote_dir`` (created if missing, parents must exist)."""
-        local_dir = Path(local_dir)
-        self.mkdir(remote_dir)
-        for path in sorted(local_dir.rglob("*")):
-            target = posixpath.join(remote_dir, path.relative_to(local_dir).as_posix())
-            if path.is_dir():
-                self.mkdir(target)
-            elif path.is_file():
-                self.put(path, target, progress)
+    def put_listed(self, local_dir: Path, relatives: Sequence[str], remote_dir: str,
+                   progress: Optional[Progress] = None) -> None:
+        """Upload exactly the files ``relatives`` (paths inside ``local_dir``) into ``remote_dir``.
+
+        Each must be a regular file inside the folder, reached without symlinks: a shared MODEL_DIR
+        must not make us send a file from elsewhere on this machine (UploadError otherwise).
+        ``remote_dir`` must exist; sub-folders are created.
+        """
+        sources = [(relative, regular_file_inside(Path(local_dir), relative)) for relative in relatives]
+        made = {remote_dir}
+        for relative, source in sources:
+            target = posixpath.join(remote_dir, relative)
+            parent = posixpath.dirname(target)
+            if parent not in made:
+                self.run(["mkdir", "-p", parent])
+                made.add(parent)
+            self.put(source, target, progress)
 
     def mkdir(self, remote: str) -> None:
         """Create a remote folder (no error if it exists)."""
-        try:
-            self.sftp.mkdir(remote)
-        except OSError:
-            if not self.is_dir(remote):
-                raise UploadError(f"{self.label}: cannot create folder {remote}") from None
+        with self.answering(f"SFTP: mkdir {remote}"):
+            try:
+                self.sftp.mkdir(remote)
+            except socket.timeout:
+                raise
+            except OSError:
+                if not self.is_dir(remote):
+                    raise UploadError(f"{self.label}: cannot create folder {remote}") from None
 
     def is_dir(self, remote: str) -> bool:
         """Whether ``remote`` is an existing folder (following links)."""
-        try:
-            return stat.S_ISDIR(self.sftp.stat(remote).st_mode)
-        except FileNotFoundError:
-            return False
-        except _LOST as error:
-            raise ConnectionLost(f"{self.label}: connection lost: {error}") from None
+        with self.answering(f"SFTP: stat {remote}"):
+            try:
+                return stat.S_ISDIR(self.sftp.stat(remote).st_mode)
+            except FileNotFoundError:
+                return False
+            except _LOST as error:
+                raise self.lost(f"connection lost: {error}") from None
 
     def readlink(self, remote: str) -> Optional[str]:
         """A symlink's target, or None if ``remote`` does not exist or is not a link."""
-        try:
-            return self.sftp.readlink(remote)
-        except OSError:
-            self._raise_if_lost()
-            return None
+        with self.answering(f"SFTP: readlink {remote}"):
+            try:
+                return self.sftp.readlink(remote)
+            except socket.timeout:
+                raise
+            except OSError:
+                self._raise_if_lost()
+                return None
 
     def listdir(self, remote: str) -> list:
         """Names in a remote folder ([] if it does not exist)."""
-        try:
-            return self.sftp.listdir(remote)
-        except FileNotFoundError:
-            return []
-        except _LOST as error:
-            raise ConnectionLost(f"{self.label}: connection lost: {error}") from None
+        with self.answering(f"SFTP: list {remote}"):
+            try:
+                return self.sftp.listdir(remote)
+            except FileNotFoundError:
+                return []
+            except _LOST as error:
+                raise self.lost(f"connection lost: {error}") from None
 
     def rename(self, source: str, target: str) -> None:
         """POSIX rename on the device (atomic; replaces a file target, fails on a non-empty folder)."""
-        try:
-            self.sftp.posix_rename(source, target)
-        except OSError as error:
-            self._raise_if_lost()
-            raise UploadError(f"{self.label}: cannot rename {source} to {target}: {error}") from None
+        with self.answering(f"SFTP: rename {source}"):
+            try:
+                self.sftp.posix_rename(source, target)
+            except socket.timeout:
+                raise
+            except OSError as error:
+                self._raise_if_lost()
+                raise UploadError(f"{self.label}: cannot rename {source} to {target}: {error}") from None
 
     def _raise_if_lost(self) -> None:
         if not self._alive():
-            raise ConnectionLost(f"{self.label}: connection lost")
+            raise self.lost("connection lost")
 
     def read_text(self, remote: str) -> Optional[str]:
         """A small remote file's text, or None if it does not exist."""
-        try:
-            with self.sftp.open(remote, "r") as handle:
-                return handle.read().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return None
-        except _LOST as error:
-            raise ConnectionLost(f"{self.label}: connection lost: {error}") from None
+        with self.answering(f"SFTP: read {remote}"):
+            try:
+                with self.sftp.open(remote, "r") as handle:
+                    return handle.read().decode("utf-8", errors="replace")
+            except FileNotFoundError:
+                return None
+            except _LOST as error:
+                raise self.lost(f"connection lost: {error}") from None
 
     def write_text(self, remote: str, text: str) -> None:
         """Write a small remote file atomically (temp file, then POSIX rename over the target)."""
         temp = f"{remote}.tmp-{temp_stamp()}"
-        try:
-            with self.sftp.open(temp, "w") as handle:
-                handle.write(text.encode("utf-8"))
-            self.sftp.posix_rename(temp, remote)
-        except _LOST as error:
-            raise ConnectionLost(f"{self.label}: connection lost: {error}") from None
-        except OSError as error:
-            _quietly(lambda: self.sftp.remove(temp))
-            raise UploadError(f"{self.label}: cannot write {remote}: {error}") from None
-
-
-class RemoteProcess:
-    """A command started by :meth:`Device.start`: wait for it, or cancel it (kills it on the device)."""
-
-    def __init__(self, device: Device, argv: tuple, channel: paramiko.Channel, limit: float):
-        self.device = device
-        self.argv = argv
-        self._channel = channel
-        self._limit = limit
-        self._pid: Optional[int] = None
-        self._pid_line = b""
-        self._out, self._err = bytearray(), bytearray()
-        self._started = time.monotonic()
-
-    def wait(self) -> CommandResult:
-        """Drain stdout and stderr together until the command exits; return its result."""
-        channel = self._channel
-        out, err = self._out, self._err
-        # The device's `timeout` kills the command at the limit; the local deadline only guards
-        # against a device that stopped answering altogether.
-        deadline = time.monotonic() + self._limit + self.device.options.timeout + 10
-        try:
-            while True:
-                if time.monotonic() > deadline:
-                    self.cancel()
-                    raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` did not finish in {self._limit:.0f} s")
-                select.select([channel], [], [], 0.2)
-                got = False
-                while channel.recv_ready():
-                    self._take_stdout(channel.recv(65536), out)
-                    got = True
-                while channel.recv_stderr_ready():
-                    err += channel.recv_stderr(65536)
-                    got = True
-                if not got and channel.exit_status_ready():
-                    break
-                if not got and channel.closed:
-                    break
-                if not self.device._client.get_transport() or not self.device._client.get_transport().is_active():
-                    raise ConnectionLost(f"{self.device.label}: connection lost while running {self.argv[0]}")
-        except KeyboardInterrupt:
-            self.cancel()
-            raise
-        except _LOST as error:
-            raise ConnectionLost(f"{self.device.label}: connection lost while running {self.argv[0]}: {error}") from None
-        status = channel.recv_exit_status() if channel.exit_status_ready() else -1
-        channel.close()
-        if status == -1:
-            raise ConnectionLost(f"{self.device.label}: `{self.argv[0]}` ended without an exit status")
-        # `timeout` exits 124 (137 after -k's SIGKILL); only past the limit is that our timeout (an
-        # OOM-killed command also exits 137).
-        if status in (124, 137) and time.monotonic() - self._started >= self._limit - 0.5:
-            raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` ran past {self._limit:.0f} s and was killed")
-        return CommandResult(self.argv, status, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
-
-    def read_until(self, text: str, timeout: float) -> bool:
-        """Read output until stdout holds ``text`` (True), or the command exits or ``timeout`` passes (False).
-
-        What was read stays for :meth:`wait`. ConnectionLost if the connection drops meanwhile.
-        """
-        channel, wanted = self._channel, text.encode()
-        deadline = time.monotonic() + timeout
-        try:
-            while wanted not in self._out:
-                if time.monotonic() > deadline or (channel.exit_status_ready() and not channel.recv_ready()):
-                    return False
-                select.select([channel], [], [], 0.2)
-                while channel.recv_ready():
-                    self._take_stdout(channel.recv(65536), self._out)
-                while channel.recv_stderr_ready():
-                    self._err += channel.recv_stderr(65536)
-                self.device._raise_if_lost()
-        except _LOST as error:
-            raise ConnectionLost(f"{self.device.label}: connection lost while running {self.argv[0]}: {error}") from None
-        return True
-
-    def exited(self) -> bool:
-        """Whether the command has ended (its exit status has arrived)."""
-        return self._channel.exit_status_ready()
-
-    def close_stdin(self) -> None:
-        """Send EOF on the command's stdin (see ``keep_stdin_open``); harmless on a dead connection."""
-        _quietly(self._channel.shutdown_write)
-
-    def _take_stdout(self, chunk: bytes, out: bytearray) -> None:
-        # The first line is `echo $$` from start(): the pid to signal on cancel, not output.
-        if self._pid is None:
-            self._pid_line += chunk
-            if b"\n" not in self._pid_line:
-                return
-            line, _, rest = self._pid_line.partition(b"\n")
-            self._pid = int(line) if line.strip().isdigit() else 0
-            out += rest
-        else:
-            out += chunk
-
-    def cancel(self) -> None:
-        """Kill the command on the device (SIGTERM to `timeout`, which passes it on) and close."""
-        deadline = time.monotonic() + 5
-        while self._pid is None and time.monotonic() < deadline and not self._channel.closed:
-            # The pid line comes first; wait() may not have read it yet.
-            if self._channel.recv_ready():
-                self._take_stdout(self._channel.recv(65536), self._out)
-            else:
-                time.sleep(0.01)
-        if self._pid:
+        with self.answering(f"SFTP: write {remote}"):
             try:
-                channel = self.device.transport.open_session(timeout=5)
-                channel.exec_command(f"kill -TERM {self._pid}")
-                # Bounded: a device that stopped answering must not hang the cancel (or Ctrl-C).
-                answered_by = time.monotonic() + 5
-                while not channel.exit_status_ready() and time.monotonic() < answered_by:
-                    time.sleep(0.02)
-                channel.close()
-            except (DeployError, *_LOST):
-                pass
-        _quietly(self._channel.close)
+                with self.sftp.open(temp, "w") as handle:
+                    handle.write(text.encode("utf-8"))
+                self.sftp.posix_rename(temp, remote)
+            except socket.timeout:
+                raise
+            except _LOST as error:
+                raise self.lost(f"connection lost: {error}") from None
+            except OSError as error:
+                _quietly(lambda: self.sftp.remove(temp))
+                raise UploadError(f"{self.label}: cannot write {remote}: {error}") from None
 
 
-def _connect_error(target: _Target, options: ConnectOptions, error: BaseException,
-                   revoked: Sequence = ()) -> ConnectError:
+def regular_file_inside(folder: Path, relative: str) -> Path:
+    """``folder/relative`` if it is a regular file reached without symlinks; UploadError otherwise."""
+    parts = relative.split("/")
+    if not relative or relative.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise UploadError(f"{folder}: refusing to upload {relative!r} (not a plain path inside the folder)")
+    path = Path(folder)
+    for part in parts:
+        path = path / part
+        try:
+            mode = path.lstat().st_mode
+        except OSError as error:
+            raise UploadError(f"cannot read {path}: {error.strerror or error}") from None
+        if stat.S_ISLNK(mode):
+            raise UploadError(f"{folder}: refusing to upload {relative} through the symlink {path.name} "
+                              "(only regular files inside the folder are sent)")
+    if not stat.S_ISREG(mode):
+        raise UploadError(f"{folder}: refusing to upload {relative}: not a regular file")
+    return path
+
+
+def _connect_error(target: _Target, options: ConnectOptions, error: BaseException) -> ConnectError:
     """Turn whatever paramiko/socket raised while connecting into one clear line."""
     where = f"{target.label}" + (f" ({target.hostname})" if target.hostname not in target.label else "")
-    if isinstance(error, paramiko.BadHostKeyException) and is_revoked(list(revoked), _known_hosts_name(target),
-                                                                      error.key):
-        return HostKeyError(revoked_message(where, error.key))
-    if isinstance(error, paramiko.BadHostKeyException):
-        return HostKeyError(
-            f"{where}: HOST KEY CHANGED: the server offered {error.key.get_name()} {fingerprint(error.key)} but "
-            f"known_hosts records {fingerprint(error.expected_key)}; refusing (someone may be impersonating "
-            "the device). If the device was reinstalled, remove its old line from known_hosts "
-            f"(ssh-keygen -R '{_known_hosts_name(target)}')")
+    if isinstance(error, KeyboardInterrupt):
+        raise error
     if isinstance(error, paramiko.PasswordRequiredException):
         return AuthError(f"{where}: the key is encrypted; load it into ssh-agent or use an unencrypted key")
     if isinstance(error, paramiko.AuthenticationException):
         keys = ", ".join(target.key_files) or "the agent's and default keys"
         return AuthError(f"{where}: permission denied (tried {keys}); check the user and pass the right key with -i")
-    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError):
+    if isinstance(error, (paramiko.ssh_exception.NoValidConnectionsError, ConnectionRefusedError)):
         return ConnectError(f"{where}: connection refused on port {target.port} (is sshd running?)")
     if isinstance(error, socket.gaierror):
         return ConnectError(f"{where}: cannot resolve host name {target.hostname!r}")
     if isinstance(error, (socket.timeout, TimeoutError)):
-        return ConnectError(f"{where}: timed out after {options.timeout:.0f} s")
+        return ConnectError(f"{where}: timed out after {options.timeout:g} s (see --timeout)")
     if isinstance(error, FileNotFoundError):
         return AuthError(f"{where}: key file not found: {error.filename}")
     if isinstance(error, (paramiko.SSHException, OSError, EOFError)):
         return ConnectError(f"{where}: {error or type(error).__name__}")
-    if isinstance(error, KeyboardInterrupt):
-        raise error
     return ConnectError(f"{where}: {type(error).__name__}: {error}")
 
 
 def _known_hosts_name(target: _Target) -> str:
+    """The name known_hosts records the target under (what paramiko hands the host key policy)."""
     return target.hostname if target.port == 22 else f"[{target.hostname}]:{target.port}"
 
 
@@ -598,11 +608,13 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _quietly(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways; nothing to do
-        pass
+def _timer(seconds: float, action: Callable[[], object]) -> threading.Timer:
+    """A started daemon timer running ``action`` after ``seconds`` (never, for math.inf); cancel() it."""
+    timer = threading.Timer(seconds if math.isfinite(seconds) else 0, action)
+    timer.daemon = True
+    if math.isfinite(seconds):
+        timer.start()
+    return timer
 
 
 def _close(device: Optional[Device]) -> None:

@@ -44,7 +44,8 @@ def sha256_file(path: Path) -> str:
 
 def check_name(name: str) -> str:
     """A model name is one safe path component: letters, digits, ``._-``; not starting with a dot."""
-    if not _NAME_RE.match(name):
+    # fullmatch: `$` would also accept a trailing newline ("nl\n"), which is no safe path component.
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ModelDirError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (max 64), "
                             "not starting with '.' or '-'")
     return name

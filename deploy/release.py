@@ -83,18 +83,16 @@ class RemoteModel:
             self.device.run(["rm", "-rf", "--", *stale])
 
     def upload(self, model: LocalModel, progress: Optional[Progress] = None) -> str:
-        """Upload MODEL_DIR into a fresh temporary folder and return it (removed again on failure)."""
+        """Upload MODEL_DIR's listed files into a fresh temporary folder and return it (removed again on failure).
+
+        Only regular files inside MODEL_DIR are sent (never through a symlink), manifest.json last.
+        """
         self.device.run(["mkdir", "-p", self.releases_dir])
         temp = posixpath.join(self.base, f".tmp-{model.release_id}-{temp_stamp()}")
         self.device.mkdir(temp)
         try:
-            for relative in model.upload_order():
-                target = posixpath.join(temp, relative)
-                parent = posixpath.dirname(target)
-                if parent != temp:
-                    self.device.run(["mkdir", "-p", parent])
-                self.device.put(model.path / relative, target, progress)
-        except ConnectionLost:
+            self.device.put_listed(model.path, model.upload_order(), temp, progress)
+        except (ConnectionLost, RemoteTimeout, KeyboardInterrupt):
             raise  # nothing can be cleaned over a dead connection; the next deploy does it
         except BaseException:
             self.device.run(["rm", "-rf", "--", temp], check=False)
@@ -106,9 +104,9 @@ class RemoteModel:
         listing = "".join(f"{digest}  {relative}\n" for relative, digest in sorted(files.items()))
         result = self.device.run(["sha256sum", "--check", "--quiet", "-"], cwd=folder,
                                  stdin=listing.encode(), check=False, timeout=600)
-        if result.exit_status != 0:
+        if not result.ok:
             bad = [line.split(":")[0] for line in result.stdout.splitlines() if "FAILED" in line]
-            detail = ", ".join(bad) or (result.stderr.strip().splitlines() or ["?"])[-1]
+            detail = ", ".join(bad) or (result.stderr.strip().splitlines() or [result.describe()])[-1]
             raise ReleaseError(f"{self.device.label}: checksum mismatch on the device: {detail}")
 
     def verify_release(self, release_id: str) -> None:
@@ -130,15 +128,26 @@ class RemoteModel:
         except RemoteTimeout as error:
             raise ReleaseError(f"{self.device.label}: smoke test timed out: {error}") from None
         line = (result.stdout.strip() or result.stderr.strip()).splitlines()
-        line = line[-1] if line else f"exit {result.exit_status}"
-        if result.exit_status != 0:
-            raise ReleaseError(f"{self.device.label}: smoke test failed (exit {result.exit_status}): {line}")
+        line = line[-1] if line else result.describe()
+        if not result.ok:
+            raise ReleaseError(f"{self.device.label}: smoke test failed ({result.describe()}): {line}")
         return line
 
-    def promote(self, temp: str, release_id: str) -> str:
-        """Move a verified temporary folder to ``releases/ID`` (one rename) and return that path."""
+    def promote(self, temp: str, release_id: str, replace: bool = False) -> str:
+        """Move a verified, smoke-tested temporary folder to ``releases/ID`` and return that path.
+
+        Only complete releases ever appear under ``releases/`` (a deploy killed before this leaves a
+        ``.tmp-`` folder, which never counts toward ``--keep`` and the next deploy removes).
+        ``replace``: a damaged copy of the same release is there; it is moved aside (into a ``.tmp-``
+        name, so a cut connection leaves it for the next deploy to clean) and this one takes its place.
+        """
         target = self.release_dir(release_id)
-        if self.device.is_dir(target):
+        if replace and self.device.is_dir(target):
+            aside = posixpath.join(self.base, f".tmp-damaged-{release_id}-{temp_stamp()}")
+            self.device.rename(target, aside)
+            self.device.rename(temp, target)
+            self.device.run(["rm", "-rf", "--", aside])
+        elif self.device.is_dir(target):
             # An identical release is already there (same id, same bytes): keep it, drop the upload.
             self.device.run(["rm", "-rf", "--", temp])
         else:

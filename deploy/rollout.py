@@ -1,9 +1,10 @@
 """Deploy one MODEL_DIR to one host, or to a fleet in parallel with a per-host result.
 
-One host, in order: connect → lock the remote root (:mod:`deploy.root_lock`) → preflight → install a changed runtime into its own folder → upload to a
-temporary folder → verify sha256s on the device → move to ``releases/ID`` → smoke test under the new
-runtime (and, if the runtime changes, every other model's current release too) → switch the ``venv``
-link → switch ``current`` → prune old releases and runtimes. Any failure stops before the switches, so
+One host, in order: connect → lock the remote root (:mod:`deploy.root_lock`) → preflight → install
+a changed runtime into its own folder → upload to a temporary folder (again if the copy on the
+device is damaged) → verify sha256s on the device → smoke test under the new runtime (and, if the
+runtime changes, every other model's current release too) → move to ``releases/ID`` → switch the
+``venv`` link → switch ``current`` → prune old releases and runtimes. Any failure stops before the switches, so
 the previous runtime and release stay live and intact (see :mod:`deploy.release`,
 :mod:`deploy.runtime_install`).
 """
@@ -61,13 +62,17 @@ class HostResult:
 
 
 def deploy_to_host(spec: HostSpec, model: LocalModel, wheel: RuntimeWheel, settings: DeploySettings,
-                   log: Log, bar_position: int = 0, progress: Optional[Progress] = None) -> HostResult:
+                   log: Log, bar_position: int = 0, progress: Optional[Progress] = None,
+                   on_connect: Optional[Callable[[Device], None]] = None) -> HostResult:
     """Deploy ``model`` to one host; raises DeployError (one line) on any failure.
 
-    ``progress`` is called with each uploaded chunk's size, besides the progress bar.
+    ``progress`` is called with each uploaded chunk's size, besides the progress bar. ``on_connect``
+    is given the open Device first (a fleet deploy keeps them, to cut them all on Ctrl-C).
     """
     started = time.monotonic()
     with Device.connect(spec, settings.connect) as device:
+        if on_connect is not None:
+            on_connect(device)
         root = device.resolve_path(settings.remote_root)
         made = device.run(["mkdir", "-p", root], check=False)  # the lock lives in it
         if not made.ok:
@@ -90,7 +95,10 @@ def _deploy_locked(device: Device, root: str, model: LocalModel, wheel: RuntimeW
         return HostResult(device.label, "unchanged", previous, previous, seconds=time.monotonic() - started)
 
     on_device = {release.id for release in remote.releases()}
-    upload_bytes = (0 if model.release_id in on_device else model.size) + (0 if runtime_ok else wheel.path.stat().st_size)
+    # A copy already on the device is used only if it still matches its hashes; a damaged one is
+    # uploaded again (else it would block this artifact, and rollbacks to it, for good).
+    fresh = model.release_id not in on_device or _damaged(remote, model.release_id, log)
+    upload_bytes = (model.size if fresh else 0) + (0 if runtime_ok else wheel.path.stat().st_size)
     check(facts, device, settings.python, settings.remote_root, upload_bytes)
 
     def host_log(message: str) -> None:
@@ -102,33 +110,34 @@ def _deploy_locked(device: Device, root: str, model: LocalModel, wheel: RuntimeW
     python = new_runtime.python if new_runtime else venv_python(root)
     remote.remove_stale_uploads()
 
-    fresh = model.release_id not in on_device
     if fresh:
         log(f"{device.label}: uploading {settings.name} ({len(model.files)} files, {model.size / 2**20:.2f} MiB) "
             f"as release {model.release_id}")
-        temp = _upload_with_bar(remote, model, settings.progress, device.label, bar_position, progress)
+        candidate = _upload_with_bar(remote, model, settings.progress, device.label, bar_position, progress)
         try:
-            remote.verify(temp, model.files)
+            remote.verify(candidate, model.files)
         except BaseException:
-            remote.remove(temp)
+            remote.remove(candidate)
             raise
-        release_dir = remote.promote(temp, model.release_id)
         log(f"{device.label}: {len(model.files)} sha256s verified on the device")
     else:
-        release_dir = remote.release_dir(model.release_id)
-        remote.verify_release(model.release_id)
+        candidate = remote.release_dir(model.release_id)
         log(f"{device.label}: release {model.release_id} is already on the device (verified)")
-        if previous != model.release_id:
-            device.run(["touch", release_dir])
 
+    # Smoke-tested before it becomes releases/ID: a deploy killed here leaves only a .tmp- folder,
+    # never a release that was not tested (and would count toward --keep).
     try:
-        smoke = remote.smoke_test(release_dir, python)
+        smoke = remote.smoke_test(candidate, python).replace(candidate, remote.release_dir(model.release_id))
         if new_runtime:
             _check_other_models(device, root, settings.name, new_runtime)
     except BaseException:
         if fresh:
-            remote.remove(release_dir)
+            remote.remove(candidate)
         raise
+    if fresh:
+        remote.promote(candidate, model.release_id, replace=model.release_id in on_device)
+    elif previous != model.release_id:
+        device.run(["touch", candidate])  # mtime = when it was last deployed (ordering, --keep)
     log(f"{device.label}: smoke test: {smoke}")
     if new_runtime:
         removed = activate_runtime(device, root, new_runtime, host_log)
@@ -141,6 +150,16 @@ def _deploy_locked(device: Device, root: str, model: LocalModel, wheel: RuntimeW
         + (f" (was {previous})" if previous and previous != model.release_id else "")
         + (f"; removed old releases {', '.join(pruned)}" if pruned else ""))
     return HostResult(device.label, "deployed", model.release_id, previous, smoke, time.monotonic() - started)
+
+
+def _damaged(remote: RemoteModel, release_id: str, log: Log) -> bool:
+    """Whether the copy of ``release_id`` on the device fails its own manifest's hashes (logged)."""
+    try:
+        remote.verify_release(release_id)
+    except ReleaseError as error:
+        log(f"{remote.device.label}: release {release_id} on the device is damaged ({error}); uploading it again")
+        return True
+    return False
 
 
 def _check_other_models(device: Device, root: str, name: str, runtime: Runtime) -> None:
@@ -176,28 +195,57 @@ def _upload_with_bar(remote: RemoteModel, model: LocalModel, show: bool, label: 
 
 def deploy_fleet(specs: Sequence[HostSpec], model: LocalModel, wheel: RuntimeWheel, settings: DeploySettings,
                  jobs: int, log: Log) -> List[HostResult]:
-    """Deploy to every host, ``jobs`` at a time; one host's failure never stops the others."""
+    """Deploy to every host, ``jobs`` at a time; one host's failure never stops the others.
+
+    Ctrl-C (KeyboardInterrupt in the calling thread) cuts every open connection at once, cancels the
+    hosts not started yet and is re-raised without waiting for the devices.
+    """
     lock = threading.Lock()
+    open_devices: List[Device] = []
+    stopping = threading.Event()
 
     def locked_log(message: str) -> None:
         with lock:
             log(message)
 
+    def track(device: Device) -> None:
+        with lock:
+            open_devices.append(device)
+            if stopping.is_set():
+                device.abort()
+
     def one(index_spec) -> HostResult:
         index, spec = index_spec
         started = time.monotonic()
         try:
-            return deploy_to_host(spec, model, wheel, settings, locked_log, bar_position=index)
+            return deploy_to_host(spec, model, wheel, settings, locked_log, bar_position=index, on_connect=track)
         except DeployError as error:
-            locked_log(f"{spec}: FAILED: {error}")
-            return HostResult(str(spec), "failed", seconds=time.monotonic() - started, error=str(error))
+            reason = _without_host(str(error), spec)
+            if not stopping.is_set():
+                locked_log(f"{spec}: FAILED: {reason}")
+            return HostResult(str(spec), "failed", seconds=time.monotonic() - started, error=reason)
         except Exception as error:  # noqa: BLE001 - a bug on one host must not hide the others' results
             locked_log(f"{spec}: FAILED (internal error): {type(error).__name__}: {error}")
             return HostResult(str(spec), "failed", seconds=time.monotonic() - started,
                               error=f"internal error: {type(error).__name__}: {error}")
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         return list(pool.map(one, enumerate(specs)))
+    except KeyboardInterrupt:
+        with lock:
+            stopping.set()
+            for device in open_devices:
+                device.abort()  # each worker's next step fails at once; the devices end what we started
+        raise
+    finally:
+        pool.shutdown(wait=not stopping.is_set(), cancel_futures=stopping.is_set())
+
+
+def _without_host(message: str, spec: HostSpec) -> str:
+    """``message`` without a leading "HOST: " (or "USER@HOST:PORT: "): the line already starts with the host."""
+    head, sep, rest = message.partition(": ")
+    return rest if sep and spec.host in head and " " not in head else message
 
 
 def result_table(results: Sequence[HostResult]) -> str:

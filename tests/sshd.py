@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -156,8 +156,12 @@ class SshdFactory:
             # The privilege-separation directory sshd insists on when started as root.
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
 
-    def start(self, record_host_key: bool = True) -> SshServer:
-        """Start one more server and wait until it answers; list it in ``known_hosts`` if asked."""
+    def start(self, record_host_key: bool = True, config: Sequence[str] = ()) -> SshServer:
+        """Start one more server and wait until it answers; list it in ``known_hosts`` if asked.
+
+        ``config``: more sshd_config lines (a ``Subsystem sftp ...`` line replaces internal-sftp),
+        e.g. to make a device whose SFTP or commands never answer (tests/hung_device.py).
+        """
         index = len(self.servers)
         directory = self.directory / f"sshd{index}"
         directory.mkdir(mode=0o700)
@@ -168,7 +172,7 @@ class SshdFactory:
         for attempt in range(5):
             server = SshServer("127.0.0.1", free_port(), self.user, self.key_path, self.known_hosts,
                                host_key, directory)
-            if self._launch(server):
+            if self._launch(server, config):
                 break
         else:
             raise RuntimeError(f"sshd did not start:\n{server.log}")
@@ -178,8 +182,9 @@ class SshdFactory:
                 handle.write(server.known_hosts_line + "\n")
         return server
 
-    def _launch(self, server: SshServer) -> bool:
+    def _launch(self, server: SshServer, extra: Sequence[str] = ()) -> bool:
         config = server.directory / "sshd_config"
+        subsystem = [] if any(line.startswith("Subsystem") for line in extra) else ["Subsystem sftp internal-sftp"]
         config.write_text("\n".join([
             f"Port {server.port}",
             "ListenAddress 127.0.0.1",
@@ -192,10 +197,11 @@ class SshdFactory:
             "KbdInteractiveAuthentication no",
             "UsePAM no",
             "PermitRootLogin prohibit-password",
-            "Subsystem sftp internal-sftp",
+            *subsystem,
             "MaxStartups 100",
             "MaxSessions 100",
             "LogLevel VERBOSE",
+            *extra,
             "",
         ]))
         log = server.directory / "sshd.log"

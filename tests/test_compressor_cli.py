@@ -126,3 +126,21 @@ def test_cli_module_does_not_import_torch():
             "compressor.cli.configure(argparse.ArgumentParser())\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=60)
+
+
+@pytest.mark.slow
+def test_without_a_terminal_compress_logs_a_line_per_level_and_ctrl_c_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "edgeprune", "compress", *TINY_ARGS, "--epochs", "40", "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 120
+    while not (out / "dense" / "final.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "dense done: sparsity 0.00%, accuracy" in err and "dense: epoch 10/40" in err  # stderr was a pipe
+    assert "--resume" in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -181,3 +181,58 @@ def test_temp_names_differ_between_threads():
     for thread in threads:
         thread.join()
     assert len(set(stamps)) == len(stamps)
+
+
+def test_a_killed_clients_remote_command_is_gone_before_the_lock_is_free(sshd, device_root, model_dirs, edgeprune,
+                                                                         tmp_path):
+    """kill -9 the client while a command it started under the lock runs (as pip would): the lock's holder
+    ends that command before the lock goes, so a second deploy never races it."""
+    import fcntl
+    import os
+    import sys
+
+    from tests.bench_fixtures import processes_matching, wait_for
+
+    marker = str(tmp_path / "long-remote-command")
+    options = sshd.connect_options()
+    # The marker reaches the client through its environment: only the remote command names it.
+    client = subprocess.Popen([sys.executable, "-c", f"""
+import os
+from pathlib import Path
+from deploy.connection import ConnectOptions, Device, HostSpec
+from deploy.root_lock import hold_root_lock
+options = ConnectOptions(identity_file=Path({str(options.identity_file)!r}), known_hosts=Path({str(options.known_hosts)!r}),
+                         user_known_hosts=Path({str(options.user_known_hosts)!r}), ssh_config=None)
+device = Device.connect(HostSpec.parse({sshd.spec!r}), options)
+with hold_root_lock(device, {str(device_root)!r}, warn=print):
+    device.run([{device_python()!r}, "-c", "import time; time.sleep(600)", os.environ["MARKER"]], timeout=900)
+"""], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MARKER": marker})
+    try:
+        wait_for(lambda: processes_matching(marker), 60, "the remote command to start under the lock")
+        assert not _lock_is_free(device_root)
+        client.kill()
+        client.wait()
+        # Take the lock the moment it is free, as the next deploy would: the command must be gone by then.
+        handle = os.open(device_root, os.O_RDONLY)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the lock was never released"
+                    time.sleep(0.005)
+            left = processes_matching(marker)
+            seen = subprocess.run(["ps", "-o", "pid,ppid,stat,etimes,args", "-p", ",".join(map(str, left)) or "1"],
+                                  capture_output=True, text=True).stdout
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        finally:
+            os.close(handle)
+        assert left == [], f"a killed client's remote command outlived the deploy lock:\n{seen}"
+    finally:
+        client.kill()
+        for pid in processes_matching(marker):
+            os.kill(pid, 9)
+    deployed = edgeprune("deploy", sshd.spec, model_dirs["v1"], "--name", "after-kill", *deploy_args(sshd, device_root))
+    assert deployed.code == 0, deployed.err

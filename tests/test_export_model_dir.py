@@ -187,9 +187,13 @@ def test_cli_exports_a_real_run_dir_and_a_checkpoint(tmp_path: Path) -> None:
     run_tiny(run_dir)
     done = edgeprune("export", str(run_dir), "--out", str(tmp_path / "md"), "--max-drop", "100")
     assert done.returncode == 0, done.stderr
+    assert "exported lr-rewind level 4 (sparsity 55.0%" in done.stdout and "--max-drop" in done.stdout
+    default = edgeprune("export", str(run_dir), "--out", str(tmp_path / "last"))
+    assert "level 4" in default.stdout and "the default" in default.stdout  # the user learns the rule
+    assert "larger than the dense ONNX" in default.stderr  # 55% sparsity: CSR does not pay yet
     manifest = json.loads((tmp_path / "md" / "manifest.json").read_text())
     assert manifest["source"]["level"] >= 1 and manifest["accuracy"] > 0.1
-    assert abs(manifest["sparsity"] - 0.5) < 0.01
+    assert abs(manifest["sparsity"] - 0.55) < 0.01
     assert manifest["source"]["data"] == "digits"
     with np.load(tmp_path / "md" / "weights.npz", allow_pickle=False) as npz:
         sample = npz["sample.input"]
