@@ -26,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -121,7 +121,7 @@ def _loaders(data_spec: str, input_shape: Sequence[int], batch: int):
     return load_data(data_spec, input_shape, batch, 0)
 
 
-def _numpy_inputs(batch: Any) -> np.ndarray:
+def _numpy_inputs(batch: Any) -> Tuple[np.ndarray, np.ndarray]:
     from compressor.batches import split_batch
 
     inputs, target = split_batch(batch)
@@ -189,13 +189,23 @@ def accuracy_of(onnx_path: Path, data_spec: Optional[str], input_shape: Sequence
 # -- building and checking the int8 model --------------------------------------------------------------
 def quantize_int8(fp32: Any, out_path: Path, input_name: str, calibration: List[np.ndarray]) -> str:
     """Write the int8 model of the dense fp32 ``fp32`` (onnx ModelProto); returns the method used."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     static = has_conv(fp32)
     if not static:
         gemm_to_matmul(fp32)
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice lines go to the root logger
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer writes advice ("consider pre-processing") to the root logger
+    try:
+        _run_quantizer(fp32, out_path, input_name, calibration, static)
+    finally:
+        root.setLevel(level)
+    return "static-qdq-per-channel" if static else "dynamic"
+
+
+def _run_quantizer(fp32: Any, out_path: Path, input_name: str, calibration: List[np.ndarray], static: bool) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
     with tempfile.TemporaryDirectory() as scratch:
         source = Path(scratch) / "fp32.onnx"
         onnx.save(fp32, str(source))
@@ -206,7 +216,6 @@ def quantize_int8(fp32: Any, out_path: Path, input_name: str, calibration: List[
         else:
             quantize_dynamic(str(source), str(out_path), weight_type=QuantType.QInt8,
                              extra_options={"WeightSymmetric": True})
-    return "static-qdq-per-channel" if static else "dynamic"
 
 
 def zeros_kept(fp32: Any, quantized: Any) -> Dict[str, bool]:
@@ -254,7 +263,11 @@ def add_int8_variant(model_dir: Path | str, *, data_spec: Optional[str], input_s
                    if has_conv(fp32) else [])
     temp = model_dir / f".{INT8_FILE}.{os.getpid()}.tmp"
     try:
-        method = quantize_int8(fp32, temp, inputs[0]["name"], calibration)
+        try:
+            method = quantize_int8(fp32, temp, inputs[0]["name"], calibration)
+        except Exception as error:  # the quantizer's own errors (an op it cannot handle) are not typed
+            first = (str(error).splitlines() or [type(error).__name__])[0]
+            raise ExportError(f"int8 quantization failed ({first}); {model_dir} holds the fp32 model only") from error
         _check_int8(fp32, temp)
         fp32_accuracy = accuracy_of(model_dir / ONNX_FILE, data_spec, shape)
         int8_accuracy = accuracy_of(temp, data_spec, shape)
@@ -302,7 +315,8 @@ def _check_int8(fp32: Any, path: Path) -> None:
         raise ExportError(f"int8 quantization moved pruned zeros of {', '.join(bad)} off the zero point")
 
 
-def _decide(accuracy: Optional[float], size: int, reference: Optional[float], max_drop: Optional[float]) -> VariantResult:
+def _decide(accuracy: Optional[float], size: int, reference: Optional[float],
+            max_drop: Optional[float]) -> VariantResult:
     if max_drop is not None and reference is not None and accuracy is not None:
         drop = 100.0 * (reference - accuracy)
         if drop > max_drop:

@@ -186,10 +186,10 @@ def _print_variants(manifest: dict, engine: Optional[str]) -> None:
 
     running = variants.describe(manifest, engine or "ort")["name"] if engine else None
     for entry in variants.listed(manifest):
-        accuracy = entry.get("accuracy")
-        size = entry.get("size")
+        accuracy, size = entry.get("accuracy"), entry.get("size")
+        shown = f"{accuracy:.2%}" if isinstance(accuracy, float) else "-"
         print(f"variant {entry['name']:<5}{'*' if entry['name'] == running else ' '} {entry['file']:<16} "
-              f"engine {entry.get('engine', '-'):<9} accuracy {f'{accuracy:.2%}' if isinstance(accuracy, float) else '-'}"
+              f"engine {entry.get('engine', '-'):<9} accuracy {shown}"
               f"   size {f'{size:,}' if isinstance(size, int) else '-'} bytes")
 
 

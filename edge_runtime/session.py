@@ -6,8 +6,8 @@
 ``kernels``: "auto" (measure once per device, cached), "sparse", "dense", "ort" (stock
 onnxruntime on model.onnx, the baseline), or "ort-int8" (onnxruntime on the int8 variant, see
 variants.py); "auto" measures every engine the MODEL_DIR holds. ``threads`` sets onnxruntime's
-intra-op threads and the CSR row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS/OMP_NUM_THREADS when numpy is first
-imported (the ``edge-runtime`` CLI sets them from ``--threads``).
+intra-op threads and the CSR row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS /
+OMP_NUM_THREADS when numpy is first imported (the ``edge-runtime`` CLI sets them from ``--threads``).
 """
 
 from __future__ import annotations
