@@ -20,7 +20,7 @@ from benchmarks.errors import BenchError
 
 USER_ERRORS = (BenchError,)
 
-DEFAULT_KERNELS = "ort,dense,sparse,auto"
+DEFAULT_KERNELS = "ort,dense,sparse,auto,ort-int8"  # ort-int8: only models exported with --quantize int8
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

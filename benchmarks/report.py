@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from benchmarks.device_facts import DEFAULT_TEMP_LIMIT_C, decode_throttled, host_warnings, summary_rows
 from benchmarks.sweep_plan import REFERENCE_KERNELS, reference_indices
 
-CSV_FIELDS = ["host", "model", "method", "level", "sparsity", "accuracy", "size_bytes", "kernels", "threads",
+CSV_FIELDS = ["host", "model", "method", "level", "sparsity", "variant", "accuracy", "size_bytes", "kernels", "engine",
+              "threads",
               "status", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "max_ms",
               "throughput_per_s", "peak_rss_mb", "load_s", "first_ms", "iterations", "speedup_vs_ort_dense",
               "reference_only", "temperature_c_before", "temperature_c_after", "throttled_after", "error"]
@@ -47,10 +48,16 @@ def rows(data: Dict[str, object]) -> List[Dict[str, object]]:
         reference = reference_p50.get((record["host"], record["threads"], str(model.get("family") or "")))
         is_reference = record["model_index"] in refs and record["kernels"] == REFERENCE_KERNELS
         p50 = latency.get("p50")
+        # the variant that ran (fp32 or int8): its own accuracy and file size, from the bench report
+        variant = bench.get("variant") if isinstance(bench.get("variant"), dict) else {}
+        if variant.get("name") not in (None, "fp32"):
+            size = variant.get("size") or size
+        accuracy = variant.get("accuracy") if variant.get("accuracy") is not None else model.get("accuracy")
         table.append({
             "host": host_label(data, record["host"]), "model": record["model"],
             "method": model.get("method"), "level": model.get("level"),
-            "sparsity": model.get("sparsity"), "accuracy": model.get("accuracy"), "size_bytes": size,
+            "sparsity": model.get("sparsity"), "accuracy": accuracy, "size_bytes": size,
+            "variant": variant.get("name"), "engine": bench.get("engine"),
             "kernels": record["kernels"], "threads": record["threads"], "status": record["status"],
             "p50_ms": p50, "p90_ms": latency.get("p90"), "p99_ms": latency.get("p99"),
             "mean_ms": latency.get("mean"), "std_ms": latency.get("std"), "min_ms": latency.get("min"),
@@ -113,18 +120,18 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def results_table(table: Sequence[Dict[str, object]], several_hosts: bool) -> str:
     """The main table: one line per measured configuration."""
     header = (["host"] if several_hosts else []) + [
-        "model", "sparsity", "accuracy", "size", "kernels", "threads", "p50 ms", "p90 ms", "p99 ms",
-        "throughput/s", "peak RSS MB", "speed-up"]
+        "model", "sparsity", "accuracy", "size", "variant", "kernels", "threads", "p50 ms", "p90 ms",
+        "p99 ms", "throughput/s", "peak RSS MB", "speed-up", "engine"]
     body = []
     for row in table:
         if row["status"] != "ok":
             continue
         body.append(([row["host"]] if several_hosts else []) + [
             row["model"] + (" (ref)" if row["reference_only"] else ""), _percent(row["sparsity"]),
-            _percent(row["accuracy"]), _size(row["size_bytes"]), row["kernels"], row["threads"],
+            _percent(row["accuracy"]), _size(row["size_bytes"]), row["variant"] or "-", row["kernels"], row["threads"],
             _fmt(row["p50_ms"]), _fmt(row["p90_ms"]), _fmt(row["p99_ms"]),
             _fmt(row["throughput_per_s"], "{:.0f}"), _fmt(row["peak_rss_mb"], "{:.1f}"),
-            _fmt(row["speedup_vs_ort_dense"], "{:.2f}×")])
+            _fmt(row["speedup_vs_ort_dense"], "{:.2f}×"), row["engine"] or "-"])
     return markdown_table(header, body) if body else "_No configuration produced figures._"
 
 

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 from benchmarks.errors import BenchError, ModelDirError
 
-KERNELS = ("ort", "dense", "sparse", "auto")
+KERNELS = ("ort", "dense", "sparse", "auto", "ort-int8")
+VARIANT_KERNELS = {"ort-int8": "int8"}  # a kernels choice that needs a variant (export --quantize int8)
 REFERENCE_KERNELS = "ort"  # stock onnxruntime on the densest model: what speed-ups are measured against
 
 
@@ -33,7 +34,7 @@ class ModelEntry:
     level: Optional[int] = None
     family: str = ""  # the architecture (layer shapes): speed-ups compare models of one family only
     files: Dict[str, str] = field(default_factory=dict)  # manifest's {relative path: sha256}
-
+    variants: Dict[str, Dict[str, object]] = field(default_factory=dict)  # manifest's variants by name
     def describe(self) -> Dict[str, object]:
         """The fields that go into results.json for every configuration of this model."""
         return {"label": self.label, "path": str(self.local_dir) if self.local_dir else None,
@@ -73,7 +74,15 @@ def entry_from_manifest(label: str, manifest: Dict[str, object]) -> ModelEntry:
         json.dumps([layer.get("shape") for layer in layers if isinstance(layer, dict)])
     return ModelEntry(label=label, sparsity=_number(manifest.get("sparsity")),
                       accuracy=_number(manifest.get("accuracy")), method=source.get("method"),
-                      level=source.get("level"), family=family, files=dict(files))
+                      level=source.get("level"), family=family, files=dict(files),
+                      variants=_variants(manifest))
+
+
+def _variants(manifest: Dict[str, object]) -> Dict[str, Dict[str, object]]:
+    """The manifest's ``variants`` by name (fp32, int8), each {file, engine, accuracy, size}."""
+    entries = manifest.get("variants") if isinstance(manifest.get("variants"), list) else []
+    return {str(e["name"]): {k: e.get(k) for k in ("file", "engine", "accuracy", "size")}
+            for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)}
 
 
 def read_model_dir(path: Path, label: Optional[str] = None) -> ModelEntry:
@@ -159,7 +168,9 @@ def plan(models: Sequence[ModelEntry], kernels: Sequence[str], threads: Sequence
     """Every configuration, interleaved: thread count, then kernels, then the models in turn.
 
     When ``ort`` is not among the kernels, each architecture's reference model under ``ort`` is
-    added first for each thread count, so that every row still gets its speed-up.
+    added first for each thread count, so that every row still gets its speed-up. A kernels choice
+    that runs a variant (``ort-int8``) is planned only for the models whose manifest lists it (a
+    deployed model's manifest is read on the device later: name its MODEL_DIR to compare variants).
     """
     refs = sorted(reference_indices([m.describe() for m in models]).values())
     configs: List[Config] = []
@@ -167,7 +178,8 @@ def plan(models: Sequence[ModelEntry], kernels: Sequence[str], threads: Sequence
         if REFERENCE_KERNELS not in kernels:
             configs.extend(Config(ref, REFERENCE_KERNELS, t, reference_only=True) for ref in refs)
         for k in kernels:
-            configs.extend(Config(m, k, t) for m in range(len(models)))
+            configs.extend(Config(m, k, t) for m in range(len(models))
+                           if k not in VARIANT_KERNELS or VARIANT_KERNELS[k] in models[m].variants)
     return configs
 
 

@@ -57,6 +57,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "run's test data, else seeded noise of --input-shape)")
     parser.add_argument("--fp16", action="store_true", help="store weight values as float16 (half the value bytes)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty MODEL_DIR")
+    parser.add_argument("--quantize", choices=("int8",), help="also build an int8 variant (model.int8.onnx) with "
+                        "onnxruntime's quantizer: dynamic for MatMul/Gemm models, static QDQ per-channel for Conv")
+    parser.add_argument("--calibration-batches", type=int, default=8, metavar="N",
+                        help="with --quantize on a Conv model: calibrate on N batches of the run's training "
+                             "data (default 8)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     from compressor.export import export_checkpoint, export_run_dir, read_sample
 
     dtype = "float16" if args.fp16 else "float32"
+    if args.calibration_batches < 1:
+        raise ConfigError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
+    if args.quantize and args.fp16:
+        raise ConfigError("--quantize int8 starts from float32 weights; drop --fp16")
     sample = read_sample(args.sample) if args.sample is not None else None
     if args.run_dir is None and args.model is None:
         raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
@@ -92,4 +101,24 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: this MODEL_DIR is larger than the dense ONNX ({result.dense_onnx_bytes / 1024:.1f} KiB): "
               "below ~72% sparsity CSR does not pay, and a small model carries the manifest's graph",
               file=sys.stderr)
+    if args.quantize:
+        _quantize(args)
     return 0
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    """Add the int8 variant to the MODEL_DIR just written; one line says what was (not) shipped."""
+    import json
+
+    from compressor.quantize import add_int8_variant, dense_level_accuracy
+
+    manifest = json.loads((args.out / "manifest.json").read_text())
+    source = manifest.get("source") or {}
+    reference = None
+    if args.run_dir is not None and args.max_drop is not None:
+        reference = dense_level_accuracy(args.run_dir, source.get("method"))
+    for result in add_int8_variant(args.out, data_spec=source.get("data"),
+                                   input_shape=manifest["input"]["shape"][1:],
+                                   calibration_batches_count=args.calibration_batches,
+                                   reference_accuracy=reference, max_drop=args.max_drop):
+        print(result.message)

@@ -99,7 +99,9 @@ def benchmark(model_dir: Path, kernels: str, threads: int, warmup: int, iters: i
         "throughput_per_s": round(1e3 * batch / stats["mean"], 3) if stats["mean"] else None,
         "peak_rss_mb": peak_rss_mb(), "iterations": len(samples), "batch": batch,
         "kernels": kernels, "engine": session.engine, "threads": session.threads,
-        "plan": {k: v for k, v in session.plan.items() if k in ("engine", "layers", "native_ms", "ort_ms", "cached")},
+        "variant": session.variant,  # which model ran (fp32 / int8) and its accuracy
+        "plan": {k: v for k, v in session.plan.items()
+                 if k in ("engine", "layers", "native_ms", "ort_ms", "engine_ms", "cached")},
         "model": {"path": str(Path(model_dir).resolve()), "sparsity": manifest.get("sparsity"),
                   "size_bytes": model_size_bytes(Path(model_dir), manifest)},
         "device": device_info(),

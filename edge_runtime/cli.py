@@ -33,8 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
         sub.add_argument("--threads", type=int, help="threads for kernels and onnxruntime (default: all cores)")
         if kernels:
-            sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort"), default="auto",
-                             help="auto: measured per device (cached); ort: stock onnxruntime on model.onnx")
+            sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort", "ort-int8"), default="auto",
+                             help="auto: measured per device (cached); ort: stock onnxruntime on model.onnx; "
+                                  "ort-int8: onnxruntime on the int8 variant (export --quantize int8)")
         return sub
 
     run = command("run", "run the model on an input .npy and print or save the output")
@@ -118,6 +119,7 @@ def _run(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from edge_runtime import variants
     from edge_runtime.model_dir import Weights
     from edge_runtime.session import InferenceSession
 
@@ -128,6 +130,12 @@ def _check(args: argparse.Namespace) -> int:
         feed = weights.sample_inputs(session.manifest)
     finally:
         weights.close()
+    variant = variants.expected_sample(session.manifest, session.engine)
+    if session.engine in variants.ENGINES:
+        if variant is None:
+            raise EdgeRuntimeError(f"{args.model_dir}: the {session.variant['name']} variant records no sample "
+                                   "output to check against")
+        expected, atol = variant
     got = session.run(None, feed)[0]
     diff = (float(np.max(np.abs(got.astype(np.float64) - expected), initial=0.0)) if got.shape == expected.shape
             else float("inf"))
@@ -136,7 +144,7 @@ def _check(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     print(f"ok {args.model_dir}: sha256 verified, sample matches (max abs diff {diff:.2g}, "
-          f"engine {session.engine})")
+          f"engine {session.engine}, variant {session.variant['name']})")
     return 0
 
 
@@ -161,12 +169,28 @@ def _info(args: argparse.Namespace) -> int:
         shape = "x".join(str(d) for d in layer["shape"])
         print(f"{layer['name']:<28} {layer['op']:<7} {shape:<18} {layer['sparsity']:>8.1%}  "
               f"{layer['storage']:<7} {kinds.get(layer['weight'], '-')}")
+    _print_variants(manifest, cached.get("engine"))
     if cached:
-        print(f"plan ({threads} threads): engine {cached.get('engine')}; native {cached.get('native_ms')} ms, "
-              f"onnxruntime {cached.get('ort_ms')} ms")
+        timed = ", ".join(f"{engine} {ms:.3f} ms" for engine, ms in (cached.get("engine_ms") or {}).items()
+                          if isinstance(ms, (int, float)))
+        print(f"plan ({threads} threads): engine {cached.get('engine')}; "
+              + (timed or f"native {cached.get('native_ms')} ms, onnxruntime {cached.get('ort_ms')} ms"))
     else:
         print(f"plan ({threads} threads): not tuned on this device yet (edge-runtime tune)")
     return 0
+
+
+def _print_variants(manifest: dict, engine: Optional[str]) -> None:
+    """One line per variant (fp32, int8): file, engine, accuracy, size; a star marks the one the plan runs."""
+    from edge_runtime import variants
+
+    running = variants.describe(manifest, engine or "ort")["name"] if engine else None
+    for entry in variants.listed(manifest):
+        accuracy, size = entry.get("accuracy"), entry.get("size")
+        shown = f"{accuracy:.2%}" if isinstance(accuracy, float) else "-"
+        print(f"variant {entry['name']:<5}{'*' if entry['name'] == running else ' '} {entry['file']:<16} "
+              f"engine {entry.get('engine', '-'):<9} accuracy {shown}"
+              f"   size {f'{size:,}' if isinstance(size, int) else '-'} bytes")
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -180,9 +204,12 @@ def _tune(args: argparse.Namespace) -> int:
         counts = {}
         for kind in plan.get("layers", {}).values():
             counts[kind] = counts.get(kind, 0) + 1
-        print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']}, "
-              f"layers {counts or '-'}, native {plan.get('native_ms') or 0:.3f} ms, "
-              f"onnxruntime {plan.get('ort_ms') or 0:.3f} ms; cached in {plan.get('cache_path')}")
+        print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']} "
+              f"(variant {session.variant['name']}), "
+              f"layers {counts or '-'}, "
+              + ", ".join(f"{engine} {ms:.3f} ms" for engine, ms in (plan.get("engine_ms") or {
+                  "native": plan.get("native_ms") or 0, "onnxruntime": plan.get("ort_ms") or 0}).items())
+              + f"; cached in {plan.get('cache_path')}")
     return 0
 
 
@@ -198,7 +225,10 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1))
     else:
         lat = report["latency_ms"]
-        print(f"{args.model_dir}: kernels {report['kernels']} (engine {report['engine']}), {report['threads']} "
+        variant = report["variant"]
+        accuracy = f", accuracy {variant['accuracy']:.2%}" if isinstance(variant.get("accuracy"), float) else ""
+        print(f"{args.model_dir}: kernels {report['kernels']} (engine {report['engine']}, variant "
+              f"{variant['name']}{accuracy}), {report['threads']} "
               f"threads, batch {report['batch']}: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
               f"p99 {lat['p99']:.3f}; {report['throughput_per_s']:.1f}/s; load {report['load_s']:.3f} s; "
               f"peak RSS {report['peak_rss_mb']:.1f} MB; {report['iterations']} runs")

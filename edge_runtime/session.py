@@ -3,10 +3,11 @@
     sess = InferenceSession("MODEL_DIR", kernels="auto", threads=4)
     y, = sess.run(None, {sess.get_inputs()[0].name: x})
 
-``kernels``: "auto" (measure once per device, cached), "sparse", "dense", or "ort" (stock
-onnxruntime on model.onnx, the baseline). ``threads`` sets onnxruntime's intra-op threads and the CSR
-row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS/OMP_NUM_THREADS when numpy is first
-imported (the ``edge-runtime`` CLI sets them from ``--threads``).
+``kernels``: "auto" (measure once per device, cached), "sparse", "dense", "ort" (stock
+onnxruntime on model.onnx, the baseline), or "ort-int8" (onnxruntime on the int8 variant, see
+variants.py); "auto" measures every engine the MODEL_DIR holds. ``threads`` sets onnxruntime's
+intra-op threads and the CSR row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS /
+OMP_NUM_THREADS when numpy is first imported (the ``edge-runtime`` CLI sets them from ``--threads``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 import numpy as np
 
 from edge_runtime import plan as plans
+from edge_runtime import variants
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
 from edge_runtime.graph import Program, compile_graph
 from edge_runtime.model_dir import Weights, read_manifest, verify_files
 
-KERNEL_CHOICES = ("auto", "sparse", "dense", "ort")
+KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES)
 
 
 class NodeArg(NamedTuple):
@@ -63,6 +65,7 @@ class InferenceSession:
         self.plan: Dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._ort = None
+        self._variant_ort = None  # a variant's onnxruntime session timed by _tune, kept if it wins
         self._program: Optional[Program] = None
         try:
             self._weights = Weights(self.model_dir, self.manifest)
@@ -82,6 +85,9 @@ class InferenceSession:
         if kernels == "ort":
             self._ort = self._ort_session()
             self.plan = {"engine": "ort"}
+        elif kernels in variants.ENGINES:
+            self._ort = variants.open_session(self.model_dir, self.manifest, kernels, self.threads)
+            self.plan = {"engine": kernels}
         elif kernels in ("sparse", "dense"):
             kind = "dense" if kernels == "dense" else self._sparse_kind()
             self._program = compile_graph(self.manifest, self._weights, lambda _: kind, self._pool, self.threads)
@@ -97,6 +103,13 @@ class InferenceSession:
             self._apply_plan()
 
     def _apply_plan(self) -> None:
+        if self.plan.get("engine") in variants.ENGINES:
+            self._program = None
+            self._ort = self._variant_ort or variants.open_session(self.model_dir, self.manifest,
+                                                                   self.plan["engine"], self.threads)
+            self._variant_ort = None
+            return
+        self._variant_ort = None
         if self.plan.get("engine") == "ort":
             self._program = None
             self._ort = self._ort or self._ort_session()
@@ -120,7 +133,7 @@ class InferenceSession:
             program = compile_graph(self.manifest, self._weights, stored, self._pool, self.threads)
         except UnsupportedOpError as error:
             plan.update(engine="ort", reason=str(error), layers={})
-            return plan
+            return self._tune_variants(plan, feed, {})
         self._program = program
         timings = plans.choose_layer_kinds(
             self._bound(feed), lambda layer, kind: layer.make_run(layer.kernels(kind, self._pool, self.threads),
@@ -136,15 +149,33 @@ class InferenceSession:
             candidates["ort"] = lambda: self._ort.run(None, feed)
         except ModelDirError as error:  # no onnxruntime here, or it cannot load the model: native only
             plan["reason"] = str(error)
-        measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")
-        native_ms, ort_ms = measured["native"], measured.get("ort")
-        plan.update(native_ms=native_ms, ort_ms=ort_ms)
-        if ort_ms is None:
+        if "ort" not in candidates:
+            plan["native_ms"] = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")["native"]
             return plan
-        if native_ms * plans.NATIVE_MARGIN > ort_ms:
-            plan["engine"] = "ort"
-            plan["reason"] = (f"native {native_ms:.3f} ms is not {plans.NATIVE_MARGIN - 1:.0%} faster than "
-                              f"onnxruntime {ort_ms:.3f} ms")
+        return self._tune_variants(plan, feed, candidates)
+
+    def _tune_variants(self, plan: Dict[str, Any], feed: Dict[str, np.ndarray],
+                       candidates: Dict[str, Any]) -> Dict[str, Any]:
+        """Time the engines (native, onnxruntime fp32, each variant the MODEL_DIR holds) and keep one."""
+        candidates = dict(candidates)
+        if "ort" not in candidates:
+            ort_session = self._ort = self._ort or self._ort_session()
+            candidates["ort"] = lambda: ort_session.run(None, feed)
+        for engine in variants.ENGINES:
+            if variants.find(self.manifest, engine) is None:
+                continue
+            try:
+                session = variants.open_session(self.model_dir, self.manifest, engine, self.threads)
+            except ModelDirError as error:  # e.g. an older onnxruntime without its ops: the others still run
+                plan[f"{engine}_error"] = str(error)
+                continue
+            candidates[engine] = lambda session=session: session.run(None, feed)
+            self._variant_ort = session
+        if len(candidates) < 2:
+            return plan
+        measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")
+        plan.update(native_ms=measured.get("native"), ort_ms=measured.get("ort"),
+                    engine_ms=measured, **variants.choose(measured, plans.NATIVE_MARGIN))
         return plan
 
     def _sample_feed(self) -> Dict[str, np.ndarray]:
@@ -191,8 +222,16 @@ class InferenceSession:
     # -- onnxruntime-style API -----------------------------------------------------------------------
     @property
     def engine(self) -> str:
-        """"native" (numpy/scipy kernels) or "ort" (whole model in onnxruntime)."""
-        return "ort" if self._ort is not None and self._program is None else "native"
+        """"native" (numpy/scipy kernels), "ort" (whole model in onnxruntime) or a variant's engine
+        ("ort-int8")."""
+        if self._ort is None or self._program is not None:
+            return "native"
+        return self.plan["engine"] if self.plan.get("engine") in variants.ENGINES else "ort"
+
+    @property
+    def variant(self) -> Dict[str, Any]:
+        """``{name, accuracy, size}`` of the variant that runs (fp32 unless an int8 engine was chosen)."""
+        return variants.describe(self.manifest, self.engine)
 
     def get_inputs(self) -> List[NodeArg]:
         return [NodeArg(spec["name"], list(spec["shape"]), _onnx_type(spec["dtype"])) for spec in self._input_specs()]

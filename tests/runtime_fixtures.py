@@ -30,6 +30,8 @@ MODELS = {
     "cumsum": (0.5, "float32"),
     "mobile-cnn": (0.6, "float32"),
     "digits-mlp-fp16": (SPARSITY, "float16"),
+    "digits-mlp-int8": (SPARSITY, "float32"),   # + model.int8.onnx (export --quantize int8): dynamic
+    "digits-cnn-int8": (SPARSITY, "float32"),   # static QDQ, calibrated on seeded noise
 }
 ENV = "EDGEPRUNE_RUNTIME_FIXTURES"
 
@@ -39,15 +41,18 @@ def build_all(root: Path) -> Path:
     import torch
 
     from compressor.export import export_model
+    from compressor.quantize import add_int8_variant
     from tests.runtime_models import make, prune_global
 
     root.mkdir(parents=True, exist_ok=True)
     for name, (sparsity, dtype) in MODELS.items():
-        model = prune_global(make(name.replace("-fp16", "")), sparsity)
+        model = prune_global(make(name.replace("-fp16", "").replace("-int8", "")), sparsity)
         shape = tuple(model.input_shape)
         x = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
         export_model(model, root / name, input_shape=shape, values_dtype=dtype, force=True,
                      source={"model": name, "test": True})
+        if name.endswith("-int8"):
+            add_int8_variant(root / name, data_spec=None, input_shape=shape, warn=lambda _: None)
         with torch.no_grad():
             np.save(root / f"{name}.torch.npy", model(torch.from_numpy(x)).numpy())
         np.save(root / f"{name}.x.npy", x)

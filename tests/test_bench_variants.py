@@ -1,0 +1,39 @@
+"""`edgeprune bench` with variants: ort-int8 is planned only where a MODEL_DIR holds the int8 variant, and
+the report shows each variant's own accuracy and size beside its latency and RSS."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from benchmarks.sweep_plan import ModelEntry, plan
+from compressor.quantize import add_int8_variant
+from tests.bench_fixtures import FAST, bench_cli, bench_models, read_results  # noqa: F401
+
+
+def test_plan_runs_ort_int8_only_on_models_with_the_variant():
+    models = [ModelEntry("plain", sparsity=0.0), ModelEntry("quantized", sparsity=0.9, variants={"int8": {}})]
+    configs = plan(models, ["ort", "ort-int8"], [1])
+    assert [(c.model, c.kernels) for c in configs] == [(0, "ort"), (1, "ort"), (1, "ort-int8")]
+
+
+def test_bench_compares_the_fp32_and_int8_variants_side_by_side(bench_cli, bench_models, tmp_path):
+    quantized = Path(shutil.copytree(bench_models["sparse90"], tmp_path / "sparse90-int8"))
+    add_int8_variant(quantized, data_spec=None, input_shape=(64,), warn=lambda _: None)
+    int8 = next(v for v in json.loads((quantized / "manifest.json").read_text())["variants"] if v["name"] == "int8")
+    out = tmp_path / "out"
+    code, stdout, err = bench_cli("local", bench_models["dense"], quantized, "--kernels", "ort,ort-int8", *FAST,
+                                  "--out", out)
+    assert code == 0, err
+    records = read_results(out)["results"]
+    assert [(r["model"], r["kernels"]) for r in records] == [
+        ("dense", "ort"), ("sparse90-int8", "ort"), ("sparse90-int8", "ort-int8")]
+    assert all(r["status"] == "ok" for r in records)
+    report = (out / "report.md").read_text()
+    # the int8 row: its own size (model.int8.onnx) and variant name; engine last
+    int8_rows = [line for line in report.splitlines() if "| ort-int8 |" in line]
+    assert len(int8_rows) == 1 and "| int8 | ort-int8 | 1 |" in int8_rows[0] and int8_rows[0].endswith("| ort-int8 |")
+    assert f"| {int8['size'] / 1024:.1f} KiB |" in int8_rows[0]
+    fp32_rows = [line for line in report.splitlines() if line.startswith("| sparse90-int8 |") and "| ort |" in line]
+    assert len(fp32_rows) == 1 and "| fp32 | ort | 1 |" in fp32_rows[0]
