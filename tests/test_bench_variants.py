@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks.sweep_plan import ModelEntry, plan
 from compressor.quantize import add_int8_variant
-from tests.bench_fixtures import FAST, bench_cli, bench_models, read_results  # noqa: F401
+from tests.bench_fixtures import FAST, read_results
 
 
 def test_plan_runs_ort_int8_only_on_models_with_the_variant():
