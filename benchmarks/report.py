@@ -120,19 +120,25 @@ def markdown_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 def results_table(table: Sequence[Dict[str, object]], several_hosts: bool) -> str:
     """The main table: one line per measured configuration."""
     header = (["host"] if several_hosts else []) + [
-        "model", "sparsity", "accuracy", "size", "variant", "kernels", "threads", "p50 ms", "p90 ms",
-        "p99 ms", "throughput/s", "peak RSS MB", "speed-up", "engine"]
+        "model", "sparsity", "accuracy", "size", "variant", "kernels", "engine", "threads", "p50 ms", "p90 ms",
+        "spread", "throughput/s", "peak RSS MB", "speed-up"]
     body = []
     for row in table:
         if row["status"] != "ok":
             continue
         body.append(([row["host"]] if several_hosts else []) + [
             row["model"] + (" (ref)" if row["reference_only"] else ""), _percent(row["sparsity"]),
-            _percent(row["accuracy"]), _size(row["size_bytes"]), row["variant"] or "-", row["kernels"], row["threads"],
-            _fmt(row["p50_ms"]), _fmt(row["p90_ms"]), _fmt(row["p99_ms"]),
+            _percent(row["accuracy"]), _size(row["size_bytes"]), row["variant"] or "-", row["kernels"],
+            row["engine"] or "-", row["threads"], _fmt(row["p50_ms"]), _fmt(row["p90_ms"]), _spread(row),
             _fmt(row["throughput_per_s"], "{:.0f}"), _fmt(row["peak_rss_mb"], "{:.1f}"),
-            _fmt(row["speedup_vs_ort_dense"], "{:.2f}×"), row["engine"] or "-"])
+            _fmt(row["speedup_vs_ort_dense"], "{:.2f}×")])
     return markdown_table(header, body) if body else "_No configuration produced figures._"
+
+
+def _spread(row: Dict[str, object]) -> str:
+    """p90 / p50: how noisy the configuration was (1.05× is steady; 2× means the median hides a lot)."""
+    p50, p90 = row.get("p50_ms"), row.get("p90_ms")
+    return f"{p90 / p50:.2f}×" if isinstance(p50, (int, float)) and isinstance(p90, (int, float)) and p50 > 0 else "-"
 
 
 def fleet_table(table: Sequence[Dict[str, object]], hosts: Sequence[str]) -> str:

@@ -96,7 +96,8 @@ def benchmark(model_dir: Path, kernels: str, threads: int, warmup: int, iters: i
     manifest = session.manifest
     report = {
         "load_s": round(load_s, 4), "first_ms": round(first_ms, 4), "latency_ms": stats,
-        "throughput_per_s": round(1e3 * batch / stats["mean"], 3) if stats["mean"] else None,
+        # from the median: one slow outlier call must not halve the reported throughput
+        "throughput_per_s": round(1e3 * batch / stats["p50"], 3) if stats["p50"] else None,
         "peak_rss_mb": peak_rss_mb(), "iterations": len(samples), "batch": batch,
         "kernels": kernels, "engine": session.engine, "threads": session.threads,
         "variant": session.variant,  # which model ran (fp32 / int8) and its accuracy

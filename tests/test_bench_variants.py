@@ -33,7 +33,7 @@ def test_bench_compares_the_fp32_and_int8_variants_side_by_side(bench_cli, bench
     report = (out / "report.md").read_text()
     # the int8 row: its own size (model.int8.onnx) and variant name; engine last
     int8_rows = [line for line in report.splitlines() if "| ort-int8 |" in line]
-    assert len(int8_rows) == 1 and "| int8 | ort-int8 | 1 |" in int8_rows[0] and int8_rows[0].endswith("| ort-int8 |")
+    assert len(int8_rows) == 1 and "| int8 | ort-int8 | ort-int8 | 1 |" in int8_rows[0]  # variant, kernels, engine
     assert f"| {int8['size'] / 1024:.1f} KiB |" in int8_rows[0]
     fp32_rows = [line for line in report.splitlines() if line.startswith("| sparse90-int8 |") and "| ort |" in line]
-    assert len(fp32_rows) == 1 and "| fp32 | ort | 1 |" in fp32_rows[0]
+    assert len(fp32_rows) == 1 and "| fp32 | ort | ort | 1 |" in fp32_rows[0]

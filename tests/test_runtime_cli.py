@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.runtime_fixtures import copy_model_dir, example_input, torch_output
 
@@ -76,6 +77,8 @@ def test_bench_json_has_the_documented_fields(tmp_path: Path) -> None:
         assert report["latency_ms"]["min"] <= report["latency_ms"]["p50"] <= report["latency_ms"]["max"]
         for key in ("load_s", "first_ms", "throughput_per_s", "peak_rss_mb"):
             assert report[key] > 0
+        # throughput follows the median call, whatever an outlier did to the mean
+        assert report["throughput_per_s"] == pytest.approx(1e3 / report["latency_ms"]["p50"], rel=1e-3)
         assert report["model"]["size_bytes"] == sum(p.stat().st_size for p in target.iterdir()
                                                     if p.name != "plans.json")
         assert abs(report["model"]["sparsity"] - 0.9) < 0.01
