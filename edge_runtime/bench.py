@@ -65,13 +65,14 @@ def device_info() -> Dict[str, Any]:
 def benchmark(model_dir: Path, kernels: str, threads: int, warmup: int, iters: int, min_seconds: float,
               batch: int = 1, seed: int = 0) -> Dict[str, Any]:
     """Load MODEL_DIR with these settings, run it, and return the report dict."""
-    from edge_runtime.session import InferenceSession
+    from edge_runtime.session import InferenceSession, check_input_size
 
     start = time.perf_counter()
     session = InferenceSession(model_dir, kernels=kernels, threads=threads)
     load_s = time.perf_counter() - start
     spec = session.get_inputs()[0]
     shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
+    check_input_size(shape)  # the manifest declares the shape: refuse before numpy allocates it
     feed = {spec.name: np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
     start = time.perf_counter()
     session.run(None, feed)

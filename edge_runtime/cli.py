@@ -72,6 +72,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except USER_ERRORS as error:
         print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except MemoryError:  # a model or input too big for this device: say so in one line
+        print(f"edge-runtime {args.command}: error: out of memory loading or running {args.model_dir}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -23,8 +23,26 @@ from edge_runtime import plan as plans
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
 from edge_runtime.graph import Program, compile_graph
 from edge_runtime.model_dir import Weights, read_manifest, verify_files
+from edge_runtime.model_format import max_model_bytes
+from edge_runtime.onnx_check import check_model
 
 KERNEL_CHOICES = ("auto", "sparse", "dense", "ort")
+# What numpy raises when a graph's attributes or shapes are nonsense (a hostile or broken model): the
+# user sees one line naming the model, not a traceback. InputError (a ValueError) is re-raised first.
+MODEL_FAILURES = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, AttributeError)
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def check_input_size(shape: Sequence[int], itemsize: int = 4) -> None:
+    """Refuse an input shape (from a manifest, or --batch) too big to allocate: checked before numpy tries."""
+    nbytes = int(np.prod([int(d) for d in shape], dtype=object)) * itemsize
+    if nbytes > max_model_bytes():
+        raise InputError(f"an input of shape {list(shape)} would take {nbytes:,} bytes, more than "
+                         f"{max_model_bytes():,} (EDGEPRUNE_MAX_MODEL_BYTES)")
 
 
 class NodeArg(NamedTuple):
@@ -57,7 +75,8 @@ class InferenceSession:
         try:
             self._weights = Weights(self.model_dir, self.manifest)
             try:
-                self._load(kernels, retune)
+                check_model(self.model_dir, self.manifest, self._weights)  # before any engine reads a byte
+                self._load_checked(kernels, retune)
             finally:
                 self._weights.close()
         except BaseException:
@@ -67,6 +86,15 @@ class InferenceSession:
     # -- loading -----------------------------------------------------------------------------------
     def _sparse_kind(self) -> str:
         return "sparse-mt" if self.threads > 1 else "sparse"
+
+    def _load_checked(self, kernels: str, retune: bool) -> None:
+        """Load; a model whose (checked, consistent) graph still cannot be built is a ModelDirError."""
+        try:
+            self._load(kernels, retune)
+        except EdgeRuntimeError:
+            raise
+        except MODEL_FAILURES as error:
+            raise ModelDirError(f"{self.model_dir}: the model cannot be loaded ({_describe(error)})") from None
 
     def _load(self, kernels: str, retune: bool) -> None:
         if kernels == "ort":
@@ -141,6 +169,7 @@ class InferenceSession:
             return self._weights.sample(self.manifest)[0]
         except ModelDirError:  # no sample: tune on seeded noise of the declared shape, batch 1
             shape = [1 if isinstance(d, str) else int(d) for d in self.manifest["input"]["shape"]]
+            check_input_size(shape)
             return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 
     def _ort_session(self):
@@ -198,8 +227,14 @@ class InferenceSession:
             raise InputError(f"unknown output(s): {', '.join(unknown)}")
         x = self._check_feed(input_feed)
         if self._program is None:
-            return self._ort.run(names, {self.manifest["input"]["name"]: x})
-        outputs = dict(zip(self._program.output_names, self._program.run(x)))
+            try:
+                return self._ort.run(names, {self.manifest["input"]["name"]: x})
+            except Exception as error:  # onnxruntime's errors are untyped; the model was checked at load
+                raise ModelDirError(f"onnxruntime failed to run {self.model_dir}: {_describe(error)}") from None
+        try:
+            outputs = dict(zip(self._program.output_names, self._program.run(x)))
+        except MODEL_FAILURES as error:
+            raise ModelDirError(f"{self.model_dir}: the model failed while running ({_describe(error)})") from None
         return [np.asarray(outputs[n], dtype=np.float32) for n in names]
 
     def close(self) -> None:
