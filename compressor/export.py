@@ -9,7 +9,6 @@ section of ARCHITECTURE.md for the format.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,13 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from compressor.errors import ExportError
+# The format's one owner is the device side: export writes exactly what the runtime reads.
+from edge_runtime.model_format import (FORMAT, FORMAT_VERSION, MANIFEST_FILE, ONNX_FILE, SAMPLE_INPUT,  # noqa: F401
+                                       SAMPLE_OUTPUT, WEIGHTS_FILE, sha256_of)
 
-FORMAT = "edgeprune-model"
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.npz"
-ONNX_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-SAMPLE_INPUT, SAMPLE_OUTPUT = "sample.input", "sample.output"
 TORCH_TOLERANCE = 1e-4
 
 
@@ -40,15 +36,6 @@ class ExportResult:
     sparsity: float
     max_abs_diff_torch: Optional[float]
     layers: List[Dict[str, Any]] = field(default_factory=list)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> Path:

@@ -275,7 +275,7 @@ def load_manifest_json(model_dir: Path) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise ModelDirError(f"{path}: corrupt manifest ({type(error).__name__}: {str(error)[:200]})") from None
+        raise ModelDirError(f"{path}: corrupt manifest, not valid JSON ({str(error)[:200]})") from None
 
 
 def read_manifest(model_dir: Path, supported: Sequence[int] = SUPPORTED_VERSIONS) -> Dict[str, Any]:

@@ -74,7 +74,7 @@ def modified_runtime_wheel(out_dir: Path, tag: str, formats: str = ""):
                                   ignore=shutil.ignore_patterns("__pycache__")))
     _replace(source / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "0.1.0+{tag}"')
     if formats:
-        _replace(source / "model_dir.py", "SUPPORTED_VERSIONS = (1,)", f"SUPPORTED_VERSIONS = {formats}")
+        _replace(source / "model_format.py", "SUPPORTED_VERSIONS = (1,)", f"SUPPORTED_VERSIONS = {formats}")
     return build_runtime_wheel(out_dir / "wheel", source=source)
 
 
