@@ -40,6 +40,7 @@ REQUIRED_FILES = (ONNX_FILE, WEIGHTS_FILE)
 MAX_MANIFEST_BYTES = 64 << 20
 DEFAULT_MAX_MODEL_BYTES = 2 << 30  # float32 bytes of all tensors together, and of one input batch
 MAX_RANK = 8
+MAX_DIM = 2 ** 31 - 1  # the int32 indices the kernels compute with
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "uint16",
           "uint32", "uint64", "bool")
 INPUT_DTYPES = ("float32",)
@@ -142,8 +143,8 @@ def _check_shape(shape: Any, where: str, what: str, free_axis: bool = False) -> 
     for dim in shape:
         if free_axis and isinstance(dim, str):
             continue
-        if not _is_int(dim) or dim < 0:
-            raise _fail(where, f"{what} shape {shape!r} has a dimension that is not a non-negative integer")
+        if not _is_int(dim) or not 0 <= dim <= MAX_DIM:
+            raise _fail(where, f"{what} shape {shape!r} has a dimension that is not an integer in [0, {MAX_DIM}]")
 
 
 def _elements(shape: Iterable[Any]) -> int:

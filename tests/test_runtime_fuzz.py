@@ -149,7 +149,7 @@ def _mutate_npz_member(draw, path: Path) -> None:
 def _mutate_bytes(draw, path: Path) -> None:
     data = bytearray(path.read_bytes())
     kind = draw(st.sampled_from(["overwrite", "overwrite", "truncate", "insert"]))
-    at = draw(st.integers(0, len(data) - 1))
+    at = draw(st.integers(0, max(len(data) - 1, 0)))
     if kind == "truncate":
         del data[at:]
     elif kind == "insert":
