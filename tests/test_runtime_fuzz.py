@@ -160,12 +160,39 @@ def _mutate_bytes(draw, path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _mutate_attribute(draw, target: Path) -> None:
+    """Change one node attribute the same way in model.onnx and the manifest: a consistent folder whose
+    graph is hostile, so the load + run path itself (not the consistency checks) meets the values."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(target / "model.onnx"), load_external_data=False)
+    manifest = json.loads((target / "manifest.json").read_text())
+    casts = len(model.graph.node) - len(manifest["graph"])
+    choices = [(i, a.name) for i, n in enumerate(manifest["graph"]) for a in model.graph.node[i + casts].attribute
+               if a.type in (1, 2, 7)]
+    index, name = draw(st.sampled_from(choices))
+    proto = next(a for a in model.graph.node[index + casts].attribute if a.name == name)
+    if proto.type == 1:
+        value = draw(st.floats(width=32))
+    elif proto.type == 2:
+        value = draw(st.one_of(st.integers(-4, 8), st.integers(-2 ** 63, 2 ** 63 - 1)))
+    else:
+        value = draw(st.lists(st.one_of(st.integers(-3, 6), st.integers(-2 ** 40, 2 ** 40)), max_size=6))
+    proto.CopyFrom(helper.make_attribute(name, value, attr_type=proto.type))
+    manifest["graph"][index]["attributes"][name] = helper.get_attribute_value(proto)
+    (target / "model.onnx").write_bytes(model.SerializeToString())
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
 def build_case(draw, scratch: Path, counter: list) -> Path:
     """A mutated copy of a fixture MODEL_DIR in ``scratch``."""
     counter[0] += 1
     target = scratch / f"case{counter[0]}"
     shutil.copytree(model_dir(draw(st.sampled_from(MODELS))), target, ignore=shutil.ignore_patterns("plans.json"))
-    for _ in range(draw(st.integers(1, 3))):
+    if draw(st.integers(0, 2)) == 0:  # on the pristine copy, so that both files still parse
+        _mutate_attribute(draw, target)
+    for _ in range(draw(st.integers(0, 3))):
         where = draw(st.sampled_from(["manifest", "manifest", "npz-member", "npz-member", "npz-bytes",
                                       "onnx-bytes", "onnx-bytes"]))
         if where == "manifest":

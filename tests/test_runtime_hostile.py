@@ -290,3 +290,19 @@ def test_weights_reader_refuses_a_truncated_member(tmp_path: Path) -> None:
     (target / "weights.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelDirError, match="weights.npz"):
         Weights(target, {"tensors": {}})
+
+
+def test_a_hostile_plan_cache_is_ignored(tmp_path: Path) -> None:
+    """plans.json is neither shipped nor hashed: a FIFO or a plan naming unknown kernels is no plan."""
+    import json
+
+    from edge_runtime import plan as plans
+
+    target = copy_model_dir("digits-mlp", tmp_path)
+    os.mkfifo(target / "plans.json")  # before: `check`/`bench` blocked reading it
+    assert plans.load_cached(target, "k") is None
+    (target / "plans.json").unlink()
+    (target / "plans.json").write_text(json.dumps({"k": {"engine": "native", "layers": {"net.0.weight": "evil"}}}))
+    assert plans.load_cached(target, "k") is None
+    (target / "plans.json").write_text(json.dumps({"k": {"engine": "ort", "layers": {}}}))
+    assert plans.load_cached(target, "k") == {"engine": "ort", "layers": {}}
