@@ -67,7 +67,9 @@ def open_regular(path: Path) -> BinaryIO:
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags)
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # never even open a device, FIFO or symlink
+            raise ModelDirError(f"{path} is not a regular file")
+        fd = os.open(path, flags)  # O_NOFOLLOW + fstat: the same check, free of a swap in between
     except FileNotFoundError:
         raise ModelDirError(f"{path} is missing") from None
     except OSError as error:

@@ -180,7 +180,7 @@ class InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: its errors reach the user as our one line
         try:
             return ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
                                         providers=["CPUExecutionProvider"])

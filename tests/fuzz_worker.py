@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import resource
 import sys
+import tempfile
 import traceback
 
 
@@ -29,14 +31,22 @@ def _peak_rss_mb() -> float:
 def _one(request: dict) -> dict:
     from edge_runtime.cli import main
 
-    stderr, stdout = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
-            rc = main(["check", request["dir"], "--kernels", request["kernels"], "--threads", "1"])
-    except BaseException as error:  # anything escaping main() would be a traceback for the user
-        return {"exception": f"{type(error).__name__}: {error}"[:500],
-                "traceback": traceback.format_exc()[-2000:]}
-    return {"rc": rc, "stderr": stderr.getvalue()[-1000:]}
+    stdout = io.StringIO()
+    with tempfile.TemporaryFile("w+") as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)  # file descriptor 2: onnxruntime's C++ logger writes there too
+        try:
+            with contextlib.redirect_stdout(stdout):
+                rc = main(["check", request["dir"], "--kernels", request["kernels"], "--threads", "1"])
+        except BaseException as error:  # anything escaping main() would be a traceback for the user
+            return {"exception": f"{type(error).__name__}: {error}"[:500],
+                    "traceback": traceback.format_exc()[-2000:]}
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        return {"rc": rc, "stderr": captured.read()[-1000:]}
 
 
 def main() -> None:

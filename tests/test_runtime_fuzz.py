@@ -232,8 +232,9 @@ def test_mutated_model_dirs_end_cleanly(worker, scratch, data) -> None:
     if "out of memory" in stderr:
         STATS["out of memory (one line)"] += 1
     assert rc in (0, 1, 2), outcome
-    if rc == 2:
+    if rc in (1, 2):  # a sample mismatch or a refusal: one line either way
         assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr, stderr
+    if rc == 2:
         STATS[f"refused: {_reason(stderr)}"] += 1
 
 
