@@ -123,7 +123,8 @@ class NpzArchive:
             raise self._error(f"member {name!r} has a malformed .npy header") from None
         if dtype is None or dtype.kind not in DTYPE_KINDS or dtype.byteorder == ">" or fortran is not False:
             raise self._error(f"member {name!r} is not a little-endian C-order numeric array")
-        if len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 40 for d in shape):
+        valid_dim = lambda d: isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 40  # noqa: E731
+        if len(shape) > 8 or not all(valid_dim(d) for d in shape):
             raise self._error(f"member {name!r} has an invalid shape {shape!r}")
         return shape, dtype, fixed + length
 

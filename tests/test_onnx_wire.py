@@ -71,7 +71,8 @@ def test_decodes_every_exported_fixture_like_onnx_does() -> None:
 
 
 @pytest.mark.parametrize("mutate", [
-    lambda p: p.graph.node[0].attribute.append(helper.make_attribute("then_branch", helper.make_graph([], "s", [], []))),
+    lambda p: p.graph.node[0].attribute.append(
+        helper.make_attribute("then_branch", helper.make_graph([], "s", [], []))),
     lambda p: p.functions.append(onnx.FunctionProto(name="f", domain="d")),
     lambda p: p.training_info.add(),
 ], ids=["subgraph attribute", "function", "training info"])

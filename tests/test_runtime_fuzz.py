@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "60"))
 ADDRESS_SPACE = 3 << 30          # the worker's RLIMIT_AS: numpy + scipy + onnxruntime reserve ~2.3 GB
 MODEL_LIMIT = str(256 << 20)     # EDGEPRUNE_MAX_MODEL_BYTES inside the worker
 MODELS = ("digits-mlp", "digits-cnn")
+HANG_SECONDS = 120               # one `check` of these tiny models takes well under a second
 settings.register_profile("fuzz", max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100,
                           suppress_health_check=list(HealthCheck), print_blob=True)
 
@@ -63,6 +65,11 @@ class Worker:
             self.process = self._start()
         self.process.stdin.write(json.dumps({"dir": str(folder), "kernels": kernels}) + "\n")
         self.process.stdin.flush()
+        if not select.select([self.process.stdout], [], [], HANG_SECONDS)[0]:  # a hang is a failure too
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+            return {"hang": HANG_SECONDS}
         line = self.process.stdout.readline()
         if not line:  # the worker died: a crash of the runtime (signal) or of the interpreter
             code = self.process.wait()
@@ -226,6 +233,7 @@ def test_mutated_model_dirs_end_cleanly(worker, scratch, data) -> None:
         shutil.rmtree(target, ignore_errors=True)
     STATS["inputs"] += 1
     assert "crash" not in outcome, f"the runtime crashed (exit {outcome.get('crash')})"
+    assert "hang" not in outcome, f"no answer within {HANG_SECONDS} s"
     assert "exception" not in outcome, outcome.get("traceback")
     rc, stderr = outcome["rc"], outcome["stderr"]
     STATS[f"exit {rc}"] += 1
