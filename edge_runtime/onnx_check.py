@@ -48,7 +48,41 @@ def check_model(model_dir: Path, manifest: Mapping[str, Any], weights: Weights) 
     where = f"{Path(model_dir) / ONNX_FILE}"
     _check_initializers(model, manifest, weights, where)
     _check_graph(model, manifest, where)
+    check_window_attributes(manifest, where)
     return model
+
+
+WINDOW_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
+MAX_WINDOW = 1 << 12  # kernel, stride, dilation and padding sizes: far beyond any real layer
+
+
+def check_window_attributes(manifest: Mapping[str, Any], where: str) -> None:
+    """Refuse window sizes and conv groups no real layer has, before any engine loops over them.
+
+    Found by the fuzz test: ``group = 879381798`` made the native loader build one kernel per group
+    (hours, then out of memory); huge strides/pads/kernels make allocations no device can hold.
+    """
+    for index, node in enumerate(manifest["graph"]):
+        if node["op_type"] not in WINDOW_OPS:
+            continue
+        attrs = node["attributes"]
+        for name, low in (("kernel_shape", 1), ("strides", 1), ("dilations", 1), ("pads", 0)):
+            values = attrs.get(name, [])
+            if not isinstance(values, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_WINDOW for v in values):
+                raise ModelDirError(f"{where}: node {index} ({node['op_type']}) has {name} {values!r} "
+                                    f"outside [{low}, {MAX_WINDOW}]")
+        if node["op_type"] in ("Conv", "ConvTranspose"):
+            _check_group(node, manifest["tensors"], index, where)
+
+
+def _check_group(node: Mapping[str, Any], tensors: Mapping[str, Any], index: int, where: str) -> None:
+    group = node["attributes"].get("group", 1)
+    weight = tensors.get(node["inputs"][1]) if len(node["inputs"]) > 1 else None
+    channels = weight["shape"][0] if weight and weight["shape"] else MAX_WINDOW
+    if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= channels or channels % group:
+        raise ModelDirError(f"{where}: node {index} ({node['op_type']}) has group {group!r}, which does not "
+                            f"divide its {channels} output channels")
 
 
 # -- the graph ---------------------------------------------------------------------------------------

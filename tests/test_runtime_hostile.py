@@ -307,3 +307,22 @@ def test_a_hostile_plan_cache_is_ignored(tmp_path: Path) -> None:
     assert plans.load_cached(target, "k") is None
     (target / "plans.json").write_text(json.dumps({"k": {"engine": "ort", "layers": {}}}))
     assert plans.load_cached(target, "k") == {"engine": "ort", "layers": {}}
+
+
+@pytest.mark.parametrize("name, value", [("group", 879381798), ("group", 3), ("strides", [1, 0]),
+                                         ("pads", [1, 1, 1, 10 ** 9])])
+def test_absurd_conv_attributes_are_refused_at_load(tmp_path: Path, name: str, value) -> None:
+    """Found by the fuzz test: a consistent folder with Conv group 879381798 hung `check` (sparse)."""
+    from onnx import helper
+
+    target = copy_model_dir("digits-cnn", tmp_path)
+
+    def change(model) -> None:
+        node = model.graph.node[2]
+        old = next(a for a in node.attribute if a.name == name)
+        old.CopyFrom(helper.make_attribute(name, value))
+    edit_onnx(target, change)
+    edit_manifest(target, lambda m: m["graph"][2]["attributes"].update({name: value}))
+    rehash(target)
+    for kernels in ("sparse", "ort"):
+        assert_one_line_error(cli("check", str(target), "--kernels", kernels, timeout=60), f"has {name}")
