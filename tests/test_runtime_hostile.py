@@ -326,3 +326,17 @@ def test_absurd_conv_attributes_are_refused_at_load(tmp_path: Path, name: str, v
     rehash(target)
     for kernels in ("sparse", "ort"):
         assert_one_line_error(cli("check", str(target), "--kernels", kernels, timeout=60), f"has {name}")
+
+
+def test_overflowing_model_arithmetic_is_one_line(tmp_path: Path) -> None:
+    """Found by the fuzz test: Gemm alpha=inf made numpy print RuntimeWarnings above the FAIL line."""
+    target = copy_model_dir("digits-mlp", tmp_path)
+
+    def alpha(model) -> None:
+        next(a for a in model.graph.node[3].attribute if a.name == "alpha").f = float("inf")
+    edit_onnx(target, alpha)
+    edit_manifest(target, lambda m: m["graph"][3]["attributes"].update(alpha=float("inf")))
+    rehash(target)
+    done = cli("check", str(target), "--kernels", "dense")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "differs by nan" in done.stderr
