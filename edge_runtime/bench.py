@@ -22,10 +22,15 @@ def model_size_bytes(model_dir: Path, manifest: Dict[str, Any]) -> int:
 
 
 def _random_input(spec: Any, batch: int, seed: int) -> np.ndarray:
-    """Seeded noise for a float input; zeros (valid token ids / mask values) for an integer one."""
+    """Seeded noise for a float input; zeros (valid token ids / mask values) for an integer one.
+
+    The manifest declares the shape and --batch scales it: refused before numpy allocates it."""
+    from edge_runtime.session import check_input_size
+
     shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
     dtype = spec.type[len("tensor("):-1]
     dtype = np.dtype({"float": "float32", "double": "float64"}.get(dtype, dtype))
+    check_input_size(shape, dtype.itemsize)
     if np.issubdtype(dtype, np.floating):
         return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
     return np.zeros(shape, dtype)
