@@ -305,7 +305,36 @@ MALFORMED = {
     "absurd attribute": lambda m: m["graph"][0]["attributes"].update(axis=10 ** 30),
     "attribute of wrong type": lambda m: m["graph"][1]["attributes"].update(transB={"x": 1}),
     "manifest is a list": lambda m: m.clear(),
+    "int64 input in format 1": lambda m: [spec.update(dtype="int64") for spec in (m["input"], m["inputs"][0])],
+    "inputs not starting with input": lambda m: m["inputs"][0].update(name="other"),
+    "two inputs in format 1": lambda m: m["inputs"].append(dict(m["input"], name="second")),
+    "sample.inputs for an unknown input": lambda m: m["sample"].update(inputs={"nope": "sample.input"}),
+    "int64 output in format 1": lambda m: m["output_specs"][0].update(dtype="int64"),
+    "opset as a string": lambda m: m.update(opset="17"),
+    "unknown onnx place": lambda m: m["tensors"]["net.0.bias"].update(onnx="url"),
 }
+
+
+def _two_inputs(manifest: dict, dtypes: tuple, width: int) -> dict:
+    """A format-2 manifest with two inputs of these dtypes, ``width`` elements per example each."""
+    specs = [{"name": f"in{i}", "shape": ["batch", width], "dtype": dtype} for i, dtype in enumerate(dtypes)]
+    return dict(manifest, format_version=2, input=specs[0], inputs=specs, tensors={},
+                sample=dict(manifest["sample"], inputs={"in0": "sample.input", "in1": "sample.input.1"}))
+
+
+def test_format_2_inputs_of_any_dtype_sized_by_their_itemsize(tmp_path: Path, monkeypatch) -> None:
+    from edge_runtime.model_format import validate_manifest
+
+    manifest = json_manifest(copy_model_dir("digits-mlp", tmp_path))
+    monkeypatch.setenv("EDGEPRUNE_MAX_MODEL_BYTES", "1000")
+    validate_manifest(_two_inputs(manifest, ("int64", "bool"), 100), "m")  # 800 + 100 bytes
+    validate_manifest(_two_inputs(manifest, ("uint8", "bool"), 400), "m")  # 1 byte each: 800 bytes
+    with pytest.raises(ModelDirError, match="EDGEPRUNE_MAX_MODEL_BYTES"):
+        validate_manifest(_two_inputs(manifest, ("int64", "bool"), 200), "m")  # one int64 input: 1600 bytes
+    with pytest.raises(ModelDirError, match="all inputs would take 1,200 bytes"):
+        validate_manifest(_two_inputs(manifest, ("int32", "float32"), 150), "m")  # 600 each, 1200 together
+    with pytest.raises(ModelDirError, match="input dtype 'object'"):
+        validate_manifest(_two_inputs(manifest, ("int64", "object"), 1), "m")
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
