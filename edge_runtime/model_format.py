@@ -22,10 +22,10 @@ from typing import Any, BinaryIO, Dict, Iterable, Mapping, Optional, Sequence
 
 from edge_runtime.errors import ModelDirError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "SUPPORTED_VERSIONS", "INLINE_BYTES", "MANIFEST_FILE", "ONNX_FILE", "WEIGHTS_FILE",
-           "PLANS_FILE", "SAMPLE_INPUT", "SAMPLE_OUTPUT", "ModelDirError", "sha256_of", "open_regular",
-           "check_relative_name", "check_format", "validate_manifest", "read_manifest", "verify_files",
-           "max_model_bytes"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "SUPPORTED_VERSIONS", "INLINE_BYTES",
+           "MANIFEST_FILE", "ONNX_FILE", "WEIGHTS_FILE", "PLANS_FILE", "SAMPLE_INPUT", "SAMPLE_OUTPUT",
+           "ModelDirError", "sha256_of", "open_regular", "check_relative_name", "check_format",
+           "validate_manifest", "read_manifest", "verify_files", "max_model_bytes", "itemsize"]
 
 FORMAT = "edgeprune-model"
 FORMAT_VERSION = 1          # what export writes for one float32 input and a float32 output: every runtime reads it
@@ -267,7 +267,8 @@ def _check_tensors(tensors: Any, where: str) -> None:
         _check_shape(info.get("shape"), where, f"tensor {name!r}")
         if info["storage"] == "csr" and (not info["shape"] or info.get("dtype") not in ("float32", "float16")):
             raise _fail(where, f"CSR tensor {name!r} must be float and have a shape")
-        if info.get("onnx", "external") not in ONNX_PLACES or (info["storage"] == "csr" and info.get("onnx") == "inline"):
+        place = info.get("onnx", "external")  # format 1 before inline constants: every tensor external
+        if place not in ONNX_PLACES or (info["storage"] == "csr" and place == "inline"):
             raise _fail(where, f"tensor {name!r} must be external or (dense only) inline in model.onnx")
         total += _elements(info["shape"]) * max(4, 8 if info["dtype"].endswith("64") else 4)
     if total > max_model_bytes():
