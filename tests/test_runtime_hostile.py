@@ -253,6 +253,22 @@ def test_bench_batch_too_big_is_refused_and_memory_error_is_one_line(tmp_path: P
     assert_one_line_error(done, "out of memory")
 
 
+def test_bench_feeds_every_input_and_counts_their_bytes_together(monkeypatch) -> None:
+    from edge_runtime.bench import random_feed
+    from edge_runtime.errors import InputError
+    from edge_runtime.session import NodeArg
+
+    specs = [NodeArg("ids", ["batch", 100], "tensor(int64)"), NodeArg("x", ["batch", 100], "tensor(float)")]
+    monkeypatch.setenv("EDGEPRUNE_MAX_MODEL_BYTES", "2000")
+    feed = random_feed(specs, 1, 0)  # 800 + 400 bytes
+    assert {k: (v.dtype.name, v.shape) for k, v in feed.items()} == {"ids": ("int64", (1, 100)),
+                                                                     "x": ("float32", (1, 100))}
+    with pytest.raises(InputError, match="EDGEPRUNE_MAX_MODEL_BYTES"):  # 1600 + 800: each fits, not both
+        random_feed(specs, 2, 0)
+    with pytest.raises(InputError, match="EDGEPRUNE_MAX_MODEL_BYTES"):  # the int64 input alone: 2400
+        random_feed(specs[:1], 3, 0)
+
+
 # -- 6. names, special files, malformed manifests ------------------------------------------------------
 @pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
 def test_unsafe_file_names_are_refused_unopened(tmp_path: Path, name: str) -> None:
