@@ -34,15 +34,16 @@ from edge_runtime.npz_reader import NpzArchive
 from tests.hostile_model_dirs import REPO, rehash
 from tests.runtime_fixtures import model_dir
 
-EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "60"))
+LONG_RUN = "EDGEPRUNE_FUZZ_EXAMPLES" in os.environ
+EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "200"))  # CI: ~200 examples, 10-60 s
 ADDRESS_SPACE = 3 << 30          # the worker's RLIMIT_AS: numpy + scipy + onnxruntime reserve ~2.3 GB
 MODEL_LIMIT = str(256 << 20)     # EDGEPRUNE_MAX_MODEL_BYTES inside the worker
 MODELS = ("digits-mlp", "digits-cnn")
 HANG_SECONDS = 30                # one `check` of these tiny models takes well under a second
 # CI: a fixed set of examples (derandomized). Long runs: random, and no shrinking (a hang or crash
 # would be replayed for many minutes); the failing example's draws are printed as found.
-PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + ([Phase.shrink] if EXAMPLES <= 100 else [])
-settings.register_profile("fuzz", max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 100,
+PHASES = [Phase.explicit, Phase.reuse, Phase.generate] + ([] if LONG_RUN else [Phase.shrink])
+settings.register_profile("fuzz", max_examples=EXAMPLES, deadline=None, derandomize=not LONG_RUN,
                           suppress_health_check=list(HealthCheck), print_blob=True, phases=PHASES)
 
 STATS: Counter = Counter()
