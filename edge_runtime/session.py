@@ -178,7 +178,7 @@ class InferenceSession:
     def _sample_feed(self) -> Dict[str, np.ndarray]:
         """The manifest's sample inputs; without them, seeded noise (zeros for integer inputs), batch 1."""
         try:
-            return self._weights.sample_inputs(self.manifest)
+            sample = self._weights.sample_inputs(self.manifest)
         except ModelDirError:  # no sample: tune on seeded noise of the declared shapes, batch 1
             feed = {}
             for spec in self._input_specs():
@@ -188,6 +188,10 @@ class InferenceSession:
                 feed[spec["name"]] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
                                       if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
             return feed
+        try:  # the sample comes from the npz: both engines are timed on it, so it must fit the inputs
+            return self._check_feed(sample)
+        except InputError as error:
+            raise ModelDirError(f"{self.model_dir}: the manifest's sample does not fit its inputs ({error})") from None
 
     def _input_specs(self) -> List[Dict[str, Any]]:
         """Every input (manifest ``inputs``; a format-1 manifest may have only ``input``)."""

@@ -269,6 +269,14 @@ def test_bench_feeds_every_input_and_counts_their_bytes_together(monkeypatch) ->
         random_feed(specs[:1], 3, 0)
 
 
+def test_a_sample_that_does_not_fit_the_inputs_is_refused_before_tuning(tmp_path: Path) -> None:
+    """The tuner times both engines on the npz's sample: onnxruntime would raise its own untyped error."""
+    target = copy_model_dir("digits-mlp", tmp_path)
+    rewrite_npz(target, lambda arrays: arrays.update({"sample.input": np.zeros((1, 7), np.float32)}))
+    with pytest.raises(ModelDirError, match="sample does not fit its inputs"):
+        InferenceSession(target, kernels="auto", retune=True)
+
+
 # -- 6. names, special files, malformed manifests ------------------------------------------------------
 @pytest.mark.parametrize("name", ["../outside.bin", "/etc/passwd", "sub/../../outside.bin"])
 def test_unsafe_file_names_are_refused_unopened(tmp_path: Path, name: str) -> None:
