@@ -35,7 +35,7 @@ from tests.hostile_model_dirs import REPO, rehash
 from tests.runtime_fixtures import model_dir
 
 LONG_RUN = "EDGEPRUNE_FUZZ_EXAMPLES" in os.environ
-EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "200"))  # CI: ~200 examples, 10-60 s
+EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "500"))  # CI: 500 examples, ~6 s idle, <60 s busy
 ADDRESS_SPACE = 3 << 30          # the worker's RLIMIT_AS: numpy + scipy + onnxruntime reserve ~2.3 GB
 MODEL_LIMIT = str(256 << 20)     # EDGEPRUNE_MAX_MODEL_BYTES inside the worker
 MODELS = ("digits-mlp", "digits-cnn")
