@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from benchmarks.errors import BenchError, ModelDirError
+from edge_runtime.model_format import FORMAT
 
 KERNELS = ("ort", "dense", "sparse", "auto", "ort-int8")
 VARIANT_KERNELS = {"ort-int8": "int8"}  # a kernels choice that needs a variant (export --quantize int8)
@@ -59,7 +60,7 @@ def parse_manifest(text: str, where: str) -> Dict[str, object]:
         manifest = json.loads(text)
     except ValueError as error:
         raise ModelDirError(f"{where}: manifest.json is not valid JSON ({error})") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != "edgeprune-model":
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ModelDirError(f"{where}: manifest.json is not an edgeprune model manifest")
     return manifest
 

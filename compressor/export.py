@@ -10,7 +10,6 @@ the result with onnxruntime before moving it into place. See the MODEL_DIR secti
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,16 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from compressor.errors import ExportError
+# The format's one owner is the device side: export writes exactly what the runtime reads.
+from edge_runtime.model_format import (FORMAT, FORMAT_VERSION, FORMAT_VERSION_INPUTS,  # noqa: F401
+                                       INLINE_BYTES, MANIFEST_FILE, ONNX_FILE, SAMPLE_INPUT, SAMPLE_OUTPUT,
+                                       WEIGHTS_FILE, sha256_of)
 
-FORMAT = "edgeprune-model"
-FORMAT_VERSION = 1          # a single float32 input and a float32 output: every runtime reads it
-FORMAT_VERSION_INPUTS = 2   # several inputs or other dtypes: the reader must know `inputs`/`output_specs`
-INLINE_BYTES = 1024         # a non-weight tensor this small stays inline in model.onnx (onnx's own
-                            # external-data threshold); integer/bool tensors (shapes, axes, indices) always
-WEIGHTS_FILE = "weights.npz"
-ONNX_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-SAMPLE_INPUT, SAMPLE_OUTPUT = "sample.input", "sample.output"
 TORCH_TOLERANCE = 1e-4
 
 
@@ -45,15 +39,6 @@ class ExportResult:
     max_abs_diff_torch: Optional[float]
     layers: List[Dict[str, Any]] = field(default_factory=list)
     picked: str = ""  # from a RUN_DIR: which level was exported and why (printed by the CLI)
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
@@ -326,8 +311,8 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
             "values_dtype": values_dtype,
             "opset": onnx_graph.OPSET,
             "files": {name: sha256_of(temp / name) for name in (ONNX_FILE, WEIGHTS_FILE)},
-            "sizes": {"model.onnx": (temp / ONNX_FILE).stat().st_size,
-                      "weights.npz": (temp / WEIGHTS_FILE).stat().st_size,
+            "sizes": {ONNX_FILE: (temp / ONNX_FILE).stat().st_size,
+                      WEIGHTS_FILE: (temp / WEIGHTS_FILE).stat().st_size,
                       "dense_onnx": dense_onnx_bytes},
             "sample": {"file": WEIGHTS_FILE, "input": SAMPLE_INPUT, "inputs": sample_members,
                        "output": SAMPLE_OUTPUT, "atol": 1e-4 if values_dtype == "float32" else 1e-2},

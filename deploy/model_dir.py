@@ -1,21 +1,25 @@
 """The local MODEL_DIR as deploy sees it: the manifest's file list, checked, and a release id.
 
-Deploy never imports the exporter or the runtime: it reads ``manifest.json`` as JSON, makes sure
-every file it lists is present with the recorded sha256, and names the release after those hashes.
+Deploy never imports the exporter or the runtime's engines; it uses the format's one definition
+(``edge_runtime.model_format``, standard library only) to read ``manifest.json``, refuses a format
+version the runtime it ships cannot read (before any connection), makes sure every file it lists is a
+regular file inside the folder with the recorded sha256, and names the release after those hashes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Sequence
 
 from deploy.errors import ModelDirError
+from edge_runtime import model_format
+from edge_runtime.model_format import MANIFEST_FILE as MANIFEST
+from edge_runtime.model_format import SUPPORTED_VERSIONS
 
-MANIFEST = "manifest.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -34,12 +38,11 @@ class LocalModel:
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Hex sha256 of a regular file (the format's helper; a deploy error when it cannot be read)."""
+    try:
+        return model_format.sha256_of(path)
+    except model_format.ModelDirError as error:
+        raise ModelDirError(str(error)) from None
 
 
 def check_name(name: str) -> str:
@@ -51,51 +54,34 @@ def check_name(name: str) -> str:
     return name
 
 
-def _check_relative(path: str) -> str:
-    parts = path.split("/")
-    if not path or path.startswith("/") or any(part in ("", ".", "..") for part in parts) or "\\" in path:
-        raise ModelDirError(f"manifest lists an unsafe path {path!r}")
-    if any(ch in path for ch in "\n\r\0"):
-        raise ModelDirError(f"manifest lists a path with control characters: {path!r}")
-    return path
+def load_model_dir(model_dir: Path, supported_versions: Sequence[int] = SUPPORTED_VERSIONS) -> LocalModel:
+    """Read and check MODEL_DIR; ModelDirError (one line) if anything is missing or does not match.
 
-
-def load_model_dir(model_dir: Path) -> LocalModel:
-    """Read and check MODEL_DIR; ModelDirError (one line) if anything is missing or does not match."""
+    ``supported_versions``: the format versions the runtime being shipped reads (this checkout's).
+    """
     model_dir = Path(model_dir)
-    manifest_path = model_dir / MANIFEST
     if not model_dir.is_dir():
         raise ModelDirError(f"{model_dir} is not a folder (expected a MODEL_DIR from `edgeprune export`)")
-    if not manifest_path.is_file():
-        raise ModelDirError(f"{model_dir} has no {MANIFEST}; is it a MODEL_DIR from `edgeprune export`?")
+    manifest_path = model_dir / MANIFEST
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ModelDirError(f"{manifest_path} is not valid JSON ({error})") from None
-    except OSError as error:
-        raise ModelDirError(f"cannot read {manifest_path}: {error.strerror or error}") from None
-    listed = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(listed, dict) or not listed:
-        raise ModelDirError(f"{manifest_path} has no \"files\" table of sha256s")
-    files: Dict[str, str] = {}
-    size = manifest_path.stat().st_size
-    for relative, expected in sorted(listed.items()):
-        _check_relative(relative)
-        if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
-            raise ModelDirError(f"{manifest_path}: the sha256 of {relative} is not 64 hex digits")
-        path = model_dir / relative
-        if not path.is_file():
-            raise ModelDirError(f"{model_dir}: {relative} is listed in the manifest but missing")
-        try:
-            actual = sha256_file(path)
-        except OSError as error:
-            raise ModelDirError(f"cannot read {path}: {error.strerror or error}") from None
-        if actual != expected:
-            raise ModelDirError(f"{model_dir}: {relative} does not match its sha256 in the manifest "
-                                "(corrupt or modified; export again)")
-        files[relative] = expected
-        size += path.stat().st_size
-    files[MANIFEST] = sha256_file(manifest_path)
+        manifest = model_format.load_manifest_json(model_dir)
+        model_format.check_format(manifest, str(manifest_path), supported_versions)
+        listed = model_format.listed_files(manifest, str(manifest_path))
+        files = {name: _verified(model_dir, name, digest) for name, digest in sorted(listed.items())}
+        files[MANIFEST] = model_format.sha256_of(manifest_path)
+    except model_format.ModelDirError as error:
+        raise ModelDirError(str(error)) from None
+    size = sum((model_dir / name).stat().st_size for name in files)
     identity = "".join(f"{path}\0{digest}\n" for path, digest in sorted(files.items()))
     release_id = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return LocalModel(model_dir, files, release_id, size)
+
+
+def _verified(model_dir: Path, relative: str, expected: str) -> str:
+    path = model_format.inside(model_dir, relative)
+    if not os.path.lexists(path):
+        raise ModelDirError(f"{model_dir}: {relative} is listed in the manifest but missing")
+    if model_format.sha256_of(path) != expected:
+        raise ModelDirError(f"{model_dir}: {relative} does not match its sha256 in the manifest "
+                            "(corrupt or modified; export again)")
+    return expected

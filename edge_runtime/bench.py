@@ -4,12 +4,13 @@ benchmark_model do it (load time, first run, warm-up, then timed runs until both
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -21,14 +22,32 @@ def model_size_bytes(model_dir: Path, manifest: Dict[str, Any]) -> int:
     return sum((model_dir / name).stat().st_size for name in manifest["files"]) + (model_dir / "manifest.json").stat().st_size
 
 
-def _random_input(spec: Any, batch: int, seed: int) -> np.ndarray:
-    """Seeded noise for a float input; zeros (valid token ids / mask values) for an integer one."""
+def _input_layout(spec: Any, batch: int) -> Tuple[List[int], np.dtype]:
+    """The shape (free axis = ``batch``) and numpy dtype of one input, as the session declares it."""
     shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
     dtype = spec.type[len("tensor("):-1]
-    dtype = np.dtype({"float": "float32", "double": "float64"}.get(dtype, dtype))
-    if np.issubdtype(dtype, np.floating):
-        return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-    return np.zeros(shape, dtype)
+    return shape, np.dtype({"float": "float32", "double": "float64"}.get(dtype, dtype))
+
+
+def random_feed(specs: Sequence[Any], batch: int, seed: int) -> Dict[str, np.ndarray]:
+    """Every input: seeded noise for a float one, zeros (valid token ids / mask values) for an integer one.
+
+    The manifest declares the shapes and --batch scales them: their bytes together are checked against
+    EDGEPRUNE_MAX_MODEL_BYTES before numpy allocates anything."""
+    from edge_runtime.errors import InputError
+    from edge_runtime.model_format import max_model_bytes
+    from edge_runtime.session import check_input_size
+
+    layouts = {spec.name: _input_layout(spec, batch) for spec in specs}
+    for shape, dtype in layouts.values():
+        check_input_size(shape, dtype.itemsize)
+    total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layouts.values())
+    if total > max_model_bytes():
+        raise InputError(f"the {len(layouts)} inputs of batch {batch} would take {total:,} bytes, more than "
+                         f"{max_model_bytes():,} (EDGEPRUNE_MAX_MODEL_BYTES)")
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+            else np.zeros(shape, dtype) for name, (shape, dtype) in layouts.items()}
 
 
 def latency_stats(samples_ms: List[float]) -> Dict[str, float]:
@@ -80,7 +99,7 @@ def benchmark(model_dir: Path, kernels: str, threads: int, warmup: int, iters: i
     start = time.perf_counter()
     session = InferenceSession(model_dir, kernels=kernels, threads=threads)
     load_s = time.perf_counter() - start
-    feed = {spec.name: _random_input(spec, batch, seed) for spec in session.get_inputs()}
+    feed = random_feed(session.get_inputs(), batch, seed)
     start = time.perf_counter()
     session.run(None, feed)
     first_ms = 1e3 * (time.perf_counter() - start)

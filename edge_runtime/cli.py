@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, set thread env, dispatch; user errors → one line + exit 2."""
     args = _parser().parse_args(argv)
+    # A model's arithmetic may overflow (inf/nan weights in a hostile or broken file): the command's
+    # one line says what that did to the output; numpy's per-line RuntimeWarnings would only add noise.
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     if args.threads is not None:
         if args.threads < 1:
             print("edge-runtime: error: --threads must be at least 1", file=sys.stderr)
@@ -72,6 +76,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"run": _run, "check": _check, "info": _info, "tune": _tune, "bench": _bench}[args.command](args)
     except USER_ERRORS as error:
         print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError:  # a model or input too big for this device: say so in one line
+        print(f"edge-runtime {args.command}: error: out of memory loading or running {args.model_dir}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,14 +1,15 @@
 """Reading a MODEL_DIR: manifest.json, sha256 checks, and tensors from weights.npz (no pickle).
 
 Weights are handed out in the form a kernel computes with, whatever form they were stored in: a dense
-float32 array, or a scipy CSR matrix of the weight viewed as ``[shape[0], rest]``.
+float32 array, or a scipy CSR matrix of the weight viewed as ``[shape[0], rest]``. Every array is
+checked before scipy or a kernel sees it: scipy trusts CSR arrays, and a negative column index or a
+decreasing ``indptr`` makes its C++ code read and write outside the arrays (a SIGSEGV at best).
+
+The format itself (names, versions, manifest schema, sha256) is defined in ``model_format``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -16,89 +17,62 @@ import numpy as np
 import scipy.sparse as sp
 
 from edge_runtime.errors import ModelDirError
+from edge_runtime.model_format import (FORMAT, MANIFEST_FILE, SUPPORTED_VERSIONS, WEIGHTS_FILE,
+                                       max_model_bytes, read_manifest, sha256_of, verify_files)
+from edge_runtime.npz_reader import NpzArchive
 
-FORMAT = "edgeprune-model"
-SUPPORTED_VERSIONS = (1, 2)  # 2: several inputs / other dtypes (`inputs`, `output_specs`)
-MANIFEST_FILE = "manifest.json"
-REQUIRED_KEYS = ("format", "format_version", "input", "outputs", "graph", "tensors", "files")
+__all__ = ["FORMAT", "MANIFEST_FILE", "SUPPORTED_VERSIONS", "read_manifest", "sha256_of", "verify_files",
+           "check_csr", "Weights"]
 
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+_INT32_MAX = np.iinfo(np.int32).max
 
 
-def read_manifest(model_dir: Path) -> Dict[str, Any]:
-    """Parse and sanity-check manifest.json; ModelDirError names what is wrong."""
-    path = Path(model_dir) / MANIFEST_FILE
-    if not Path(model_dir).is_dir():
-        raise ModelDirError(f"{model_dir}: no such MODEL_DIR")
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelDirError(f"{model_dir}: no manifest.json (not a MODEL_DIR)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelDirError(f"{path}: corrupt manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelDirError(f"{path}: not an {FORMAT} manifest")
-    if manifest.get("format_version") not in SUPPORTED_VERSIONS:
-        raise ModelDirError(f"{path}: format version {manifest.get('format_version')!r} is not supported "
-                            f"by this runtime (supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade it")
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise ModelDirError(f"{path}: manifest lacks {', '.join(missing)}")
-    # manifest.json is not covered by a sha256: check the shapes every reader relies on, so a damaged
-    # one is a ModelDirError rather than a KeyError/AttributeError deep inside loading.
-    spec = manifest["input"]
-    if not (isinstance(spec, dict) and {"name", "shape", "dtype"} <= set(spec)
-            and isinstance(manifest["files"], dict) and isinstance(manifest["tensors"], dict)
-            and isinstance(manifest["graph"], list) and isinstance(manifest["outputs"], list)):
-        raise ModelDirError(f"{path}: malformed manifest (input, files, tensors, graph or outputs)")
-    specs = manifest.get("inputs", [spec])  # format 2: every input; format 1 has only `input`
-    if not (isinstance(specs, list) and specs and all(
-            isinstance(s, dict) and {"name", "shape", "dtype"} <= set(s) and isinstance(s["shape"], list)
-            for s in specs)):
-        raise ModelDirError(f"{path}: malformed manifest (inputs)")
-    return manifest
+def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
+              rows: int, cols: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate CSR arrays completely (vectorised) and return them as float32 / int32 / int32.
 
+    Checked: 1-D arrays; float data; integral index arrays; as many indices as values; ``indptr`` has
+    ``rows + 1`` entries, starts at 0, never decreases and ends at the number of values; every column
+    index is in ``[0, cols)``; everything fits the int32 indices scipy computes with.
+    """
+    def bad(what: str) -> ModelDirError:
+        return ModelDirError(f"{where}: invalid CSR arrays ({what})")
 
-def verify_files(model_dir: Path, manifest: Dict[str, Any]) -> None:
-    """Check every file the manifest lists against its sha256."""
-    for name, expected in manifest["files"].items():
-        path = Path(model_dir) / name
-        if not path.is_file():
-            raise ModelDirError(f"{model_dir}: {name} is missing")
-        if sha256_of(path) != expected:
-            raise ModelDirError(f"{model_dir}: {name} fails its sha256 check (corrupt or modified)")
+    if data.ndim != 1 or indices.ndim != 1 or indptr.ndim != 1:
+        raise bad("data, indices and indptr must be 1-D")
+    if data.dtype.kind != "f" or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
+        raise bad(f"dtypes {data.dtype}, {indices.dtype}, {indptr.dtype}: values must be float, indices integers")
+    if max(rows, cols, data.size) > _INT32_MAX:
+        raise bad("too large for int32 indices")
+    if indptr.size != rows + 1:
+        raise bad(f"indptr has {indptr.size} entries, expected rows + 1 = {rows + 1}")
+    if indices.size != data.size:
+        raise bad(f"{indices.size} column indices for {data.size} values")
+    if indptr.dtype == np.uint64 and indptr.size and int(indptr.max()) > _INT32_MAX:
+        raise bad("indptr entry out of range")
+    pointers = indptr.astype(np.int64)
+    if int(pointers[0]) != 0 or int(pointers[-1]) != data.size:
+        raise bad(f"indptr must start at 0 and end at {data.size}")
+    if np.any(pointers[1:] < pointers[:-1]):
+        raise bad("indptr decreases")
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= cols):
+        raise bad(f"a column index is outside [0, {cols})")
+    return data.astype(np.float32), indices.astype(np.int32), pointers.astype(np.int32)
 
 
 class Weights:
     """The tensors of weights.npz, decoded on demand into dense arrays or CSR matrices."""
 
     def __init__(self, model_dir: Path, manifest: Dict[str, Any]) -> None:
-        self.path = Path(model_dir) / "weights.npz"
+        self.path = Path(model_dir) / WEIGHTS_FILE
         self.tensors: Dict[str, Dict[str, Any]] = manifest["tensors"]
-        try:
-            self._npz = np.load(self.path, allow_pickle=False)
-        except FileNotFoundError:
-            raise ModelDirError(f"{self.path} is missing") from None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise ModelDirError(f"{self.path}: corrupt or truncated ({error})") from None
+        self.archive = NpzArchive(self.path, max_model_bytes())
 
     def close(self) -> None:
-        self._npz.close()
+        self.archive.close()
 
     def _member(self, key: str) -> np.ndarray:
-        try:
-            return self._npz[key]
-        except KeyError:
-            raise ModelDirError(f"{self.path}: member {key!r} is missing") from None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-            raise ModelDirError(f"{self.path}: member {key!r} is corrupt ({error})") from None
+        return self.archive.read(key)
 
     def info(self, name: str) -> Dict[str, Any]:
         try:
@@ -109,21 +83,23 @@ class Weights:
     def is_sparse(self, name: str) -> bool:
         return self.info(name)["storage"] == "csr"
 
+    def matrix_shape(self, name: str) -> Tuple[int, int]:
+        """The tensor viewed as ``[shape[0], rest]``."""
+        shape = [int(d) for d in self.info(name)["shape"]] or [1]
+        return shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+
+    def csr_arrays(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored CSR arrays of a sparse tensor, fully validated (float32, int32, int32)."""
+        rows, cols = self.matrix_shape(name)
+        return check_csr(f"{self.path}: {name!r}", self._member(f"{name}.data"), self._member(f"{name}.indices"),
+                         self._member(f"{name}.indptr"), rows, cols)
+
     def csr(self, name: str) -> sp.csr_matrix:
         """The tensor as a float32 CSR matrix ``[shape[0], rest]`` (int32 indices, as scipy computes)."""
-        shape = self.info(name)["shape"]
-        rows = int(shape[0])
-        cols = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        rows, cols = self.matrix_shape(name)
         if not self.is_sparse(name):
-            return sp.csr_matrix(self.dense(name).reshape(rows, cols))
-        data = self._member(f"{name}.data").astype(np.float32)
-        indices = self._member(f"{name}.indices").astype(np.int32)
-        indptr = self._member(f"{name}.indptr").astype(np.int32)
-        if indptr.shape != (rows + 1,) or data.shape != indices.shape or int(indptr[-1]) != data.size:
-            raise ModelDirError(f"{self.path}: CSR arrays of {name!r} are inconsistent")
-        if indices.size and int(indices.max()) >= cols:
-            raise ModelDirError(f"{self.path}: CSR column index out of range in {name!r}")
-        return sp.csr_matrix((data, indices, indptr), shape=(rows, cols))
+            return sp.csr_matrix(self.dense(name).reshape(rows, cols).astype(np.float32, copy=False))
+        return sp.csr_matrix(self.csr_arrays(name), shape=(rows, cols))
 
     def dense(self, name: str) -> np.ndarray:
         """The tensor as a dense array of its logical shape (float weights become float32)."""
@@ -132,8 +108,9 @@ class Weights:
         if self.is_sparse(name):
             return self.csr(name).toarray().reshape(shape)
         array = self._member(name)
-        if array.shape != shape:
-            raise ModelDirError(f"{self.path}: {name!r} has shape {array.shape}, manifest says {shape}")
+        if array.shape != shape or str(array.dtype) != info["dtype"]:
+            raise ModelDirError(f"{self.path}: {name!r} is {array.dtype}{list(array.shape)}, "
+                                f"manifest says {info['dtype']}{list(shape)}")
         return array.astype(np.float32) if array.dtype == np.float16 else array
 
     def sample_inputs(self, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:

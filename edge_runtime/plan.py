@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from edge_runtime.device import fingerprint
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.kernels import KINDS
+from edge_runtime.model_format import PLANS_FILE as PLAN_FILE
+from edge_runtime.model_format import open_regular
 
-PLAN_FILE = "plans.json"
+MAX_PLANS_BYTES = 16 << 20
 ROUND_SECONDS = 0.02   # each timing round runs a candidate for at least this long (and twice) ...
 ROUNDS = 5             # ... candidates take turns round by round, and each one's fastest round counts,
                        # so a burst of other work on the device hits every candidate alike
@@ -86,13 +90,21 @@ def _cache_paths(model_dir: Path):
 def load_cached(model_dir: Path, key: str) -> Optional[Dict[str, Any]]:
     """A cached plan for ``key``, or None (a corrupt cache file is ignored: it is only a cache)."""
     for path in _cache_paths(model_dir):
-        try:
-            plans = json.loads(path.read_text())
-        except (OSError, ValueError):
+        try:  # plans.json sits in a MODEL_DIR that may come from elsewhere: a regular file, bounded
+            with open_regular(path) as handle:
+                plans = json.loads(handle.read(MAX_PLANS_BYTES))
+        except (EdgeRuntimeError, OSError, ValueError, RecursionError):
             continue
-        if isinstance(plans, dict) and isinstance(plans.get(key), dict):
+        if isinstance(plans, dict) and _is_plan(plans.get(key)):
             return plans[key]
     return None
+
+
+def _is_plan(plan: Any) -> bool:
+    """A cached plan names an engine and a known kernel kind per layer (anything else is ignored)."""
+    layers = plan.get("layers", {}) if isinstance(plan, dict) else None
+    return (isinstance(plan, dict) and plan.get("engine") in ("native", "ort") and isinstance(layers, dict)
+            and all(isinstance(k, str) and v in KINDS for k, v in layers.items()))
 
 
 def save(model_dir: Path, key: str, plan: Dict[str, Any]) -> Optional[Path]:

@@ -26,8 +26,26 @@ from edge_runtime import variants
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
 from edge_runtime.graph import Program, compile_graph
 from edge_runtime.model_dir import Weights, read_manifest, verify_files
+from edge_runtime.model_format import max_model_bytes
+from edge_runtime.onnx_check import check_model
 
 KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES)
+# What numpy raises when a graph's attributes or shapes are nonsense (a hostile or broken model): the
+# user sees one line naming the model, not a traceback. InputError (a ValueError) is re-raised first.
+MODEL_FAILURES = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, AttributeError)
+
+
+def _describe(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def check_input_size(shape: Sequence[int], itemsize: int = 4) -> None:
+    """Refuse an input shape (from a manifest, or --batch) too big to allocate: checked before numpy tries."""
+    nbytes = int(np.prod([int(d) for d in shape], dtype=object)) * itemsize
+    if nbytes > max_model_bytes():
+        raise InputError(f"an input of shape {list(shape)} would take {nbytes:,} bytes, more than "
+                         f"{max_model_bytes():,} (EDGEPRUNE_MAX_MODEL_BYTES)")
 
 
 class NodeArg(NamedTuple):
@@ -70,7 +88,8 @@ class InferenceSession:
         try:
             self._weights = Weights(self.model_dir, self.manifest)
             try:
-                self._load(kernels, retune)
+                check_model(self.model_dir, self.manifest, self._weights)  # before any engine reads a byte
+                self._load_checked(kernels, retune)
             finally:
                 self._weights.close()
         except BaseException:
@@ -80,6 +99,15 @@ class InferenceSession:
     # -- loading -----------------------------------------------------------------------------------
     def _sparse_kind(self) -> str:
         return "sparse-mt" if self.threads > 1 else "sparse"
+
+    def _load_checked(self, kernels: str, retune: bool) -> None:
+        """Load; a model whose (checked, consistent) graph still cannot be built is a ModelDirError."""
+        try:
+            self._load(kernels, retune)
+        except EdgeRuntimeError:
+            raise
+        except MODEL_FAILURES as error:
+            raise ModelDirError(f"{self.model_dir}: the model cannot be loaded ({_describe(error)})") from None
 
     def _load(self, kernels: str, retune: bool) -> None:
         if kernels == "ort":
@@ -181,18 +209,23 @@ class InferenceSession:
     def _sample_feed(self) -> Dict[str, np.ndarray]:
         """The manifest's sample inputs; without them, seeded noise (zeros for integer inputs), batch 1."""
         try:
-            return self._weights.sample_inputs(self.manifest)
-        except ModelDirError:
+            sample = self._weights.sample_inputs(self.manifest)
+        except ModelDirError:  # no sample: tune on seeded noise of the declared shapes, batch 1
             feed = {}
             for spec in self._input_specs():
                 shape = [1 if isinstance(d, str) else int(d) for d in spec["shape"]]
                 dtype = np.dtype(spec["dtype"])
+                check_input_size(shape, dtype.itemsize)
                 feed[spec["name"]] = (np.random.default_rng(0).standard_normal(shape).astype(dtype)
                                       if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype))
             return feed
+        try:  # the sample comes from the npz: both engines are timed on it, so it must fit the inputs
+            return self._check_feed(sample)
+        except InputError as error:
+            raise ModelDirError(f"{self.model_dir}: the manifest's sample does not fit its inputs ({error})") from None
 
     def _input_specs(self) -> List[Dict[str, Any]]:
-        """Every input (manifest ``inputs``; a format-1 manifest has only ``input``)."""
+        """Every input (manifest ``inputs``; a format-1 manifest may have only ``input``)."""
         specs = self.manifest.get("inputs")
         return specs if isinstance(specs, list) and specs else [self.manifest["input"]]
 
@@ -212,7 +245,7 @@ class InferenceSession:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: its errors reach the user as our one line
         try:
             return ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
                                         providers=["CPUExecutionProvider"])
@@ -271,9 +304,16 @@ class InferenceSession:
             raise InputError(f"unknown output(s): {', '.join(unknown)}")
         feed = self._check_feed(input_feed)
         if self._program is None:
-            return self._ort.run(names, feed)
-        first = feed[self._input_specs()[0]["name"]]
-        outputs = dict(zip(self._program.output_names, self._bound(feed).run(first)))
+            try:
+                return self._ort.run(names, feed)
+            except Exception as error:  # onnxruntime's errors are untyped; the model was checked at load
+                raise ModelDirError(f"onnxruntime failed to run {self.model_dir}: {_describe(error)}") from None
+        try:
+            outputs = dict(zip(self._program.output_names, self._program.run(feed)))
+        except EdgeRuntimeError:  # said on purpose (InputError is also a ValueError): keep its own type
+            raise
+        except MODEL_FAILURES as error:
+            raise ModelDirError(f"{self.model_dir}: the model failed while running ({_describe(error)})") from None
         dtypes = {arg.name: arg.type[len("tensor("):-1] for arg in self.get_outputs()}
         return [np.asarray(outputs[n], dtype=_NUMPY_DTYPE.get(dtypes[n], dtypes[n])) for n in names]
 

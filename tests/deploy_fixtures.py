@@ -75,7 +75,7 @@ def modified_runtime_wheel(out_dir: Path, tag: str, formats: str = ""):
                                   ignore=shutil.ignore_patterns("__pycache__")))
     _replace(source / "__init__.py", '__version__ = "0.1.0"', f'__version__ = "0.1.0+{tag}"')
     if formats:
-        path = source / "model_dir.py"
+        path = source / "model_format.py"
         text, count = re.subn(r"^SUPPORTED_VERSIONS = \([^)]*\)", f"SUPPORTED_VERSIONS = {formats}",
                               path.read_text(), flags=re.M)
         assert count == 1, f"{path} no longer sets SUPPORTED_VERSIONS: update tests/deploy_fixtures.py"

@@ -1,0 +1,154 @@
+"""weights.npz read defensively: every member stored (never compressed), sized before allocating.
+
+``np.load`` on an untrusted .npz decompresses a member fully before anyone can look at its shape (a
+4 MB file became 4 GB of RSS). Here the archive's directory is read first; each member must be
+ZIP_STORED, hold one C-order .npy array of a plain numeric dtype, and its header's shape × itemsize
+must equal the bytes the member really has, within the file. Only then is the array read, straight
+from its offset. The same offsets are what model.onnx's external data must point at
+(see ``onnx_check``).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+
+from edge_runtime.model_format import ModelDirError, open_regular
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # the zip local file header's 30 fixed bytes
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+MAX_NPY_HEADER = 1 << 16
+MAX_MEMBERS = 1 << 16
+DTYPE_KINDS = "fiub"  # float, signed, unsigned, bool: nothing with objects or pointers
+
+
+@dataclass(frozen=True)
+class Member:
+    """One array of the archive: where its raw bytes are and what they are."""
+
+    offset: int          # of the first data byte, in the .npz file
+    nbytes: int
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+
+
+class NpzArchive:
+    """The members of an uncompressed .npz, checked; ``read(key)`` returns one array."""
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = Path(path)
+        self._file = open_regular(self.path)
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            self.members = self._scan(limit)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _error(self, what: str) -> ModelDirError:
+        return ModelDirError(f"{self.path}: {what}")
+
+    def _scan(self, limit: int) -> Dict[str, Member]:
+        try:
+            infos = zipfile.ZipFile(self._file).infolist()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, struct.error) as error:
+            raise self._error(f"corrupt or truncated ({error})") from None
+        if len(infos) > MAX_MEMBERS:
+            raise self._error(f"more than {MAX_MEMBERS} members")
+        members: Dict[str, Member] = {}
+        total = 0
+        for info in infos:
+            key = info.filename[:-4] if info.filename.endswith(".npy") else None
+            if key is None or key in members:
+                raise self._error(f"member {info.filename!r} is not a unique .npy array")
+            member = self._member(info)
+            total += member.nbytes
+            if total > limit:
+                raise self._error(f"members hold more than {limit:,} bytes (EDGEPRUNE_MAX_MODEL_BYTES)")
+            members[key] = member
+        return members
+
+    def _member(self, info: zipfile.ZipInfo) -> Member:
+        name = info.filename
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise self._error(f"member {name!r} is compressed; a MODEL_DIR stores every member uncompressed")
+        if info.flag_bits & 0x1:
+            raise self._error(f"member {name!r} is encrypted")
+        self._file.seek(info.header_offset)
+        head = self._file.read(_LOCAL_HEADER.size)
+        if len(head) != _LOCAL_HEADER.size or head[:4] != _LOCAL_SIGNATURE:
+            raise self._error(f"bad zip local header for {name!r}")
+        fields = _LOCAL_HEADER.unpack(head)
+        start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
+        if start + info.file_size > self.size:
+            raise self._error(f"member {name!r} runs past the end of the file")
+        self._file.seek(start)
+        prefix = self._file.read(min(info.file_size, MAX_NPY_HEADER + 12))
+        shape, dtype, header_len = self._npy_header(name, prefix)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if header_len + nbytes != info.file_size:
+            raise self._error(f"member {name!r} declares shape {list(shape)} of {dtype} ({nbytes:,} bytes) "
+                              f"but holds {info.file_size - header_len:,} bytes")
+        return Member(start + header_len, nbytes, shape, dtype)
+
+    def _npy_header(self, name: str, prefix: bytes) -> Tuple[Tuple[int, ...], np.dtype, int]:
+        """Parse a .npy header from its bytes (never from the open file: its length is checked first)."""
+        if prefix[:6] != _NPY_MAGIC or len(prefix) < 10:
+            raise self._error(f"member {name!r} is not a .npy array")
+        major = prefix[6]
+        size_format, fixed = ("<H", 10) if major == 1 else ("<I", 12) if major in (2, 3) else (None, 0)
+        if size_format is None or len(prefix) < fixed:
+            raise self._error(f"member {name!r} has an unknown .npy version")
+        length = struct.unpack(size_format, prefix[8:fixed])[0]
+        if fixed + length > len(prefix):
+            raise self._error(f"member {name!r} has a .npy header longer than its data allows")
+        try:
+            header = ast.literal_eval(prefix[fixed:fixed + length].decode("latin1"))
+            dtype = np.dtype(header["descr"]) if isinstance(header["descr"], str) else None
+            shape = tuple(header["shape"])
+            fortran = header["fortran_order"]
+        except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError):
+            raise self._error(f"member {name!r} has a malformed .npy header") from None
+        if dtype is None or dtype.kind not in DTYPE_KINDS or dtype.byteorder == ">" or fortran is not False:
+            raise self._error(f"member {name!r} is not a little-endian C-order numeric array")
+        valid_dim = lambda d: isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2 ** 40  # noqa: E731
+        if len(shape) > 8 or not all(valid_dim(d) for d in shape):
+            raise self._error(f"member {name!r} has an invalid shape {shape!r}")
+        return shape, dtype, fixed + length
+
+    def read(self, key: str) -> np.ndarray:
+        """The member ``key`` as an array (its size was checked against the file when scanning)."""
+        member = self.members.get(key)
+        if member is None:
+            raise self._error(f"member {key!r} is missing")
+        array = np.empty(member.shape, dtype=member.dtype)
+        if member.nbytes == 0:
+            return array
+        self._file.seek(member.offset)
+        if self._file.readinto(memoryview(array.reshape(-1).view(np.uint8))) != member.nbytes:
+            raise self._error(f"member {key!r} is truncated")
+        return array
+
+
+def read_all(path: Path, limit: int) -> Dict[str, np.ndarray]:
+    """Every member of a checked .npz (small archives: fixtures, samples)."""
+    archive = NpzArchive(path, limit)
+    try:
+        return {key: archive.read(key) for key in archive.members}
+    finally:
+        archive.close()
+
+
+__all__ = ["Member", "NpzArchive", "read_all"]

@@ -1,0 +1,254 @@
+"""model.onnx checked against manifest.json and weights.npz before any engine reads it.
+
+A MODEL_DIR has two engines, the native kernels (manifest graph + weights.npz) and onnxruntime
+(model.onnx, whose weights are external data inside weights.npz). Every file hash can be valid and the
+two still compute different functions, or onnxruntime can be pointed at ``/etc/passwd``: onnxruntime
+1.19 (the Pi's) follows any external-data location, ``..`` and symlinks included. So at load:
+
+- the graph decoded from model.onnx must be the manifest's graph, node for node (plus the Cast nodes
+  export adds for float16 weights);
+- every initializer must be a tensor the manifest lists. One the manifest calls external (every
+  weight, every float tensor over ``INLINE_BYTES``; every tensor of format 1 without an ``onnx`` key)
+  must be external data in ``weights.npz`` (the only location allowed; the npz itself is opened only
+  as a regular file, never a symlink) at exactly the offset and length of that tensor's own npz
+  member, with the member's dtype and shape. One it calls inline (a small constant: shapes, axes,
+  indices, which onnxruntime's shape inference must read from the file itself) must hold inline
+  data bit for bit equal to the copy the npz keeps, which is what the native engine computes with;
+- a sparse initializer's inline int64 indices must be the CSR arrays' non-zeros, linearised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from edge_runtime.errors import ModelDirError
+from edge_runtime.model_dir import Weights
+from edge_runtime.model_format import ONNX_FILE, WEIGHTS_FILE, max_model_bytes, open_regular
+from edge_runtime.npz_reader import Member
+from edge_runtime import onnx_wire
+from edge_runtime.onnx_wire import DATA_TYPES, Attribute, Model, Tensor
+
+EXTERNAL_KEYS = {"location", "offset", "length"}
+MAX_ATTRIBUTE_VALUES = 1 << 16
+
+
+def read_model(model_dir: Path) -> Model:
+    """Decode model.onnx (a regular file inside MODEL_DIR, of bounded size)."""
+    path = Path(model_dir) / ONNX_FILE
+    with open_regular(path) as handle:
+        data = handle.read(max_model_bytes() + 1)
+    if len(data) > max_model_bytes():
+        raise ModelDirError(f"{path}: larger than {max_model_bytes():,} bytes (EDGEPRUNE_MAX_MODEL_BYTES)")
+    return onnx_wire.parse_model(data)
+
+
+def check_model(model_dir: Path, manifest: Mapping[str, Any], weights: Weights) -> Model:
+    """Refuse a model.onnx that reads outside its tensors' bytes or differs from the manifest's graph."""
+    model = read_model(model_dir)
+    where = f"{Path(model_dir) / ONNX_FILE}"
+    _check_initializers(model, manifest, weights, where)
+    _check_graph(model, manifest, where)
+    check_window_attributes(manifest, where)
+    return model
+
+
+WINDOW_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
+MAX_WINDOW = 1 << 12  # kernel, stride, dilation and padding sizes: far beyond any real layer
+
+
+def check_window_attributes(manifest: Mapping[str, Any], where: str) -> None:
+    """Refuse window sizes and conv groups no real layer has, before any engine loops over them.
+
+    Found by the fuzz test: ``group = 879381798`` made the native loader build one kernel per group
+    (hours, then out of memory); huge strides/pads/kernels make allocations no device can hold.
+    """
+    for index, node in enumerate(manifest["graph"]):
+        if node["op_type"] not in WINDOW_OPS:
+            continue
+        attrs = node["attributes"]
+        for name, low in (("kernel_shape", 1), ("strides", 1), ("dilations", 1), ("pads", 0)):
+            values = attrs.get(name, [])
+            if not isinstance(values, list) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and low <= v <= MAX_WINDOW for v in values):
+                raise ModelDirError(f"{where}: node {index} ({node['op_type']}) has {name} {values!r} "
+                                    f"outside [{low}, {MAX_WINDOW}]")
+        if node["op_type"] in ("Conv", "ConvTranspose"):
+            _check_group(node, manifest["tensors"], index, where)
+
+
+def _check_group(node: Mapping[str, Any], tensors: Mapping[str, Any], index: int, where: str) -> None:
+    group = node["attributes"].get("group", 1)
+    weight = tensors.get(node["inputs"][1]) if len(node["inputs"]) > 1 else None
+    channels = weight["shape"][0] if weight and weight["shape"] else MAX_WINDOW
+    if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= channels or channels % group:
+        raise ModelDirError(f"{where}: node {index} ({node['op_type']}) has group {group!r}, which does not "
+                            f"divide its {channels} output channels")
+
+
+# -- the graph ---------------------------------------------------------------------------------------
+def _tensor_array(tensor: Tensor, where: str, what: str = "attribute tensor",
+                  max_values: int = MAX_ATTRIBUTE_VALUES) -> np.ndarray:
+    """An inline tensor's values (attribute tensors and inline initializers may not be external)."""
+    if tensor.is_external:
+        raise ModelDirError(f"{where}: {what} uses external data where the MODEL_DIR keeps it inline")
+    if tensor.data_type not in DATA_TYPES:
+        raise ModelDirError(f"{where}: {what} of ONNX data type {tensor.data_type}")
+    dtype_name, typed_field = DATA_TYPES[tensor.data_type]
+    dtype = np.dtype(dtype_name)
+    if any(d < 0 for d in tensor.dims):
+        raise ModelDirError(f"{where}: {what} of shape {tensor.dims} refused")
+    count = int(np.prod(tensor.dims, dtype=object)) if tensor.dims else 1
+    if count > max_values:
+        raise ModelDirError(f"{where}: {what} of shape {tensor.dims} refused")
+    if tensor.raw_data is not None:
+        if len(tensor.raw_data) != count * dtype.itemsize:
+            raise ModelDirError(f"{where}: {what} raw data does not match its shape")
+        return np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<")).reshape(tensor.dims)
+    values = tensor.typed.get(typed_field, [])
+    if len(values) != count:
+        raise ModelDirError(f"{where}: {what} data does not match its shape")
+    try:
+        if dtype_name == "float16":  # stored as the bits of each half float in int32_data
+            return np.asarray(values, dtype=np.uint16).view(np.float16).reshape(tensor.dims)
+        return np.asarray(values, dtype=dtype).reshape(tensor.dims)
+    except OverflowError:
+        raise ModelDirError(f"{where}: {what} value out of range for {dtype_name}") from None
+
+
+def _attribute_value(attribute: Attribute, where: str) -> Any:
+    """The attribute as export's manifest writes it (onnx.helper.get_attribute_value, JSON-ready)."""
+    kind = attribute.type
+    if kind == onnx_wire.FLOAT:
+        return attribute.f
+    if kind == onnx_wire.INT:
+        return attribute.i
+    if kind == onnx_wire.STRING:
+        return attribute.s.decode("utf-8", errors="replace")
+    if kind == onnx_wire.FLOATS:
+        return list(attribute.floats)
+    if kind == onnx_wire.INTS:
+        return list(attribute.ints)
+    if kind == onnx_wire.STRINGS:
+        return [s.decode("utf-8", errors="replace") for s in attribute.strings]
+    array = _tensor_array(attribute.t or Tensor(), where)
+    return {"tensor": array.tolist(), "dtype": str(array.dtype), "shape": list(array.shape)}
+
+
+def _canonical(node: Mapping[str, Any]) -> str:
+    """One node as a comparable string (JSON spells NaN the same on both sides)."""
+    return json.dumps({"op_type": node.get("op_type"), "name": node.get("name", ""), "domain": node.get("domain", ""),
+                       "inputs": node.get("inputs"), "outputs": node.get("outputs"),
+                       "attributes": node.get("attributes")}, sort_keys=True)
+
+
+def _fp16_casts(manifest: Mapping[str, Any]) -> Dict[str, str]:
+    """output → input of the Cast nodes export puts first for each float16 tensor."""
+    return {name: f"{name}__fp16" for name, info in manifest["tensors"].items() if info["dtype"] == "float16"}
+
+
+def _check_graph(model: Model, manifest: Mapping[str, Any], where: str) -> None:
+    casts = _fp16_casts(manifest)
+    nodes = list(model.nodes)
+    leading = nodes[:len(casts)]
+    if sorted((n.op_type, tuple(n.inputs), tuple(n.outputs)) for n in leading) != sorted(
+            ("Cast", (source,), (name,)) for name, source in casts.items()):
+        raise ModelDirError(f"{where}: its float16 Cast nodes do not match the manifest's float16 tensors")
+    derived = [{"op_type": n.op_type, "name": n.name, "domain": n.domain, "inputs": n.inputs,
+                "outputs": n.outputs, "attributes": {a.name: _attribute_value(a, where) for a in n.attributes}}
+               for n in nodes[len(casts):]]
+    if len(derived) != len(manifest["graph"]):
+        raise ModelDirError(f"{where}: has {len(derived)} nodes, the manifest's graph {len(manifest['graph'])}")
+    for index, (mine, theirs) in enumerate(zip(derived, manifest["graph"])):
+        if _canonical(mine) != _canonical(theirs):
+            raise ModelDirError(f"{where}: node {index} ({mine['op_type']}) differs from the manifest's graph")
+    stored = {t.name for t in model.initializers} | {s.values.name for s in model.sparse_initializers}
+    inputs = [name for name in model.inputs if name not in stored]
+    expected = [spec["name"] for spec in manifest.get("inputs") or [manifest["input"]]]
+    if inputs != expected or model.outputs != list(manifest["outputs"]):
+        raise ModelDirError(f"{where}: its inputs/outputs differ from the manifest's")
+
+
+# -- the weights -------------------------------------------------------------------------------------
+def _check_external(tensor: Tensor, member: Optional[Member], key: str, where: str) -> None:
+    """``tensor`` must be external data at exactly the bytes of npz member ``key``."""
+    name = tensor.name
+    if member is None:
+        raise ModelDirError(f"{where}: initializer {name!r} has no npz member {key!r}")
+    if not tensor.is_external or tensor.has_inline_data or tensor.data_location != onnx_wire.EXTERNAL:
+        raise ModelDirError(f"{where}: initializer {name!r} must be external data in {WEIGHTS_FILE}")
+    if set(tensor.external) != EXTERNAL_KEYS:
+        raise ModelDirError(f"{where}: initializer {name!r} has external_data keys {sorted(tensor.external)}")
+    if tensor.external["location"] != WEIGHTS_FILE:
+        raise ModelDirError(f"{where}: initializer {name!r} reads {tensor.external['location']!r}; "
+                            f"only {WEIGHTS_FILE} is allowed")
+    if (tensor.external["offset"], tensor.external["length"]) != (str(member.offset), str(member.nbytes)):
+        raise ModelDirError(f"{where}: initializer {name!r} points at bytes other than npz member {key!r}")
+    if DATA_TYPES.get(tensor.data_type, ("?",))[0] != member.dtype.name or tuple(tensor.dims) != member.shape:
+        raise ModelDirError(f"{where}: initializer {name!r} type or shape differs from npz member {key!r}")
+
+
+def _check_inline(tensor: Tensor, member: Optional[Member], weights: Weights, key: str, where: str) -> None:
+    """``tensor`` must be inline data equal, bit for bit, to npz member ``key`` (the native engine's copy)."""
+    name = tensor.name
+    if member is None:
+        raise ModelDirError(f"{where}: initializer {name!r} has no npz member {key!r}")
+    if tensor.is_external or tensor.data_location == onnx_wire.EXTERNAL:
+        raise ModelDirError(f"{where}: initializer {name!r} must be inline in model.onnx, as the manifest says")
+    if DATA_TYPES.get(tensor.data_type, ("?",))[0] != member.dtype.name or tuple(tensor.dims) != member.shape:
+        raise ModelDirError(f"{where}: initializer {name!r} type or shape differs from npz member {key!r}")
+    inline = _tensor_array(tensor, where, f"initializer {name!r}", max_model_bytes())
+    stored = weights.archive.read(key)
+    little = stored.dtype.newbyteorder("<")
+    if np.ascontiguousarray(inline, dtype=little).tobytes() != np.ascontiguousarray(stored, dtype=little).tobytes():
+        raise ModelDirError(f"{where}: inline initializer {name!r} differs from npz member {key!r}")
+
+
+def _coo_indices(tensor: Tensor, where: str) -> np.ndarray:
+    if tensor.is_external or tensor.data_type != 7 or len(tensor.dims) != 1:
+        raise ModelDirError(f"{where}: sparse indices {tensor.name!r} must be inline 1-D int64")
+    if tensor.raw_data is not None:
+        if len(tensor.raw_data) != 8 * tensor.dims[0]:
+            raise ModelDirError(f"{where}: sparse indices {tensor.name!r} do not match their shape")
+        return np.frombuffer(tensor.raw_data, dtype="<i8")
+    return np.asarray(tensor.typed.get(7, []), dtype=np.int64)
+
+
+def _check_sparse_indices(coo: np.ndarray, weights: Weights, name: str, where: str) -> None:
+    """The linearised indices onnxruntime uses must be exactly the CSR arrays' non-zeros."""
+    _, indices, indptr = weights.csr_arrays(name)
+    cols = weights.matrix_shape(name)[1]
+    rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    if coo.shape != indices.shape or not np.array_equal(coo, rows * cols + indices):
+        raise ModelDirError(f"{where}: sparse indices of {name!r} differ from its CSR arrays in {WEIGHTS_FILE}")
+
+
+def _check_initializers(model: Model, manifest: Mapping[str, Any], weights: Weights, where: str) -> None:
+    members = weights.archive.members
+    tensors = manifest["tensors"]
+    stored_as = {(f"{n}__fp16" if info["dtype"] == "float16" else n): n for n, info in tensors.items()}
+    seen: List[str] = []
+    for tensor in model.initializers:
+        name = stored_as.get(tensor.name)
+        if name is None or tensors[name]["storage"] != "dense":
+            raise ModelDirError(f"{where}: initializer {tensor.name!r} is not a dense tensor of the manifest")
+        if tensors[name].get("onnx", "external") == "inline":
+            _check_inline(tensor, members.get(name), weights, name, where)
+        else:
+            _check_external(tensor, members.get(name), name, where)
+        seen.append(name)
+    for sparse in model.sparse_initializers:
+        name = stored_as.get(sparse.values.name)
+        if name is None or tensors[name]["storage"] != "csr":
+            raise ModelDirError(f"{where}: sparse initializer {sparse.values.name!r} is not a CSR tensor "
+                                "of the manifest")
+        if list(sparse.dims) != list(tensors[name]["shape"]):
+            raise ModelDirError(f"{where}: sparse initializer {name!r} has dims {sparse.dims}")
+        _check_external(sparse.values, members.get(f"{name}.data"), f"{name}.data", where)
+        _check_sparse_indices(_coo_indices(sparse.indices, where), weights, name, where)
+        seen.append(name)
+    if sorted(seen) != sorted(tensors):
+        raise ModelDirError(f"{where}: its initializers are not exactly the manifest's tensors")
