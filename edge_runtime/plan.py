@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Optional
 from edge_runtime.device import fingerprint
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kernels import KINDS
+from edge_runtime.variants import ENGINES as VARIANT_ENGINES
 from edge_runtime.model_format import PLANS_FILE as PLAN_FILE
 from edge_runtime.model_format import open_regular
 
@@ -103,7 +104,8 @@ def load_cached(model_dir: Path, key: str) -> Optional[Dict[str, Any]]:
 def _is_plan(plan: Any) -> bool:
     """A cached plan names an engine and a known kernel kind per layer (anything else is ignored)."""
     layers = plan.get("layers", {}) if isinstance(plan, dict) else None
-    return (isinstance(plan, dict) and plan.get("engine") in ("native", "ort") and isinstance(layers, dict)
+    return (isinstance(plan, dict) and plan.get("engine") in ("native", "ort", *VARIANT_ENGINES)
+            and isinstance(layers, dict)
             and all(isinstance(k, str) and v in KINDS for k, v in layers.items()))
 
 
