@@ -176,12 +176,66 @@ def dense_band(ax: Any, dense: float, max_drop: float, label: bool = True) -> No
                label=f"dense: {dense:.2f}%" if label else None)
 
 
-def annotate(ax: Any, x: float, y: float, text: str, color: Any, slot: int = 0) -> None:
-    """A small label beside a point; ``slot`` staggers series so their labels do not sit on each other."""
-    offsets = [(0, 7), (0, -11), (7, 3), (-7, -11)]
-    dx, dy = offsets[slot % len(offsets)]
-    ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, color=color,
-                ha="center" if dx == 0 else ("left" if dx > 0 else "right"), va="bottom" if dy > 0 else "top")
+LABEL_OFFSETS = ((0, 6), (0, -6), (6, 0), (-6, 0), (6, 6), (-6, -6), (6, -6), (-6, 6), (0, 14), (0, -14))
+
+
+def place_labels(ax: Any, labels: Sequence[Tuple[float, float, str, Any]], fontsize: float = 7) -> int:
+    """Small ``(x, y, text, colour)`` labels beside their points, each at the first nearby offset
+    where it covers no line, no marker and no other label; a label with no free place is left out
+    (a readable subset beats a blur). Call after the axes' limits are final. Returns how many went in.
+    """
+    fig = ax.figure
+    px = fig.dpi / 72.0  # points to pixels
+    obstacles = _line_samples(ax)
+    placed: List[Tuple[float, float, float, float]] = []
+    shown = 0
+    for x, y, text, color in labels:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        cx, cy = ax.transData.transform((x, y))
+        w, h = 0.62 * fontsize * px * len(text) + 2, fontsize * px + 2
+        for dx, dy in LABEL_OFFSETS:
+            left = cx + dx * px - (w / 2 if dx == 0 else 0 if dx > 0 else w)
+            bottom = cy + dy * px - (h / 2 if dy == 0 else 0 if dy > 0 else h)
+            box = (left, bottom, left + w, bottom + h)
+            if not _covers(box, obstacles) and not any(_overlap(box, other) for other in placed):
+                placed.append(box)
+                ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                            color=color, ha="center" if dx == 0 else "left" if dx > 0 else "right",
+                            va="center" if dy == 0 else "bottom" if dy > 0 else "top")
+                shown += 1
+                break
+    return shown
+
+
+def _line_samples(ax: Any) -> np.ndarray:
+    """Pixels along every data line and marker of ``ax`` (reference lines across the axes excluded)."""
+    from matplotlib.collections import LineCollection
+
+    paths = [np.asarray(line.get_xydata(), dtype=float) for line in ax.lines if line.get_transform() == ax.transData]
+    paths += [np.asarray(segment, dtype=float) for c in ax.collections  # error bars
+              if isinstance(c, LineCollection) and c.get_transform() == ax.transData for segment in c.get_segments()]
+    samples = []
+    for path in paths:
+        xy = ax.transData.transform(path) if len(path) else np.zeros((0, 2))
+        xy = xy[np.isfinite(xy).all(axis=1)]
+        samples.append(xy)
+        for a, b in zip(xy[:-1], xy[1:]):
+            steps = int(np.hypot(*(b - a)) // 3) + 2
+            samples.append(a + np.linspace(0, 1, steps)[:, None] * (b - a))
+    return np.concatenate(samples) if samples else np.zeros((0, 2))
+
+
+def _covers(box: Tuple[float, float, float, float], points: np.ndarray, margin: float = 3.0) -> bool:
+    if not len(points):
+        return False
+    inside = ((points[:, 0] > box[0] - margin) & (points[:, 0] < box[2] + margin)
+              & (points[:, 1] > box[1] - margin) & (points[:, 1] < box[3] + margin))
+    return bool(inside.any())
+
+
+def _overlap(a: Tuple[float, float, float, float], b: Tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def legend_outside(ax: Any) -> None:

@@ -129,20 +129,21 @@ def plot_png(metrics: Dict[str, Any], max_drop: float = plotting.DEFAULT_MAX_DRO
     entries = [e for levels in methods.values() for e in levels]
     scored = any(not math.isnan(_accuracy(e)) for e in entries)
     structured = _structured(metrics)
-    for slot, (method, levels) in enumerate(methods.items()):
+    labels = []
+    for method, levels in methods.items():
         xs = [e["macs"] / 1e6 if structured else plotting.density(e["sparsity"]) for e in levels]
         ys = [_y_value(e, scored) for e in levels]
         line, = ax.plot(xs, ys, marker="o", markersize=4, label=method, zorder=3)
-        for x, y, entry in zip(xs, ys, levels):
-            # the x axis (MACs) does not say which level a point is; the shared dense point once
-            if structured and math.isfinite(y) and (slot == 0 or entry["level"] != 0):
-                plotting.annotate(ax, x, y, f"L{entry['level']}", line.get_color(), slot)
+        # the MACs axis does not say which level a point is (the sparsity axis has the levels on top)
+        labels += [(x, y, f"L{e['level']}", line.get_color()) for x, y, e in zip(xs, ys, levels)
+                   if structured and (not labels or e["level"] != 0)]  # the shared dense point once
     if structured:
         _macs_axis(ax, [e["macs"] / 1e6 for e in entries])
     else:
         plotting.sparsity_axis(ax, [e["sparsity"] for e in entries],
                                [(e["sparsity"], str(e["level"])) for e in entries])
     _y_axis(ax, entries, scored, max_drop)
+    plotting.place_labels(ax, labels)
     ax.set_title(f"{metrics['model']} on {metrics['data']}")
     ax.grid(True, alpha=0.3)
     plotting.legend_outside(ax)
