@@ -144,7 +144,8 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
         labels[right] += [(r["size_bytes"] / 1024, _accuracy(r), _level(r), color) for r in points]
     if not ok:
         for ax in (left, right):
-            plotting.no_data(ax, "no accuracy in the models' manifests")
+            plotting.no_data(ax, "no accuracy: the models' manifests hold none\n(a regression model, or "
+                                 "exported without test data)")
     else:
         plotting.positive_axis(left, "x", [r["p50_ms"] for r in list(fastest.values()) + refs])
         plotting.positive_axis(right, "x", [r["size_bytes"] / 1024 for r in ok if r["size_bytes"]])
@@ -152,7 +153,7 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
         plotting.accuracy_axis(left, [_accuracy(r) for r in ok], dense, max_drop)
         for ax, placed in labels.items():
             plotting.place_labels(ax, placed)
-    left.set_xlabel(f"p50 latency (ms), fastest kernels, {first_threads} thread(s)")
+    left.set_xlabel("p50 latency (ms), fastest kernels" + (f", {first_threads} thread(s)" if ok else ""))
     right.set_xlabel("size on disk (KiB)")
     left.set_ylabel("accuracy (%)")
     for ax in (left, right):

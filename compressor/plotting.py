@@ -138,11 +138,13 @@ def sparsity_axis(ax: Any, sparsities: Sequence[float], marks: Sequence[Tuple[fl
     ax.set_xscale("log")
     ax.set_xlim(high, low)  # inverted: sparser to the right
     candidates = [density(s / 100) for s in SPARSITY_TICKS if low <= density(s / 100) <= high]
+    if len(candidates) < 2:  # a narrow range between round values: tick the data's own sparsities
+        candidates = sorted(set(densities), reverse=True)
     ticks = [candidates[i] for i in spaced(candidates, low, high)]
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda d, _: plain(100 * (1 - d)) + "%"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda d, _: f"{100 * (1 - d):.4g}%"))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("sparsity (log density axis: 90%, 99%, 99.9% evenly spaced)")
     if marks:
@@ -247,8 +249,10 @@ def legend_outside(ax: Any) -> None:
 
 
 def no_data(ax: Any, text: str) -> None:
-    """Say in the axes why nothing is drawn."""
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.3")
+    """Say in an empty axes why nothing is drawn (no ticks: there is no scale to read)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.3", wrap=True)
 
 
 def png(fig: Any) -> bytes:
