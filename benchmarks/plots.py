@@ -21,8 +21,6 @@ from typing import Any, Dict, List, Sequence, Tuple
 from compressor import plotting
 
 Row = Dict[str, object]
-
-
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
            "tab:cyan", "tab:gray")
 MARKERS = ("o", "s", "^", "D", "v", "P")  # one per host
@@ -54,9 +52,7 @@ def plot_latency_vs_sparsity(table: Sequence[Row], path: Path) -> None:
     ok = [r for r in table if r["status"] == "ok" and r["sparsity"] is not None and r["p50_ms"]]
     measured = [r for r in ok if not r["reference_only"]]
     varying = _varying(ok, "host", "threads")
-    series: Dict[str, List[Row]] = defaultdict(list)
-    for row in measured:
-        series[_latency_label(row, varying)].append(row)
+    series = _group(measured, lambda r: _latency_label(r, varying))
     colour, marker, style = (_index([r[k] for r in ok]) for k in ("kernels", "host", "threads"))
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     labels = []

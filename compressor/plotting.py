@@ -137,10 +137,12 @@ def sparsity_axis(ax: Any, sparsities: Sequence[float], marks: Sequence[Tuple[fl
     high, low = max(densities) * 1.25, min(densities) / 1.25
     ax.set_xscale("log")
     ax.set_xlim(high, low)  # inverted: sparser to the right
-    candidates = [density(s / 100) for s in SPARSITY_TICKS if low <= density(s / 100) <= high]
-    if len(candidates) < 2:  # a narrow range between round values: tick the data's own sparsities
-        candidates = sorted(set(densities), reverse=True)
-    ticks = [candidates[i] for i in spaced(candidates, low, high)]
+    own = sorted({round(d, 9) for d in densities}, reverse=True)
+    if len(spaced(own, low, high, gap=0.1)) == len(own):  # room for every level's own sparsity
+        ticks = own
+    else:
+        candidates = [density(s / 100) for s in SPARSITY_TICKS if low <= density(s / 100) <= high]
+        ticks = [candidates[i] for i in spaced(candidates, low, high)]
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     ax.xaxis.set_major_locator(FixedLocator(ticks))
