@@ -194,7 +194,7 @@ def place_labels(ax: Any, labels: Sequence[Tuple[float, float, str, Any]], fonts
     placed: List[Tuple[float, float, float, float]] = []
     shown = 0
     for x, y, text, color in labels:
-        if not (math.isfinite(x) and math.isfinite(y)):
+        if not (text and math.isfinite(x) and math.isfinite(y)):
             continue
         cx, cy = ax.transData.transform((x, y))
         w, h = 0.62 * fontsize * px * len(text) + 2, fontsize * px + 2

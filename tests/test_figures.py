@@ -63,6 +63,21 @@ def test_sparsity_ticks_and_level_marks_leave_room_between_labels():
         assert abs(math.log(positions[a]) - math.log(positions[b])) >= 0.05 * span
 
 
+def test_the_sparsity_axis_reads_in_plain_percent_with_levels_on_top():
+    plt, fig, ax = _axes()
+    sparsities = [1 - 0.5 ** k for k in range(11)]  # 0% ... 99.9%: too many for their own ticks
+    plotting.sparsity_axis(ax, sparsities, [(s, str(k)) for k, s in enumerate(sparsities)])
+    fig.canvas.draw()
+    bottom = [t.get_text() for t in ax.get_xticklabels()]
+    assert "0%" in bottom and "99.9%" in bottom and all("$" not in t and "e" not in t for t in bottom), bottom
+    assert ax.get_xlim()[0] > ax.get_xlim()[1]  # sparser to the right
+    few = [0.0, 0.2, 0.36]  # room for each level's own sparsity
+    plotting.sparsity_axis(ax, few)
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0%", "20%", "36%"]
+    plt.close(fig)
+
+
 def test_point_labels_never_overlap_each_other():
     plt, fig, ax = _axes()
     ax.plot([1, 2, 3], [1, 2, 1], marker="o")
