@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import logging
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from compressor import plotting
 from compressor.run_dir import CONFIG, METRICS, RunDir, read_json
 
 REPORT = "report.md"
@@ -117,47 +117,76 @@ def _channels_table(metrics: Dict[str, Any], lines: List[str]) -> str:
     return "\n".join(lines + widths) + "\n"
 
 
-def plot_png(metrics: Dict[str, Any]) -> bytes:
-    """Accuracy against sparsity on a log-density axis (so 90%, 99%, ... are evenly spaced)."""
-    import matplotlib
+def plot_png(metrics: Dict[str, Any], max_drop: float = plotting.DEFAULT_MAX_DROP) -> bytes:
+    """Accuracy per level against sparsity (log-density axis, levels marked on top) or, for a
+    ``--structure channels`` run, against MACs; the dense accuracy and the ``max_drop`` band behind.
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    if _structured(metrics):  # a smaller dense network: MACs are the x axis that predicts speed
-        for method, levels in metrics["methods"].items():
-            ax.plot([e["macs"] / 1e6 for e in levels], [100 * _accuracy(e) for e in levels], marker="o", label=method)
-        ax.invert_xaxis()  # fewer MACs to the right, like higher sparsity
-        ax.set_xlabel("MACs per example (millions)")
-        return _finish_plot(fig, ax, metrics)
-    for method, levels in metrics["methods"].items():
-        density = [max(1.0 - e["sparsity"], 1e-6) for e in levels]
-        ax.plot(density, [100 * _accuracy(e) for e in levels], marker="o", label=method)
-    ax.set_xscale("log")
-    ax.invert_xaxis()  # sparser to the right
-    densities = sorted({round(max(1.0 - e["sparsity"], 1e-6), 6) for ls in metrics["methods"].values() for e in ls},
-                       reverse=True)
-    shown = densities[:: max(1, len(densities) // 8)]
-    ax.set_xticks(shown)
-    ax.set_xticklabels([f"{100 * (1 - d):.1f}%" for d in shown], rotation=45)
-    ax.minorticks_off()
-    ax.set_xlabel("sparsity (log density axis)")
-    return _finish_plot(fig, ax, metrics)
-
-
-def _finish_plot(fig: Any, ax: Any, metrics: Dict[str, Any]) -> bytes:
-    import matplotlib.pyplot as plt
-
-    ax.set_ylabel("test accuracy (%)")
+    A run without accuracy (a regression loss) shows its test loss instead, and says so.
+    """
+    plt = plotting.pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    methods = {m: levels for m, levels in metrics["methods"].items() if levels}
+    entries = [e for levels in methods.values() for e in levels]
+    scored = any(not math.isnan(_accuracy(e)) for e in entries)
+    structured = _structured(metrics)
+    labels = []
+    for method, levels in methods.items():
+        xs = [e["macs"] / 1e6 if structured else plotting.density(e["sparsity"]) for e in levels]
+        ys = [_y_value(e, scored) for e in levels]
+        line, = ax.plot(xs, ys, marker="o", markersize=4, label=method, zorder=3)
+        # the MACs axis does not say which level a point is (the sparsity axis has the levels on top)
+        labels += [(x, y, f"L{e['level']}", line.get_color()) for x, y, e in zip(xs, ys, levels)
+                   if structured and (not labels or e["level"] != 0)]  # the shared dense point once
+    if structured:
+        _macs_axis(ax, [e["macs"] / 1e6 for e in entries])
+    else:
+        plotting.sparsity_axis(ax, [e["sparsity"] for e in entries],
+                               [(e["sparsity"], str(e["level"])) for e in entries])
+    _y_axis(ax, entries, scored, max_drop)
+    plotting.place_labels(ax, labels)
     ax.set_title(f"{metrics['model']} on {metrics['data']}")
     ax.grid(True, alpha=0.3)
-    ax.legend()
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    plotting.legend_outside(ax)
+    return plotting.png(fig)
+
+
+def _y_value(entry: Dict[str, Any], scored: bool) -> float:
+    if scored:
+        return 100 * _accuracy(entry)
+    return float("nan") if entry.get("loss") is None else float(entry["loss"])
+
+
+def _macs_axis(ax: Any, macs: List[float]) -> None:
+    """MACs from 0 to the dense model's, fewer to the right like higher sparsity."""
+    limits = plotting.linear_limits(macs, from_zero=True)
+    if limits:
+        ax.set_xlim(limits[1], limits[0])
+    plotting.plain_ticks(ax.xaxis)
+    ax.set_xlabel("MACs per example (millions; fewer to the right)")
+
+
+def _y_axis(ax: Any, entries: List[Dict[str, Any]], scored: bool, max_drop: float) -> None:
+    """Accuracy with the dense line and band, or the test loss when the run has no accuracy."""
+    dense = next((e for e in entries if e["level"] == 0), None)
+    if scored:
+        dense_accuracy = 100 * _accuracy(dense) if dense is not None else float("nan")
+        if math.isfinite(dense_accuracy):
+            plotting.dense_band(ax, dense_accuracy, max_drop)
+        plotting.accuracy_axis(ax, [100 * _accuracy(e) for e in entries],
+                               dense_accuracy if math.isfinite(dense_accuracy) else None, max_drop)
+        ax.set_ylabel("test accuracy (%)")
+        return
+    losses = plotting.finite(e.get("loss") for e in entries)
+    if not losses:
+        plotting.no_data(ax, "no accuracy and no loss recorded")
+        return
+    if dense is not None and dense.get("loss") is not None:
+        ax.axhline(float(dense["loss"]), color="0.35", linestyle="--", linewidth=1, zorder=1,
+                   label=f"dense loss: {plotting.plain(float(dense['loss']))}")
+    plotting.positive_axis(ax, "y", losses)
+    ax.set_ylabel("test loss (lower is better)")
+    ax.text(0.01, 0.02, "no accuracy: this run's loss reports none", transform=ax.transAxes, fontsize=8,
+            color="0.3")
 
 
 def write_metrics(run: RunDir, metrics: Dict[str, Any]) -> None:
