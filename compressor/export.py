@@ -486,7 +486,7 @@ def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float]) ->
     if level is not None:
         why = "as asked (--level)"
     elif max_drop is not None:
-        why = f"the sparsest level within {max_drop:g} points of dense (--max-drop)"
+        why = f"the sparsest level within {max_drop:g} point{'' if max_drop == 1 else 's'} of dense (--max-drop)"
     else:
         why = "the method's last level, the default (--level K or --max-drop POINTS pick another)"
     accuracy = "no accuracy" if chosen.accuracy != chosen.accuracy else f"accuracy {chosen.accuracy:.2%}"
