@@ -28,12 +28,12 @@ class Subcommand(NamedTuple):
 
 SUBCOMMANDS = [
     Subcommand("demo", "edgeprune.demo", "compress → export → benchmark the embedded default, end to end"),
-    Subcommand("compress", "compressor.cli", "train and iteratively prune a model (learning-rate rewinding)"),
+    Subcommand("compress", "compressor.compress_cli", "train and iteratively prune a model (learning-rate rewinding)"),
     Subcommand("export", "compressor.export_cli", "write a pruned level as sparse ONNX + CSR (MODEL_DIR)"),
-    Subcommand("deploy", "deploy.cli", "install the runtime and a MODEL_DIR on one or more devices over SSH"),
-    Subcommand("ls", "deploy.cli_ls", "list the models and releases deployed on a device"),
-    Subcommand("rollback", "deploy.cli_rollback", "make an earlier release of a deployed model current"),
-    Subcommand("bench", "benchmarks.cli", "measure latency and memory on a device (or locally) beside accuracy"),
+    Subcommand("deploy", "deploy.deploy_cli", "install the runtime and a MODEL_DIR on one or more devices over SSH"),
+    Subcommand("ls", "deploy.ls_cli", "list the models and releases deployed on a device"),
+    Subcommand("rollback", "deploy.rollback_cli", "make an earlier release of a deployed model current"),
+    Subcommand("bench", "benchmarks.bench_cli", "measure latency and memory on a device (or locally) beside accuracy"),
 ]
 
 EPILOG = """\

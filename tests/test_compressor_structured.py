@@ -317,6 +317,6 @@ def test_a_tampered_channel_plan_is_a_checkpoint_error(tmp_path: Path) -> None:
 
 
 def test_structure_error_is_a_user_error() -> None:
-    from compressor.cli import USER_ERRORS
+    from compressor.compress_cli import USER_ERRORS
 
     assert issubclass(StructureError, USER_ERRORS)

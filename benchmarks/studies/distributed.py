@@ -1,8 +1,8 @@
 """Wall time of ``edgeprune compress`` (resnet20) with 1 and several processes under torchrun.
 
-    python benchmarks/distributed.py                           # CPU: 1×2 threads, 2×1, 1×1; 2 epochs
-    python benchmarks/distributed.py --train 5000 --epochs 3 --json dist.json
-    python benchmarks/distributed.py --device cuda --procs 1,2 # one process per GPU
+    python3 benchmarks/studies/distributed.py                           # CPU: 1×2 threads, 2×1, 1×1; 2 epochs
+    python3 benchmarks/studies/distributed.py --train 5000 --epochs 3 --json dist.json
+    python3 benchmarks/studies/distributed.py --device cuda --procs 1,2 # one process per GPU
 
 The data is synthetic CIFAR-10 in the standard python-pickle format (data_batch_1..5, test_batch;
 ``--train`` images in all), written to a temporary folder, so the numbers measure the engine, not a
@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_synthetic_cifar(folder: Path, train: int, test: int, seed: int = 0) -> None:

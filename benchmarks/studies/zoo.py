@@ -1,7 +1,7 @@
 """Real architectures through compress → export → runtime, with figures: the zoo benchmark.
 
-    python benchmarks/zoo.py                                   # every model importable here
-    python benchmarks/zoo.py --models resnet18,mobilenet_v2 --size 64 --json zoo.json
+    python3 benchmarks/studies/zoo.py                                   # every model importable here
+    python3 benchmarks/studies/zoo.py --models resnet18,mobilenet_v2 --size 64 --json zoo.json
 
 Each model (random weights: nothing is downloaded) is compressed for one epoch on small random data to
 50% sparsity (one shot), exported as a MODEL_DIR, then opened in ``edge_runtime`` with each kernels
@@ -15,7 +15,7 @@ on a CPU-only machine they live in their own venv, e.g.::
 
     python3 -m venv zoo-venv && zoo-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 timm \\
         onnx onnxruntime numpy scipy scikit-learn tqdm matplotlib
-    PYTHONPATH=$PWD zoo-venv/bin/python benchmarks/zoo.py
+    PYTHONPATH=$PWD zoo-venv/bin/python3 benchmarks/studies/zoo.py
 
 Models whose package is missing are listed as skipped. Hugging Face models (tiny configs) need
 ``transformers``.

@@ -1,6 +1,6 @@
 """Pruning, int8 quantization, and edgeprune's ``auto`` choosing between them, side by side.
 
-    python benchmarks/quantize.py [--quick] [--models digits-wide-mlp mlp3072 resnet20] [--out quantize_bench.json]
+    python3 benchmarks/studies/quantize.py [--quick] [--models digits-wide-mlp mlp3072 resnet20] [--out quantize_bench.json]
 
 Rows: each model at 0/90/95/98% sparsity, batch 1, 1 and 2 threads. Columns, measured in the same run:
 onnxruntime fp32 on the dense model (``--kernels ort``), onnxruntime int8 of the dense model (``--kernels
@@ -23,11 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
-from benchmarks.runtime import bench, prune_layerwise  # noqa: E402  (after the path fix for script use)
+from benchmarks.studies.runtime import bench, prune_layerwise  # noqa: E402  (after the path fix for script use)
 
 SPARSITIES = (0.0, 0.9, 0.95, 0.98)
 BASELINES = ("ort", "ort-int8")   # on the dense model

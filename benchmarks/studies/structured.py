@@ -1,8 +1,8 @@
 """Structured pruning: does removing channels make onnxruntime faster? And LR rewinding vs fine-tuning.
 
-    python benchmarks/structured.py                       # latency table: resnet20 and digits-cnn
-    python benchmarks/structured.py --compare-methods     # + LRR vs FT on digits-cnn, 3 seeds
-    python benchmarks/structured.py --json out.json --rounds 9 --epochs 3
+    python3 benchmarks/studies/structured.py                       # latency table: resnet20 and digits-cnn
+    python3 benchmarks/studies/structured.py --compare-methods     # + LRR vs FT on digits-cnn, 3 seeds
+    python3 benchmarks/studies/structured.py --json out.json --rounds 9 --epochs 3
 
 Latency: each model is trained briefly (``--epochs``, dense then one retraining per level) on the
 scikit-learn digits — resnet20 sees them upsampled to 3×32×32 (accuracy is only a sanity figure;

@@ -1,8 +1,8 @@
 """Compare the retraining methods: accuracy vs sparsity over seeds, wall time, and masking overhead.
 
-    python benchmarks/compress_methods.py                 # digits-mlp and digits-cnn, 30 epochs, 3 seeds
-    python benchmarks/compress_methods.py --quick         # fewer epochs (fits ~10 minutes on 2 cores)
-    python benchmarks/compress_methods.py --json out.json --models digits-mlp --epochs 20
+    python3 benchmarks/studies/compress_methods.py                 # digits-mlp and digits-cnn, 30 epochs, 3 seeds
+    python3 benchmarks/studies/compress_methods.py --quick         # fewer epochs (fits ~10 minutes on 2 cores)
+    python3 benchmarks/studies/compress_methods.py --json out.json --models digits-mlp --epochs 20
 
 For every model and seed one run prunes to ``--target`` (95%) with lr-rewind, finetune and
 weight-rewind from one shared dense training. The table shows test accuracy mean ± std over the

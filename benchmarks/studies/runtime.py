@@ -1,6 +1,6 @@
 """The edge runtime against stock onnxruntime, side by side, and MODEL_DIR sizes against dense ONNX.
 
-    python benchmarks/runtime.py [--quick] [--out runtime_bench.json]
+    python3 benchmarks/studies/runtime.py [--quick] [--out runtime_bench.json]
 
 For each model (a wide MLP 1024→4096→4096→10, resnet20, a transformer-style MLP block) at each
 sparsity (0/50/80/90/95/98%, per-layer magnitude pruning of random weights), it exports a MODEL_DIR and
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
 KERNELS = ("ort", "auto", "sparse")
 

@@ -1,6 +1,6 @@
 """Depthwise-heavy model through the edge runtime: native latency, onnxruntime latency, first load.
 
-    python benchmarks/depthwise_runtime.py [--runtime PATH] [--size 224] [--sparsity 0.5] [--out FILE]
+    python3 benchmarks/studies/depthwise_runtime.py [--runtime PATH] [--size 224] [--sparsity 0.5] [--out FILE]
 
 Builds a MobileNetV2-shaped network by hand (torchvision is not needed: the same inverted-residual
 blocks, 17 of them, widths 16…320, 1280 features, ReLU6, 224×224 input), prunes it by global
@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
 
