@@ -26,7 +26,7 @@ export PATH="$PWD/${EDGEPRUNE_VENV:-.venv}/bin:$PATH"   # so every `python3` bel
 python3 -m ruff check --quiet . && echo "run_all.sh: ruff found nothing"
 
 started=$SECONDS
-python3 -m pytest -q "$@"
+python3 -m pytest -q --durations=15 "$@"   # the slowest tests, to keep `-m "not slow"` quick
 echo "run_all.sh: main suite took $((SECONDS - started)) s"
 
 started=$SECONDS
