@@ -149,7 +149,7 @@ def load_onnx_file(path: Path) -> Tuple[Dict[str, Any], FileWeights]:
             array = arrays[node["inputs"][1]]
             layers.append({"name": node["name"] or node["inputs"][1], "op": node["op_type"],
                            "weight": node["inputs"][1], "shape": list(array.shape),
-                           "sparsity": 1.0 - np.count_nonzero(array) / max(array.size, 1),
+                           "sparsity": 1.0 - float(np.count_nonzero(array)) / max(array.size, 1),
                            "storage": "csr" if node["inputs"][1] in sparse else "dense"})
     manifest = {"source": "onnx", "graph": graph, "inputs": inputs, "outputs": [s["name"] for s in outputs],
                 "output_specs": outputs, "opset": int(model.opsets.get("", model.opsets.get("ai.onnx", 0)) or 0) or None,
