@@ -301,6 +301,8 @@ class InferenceSession:
         if x.dtype != np.dtype(spec["dtype"]):
             raise InputError(f"input {spec['name']!r} has dtype {x.dtype}, expected {spec['dtype']}")
         shape = spec["shape"]
+        if spec.get("rank_known") is False:  # a plain ONNX input without a declared shape: any shape
+            shape = ["?"] * x.ndim
         if x.ndim != len(shape) or any(not isinstance(d, str) and int(d) != n for d, n in zip(shape, x.shape)):
             raise InputError(f"input {spec['name']!r} has shape {list(x.shape)}, expected {shape}")
         if x.ndim and x.shape[0] == 0:

@@ -215,3 +215,30 @@ def test_cli_errors_are_one_line(tmp_path: Path, models) -> None:
         assert done.returncode == 2, (args, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "CumSum" in done.stderr
+
+
+def test_sparse_initializer_and_an_input_without_a_shape(tmp_path: Path) -> None:
+    """A hand-made file: a MatMul weight stored as a sparse initializer (COO, linear indices) and a
+    graph input that declares no shape; native and onnxruntime agree."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((8, 5)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.85] = 0.0
+    flat = np.flatnonzero(weight)
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(weight.reshape(-1)[flat], "w"),
+                                       numpy_helper.from_array(flat.astype(np.int64), "w_indices"), [8, 5])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "sparse.onnx"))
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    session = InferenceSession(tmp_path / "sparse.onnx", kernels="sparse", threads=1)
+    assert session.manifest["tensors"]["w"]["storage"] == "csr"
+    y, = session.run(None, {"x": x})
+    assert np.max(np.abs(y - x @ weight)) <= 1e-5
+    y_ort, = InferenceSession(tmp_path / "sparse.onnx", kernels="ort", threads=1).run(None, {"x": x})
+    assert np.max(np.abs(y - y_ort)) <= 1e-5
