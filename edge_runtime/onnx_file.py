@@ -44,6 +44,11 @@ class FileWeights(ArrayWeights):
     def sample_inputs(self, manifest: Any) -> Dict[str, np.ndarray]:
         raise ModelDirError("a plain ONNX file records no sample input")
 
+    def close(self) -> None:
+        """Drop the arrays once the engine is built: an onnxruntime session holds its own copy, and the
+        native program keeps only what it computes with."""
+        self.arrays = {}
+
 
 def read_onnx_file(path: Path) -> Model:
     """Decode ``path`` (a regular file of bounded size); ModelDirError in one line when it is not ONNX."""
