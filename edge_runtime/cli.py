@@ -223,8 +223,13 @@ def _check_plain(args: argparse.Namespace, session: Any) -> int:
         print(f"ok {args.model_dir}: runs (engine {session.engine}; no sample to compare in a plain ONNX file)")
         return 0
     expected = InferenceSession(args.model_dir, kernels="ort", threads=args.threads).run(None, feed)
-    diff = max((float(np.max(np.abs(g.astype(np.float64) - e), initial=0.0)) / max(1.0, float(np.max(np.abs(e), initial=0.0)))
-                if g.shape == e.shape else float("inf")) for g, e in zip(got, expected))
+    def relative(value: Any, reference: Any) -> float:
+        if value.shape != reference.shape:
+            return float("inf")
+        scale = max(1.0, float(np.max(np.abs(reference), initial=0.0)))
+        return float(np.max(np.abs(value.astype(np.float64) - reference), initial=0.0)) / scale
+
+    diff = max(relative(g, e) for g, e in zip(got, expected))
     if not diff <= PLAIN_CHECK_TOLERANCE:
         print(f"edge-runtime check: FAIL {args.model_dir}: native output differs from onnxruntime by {diff:.3g} "
               f"(> {PLAIN_CHECK_TOLERANCE})", file=sys.stderr)

@@ -77,7 +77,8 @@ def _sparse_array(sparse: SparseTensor, where: str, limit: int) -> np.ndarray:
         if indices.shape[1] != len(dims) or (indices.size and ((indices < 0) | (indices >= dims)).any()):
             raise ModelDirError(f"{where}: sparse initializer indices outside its shape {dims}")
         indices = np.ravel_multi_index(indices.T, dims) if indices.size else indices.reshape(-1)
-    if indices.ndim != 1 or len(indices) != values.size or (indices.size and (indices.min() < 0 or indices.max() >= count)):
+    outside = bool(indices.size) and (indices.min() < 0 or indices.max() >= count)
+    if indices.ndim != 1 or len(indices) != values.size or outside:
         raise ModelDirError(f"{where}: sparse initializer indices do not match its values and shape {dims}")
     dense = np.zeros(count, dtype=values.dtype)
     dense[indices] = values.reshape(-1)
@@ -156,8 +157,9 @@ def load_onnx_file(path: Path) -> Tuple[Dict[str, Any], FileWeights]:
                            "weight": node["inputs"][1], "shape": list(array.shape),
                            "sparsity": 1.0 - float(np.count_nonzero(array)) / max(array.size, 1),
                            "storage": "csr" if node["inputs"][1] in sparse else "dense"})
+    opset = model.opsets.get("", model.opsets.get("ai.onnx"))  # None: graph.py's default opset
     manifest = {"source": "onnx", "graph": graph, "inputs": inputs, "outputs": [s["name"] for s in outputs],
-                "output_specs": outputs, "opset": int(model.opsets.get("", model.opsets.get("ai.onnx", 0)) or 0) or None,
+                "output_specs": outputs, "opset": opset or None,
                 "tensors": weights.tensors, "layers": layers, "files": {}}
     check_window_attributes(manifest, where)  # absurd groups/windows refused before any engine loops
     return manifest, weights
