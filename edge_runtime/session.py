@@ -129,7 +129,13 @@ class InferenceSession:
             self._program = compile_graph(self.manifest, self._weights, lambda _: kind, self._pool, self.threads)
             self.plan = {"engine": "native", "layers": {s.weight: kind for s in self._program.steps if s.weight}}
         elif self.plain_onnx:  # tuned at each load: a plain file has no folder to keep a plan cache in
-            self.plan = self._tune()
+            try:
+                self.plan = self._tune()
+            except EdgeRuntimeError:
+                raise
+            except MODEL_FAILURES as error:  # native kernels fail on this file: onnxruntime may still run it
+                self._program = None
+                self.plan = {"engine": "ort", "layers": {}, "reason": f"native failed: {_describe(error)}"}
             self.plan["cached"] = False
             self._apply_plan()
         else:

@@ -242,3 +242,27 @@ def test_sparse_initializer_and_an_input_without_a_shape(tmp_path: Path) -> None
     assert np.max(np.abs(y - x @ weight)) <= 1e-5
     y_ort, = InferenceSession(tmp_path / "sparse.onnx", kernels="ort", threads=1).run(None, {"x": x})
     assert np.max(np.abs(y - y_ort)) <= 1e-5
+
+
+def test_mutated_files_fail_only_with_runtime_errors(tmp_path: Path, models) -> None:
+    """Seeded byte flips in a real export: each load (and run) works or raises one of the runtime's own
+    errors, never numpy's, onnxruntime's or the parser's raw exceptions."""
+    from edge_runtime.bench import random_feed
+    from edge_runtime.errors import EdgeRuntimeError
+
+    rng = np.random.default_rng(7)
+    data = models["two"][0].read_bytes()
+    outcomes = set()
+    for index in range(60):
+        mutant = bytearray(data)
+        for position in rng.integers(0, len(mutant), size=rng.integers(1, 4)):
+            mutant[position] = int(rng.integers(0, 256))
+        path = tmp_path / f"mutant{index}.onnx"
+        path.write_bytes(bytes(mutant))
+        try:
+            session = InferenceSession(path, kernels="dense", threads=1)
+            session.run(None, random_feed(session.get_inputs(), 1, 0))  # sizes checked before allocating
+            outcomes.add("ran")
+        except EdgeRuntimeError as error:
+            outcomes.add(type(error).__name__)
+    assert "ModelDirError" in outcomes
