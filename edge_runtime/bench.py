@@ -18,7 +18,9 @@ from edge_runtime.device import cpu_model
 
 
 def model_size_bytes(model_dir: Path, manifest: Dict[str, Any]) -> int:
-    """Bytes a deployment ships: every listed file plus manifest.json."""
+    """Bytes a deployment ships: every listed file plus manifest.json (a plain .onnx: the file)."""
+    if manifest.get("source") == "onnx":
+        return model_dir.stat().st_size
     return sum((model_dir / name).stat().st_size for name in manifest["files"]) + (model_dir / "manifest.json").stat().st_size
 
 

@@ -14,24 +14,26 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError, InputError
 
 # OSError: a MODEL_DIR file that vanished or cannot be read (e.g. `info` on an incomplete copy).
 USER_ERRORS = (EdgeRuntimeError, OSError)
+PLAIN_CHECK_TOLERANCE = 1e-4  # native vs onnxruntime, relative to the output's magnitude
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-runtime", description="Run an edgeprune MODEL_DIR on this device.")
+    parser = argparse.ArgumentParser(prog="edge-runtime", description="Run an edgeprune MODEL_DIR (or any plain "
+                                                                      ".onnx file) on this device.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, summary: str, kernels: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=summary)
-        sub.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
+        sub.add_argument("model_dir", type=Path, metavar="MODEL_DIR|MODEL.onnx")
         sub.add_argument("--threads", type=int, help="threads for kernels and onnxruntime (default: all cores)")
         if kernels:
             sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort", "ort-int8"), default="auto",
@@ -39,9 +41,13 @@ def _parser() -> argparse.ArgumentParser:
                                   "ort-int8: onnxruntime on the int8 variant (export --quantize int8)")
         return sub
 
-    run = command("run", "run the model on an input .npy and print or save the output")
-    run.add_argument("--input", type=Path, required=True, help="input array (.npy, float32, batch first)")
-    run.add_argument("--output", type=Path, help="write the output here (.npy)")
+    run = command("run", "run the model on input arrays and print or save the outputs")
+    run.add_argument("--input", action="append", required=True, metavar="[NAME=]FILE",
+                     help="an input array (.npy, the model's dtype); NAME=FILE once per input when the model "
+                          "has several, or one .npz holding every input by name")
+    run.add_argument("--output", type=Path, help="write the first output here (.npy)")
+    run.add_argument("--out", type=Path, help="write every output here (.npz, by output name)")
+    run.add_argument("--print", action="store_true", help="print every output's values")
     command("check", "verify sha256s and run the manifest's sample; exit 0 when the output matches")
     command("info", "layers, shapes, sparsity, sizes and the cached plan", kernels=False)
     tune = command("tune", "measure kernels on this device and cache the plan", kernels=False)
@@ -96,31 +102,77 @@ def _bench_arguments_problem(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
+def _load_array(path: Path) -> Any:
+    """One .npy array, or a .npz's arrays by name; never pickles."""
+    import numpy as np
+
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            return {name: loaded[name] for name in loaded.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise InputError(f"cannot read {path} as a .npy/.npz array ({error})") from None
+
+
+def _input_feed(values: Sequence[str], names: Sequence[str]) -> Dict[str, Any]:
+    """``--input`` values as a feed: ``NAME=FILE`` each, a single FILE for a one-input model, or one .npz."""
+    feed: Dict[str, Any] = {}
+    for value in values:
+        name, _, path = value.partition("=")
+        if not path or name not in names:  # no NAME= prefix (a path may itself hold "=")
+            name, path = "", value
+        if name in feed:
+            raise InputError(f"--input {name}= given twice")
+        loaded = _load_array(Path(path))
+        if isinstance(loaded, dict):
+            if name:
+                raise InputError(f"{path} is an .npz; give NAME=FILE.npy, or the .npz alone")
+            feed.update(loaded)
+        elif name:
+            feed[name] = loaded
+        elif len(names) == 1 and len(values) == 1:
+            feed[names[0]] = loaded
+        else:
+            raise InputError(f"the model has inputs {', '.join(names)}: give --input NAME=FILE for each")
+    return feed
+
+
+def _write_atomic(path: Path, save: Any) -> None:
+    """Write through a temporary file and a rename, so a half-written output is never left behind."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        save(temp)
+        os.replace(temp, path)
+    except OSError as error:
+        raise InputError(f"cannot write {path} ({error})") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge_runtime.session import InferenceSession
 
     session = InferenceSession(args.model_dir, kernels=args.kernels, threads=args.threads)
-    try:
-        x = np.load(args.input, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as error:
-        raise InputError(f"cannot read {args.input} as a .npy array ({error})") from None
-    if not isinstance(x, np.ndarray):
-        raise InputError(f"{args.input} holds several arrays; give one .npy array")
-    outputs = session.run(None, {session.get_inputs()[0].name: x})
+    feed = _input_feed(args.input, [arg.name for arg in session.get_inputs()])
+    outputs = session.run(None, feed)
+    names = session.manifest["outputs"]
     if args.output is not None:
-        temp = args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp.npy")
-        try:
-            np.save(temp, outputs[0])
-            os.replace(temp, args.output)
-        except OSError as error:
-            raise InputError(f"cannot write {args.output} ({error})") from None
+        _write_atomic(args.output, lambda temp: np.save(temp, outputs[0]))
         print(f"wrote {args.output}: shape {list(outputs[0].shape)}")
-    else:
-        for name, value in zip(session.manifest["outputs"], outputs):
-            top = value.reshape(value.shape[0], -1).argmax(axis=1).tolist()
-            print(f"{name}: shape {list(value.shape)}, argmax per example {top}")
+    if args.out is not None:
+        if args.out.suffix != ".npz":
+            raise InputError(f"--out {args.out}: give a .npz file name")
+        _write_atomic(args.out, lambda temp: np.savez(temp, **dict(zip(names, outputs))))
+        print(f"wrote {args.out}: {', '.join(names)}")
+    for name, value in zip(names, outputs):
+        if args.print:
+            print(f"{name}: shape {list(value.shape)} {value.dtype}\n{np.array2string(value, threshold=10000)}")
+        elif args.output is None and args.out is None:
+            top = (f", argmax per example {value.reshape(value.shape[0], -1).argmax(axis=1).tolist()}"
+                   if value.ndim and value.size else "")
+            print(f"{name}: shape {list(value.shape)} {value.dtype}{top}")
     return 0
 
 
@@ -132,6 +184,8 @@ def _check(args: argparse.Namespace) -> int:
     from edge_runtime.session import InferenceSession
 
     session = InferenceSession(args.model_dir, kernels=args.kernels, threads=args.threads)
+    if session.plain_onnx:
+        return _check_plain(args, session)
     weights = Weights(args.model_dir, session.manifest)
     try:
         _, expected, atol = weights.sample(session.manifest)
@@ -156,11 +210,59 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plain(args: argparse.Namespace, session: Any) -> int:
+    """A plain .onnx records no sample: run it on seeded inputs and compare with stock onnxruntime."""
+    import numpy as np
+
+    from edge_runtime.bench import random_feed
+    from edge_runtime.session import InferenceSession
+
+    feed = random_feed(session.get_inputs(), 1, 0)
+    got = session.run(None, feed)
+    if session.engine != "native":
+        print(f"ok {args.model_dir}: runs (engine {session.engine}; no sample to compare in a plain ONNX file)")
+        return 0
+    expected = InferenceSession(args.model_dir, kernels="ort", threads=args.threads).run(None, feed)
+    def relative(value: Any, reference: Any) -> float:
+        if value.shape != reference.shape:
+            return float("inf")
+        scale = max(1.0, float(np.max(np.abs(reference), initial=0.0)))
+        return float(np.max(np.abs(value.astype(np.float64) - reference), initial=0.0)) / scale
+
+    diff = max(relative(g, e) for g, e in zip(got, expected))
+    if not diff <= PLAIN_CHECK_TOLERANCE:
+        print(f"edge-runtime check: FAIL {args.model_dir}: native output differs from onnxruntime by {diff:.3g} "
+              f"(> {PLAIN_CHECK_TOLERANCE})", file=sys.stderr)
+        return 1
+    print(f"ok {args.model_dir}: native output matches onnxruntime on seeded inputs (max rel diff {diff:.2g})")
+    return 0
+
+
+def _info_plain(args: argparse.Namespace) -> int:
+    """Inputs, outputs and weight layers (with the storage chosen at load) of a plain .onnx file."""
+    from edge_runtime.onnx_file import load_onnx_file
+
+    manifest, _ = load_onnx_file(args.model_dir)
+    print(f"ONNX file {args.model_dir}  (opset {manifest['opset']}, {args.model_dir.stat().st_size:,} bytes)")
+    for kind, specs in (("input ", manifest["inputs"]), ("output", manifest["output_specs"])):
+        for spec in specs:
+            print(f"{kind} {spec['name']} {spec['shape']} {spec['dtype']}")
+    print(f"{'layer':<28} {'op':<7} {'shape':<18} {'sparsity':>8}  storage")
+    for layer in manifest["layers"]:
+        shape = "x".join(str(d) for d in layer["shape"])
+        print(f"{layer['name']:<28} {layer['op']:<7} {shape:<18} {layer['sparsity']:>8.1%}  {layer['storage']}")
+    print("plan: measured at each load (edge-runtime tune shows it); nothing is cached for a plain file")
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from edge_runtime import plan as plans
     from edge_runtime.bench import model_size_bytes
     from edge_runtime.model_dir import read_manifest
+    from edge_runtime.onnx_file import is_onnx_file
 
+    if is_onnx_file(args.model_dir):
+        return _info_plain(args)
     manifest = read_manifest(args.model_dir)
     spec = manifest["input"]
     print(f"MODEL_DIR {args.model_dir}  (format {manifest['format_version']})")
@@ -217,15 +319,18 @@ def _tune(args: argparse.Namespace) -> int:
               f"layers {counts or '-'}, "
               + ", ".join(f"{engine} {ms:.3f} ms" for engine, ms in (plan.get("engine_ms") or {
                   "native": plan.get("native_ms") or 0, "onnxruntime": plan.get("ort_ms") or 0}).items())
-              + f"; cached in {plan.get('cache_path')}")
+              + (f"; cached in {plan.get('cache_path')}" if not session.plain_onnx
+                 else "; not cached (a plain ONNX file is tuned at each load)"))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from edge_runtime.bench import benchmark
 
+    from edge_runtime.onnx_file import is_onnx_file
+
     threads = args.threads or os.cpu_count() or 1
-    if args.kernels == "auto":
+    if args.kernels == "auto" and not is_onnx_file(args.model_dir):
         _ensure_plan(args.model_dir, threads)
     report = benchmark(args.model_dir, args.kernels, threads, args.warmup, args.iters, args.min_seconds,
                        args.batch)

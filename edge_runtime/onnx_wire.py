@@ -105,6 +105,9 @@ class Model:
     sparse_initializers: List[SparseTensor] = field(default_factory=list)
     inputs: List[str] = field(default_factory=list)
     outputs: List[str] = field(default_factory=list)
+    # graph input/output name → (elem_type, dims or None for an unknown rank); a dim is an int, or
+    # its dim_param / "?" for a free axis; tensor types only
+    value_types: Dict[str, Tuple[int, Optional[List[Any]]]] = field(default_factory=dict)
 
 
 def _varint(buf: memoryview, pos: int) -> Tuple[int, int]:
@@ -304,11 +307,44 @@ def _parse_node(buf: memoryview) -> Node:
     return node
 
 
-def _value_info_name(buf: Any) -> str:
+def _dimension(buf: Any) -> Any:
+    """TensorShapeProto.Dimension: dim_value, or dim_param (a name), or "?" when neither is given."""
+    size: Any = "?"
+    for number, wire, value in _fields(buf):
+        if number == 1:
+            size = _signed(_int(wire, value))
+        elif number == 2:
+            size = _text(value) or "?"
+    return size
+
+
+def _tensor_type(buf: Any) -> Tuple[int, Optional[List[Any]]]:
+    """TypeProto.Tensor: elem_type and the shape's dims (None when the rank is unknown)."""
+    elem, dims = 0, None
+    for number, wire, value in _fields(buf):
+        if number == 1:
+            elem = _int(wire, value)
+        elif number == 2:
+            dims = []
+            for dim_number, _, dim in _fields(value):
+                if dim_number == 1:
+                    dims.append(_dimension(dim))
+                    if len(dims) > MAX_DIMS:
+                        raise OnnxWireError(f"model.onnx: a value with more than {MAX_DIMS} dimensions")
+    return elem, dims
+
+
+def value_info_type(buf: Any) -> Tuple[str, Optional[Tuple[int, Optional[List[Any]]]]]:
+    """A ValueInfoProto's name and, for a tensor type, ``(elem_type, dims)`` (None for other types)."""
+    name, kind = "", None
     for number, _, value in _fields(buf):
         if number == 1:
-            return _text(value)
-    return ""
+            name = _text(value)
+        elif number == 2:
+            for type_number, _, inner in _fields(value):
+                if type_number == 1:  # tensor_type; sequences, maps, optionals stay None
+                    kind = _tensor_type(inner)
+    return name, kind
 
 
 def _parse_graph(buf: memoryview, model: Model) -> None:
@@ -321,10 +357,11 @@ def _parse_graph(buf: memoryview, model: Model) -> None:
             model.initializers.append(parse_tensor(value))
         elif number == 15:
             model.sparse_initializers.append(_parse_sparse(value))
-        elif number == 11:
-            model.inputs.append(_value_info_name(value))
-        elif number == 12:
-            model.outputs.append(_value_info_name(value))
+        elif number in (11, 12):
+            name, kind = value_info_type(value)
+            (model.inputs if number == 11 else model.outputs).append(name)
+            if kind is not None:
+                model.value_types[name] = kind
         elif number not in (2, 10, 13, 14, 16):  # name, doc_string, value_info, quantization, metadata
             raise _refuse("GraphProto", number)
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from edge_runtime import onnx_file
 from edge_runtime import plan as plans
 from edge_runtime import variants
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
@@ -76,8 +77,14 @@ class InferenceSession:
             raise EdgeRuntimeError(f"threads must be at least 1, got {threads}")
         self.model_dir = Path(model_dir)
         self.threads = int(threads or os.cpu_count() or 1)
-        self.manifest = read_manifest(self.model_dir)
-        if verify:
+        # a plain .onnx file (see onnx_file.py): its own checks replace the MODEL_DIR's manifest and hashes
+        self.plain_onnx = onnx_file.is_onnx_file(self.model_dir)
+        self._onnx_path = self.model_dir if self.plain_onnx else self.model_dir / "model.onnx"
+        if self.plain_onnx:
+            self.manifest, plain_weights = onnx_file.load_onnx_file(self.model_dir)
+        else:
+            self.manifest = read_manifest(self.model_dir)
+        if verify and not self.plain_onnx:
             verify_files(self.model_dir, self.manifest)
         self.kernels = kernels
         self.plan: Dict[str, Any] = {}
@@ -86,9 +93,10 @@ class InferenceSession:
         self._variant_ort = None  # a variant's onnxruntime session timed by _tune, kept if it wins
         self._program: Optional[Program] = None
         try:
-            self._weights = Weights(self.model_dir, self.manifest)
+            self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest)
             try:
-                check_model(self.model_dir, self.manifest, self._weights)  # before any engine reads a byte
+                if not self.plain_onnx:
+                    check_model(self.model_dir, self.manifest, self._weights)  # before any engine reads a byte
                 self._load_checked(kernels, retune)
             finally:
                 self._weights.close()
@@ -120,6 +128,16 @@ class InferenceSession:
             kind = "dense" if kernels == "dense" else self._sparse_kind()
             self._program = compile_graph(self.manifest, self._weights, lambda _: kind, self._pool, self.threads)
             self.plan = {"engine": "native", "layers": {s.weight: kind for s in self._program.steps if s.weight}}
+        elif self.plain_onnx:  # tuned at each load: a plain file has no folder to keep a plan cache in
+            try:
+                self.plan = self._tune()
+            except EdgeRuntimeError:
+                raise
+            except MODEL_FAILURES as error:  # native kernels fail on this file: onnxruntime may still run it
+                self._program = None
+                self.plan = {"engine": "ort", "layers": {}, "reason": f"native failed: {_describe(error)}"}
+            self.plan["cached"] = False
+            self._apply_plan()
         else:
             key = plans.plan_key(self.manifest, self.threads)
             cached = None if retune else plans.load_cached(self.model_dir, key)
@@ -247,10 +265,9 @@ class InferenceSession:
         options.inter_op_num_threads = 1
         options.log_severity_level = 4  # fatal only: its errors reach the user as our one line
         try:
-            return ort.InferenceSession(str(self.model_dir / "model.onnx"), options,
-                                        providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(self._onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped errors for bad files
-            raise ModelDirError(f"onnxruntime cannot load {self.model_dir / 'model.onnx'}: {error}") from None
+            raise ModelDirError(f"onnxruntime cannot load {self._onnx_path}: {error}") from None
 
     # -- onnxruntime-style API -----------------------------------------------------------------------
     @property
@@ -290,9 +307,11 @@ class InferenceSession:
         if x.dtype != np.dtype(spec["dtype"]):
             raise InputError(f"input {spec['name']!r} has dtype {x.dtype}, expected {spec['dtype']}")
         shape = spec["shape"]
+        if spec.get("rank_known") is False:  # a plain ONNX input without a declared shape: any shape
+            shape = ["?"] * x.ndim
         if x.ndim != len(shape) or any(not isinstance(d, str) and int(d) != n for d, n in zip(shape, x.shape)):
             raise InputError(f"input {spec['name']!r} has shape {list(x.shape)}, expected {shape}")
-        if x.shape[0] == 0:
+        if x.ndim and x.shape[0] == 0:
             raise InputError("input batch is empty")
         return np.ascontiguousarray(x)
 
