@@ -80,6 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     try:
         return {"run": _run, "check": _check, "info": _info, "tune": _tune, "bench": _bench}[args.command](args)
+    except BrokenPipeError:
+        # `edge-runtime info DIR | head -1`: the reader left; end quietly, as a SIGPIPE'd tool would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except USER_ERRORS as error:
         print(f"edge-runtime {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -89,6 +93,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def human_bytes(count: float) -> str:
+    """1,234,567 → "1.18 MiB": sizes as people read them."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:.2f} {unit}"
+        count /= 1024
+    return f"{count:.2f} GiB"
 
 
 def _bench_arguments_problem(args: argparse.Namespace) -> Optional[str]:
@@ -268,9 +281,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"MODEL_DIR {args.model_dir}  (format {manifest['format_version']})")
     print(f"input  {spec['name']} {spec['shape']} {spec['dtype']};  outputs {', '.join(manifest['outputs'])}")
     accuracy = manifest.get("accuracy")
-    print(f"sparsity {manifest.get('sparsity', 0):.2%}   accuracy {accuracy if accuracy is not None else '-'}"
-          f"   size {model_size_bytes(args.model_dir, manifest):,} bytes"
-          f" (dense ONNX {manifest.get('sizes', {}).get('dense_onnx', 0):,})")
+    dense_onnx = manifest.get("sizes", {}).get("dense_onnx", 0)
+    print(f"sparsity {manifest.get('sparsity', 0):.1%}   accuracy "
+          f"{f'{accuracy:.2%}' if accuracy is not None else '-'}"
+          f"   size {human_bytes(model_size_bytes(args.model_dir, manifest))}"
+          + (f" (dense ONNX {human_bytes(dense_onnx)})" if dense_onnx else ""))
     threads = args.threads or os.cpu_count() or 1
     cached = plans.load_cached(args.model_dir, plans.plan_key(manifest, threads)) or {}
     kinds = cached.get("layers", {})
@@ -281,13 +296,19 @@ def _info(args: argparse.Namespace) -> int:
               f"{layer['storage']:<7} {kinds.get(layer['weight'], '-')}")
     _print_variants(manifest, cached.get("engine"))
     if cached:
-        timed = ", ".join(f"{engine} {ms:.3f} ms" for engine, ms in (cached.get("engine_ms") or {}).items()
+        timed = ", ".join(f"{engine} {_ms(ms)}" for engine, ms in (cached.get("engine_ms") or {}).items()
                           if isinstance(ms, (int, float)))
-        print(f"plan ({threads} threads): engine {cached.get('engine')}; "
-              + (timed or f"native {cached.get('native_ms')} ms, onnxruntime {cached.get('ort_ms')} ms"))
+        print(f"plan ({threads} threads): engine {cached.get('engine')}"
+              + (" (the whole model runs in onnxruntime)" if cached.get("engine") != "native" else "")
+              + "; " + (timed or f"native {_ms(cached.get('native_ms'))}, onnxruntime {_ms(cached.get('ort_ms'))}"))
     else:
         print(f"plan ({threads} threads): not tuned on this device yet (edge-runtime tune)")
     return 0
+
+
+def _ms(value: Optional[float]) -> str:
+    """Milliseconds rounded to what the measurement can tell (3 significant digits)."""
+    return "-" if not isinstance(value, (int, float)) else f"{value:.3g} ms"
 
 
 def _print_variants(manifest: dict, engine: Optional[str]) -> None:
@@ -314,10 +335,11 @@ def _tune(args: argparse.Namespace) -> int:
         counts = {}
         for kind in plan.get("layers", {}).values():
             counts[kind] = counts.get(kind, 0) + 1
-        print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']} "
+        whole = " — the whole model runs in onnxruntime" if plan["engine"] != "native" else ""
+        print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']}{whole} "
               f"(variant {session.variant['name']}), "
-              f"layers {counts or '-'}, "
-              + ", ".join(f"{engine} {ms:.3f} ms" for engine, ms in (plan.get("engine_ms") or {
+              f"layers {', '.join(f'{n} {kind}' for kind, n in counts.items()) or '-'}; measured "
+              + ", ".join(f"{engine} {_ms(ms)}" for engine, ms in (plan.get("engine_ms") or {
                   "native": plan.get("native_ms") or 0, "onnxruntime": plan.get("ort_ms") or 0}).items())
               + (f"; cached in {plan.get('cache_path')}" if not session.plain_onnx
                  else "; not cached (a plain ONNX file is tuned at each load)"))

@@ -90,3 +90,14 @@ def test_bench_json_has_the_documented_fields(tmp_path: Path) -> None:
 def test_version() -> None:
     done = cli("--version")
     assert done.returncode == 0 and done.stdout.startswith("edge-runtime ")
+
+
+def test_info_into_a_pipe_that_closes_early_ends_quietly(tmp_path):
+    target = copy_model_dir("digits-mlp", tmp_path)
+    # `| head -1` closes the pipe after one line; a model with many lines makes the write fail for sure
+    done = subprocess.run(f"{sys.executable} -m edge_runtime info {target} | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("MODEL_DIR") and done.stderr == ""
+    info = subprocess.run([sys.executable, "-m", "edge_runtime", "info", str(target)], capture_output=True,
+                          text=True, timeout=120)
+    assert "bytes" not in info.stdout.splitlines()[2] and "KiB" in info.stdout  # sizes in human units
