@@ -50,7 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads per process for torch (default: torch's choice). Small models "
                              "train faster on 1; not part of the run's config, so --resume may change it")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="tqdm progress bars on stderr (default: when stderr is a terminal)")
+                        help="tqdm progress bars on stderr; --no-progress prints nothing but the result "
+                        "(default: bars on a terminal, else a plain line per level and a few per level's epochs)")
 
     group = parser.add_argument_group("training and pruning (defaults are for the digits models; "
                                       "resnet20/56 use the paper's schedule)")
@@ -148,7 +149,8 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     train_loader, test_loader, loss_fn = load_data_and_loss(args.data, input_shape_for(model), config.batch_size,
                                                             config.seed)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    lines = not progress and is_main_process()  # a log file or CI: a line per level and a few per level's epochs
+    # A log file or CI (no terminal, nothing asked): a line per level and a few per level's epochs.
+    lines = args.progress is None and not progress and is_main_process()
     with _log_lines_to_stderr(lines):
         result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
                           device=args.device, model_name=args.model, data_name=args.data,
