@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from benchmarks.errors import BenchError, ModelDirError
-from edge_runtime.model_format import FORMAT
+from edge_runtime.model_format import FORMAT, shipped_bytes
 
 KERNELS = ("ort", "dense", "sparse", "auto", "ort-int8")
 VARIANT_KERNELS = {"ort-int8": "int8"}  # a kernels choice that needs a variant (export --quantize int8)
@@ -96,12 +96,13 @@ def read_model_dir(path: Path, label: Optional[str] = None) -> ModelEntry:
         text = manifest_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ModelDirError(f"{path}: cannot read manifest.json ({error})") from error
-    entry = entry_from_manifest(label or path.resolve().name, parse_manifest(text, str(path)))
+    manifest = parse_manifest(text, str(path))
+    entry = entry_from_manifest(label or path.resolve().name, manifest)
     missing = [name for name in entry.files if not (path / name).is_file()]
     if missing:
         raise ModelDirError(f"{path}: files listed in manifest.json are missing: {', '.join(missing)}")
     entry.local_dir = path.resolve()
-    entry.size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    entry.size_bytes = shipped_bytes(path, manifest)  # the one definition of a model's size
     return entry
 
 

@@ -23,7 +23,7 @@ from compressor.errors import ExportError
 # The format's one owner is the device side: export writes exactly what the runtime reads.
 from edge_runtime.model_format import (FORMAT, FORMAT_VERSION, FORMAT_VERSION_INPUTS,  # noqa: F401
                                        INLINE_BYTES, MANIFEST_FILE, ONNX_FILE, SAMPLE_INPUT, SAMPLE_OUTPUT,
-                                       WEIGHTS_FILE, sha256_of)
+                                       WEIGHTS_FILE, sha256_of, shipped_bytes)
 
 TORCH_TOLERANCE = 1e-4
 
@@ -319,7 +319,7 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
             "source": source or {},
         }
         (temp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
-        size = sum(p.stat().st_size for p in temp.iterdir())
+        size = shipped_bytes(temp, manifest)  # the one definition of a model's size
         _move_into_place(temp, out_dir)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

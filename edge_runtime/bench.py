@@ -15,13 +15,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 
 from edge_runtime.device import cpu_model
-
-
-def model_size_bytes(model_dir: Path, manifest: Dict[str, Any]) -> int:
-    """Bytes a deployment ships: every listed file plus manifest.json (a plain .onnx: the file)."""
-    if manifest.get("source") == "onnx":
-        return model_dir.stat().st_size
-    return sum((model_dir / name).stat().st_size for name in manifest["files"]) + (model_dir / "manifest.json").stat().st_size
+from edge_runtime.model_format import shipped_bytes
 
 
 def _input_layout(spec: Any, batch: int) -> Tuple[List[int], np.dtype]:
@@ -125,7 +119,7 @@ def benchmark(model_dir: Path, kernels: str, threads: int, warmup: int, iters: i
         "plan": {k: v for k, v in session.plan.items()
                  if k in ("engine", "layers", "native_ms", "ort_ms", "engine_ms", "cached")},
         "model": {"path": str(Path(model_dir).resolve()), "sparsity": manifest.get("sparsity"),
-                  "size_bytes": model_size_bytes(Path(model_dir), manifest)},
+                  "size_bytes": shipped_bytes(Path(model_dir), manifest)},
         "device": device_info(),
     }
     session.close()

@@ -270,7 +270,7 @@ def _info_plain(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from edge_runtime import plan as plans
-    from edge_runtime.bench import model_size_bytes
+    from edge_runtime.model_format import shipped_bytes
     from edge_runtime.model_dir import read_manifest
     from edge_runtime.onnx_file import is_onnx_file
 
@@ -284,7 +284,7 @@ def _info(args: argparse.Namespace) -> int:
     dense_onnx = manifest.get("sizes", {}).get("dense_onnx", 0)
     print(f"sparsity {manifest.get('sparsity', 0):.1%}   accuracy "
           f"{f'{accuracy:.2%}' if accuracy is not None else '-'}"
-          f"   size {human_bytes(model_size_bytes(args.model_dir, manifest))}"
+          f"   size {human_bytes(shipped_bytes(args.model_dir, manifest))}"
           + (f" (dense ONNX {human_bytes(dense_onnx)})" if dense_onnx else ""))
     threads = args.threads or os.cpu_count() or 1
     cached = plans.load_cached(args.model_dir, plans.plan_key(manifest, threads)) or {}

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Dict, Iterable, Mapping, Optional, Sequence
 
 from edge_runtime.errors import ModelDirError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "SUPPORTED_VERSIONS", "INLINE_BYTES",
+__all__ = ["shipped_bytes", "FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "SUPPORTED_VERSIONS", "INLINE_BYTES",
            "MANIFEST_FILE", "ONNX_FILE", "WEIGHTS_FILE", "PLANS_FILE", "SAMPLE_INPUT", "SAMPLE_OUTPUT",
            "ModelDirError", "sha256_of", "open_regular", "check_relative_name", "check_format",
            "validate_manifest", "read_manifest", "verify_files", "max_model_bytes", "itemsize"]
@@ -346,6 +346,17 @@ def load_manifest_json(model_dir: Path) -> Any:
 def read_manifest(model_dir: Path, supported: Sequence[int] = SUPPORTED_VERSIONS) -> Dict[str, Any]:
     """Parse manifest.json and check it against the schema; ModelDirError names what is wrong."""
     return validate_manifest(load_manifest_json(model_dir), str(Path(model_dir) / MANIFEST_FILE), supported)
+
+
+def shipped_bytes(model_dir: Path, manifest: Mapping[str, Any]) -> int:
+    """A model's size, defined once for export, info, bench and ls: the bytes a deployment ships —
+    every file the manifest lists plus manifest.json itself. Never ``plans.json``, the cache a device
+    writes beside them (a plain ``.onnx`` file: its own size)."""
+    model_dir = Path(model_dir)
+    if manifest.get("source") == "onnx":
+        return model_dir.stat().st_size
+    names = [*manifest.get("files", {}), MANIFEST_FILE]
+    return sum((model_dir / name).stat().st_size for name in dict.fromkeys(names))
 
 
 def verify_files(model_dir: Path, manifest: Mapping[str, Any], names: Optional[Iterable[str]] = None) -> None:
