@@ -239,6 +239,7 @@ class SshTarget:
         """Connect, make sure the runtime is installed, copy the device scripts to scratch."""
         from deploy.connection import Device, HostSpec
         from deploy.errors import DeployError
+        from deploy.release import scratch_dir
         from deploy.runtime_install import ensure_runtime
 
         try:
@@ -246,7 +247,7 @@ class SshTarget:
             self.name = self.device.label
             self.root = self.device.resolve_path(self.remote_root)
             self.python = ensure_runtime(self.device, **self._runtime_kwargs())
-            self.scratch = posixpath.join(self.root, "scratch")
+            self.scratch = scratch_dir(self.root)  # deploy owns the remote layout
             self.device.run(["mkdir", "-p", self.scratch], timeout=30)
             self._prune_scratch()
             self.tools_dir = posixpath.join(self.scratch, f"bench-tools-{tools_id()}")

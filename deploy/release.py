@@ -28,6 +28,11 @@ Log = Callable[[str], None]
 PLANS = "plans.json"  # the runtime's plan cache inside a release (edge_runtime's PLANS_FILE)
 
 
+def scratch_dir(root: str) -> str:
+    """Where bench uploads the models it measures (ARCHITECTURE.md's remote layout): never a release."""
+    return posixpath.join(root, "scratch")
+
+
 def describe_manifest(text: str) -> Dict[str, str]:
     """``{"level", "sparsity", "accuracy"}`` as short strings from a manifest's text ("-" where unknown).
 
