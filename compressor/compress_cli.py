@@ -34,9 +34,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLES
+    from compressor.config import MODEL_NAMES
+
     parser.add_argument("--model", default="digits-mlp",
-                        help="digits-mlp, digits-cnn, resnet20, resnet56 or path/to/file.py:factory "
-                             "(default: %(default)s)")
+                        help=f"{', '.join(MODEL_NAMES)} or path/to/file.py:factory (default: %(default)s)")
     parser.add_argument("--data", default="digits",
                         help="digits, cifar10:DIR (python-format batches) or path/to/file.py:factory "
                              "returning (train, test) (default: %(default)s)")

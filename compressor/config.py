@@ -15,6 +15,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from compressor.errors import ConfigError
 
+#: The built-in models' names (compressor.models.BUILTIN builds them), here so that `--help` can list
+#: them without importing torch.
+MODEL_NAMES = ("digits-mlp", "digits-wide-mlp", "digits-cnn", "resnet20", "resnet56")
+
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
 STRUCTURES = ("weights", "channels")

@@ -145,3 +145,13 @@ def test_without_a_terminal_compress_logs_a_line_per_level_and_ctrl_c_says_how_t
     assert proc.returncode == 130, err
     assert "dense done: sparsity 0.00%, accuracy" in err and "dense: epoch 10/40" in err  # stderr was a pipe
     assert "--resume" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_help_lists_every_built_in_model():
+    from compressor.config import MODEL_NAMES
+    from compressor.models import BUILTIN
+
+    assert set(MODEL_NAMES) == set(BUILTIN)  # the torch-free list --help shows is the real one
+    done = subprocess.run([sys.executable, "-m", "edgeprune", "compress", "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert all(name in " ".join(done.stdout.split()) for name in MODEL_NAMES)
