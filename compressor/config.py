@@ -204,12 +204,9 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
     """Human-readable ``key: old -> new`` lines for every key whose value differs."""
     # Round-trip through JSON so tuples/lists and ints/floats compare as they were saved.
     current = json.loads(json.dumps(current))
-    # A key added to PruneConfig after a run was saved is no difference while it holds its default.
-    defaults = PruneConfig().to_dict()
+    # A key added to PruneConfig after a run was saved (layer_floor, structure, loss, ...) is no
+    # difference while it holds its default: older runs still resume.
+    defaults = json.loads(json.dumps(PruneConfig().to_dict()))
     saved = {**{k: v for k, v in defaults.items() if k not in saved and current.get(k) == v}, **saved}
     keys = sorted(set(saved) | set(current))
-    # A key added after the run was written (loss, output) still at its default is no difference.
-    defaults = json.loads(json.dumps(PruneConfig().to_dict()))
-    added_at_default = {k for k in keys if k not in saved and k in defaults and current.get(k) == defaults[k]}
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
-            if saved.get(k) != current.get(k) and k not in added_at_default]
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
