@@ -48,6 +48,7 @@ def _settings(server, root: Path, name: str) -> DeploySettings:
                           remote_root=str(root))
 
 
+@pytest.mark.slow  # ~25 s: builds two runtime venvs on the device
 def test_runtime_upgrade_goes_live_only_after_the_smoke_test(sshd, model_dirs, tmp_path):
     root = tmp_path / "device root"
     settings = _settings(sshd, root, "m")
