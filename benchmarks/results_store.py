@@ -29,6 +29,9 @@ def now() -> str:
 def write_json_atomically(path: Path, data: object) -> None:
     """Write ``data`` as JSON to ``path`` through a temp file in the same directory and a rename."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0o022)  # read it (by setting and restoring it): mkstemp's 0600 would ignore it
+    os.umask(umask)
+    os.fchmod(handle, 0o666 & ~umask)  # results are for sharing, like any file the user writes
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             json.dump(data, out, indent=1, sort_keys=False)

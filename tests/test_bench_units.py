@@ -135,3 +135,17 @@ def test_repeated_model_names_say_where_they_came_from(tmp_path):
                ModelEntry(label="model", local_dir=tmp_path / "runs" / "b" / "model"),
                ModelEntry(label="dense", local_dir=tmp_path / "dense")]
     assert unique_labels(entries) == ["model (runs/a)", "model (runs/b)", "dense"]
+
+
+def test_results_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from benchmarks.results_store import write_json_atomically
+
+    previous = os.umask(0o022)
+    try:
+        write_json_atomically(tmp_path / "results.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o644
