@@ -105,6 +105,7 @@ def test_runtime_upgrade_goes_live_only_after_the_smoke_test(sshd, model_dirs, t
         python.symlink_to(target)
 
 
+@pytest.mark.slow  # ~20 s under load: builds runtime venvs on the device
 def test_runtime_is_not_switched_when_another_model_would_break(sshd, model_dirs, tmp_path):
     root = tmp_path / "device root"
     spec = HostSpec.parse(sshd.spec)
@@ -123,6 +124,7 @@ def test_runtime_is_not_switched_when_another_model_would_break(sshd, model_dirs
     assert sorted(p.name for p in (root / "models" / "a" / "releases").iterdir()) == [current_release(root, "a")]
 
 
+@pytest.mark.slow  # ~20 s under load: builds runtime venvs on the device
 def test_old_layout_migrates_only_after_the_smoke_test(sshd, model_dirs, edgeprune, tmp_path):
     root = tmp_path / "old root"
     wheel = build_runtime_wheel(tmp_path / "w0")
