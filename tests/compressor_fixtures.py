@@ -85,6 +85,31 @@ def strip_seconds(metrics: Dict[str, Any]) -> Dict[str, Any]:
                                    for m, levels in metrics["methods"].items()}}
 
 
+_KILLED_AT = """
+import os, signal, sys
+method, level, epoch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+sys.argv = ["edgeprune", "compress", *sys.argv[4:]]
+import compressor.pipeline as pipeline
+real = pipeline.compress
+def killing(*args, **kwargs):
+    def kill(*where):
+        if where == (method, level, epoch):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **{**kwargs, "epoch_callback": kill})  # instead of the CLI's progress lines
+pipeline.compress = killing
+from edgeprune.cli import main
+sys.exit(main())
+"""
+
+
+def compress_killed_at(args: List[str], method: str, level: int, epoch: int,
+                       timeout: float = 120) -> subprocess.CompletedProcess:
+    """A real `edgeprune compress ARGS` process SIGKILLed right after the checkpoint of
+    ``(method, level, epoch)``: what a crash or an OOM kill leaves behind for ``--resume``."""
+    return subprocess.run([sys.executable, "-c", _KILLED_AT, method, str(level), str(epoch), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
 def cli(args: List[str], timeout: float = 120) -> Tuple[int, str, str]:
     """Run the real ``edgeprune`` command in a subprocess; ``(exit code, stdout, stderr)``."""
     proc = subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True,

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from compressor.errors import RunDirError
 from edgeprune.cli import main
-from tests.compressor_fixtures import (ENV, REPO, TEMP_ROOT, TINY, cli, final, run_tiny, shared_run, strip_seconds,
-                                       tree_snapshot)
+from tests.compressor_fixtures import (TEMP_ROOT, TINY, cli, compress_killed_at, final, run_tiny, shared_run,
+                                      strip_seconds, tree_snapshot)
 
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 
@@ -53,24 +50,9 @@ def test_interrupted_runs_resume_to_the_same_result():
 def test_sigkilled_cli_run_resumes_to_the_same_result():
     out = TEMP_ROOT / "killed"
     # A real process killed with SIGKILL right after an epoch checkpoint of lr-rewind level 2.
-    script = textwrap.dedent("""
-        import os, signal, sys
-        sys.argv = ["edgeprune", "compress", *sys.argv[1:]]
-        import compressor.pipeline as pipeline
-        real = pipeline.compress
-        def killing(*args, **kwargs):
-            def kill(method, level, epoch):
-                if (method, level, epoch) == ("lr-rewind", 2, 1):
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **{**kwargs, "epoch_callback": kill})  # instead of the CLI's progress lines
-        pipeline.compress = killing
-        from edgeprune.cli import main
-        sys.exit(main())
-    """)
     args = ["--out", str(out), "--method", ",".join(METHODS), "--epochs", str(TINY["epochs"]),
             "--lr-drops", "2", "--target-sparsity", "0.55", "--rewind-epoch", "1", "--seed", "3", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=ENV)
+    proc = compress_killed_at(args, "lr-rewind", 2, 1)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (out / "lr-rewind" / "level_2" / "checkpoint.pt").is_file()
     code, stdout, stderr = cli(["compress", *args, "--resume"])

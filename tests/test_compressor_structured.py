@@ -20,7 +20,8 @@ from torch import nn
 from compressor.channels import (Ranking, example_input, find_groups, full_plan, group_scores, shrink, widths)
 from compressor.criteria import criterion_named
 from compressor.errors import StructureError
-from tests.compressor_fixtures import ENV, REPO, TEMP_ROOT, cli, final, one_thread, run_tiny, strip_seconds
+from tests.compressor_fixtures import (ENV, REPO, TEMP_ROOT, cli, compress_killed_at, final, one_thread, run_tiny,
+                                      strip_seconds)
 
 # A user model with every coupling the issue names: a residual add, a concat, a depthwise conv, a
 # grouped conv and a Linear after a flatten of a 4×4 map (so each channel is 16 of its inputs).
@@ -269,22 +270,7 @@ STRUCTURED_ARGS = ["--model", "digits-cnn", "--structure", "channels", "--target
 @pytest.mark.slow
 def test_sigkilled_structured_run_resumes_to_the_same_result() -> None:
     out = TEMP_ROOT / "structured-killed"
-    script = textwrap.dedent("""
-        import os, signal, sys
-        sys.argv = ["edgeprune", "compress", *sys.argv[1:]]
-        import compressor.pipeline as pipeline
-        real = pipeline.compress
-        def killing(*args, **kwargs):
-            def kill(method, level, epoch):
-                if (method, level, epoch) == ("weight-rewind", 2, 1):
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return real(*args, **{**kwargs, "epoch_callback": kill})  # instead of the CLI's progress lines
-        pipeline.compress = killing
-        from edgeprune.cli import main
-        sys.exit(main())
-    """)
-    proc = subprocess.run([sys.executable, "-c", script, *STRUCTURED_ARGS, "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    proc = compress_killed_at([*STRUCTURED_ARGS, "--out", str(out)], "weight-rewind", 2, 1, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (out / "weight-rewind" / "level_2" / "checkpoint.pt").is_file()
     code, _, stderr = cli(["compress", *STRUCTURED_ARGS, "--out", str(out), "--resume"], timeout=300)
