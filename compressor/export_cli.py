@@ -55,10 +55,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="example inputs (.npz, batch first): one member per keyword input of the model's "
                              "forward (input_ids, attention_mask, ...), or one member 'input' (default: the "
                              "run's test data, else seeded noise of --input-shape)")
-    parser.add_argument("--fp16", action="store_true", help="store weight values as float16 (half the value bytes)")
+    parser.add_argument("--fp16", action="store_true", help="store weight values as float16 (half the value "
+                        "bytes; the same as --quantize fp16)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty MODEL_DIR")
-    parser.add_argument("--quantize", choices=("int8",), help="also build an int8 variant (model.int8.onnx) with "
-                        "onnxruntime's quantizer: dynamic for MatMul/Gemm models, static QDQ per-channel for Conv")
+    parser.add_argument("--quantize", choices=("int8", "fp16"),
+                        help="int8: also build an int8 variant (model.int8.onnx) with onnxruntime's quantizer "
+                        "(dynamic for MatMul/Gemm models, static QDQ per-channel for Conv); its int8 weights "
+                        "become the only stored copy, which the fp32 engines run dequantized. fp16: store "
+                        "weight values as float16")
+    parser.add_argument("--layout", choices=("compact", "external"), default="compact",
+                        help="compact (default, format 3): each weight stored once in weights.npz in its "
+                        "smallest form, fed to onnxruntime at load (`edge-runtime to-onnx` writes a plain "
+                        "ONNX file); external (formats 1-2): model.onnx reads its weights from weights.npz "
+                        "as ONNX external data, so stock onnxruntime loads it as it is")
     parser.add_argument("--calibration-batches", type=int, default=8, metavar="N",
                         help="with --quantize on a Conv model: calibrate on N batches of the run's training "
                              "data (default 8)")
@@ -69,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
     from compressor.errors import ConfigError
     from compressor.export import export_checkpoint, export_run_dir, read_sample
 
-    dtype = "float16" if args.fp16 else "float32"
+    fp16 = args.fp16 or args.quantize == "fp16"
     if args.calibration_batches < 1:
         raise ConfigError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
-    if args.quantize and args.fp16:
+    if args.quantize == "int8" and args.fp16:
         raise ConfigError("--quantize int8 starts from float32 weights; drop --fp16")
+    # A compact export converts float32 weights itself; the external layout stores float16 at export.
+    dtype = "float16" if fp16 and args.layout == "external" else "float32"
     sample = read_sample(args.sample) if args.sample is not None else None
     if args.run_dir is None and args.model is None:
         raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
@@ -91,19 +102,49 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")
         result = export_checkpoint(args.model, args.checkpoint, args.out, input_shape=args.input_shape,
                                    values_dtype=dtype, output=args.output, sample=sample, force=args.force)
-    ratio = result.dense_onnx_bytes / max(result.size_bytes, 1)
-    sparse = sum(1 for layer in result.layers if layer["storage"] == "csr")
     if result.picked:
         print(result.picked)
-    print(f"wrote {result.out_dir}: {result.size_bytes / 1024:.1f} KiB ({ratio:.2f}x smaller than dense ONNX), "
-          f"sparsity {result.sparsity:.1%}, {sparse}/{len(result.layers)} layers stored as CSR")
+    if args.quantize == "int8":
+        _quantize(args)
+    manifest = None
+    if args.layout == "compact":
+        manifest = _compact(args, "float16" if fp16 else "float32")
+    _report(args.out, result, manifest)
+    return 0
+
+
+def _compact(args: argparse.Namespace, values: str) -> dict:
+    """Rewrite the MODEL_DIR as format 3 (compressor/compact.py); the fp32 engines of an int8 export
+    now run the int8 weights dequantized, so their accuracy is measured again."""
+    from compressor.compact import compact_model_dir
+    from compressor.quantize import refresh_fp32_accuracy
+
+    manifest = compact_model_dir(args.out, values)
+    if args.quantize == "int8":
+        refresh_fp32_accuracy(args.out, manifest)
+    return manifest
+
+
+def _report(out: Path, result, manifest) -> None:
+    """One line: where, how big against the dense ONNX, how sparse, how stored."""
+    from edge_runtime.model_dir import read_manifest
+    from edge_runtime.model_format import shipped_bytes
+
+    manifest = manifest or read_manifest(out)
+    size = shipped_bytes(out, manifest)
+    ratio = result.dense_onnx_bytes / max(size, 1)
+    layers = manifest.get("layers", [])
+    sparse = sum(1 for layer in layers if layer["storage"] == "csr")
+    int8 = sum(1 for info in manifest["tensors"].values() if info["dtype"] == "int8")
+    values = "int8" if int8 else manifest.get("values_dtype", "float32")
+    print(f"wrote {out}: {size / 1024:.1f} KiB ({ratio:.2f}x smaller than dense ONNX), sparsity {result.sparsity:.1%}, "
+          f"{sparse}/{len(layers)} layers stored as CSR, {values} values, format {manifest['format_version']}")
+    if manifest["format_version"] >= 3:
+        print(f"plain ONNX file: edge-runtime to-onnx {out} model.onnx")
     if ratio < 1:
         print(f"warning: this MODEL_DIR is larger than the dense ONNX ({result.dense_onnx_bytes / 1024:.1f} KiB): "
               "below ~72% sparsity CSR does not pay, and a small model carries the manifest's graph",
               file=sys.stderr)
-    if args.quantize:
-        _quantize(args)
-    return 0
 
 
 def _quantize(args: argparse.Namespace) -> None:

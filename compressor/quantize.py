@@ -166,15 +166,18 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def accuracy_of(onnx_path: Path, data_spec: Optional[str], input_shape: Sequence[int]) -> Optional[float]:
-    """Top-1 accuracy (a fraction) of an ONNX file on the run's test split, or None without built-in data."""
+def accuracy_of(model: Any, data_spec: Optional[str], input_shape: Sequence[int]) -> Optional[float]:
+    """Top-1 accuracy (a fraction) on the run's test split of an ONNX file (a path) or of a session
+    (anything with onnxruntime's ``get_inputs``/``run``); None without built-in data."""
     if not _builtin(data_spec):
         return None
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = model
+    if isinstance(model, (str, Path)):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     _, test = _loaders(data_spec, input_shape, EVAL_BATCH)
     right = total = 0
@@ -252,6 +255,8 @@ def add_int8_variant(model_dir: Path | str, *, data_spec: Optional[str], input_s
     ``max_drop`` points against ``reference_accuracy`` (a fraction). Records ``variants`` in the manifest."""
     model_dir = Path(model_dir)
     manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    if manifest.get("format_version", 1) >= 3:
+        raise ExportError(f"{model_dir} is already compact (format 3); export again with --quantize int8")
     inputs = manifest.get("inputs") or [manifest["input"]]
     if len(inputs) != 1 or inputs[0]["dtype"] != "float32":
         raise ExportError("--quantize int8 supports models with a single float32 input")
@@ -346,6 +351,29 @@ def _write_manifest(model_dir: Path, manifest: Dict[str, Any], variants: List[Di
         files[entry["file"]] = sha256_of(model_dir / entry["file"])
         sizes[entry["file"]] = (model_dir / entry["file"]).stat().st_size
     manifest["files"], manifest["sizes"] = files, sizes
+    temp = model_dir / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
+    temp.write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+    os.replace(temp, model_dir / MANIFEST_FILE)
+
+
+def refresh_fp32_accuracy(model_dir: Path | str, manifest: Dict[str, Any]) -> None:
+    """After compaction the fp32 engines run the int8 weights dequantized: measure the fp32 variant
+    again (onnxruntime through the runtime, which feeds the weights) and record it in the manifest."""
+    from edge_runtime.session import InferenceSession
+
+    model_dir = Path(model_dir)
+    data_spec = (manifest.get("source") or {}).get("data")
+    shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
+    session = InferenceSession(model_dir, kernels="ort", threads=1)
+    try:
+        accuracy = accuracy_of(session, data_spec, shape)
+    finally:
+        session.close()
+    if accuracy is None:
+        return
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    manifest["variants"] = [dict(entry, accuracy=accuracy, weights="int8 dequantized") if entry.get("name") == "fp32"
+                            else entry for entry in manifest.get("variants", [])]
     temp = model_dir / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
     temp.write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
     os.replace(temp, model_dir / MANIFEST_FILE)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from edge_runtime import __version__
-from edge_runtime.errors import EdgeRuntimeError, InputError
+from edge_runtime import onnx_file
+from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError
 
 # OSError: a MODEL_DIR file that vanished or cannot be read (e.g. `info` on an incomplete copy).
 USER_ERRORS = (EdgeRuntimeError, OSError)
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     command("info", "layers, shapes, sparsity, sizes and the cached plan", kernels=False)
     tune = command("tune", "measure kernels on this device and cache the plan", kernels=False)
     tune.add_argument("--json", action="store_true", help="print the plan as JSON")
+    to_onnx = command("to-onnx", "write the MODEL_DIR as one plain ONNX file that stock onnxruntime loads",
+                      kernels=False)
+    to_onnx.add_argument("out", type=Path, metavar="OUT.onnx", help="the file to write")
+    to_onnx.add_argument("--variant", default="fp32", choices=("fp32", "int8"),
+                         help="fp32 (default: model.onnx) or the int8 variant (export --quantize int8)")
+    to_onnx.add_argument("--force", action="store_true", help="replace an existing OUT.onnx")
     bench = command("bench", "measure load time, latency, throughput and peak memory")
     bench.add_argument("--warmup", type=int, default=5, help="untimed runs after the first (default 5)")
     bench.add_argument("--iters", type=int, default=50, help="at least this many timed runs (default 50)")
@@ -79,7 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"edge-runtime bench: error: {problem}", file=sys.stderr)
             return 2
     try:
-        return {"run": _run, "check": _check, "info": _info, "tune": _tune, "bench": _bench}[args.command](args)
+        return {"run": _run, "check": _check, "info": _info, "tune": _tune, "bench": _bench,
+                "to-onnx": _to_onnx}[args.command](args)
     except BrokenPipeError:
         # `edge-runtime info DIR | head -1`: the reader left; end quietly, as a SIGPIPE'd tool would.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
@@ -322,6 +330,63 @@ def _print_variants(manifest: dict, engine: Optional[str]) -> None:
         print(f"variant {entry['name']:<5}{'*' if entry['name'] == running else ' '} {entry['file']:<16} "
               f"engine {entry.get('engine', '-'):<9} accuracy {shown}"
               f"   size {f'{size:,}' if isinstance(size, int) else '-'} bytes")
+
+
+def _to_onnx(args: argparse.Namespace) -> int:
+    """Write OUT.onnx (written beside, then renamed: never half a file), then run it in stock
+    onnxruntime on the MODEL_DIR's sample when onnxruntime is here."""
+    from edge_runtime.onnx_embed import model_dir_to_onnx
+
+    if onnx_file.is_onnx_file(args.model_dir):
+        raise EdgeRuntimeError(f"{args.model_dir} is already a plain ONNX file")
+    if args.out.exists() and not args.force:
+        raise EdgeRuntimeError(f"{args.out} exists (use --force to replace it)")
+    data = model_dir_to_onnx(args.model_dir, args.variant)
+    temp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, args.out)
+    finally:
+        if temp.exists():
+            temp.unlink()
+    print(f"wrote {args.out}: {human_bytes(len(data))}, the {args.variant} model of {args.model_dir} "
+          f"with every weight inline{_stock_check(args)}")
+    return 0
+
+
+def _stock_check(args: argparse.Namespace) -> str:
+    """", checked: stock onnxruntime ... matches" — or "" when onnxruntime is not installed here."""
+    import numpy as np
+
+    from edge_runtime import variants
+    from edge_runtime.model_dir import Weights, read_manifest
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return ""
+    manifest = read_manifest(args.model_dir)
+    weights = Weights(args.model_dir, manifest)
+    try:
+        feed = weights.sample_inputs(manifest)
+        _, expected, atol = weights.sample(manifest)
+    except ModelDirError:
+        return ""
+    finally:
+        weights.close()
+    if args.variant != "fp32":
+        expected, atol = variants.expected_sample(manifest, "ort-int8") or (expected, float("inf"))
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        got = ort.InferenceSession(str(args.out), options, providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    except Exception as error:  # onnxruntime's errors are untyped
+        raise ModelDirError(f"stock onnxruntime cannot run the written {args.out}: {error}") from None
+    diff = float(np.max(np.abs(got.astype(np.float64) - expected), initial=0.0)) if got.shape == expected.shape \
+        else float("inf")
+    if not diff <= atol:
+        raise ModelDirError(f"stock onnxruntime on {args.out} differs from the sample by {diff:.3g}")
+    return f"; stock onnxruntime reproduces the sample (max abs diff {diff:.2g})"
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -28,10 +28,11 @@ _INT32_MAX = np.iinfo(np.int32).max
 
 
 def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
-              rows: int, cols: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate CSR arrays completely (vectorised) and return them as float32 / int32 / int32.
+              rows: int, cols: int, int8: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate CSR arrays completely (vectorised) and return them as float32 (int8 with ``int8``) /
+    int32 / int32.
 
-    Checked: 1-D arrays; float data; integral index arrays; as many indices as values; ``indptr`` has
+    Checked: 1-D arrays; float data (int8 for a quantized tensor); integral index arrays; as many indices as values; ``indptr`` has
     ``rows + 1`` entries, starts at 0, never decreases and ends at the number of values; every column
     index is in ``[0, cols)``; everything fits the int32 indices scipy computes with.
     """
@@ -40,8 +41,10 @@ def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
 
     if data.ndim != 1 or indices.ndim != 1 or indptr.ndim != 1:
         raise bad("data, indices and indptr must be 1-D")
-    if data.dtype.kind != "f" or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
-        raise bad(f"dtypes {data.dtype}, {indices.dtype}, {indptr.dtype}: values must be float, indices integers")
+    values_ok = data.dtype == np.int8 if int8 else data.dtype.kind == "f"
+    if not values_ok or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
+        raise bad(f"dtypes {data.dtype}, {indices.dtype}, {indptr.dtype}: values must be "
+                  f"{'int8' if int8 else 'float'}, indices integers")
     if max(rows, cols, data.size) > _INT32_MAX:
         raise bad("too large for int32 indices")
     if indptr.size != rows + 1:
@@ -57,7 +60,7 @@ def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
         raise bad("indptr decreases")
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= cols):
         raise bad(f"a column index is outside [0, {cols})")
-    return data.astype(np.float32), indices.astype(np.int32), pointers.astype(np.int32)
+    return (data if int8 else data.astype(np.float32)), indices.astype(np.int32), pointers.astype(np.int32)
 
 
 class Weights:
@@ -88,11 +91,37 @@ class Weights:
         shape = [int(d) for d in self.info(name)["shape"]] or [1]
         return shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
 
-    def csr_arrays(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The stored CSR arrays of a sparse tensor, fully validated (float32, int32, int32)."""
+    def is_int8(self, name: str) -> bool:
+        """A format-3 weight stored as int8 values with a float32 scale (``edgeprune export --quantize int8``)."""
+        return self.info(name)["dtype"] == "int8" and "scale" in self.info(name)
+
+    def _stored_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, cols = self.matrix_shape(name)
         return check_csr(f"{self.path}: {name!r}", self._member(f"{name}.data"), self._member(f"{name}.indices"),
-                         self._member(f"{name}.indptr"), rows, cols)
+                         self._member(f"{name}.indptr"), rows, cols, int8=self.is_int8(name))
+
+    def scale(self, name: str) -> np.ndarray:
+        """An int8 tensor's scales as float32 ``[rows, 1]`` (axis 0: one per row) or ``[1, 1]`` (one)."""
+        info = self.info(name)
+        scale = self._member(info["scale"])
+        rows = self.matrix_shape(name)[0]
+        per_row = "axis" in info
+        if scale.dtype != np.float32 or scale.size != (rows if per_row else 1) or scale.ndim > 1:
+            raise ModelDirError(f"{self.path}: {name!r} scale is {scale.dtype}{list(scale.shape)}, expected "
+                                f"float32 [{rows if per_row else 1}]")
+        if not np.all(np.isfinite(scale)):
+            raise ModelDirError(f"{self.path}: {name!r} scale is not finite")
+        return scale.reshape(-1, 1)
+
+    def csr_arrays(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored CSR arrays of a sparse tensor, fully validated (float32, int32, int32); int8
+        values come back multiplied by their scale, as onnxruntime's DequantizeLinear computes them."""
+        data, indices, indptr = self._stored_csr(name)
+        if self.is_int8(name):
+            scale = self.scale(name)[:, 0]
+            per_value = np.repeat(scale, np.diff(indptr)) if scale.size > 1 else scale
+            data = (data.astype(np.float32) * per_value).astype(np.float32)
+        return data, indices, indptr
 
     def csr(self, name: str) -> sp.csr_matrix:
         """The tensor as a float32 CSR matrix ``[shape[0], rest]`` (int32 indices, as scipy computes)."""
@@ -101,17 +130,56 @@ class Weights:
             return sp.csr_matrix(self.dense(name).reshape(rows, cols).astype(np.float32, copy=False))
         return sp.csr_matrix(self.csr_arrays(name), shape=(rows, cols))
 
+    def _dense_stored(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        shape = tuple(int(d) for d in info["shape"])
+        array = self._member(name)
+        if array.shape != shape or str(array.dtype) != info["dtype"]:
+            raise ModelDirError(f"{self.path}: {name!r} is {array.dtype}{list(array.shape)}, "
+                                f"manifest says {info['dtype']}{list(shape)}")
+        return array
+
     def dense(self, name: str) -> np.ndarray:
         """The tensor as a dense array of its logical shape (float weights become float32)."""
         info = self.info(name)
         shape = tuple(int(d) for d in info["shape"])
         if self.is_sparse(name):
             return self.csr(name).toarray().reshape(shape)
-        array = self._member(name)
-        if array.shape != shape or str(array.dtype) != info["dtype"]:
-            raise ModelDirError(f"{self.path}: {name!r} is {array.dtype}{list(array.shape)}, "
-                                f"manifest says {info['dtype']}{list(shape)}")
+        array = self._dense_stored(name)
+        if self.is_int8(name):
+            matrix = array.reshape(self.matrix_shape(name)).astype(np.float32) * self.scale(name)
+            return matrix.astype(np.float32).reshape(shape)
         return array.astype(np.float32) if array.dtype == np.float16 else array
+
+    def quantized(self, name: str) -> np.ndarray:
+        """An int8 tensor's stored values, dense, in its logical shape (what an int8 engine is fed)."""
+        if not self.is_int8(name):
+            raise ModelDirError(f"{self.path}: {name!r} is not an int8 tensor")
+        shape = tuple(int(d) for d in self.info(name)["shape"])
+        if not self.is_sparse(name):
+            return self._dense_stored(name)
+        data, indices, indptr = self._stored_csr(name)
+        rows, cols = self.matrix_shape(name)
+        flat = np.zeros(rows * cols, dtype=np.int8)
+        row_of = np.repeat(np.arange(rows, dtype=np.int64), np.diff(indptr))
+        flat[row_of * cols + indices] = data
+        return flat.reshape(shape)
+
+    def check_all(self) -> None:
+        """Validate every stored array (CSR structure, shapes, dtypes, int8 scales) before any engine
+        runs: an engine that never reads one (the int8 one skips the scales) must not hide a bad file."""
+        for name in self.tensors:
+            if self.is_sparse(name):
+                self._stored_csr(name)
+            else:
+                self._dense_stored(name)
+            if self.is_int8(name):
+                self.scale(name)
+
+    def fed(self) -> Dict[str, np.ndarray]:
+        """Format 3: every tensor model.onnx leaves to be fed, as the dense float32 array onnxruntime runs."""
+        return {name: np.ascontiguousarray(self.dense(name), dtype=np.float32)
+                for name, info in self.tensors.items() if info.get("onnx") == "fed"}
 
     def sample_inputs(self, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:
         """Every smoke-test input by name: ``sample.inputs`` (several inputs), else the single ``sample.input``."""

@@ -22,7 +22,8 @@ from typing import Any, BinaryIO, Dict, Iterable, Mapping, Optional, Sequence
 
 from edge_runtime.errors import ModelDirError
 
-__all__ = ["shipped_bytes", "FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "SUPPORTED_VERSIONS", "INLINE_BYTES",
+__all__ = ["shipped_bytes", "FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "FORMAT_VERSION_COMPACT",
+           "SUPPORTED_VERSIONS", "INLINE_BYTES",
            "MANIFEST_FILE", "ONNX_FILE", "WEIGHTS_FILE", "PLANS_FILE", "SAMPLE_INPUT", "SAMPLE_OUTPUT",
            "ModelDirError", "sha256_of", "open_regular", "check_relative_name", "check_format",
            "validate_manifest", "read_manifest", "verify_files", "max_model_bytes", "itemsize"]
@@ -30,7 +31,9 @@ __all__ = ["shipped_bytes", "FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS",
 FORMAT = "edgeprune-model"
 FORMAT_VERSION = 1          # what export writes for one float32 input and a float32 output: every runtime reads it
 FORMAT_VERSION_INPUTS = 2   # several inputs or other dtypes: the reader must know `inputs`/`output_specs`
-SUPPORTED_VERSIONS = (1, 2)  # what this runtime reads (and so what deploy may ship with it)
+FORMAT_VERSION_COMPACT = 3  # compact storage: model.onnx holds no weights; every engine's weights are
+                            # built at load from weights.npz (the smallest index types, fp32/fp16/int8 values)
+SUPPORTED_VERSIONS = (1, 2, 3)  # what this runtime reads (and so what deploy may ship with it)
 INLINE_BYTES = 1024         # a non-weight tensor this small stays inline in model.onnx (onnx's own
                             # external-data threshold); integer/bool tensors (shapes, axes, indices) always
 MANIFEST_FILE = "manifest.json"
@@ -47,8 +50,12 @@ MAX_INPUTS = 64
 MAX_DIM = 2 ** 31 - 1  # the int32 indices the kernels compute with
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int16", "int8", "uint8", "uint16",
           "uint32", "uint64", "bool")
-INPUT_DTYPES = {1: ("float32",), 2: DTYPES}  # per format version: numeric and bool
-ONNX_PLACES = ("external", "inline")  # where model.onnx keeps a tensor (inline: small constants only)
+INPUT_DTYPES = {1: ("float32",), 2: DTYPES, 3: DTYPES}  # per format version: numeric and bool
+# Where model.onnx keeps a tensor. Formats 1-2: "external" (data in weights.npz at the member's offset)
+# or "inline" (small constants only). Format 3: "inline", or "fed": a placeholder whose values the
+# runtime builds from weights.npz and hands onnxruntime at load (SessionOptions.add_external_initializers).
+ONNX_PLACES = {1: ("external", "inline"), 2: ("external", "inline"), 3: ("fed", "inline")}
+VALUE_DTYPES = ("float32", "float16", "int8")  # a CSR tensor's values; int8 carries a float32 scale member
 MAX_OPSET = 1000
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -255,7 +262,7 @@ def _check_graph(nodes: Any, where: str) -> None:
             raise _fail(where, f"{what} attributes must be numbers, strings, lists of them or tensors")
 
 
-def _check_tensors(tensors: Any, where: str) -> None:
+def _check_tensors(tensors: Any, where: str, version: int) -> None:
     if not isinstance(tensors, dict):
         raise _fail(where, "tensors must be a table")
     total = 0
@@ -265,15 +272,32 @@ def _check_tensors(tensors: Any, where: str) -> None:
         if info.get("dtype") not in DTYPES:
             raise _fail(where, f"tensor {name!r} has dtype {info.get('dtype')!r}")
         _check_shape(info.get("shape"), where, f"tensor {name!r}")
-        if info["storage"] == "csr" and (not info["shape"] or info.get("dtype") not in ("float32", "float16")):
-            raise _fail(where, f"CSR tensor {name!r} must be float and have a shape")
+        values = VALUE_DTYPES if version >= FORMAT_VERSION_COMPACT else ("float32", "float16")
+        if info["storage"] == "csr" and (not info["shape"] or info.get("dtype") not in values):
+            raise _fail(where, f"CSR tensor {name!r} must have a shape and values of {', '.join(values)}")
         place = info.get("onnx", "external")  # format 1 before inline constants: every tensor external
-        if place not in ONNX_PLACES or (info["storage"] == "csr" and place == "inline"):
-            raise _fail(where, f"tensor {name!r} must be external or (dense only) inline in model.onnx")
+        if place not in ONNX_PLACES[version] or (info["storage"] == "csr" and place == "inline"):
+            raise _fail(where, f"tensor {name!r} must be {' or '.join(ONNX_PLACES[version])} in model.onnx "
+                               "(a CSR tensor never inline)")
+        _check_quantized(name, info, where, version)
         total += _elements(info["shape"]) * max(4, 8 if info["dtype"].endswith("64") else 4)
     if total > max_model_bytes():
         raise ModelDirError(f"{where}: the manifest's tensors would take {total:,} bytes, more than "
                             f"{max_model_bytes():,} (EDGEPRUNE_MAX_MODEL_BYTES)")
+
+
+def _check_quantized(name: str, info: Mapping[str, Any], where: str, version: int) -> None:
+    """An int8 weight (format 3) names its float32 scale member; ``axis`` 0 means one scale per row
+    (output channel), no axis one scale for the whole tensor."""
+    fed_int8 = version >= FORMAT_VERSION_COMPACT and info["dtype"] == "int8" and info.get("onnx") == "fed"
+    if not fed_int8:
+        if "scale" in info or "axis" in info:
+            raise _fail(where, f"tensor {name!r}: only a fed int8 tensor has a scale")
+        return
+    if not isinstance(info.get("scale"), str) or not info["scale"]:
+        raise _fail(where, f"int8 tensor {name!r} must name its scale member")
+    if info.get("axis", 0) != 0 or isinstance(info.get("axis"), bool):
+        raise _fail(where, f"int8 tensor {name!r}: axis must be 0 (one scale per row) or absent (one scale)")
 
 
 def _check_optional(manifest: Mapping[str, Any], where: str) -> None:
@@ -320,7 +344,7 @@ def validate_manifest(manifest: Any, where: str, supported: Sequence[int] = SUPP
         raise _fail(where, "outputs must name at least one output")
     _check_output_specs(manifest, where)
     _check_graph(manifest["graph"], where)
-    _check_tensors(manifest["tensors"], where)
+    _check_tensors(manifest["tensors"], where, manifest["format_version"])
     _check_optional(manifest, where)
     return manifest
 

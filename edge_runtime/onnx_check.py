@@ -15,6 +15,12 @@ two still compute different functions, or onnxruntime can be pointed at ``/etc/p
   indices, which onnxruntime's shape inference must read from the file itself) must hold inline
   data bit for bit equal to the copy the npz keeps, which is what the native engine computes with;
 - a sparse initializer's inline int64 indices must be the CSR arrays' non-zeros, linearised.
+
+Format 3 (compact) holds no weights in model.onnx at all: a tensor the manifest calls ``fed`` must be
+a *placeholder* (float32, the manifest's shape, external data naming only ``weights.npz`` and no bytes)
+that the runtime fills from weights.npz at load, and there are no sparse initializers. A variant file
+(model.int8.onnx) may have placeholders only for the feeds its manifest entry declares (see
+:func:`check_variant`); any other external data is refused, since onnxruntime would follow it.
 """
 
 from __future__ import annotations
@@ -27,18 +33,21 @@ import numpy as np
 
 from edge_runtime.errors import ModelDirError
 from edge_runtime.model_dir import Weights
-from edge_runtime.model_format import ONNX_FILE, WEIGHTS_FILE, max_model_bytes, open_regular
+from edge_runtime.model_format import (FORMAT_VERSION_COMPACT, ONNX_FILE, WEIGHTS_FILE, max_model_bytes,
+                                       open_regular)
 from edge_runtime.npz_reader import Member
 from edge_runtime import onnx_wire
 from edge_runtime.onnx_wire import DATA_TYPES, Attribute, Model, Tensor
 
 EXTERNAL_KEYS = {"location", "offset", "length"}
+FLOAT, INT8 = 1, 3  # TensorProto.data_type
 MAX_ATTRIBUTE_VALUES = 1 << 16
 
 
-def read_model(model_dir: Path) -> Model:
-    """Decode model.onnx (a regular file inside MODEL_DIR, of bounded size)."""
-    path = Path(model_dir) / ONNX_FILE
+def read_model(model_dir: Path, name: str = ONNX_FILE) -> Model:
+    """Decode model.onnx (or another ONNX file the manifest lists: a regular file inside MODEL_DIR, of
+    bounded size)."""
+    path = Path(model_dir) / name
     with open_regular(path) as handle:
         data = handle.read(max_model_bytes() + 1)
     if len(data) > max_model_bytes():
@@ -146,7 +155,10 @@ def _canonical(node: Mapping[str, Any]) -> str:
 
 
 def _fp16_casts(manifest: Mapping[str, Any]) -> Dict[str, str]:
-    """output → input of the Cast nodes export puts first for each float16 tensor."""
+    """output → input of the Cast nodes export puts first for each float16 tensor (formats 1-2; format 3
+    feeds float32 built from the float16 values instead)."""
+    if manifest["format_version"] >= FORMAT_VERSION_COMPACT:
+        return {}
     return {name: f"{name}__fp16" for name, info in manifest["tensors"].items() if info["dtype"] == "float16"}
 
 
@@ -226,7 +238,87 @@ def _check_sparse_indices(coo: np.ndarray, weights: Weights, name: str, where: s
         raise ModelDirError(f"{where}: sparse indices of {name!r} differ from its CSR arrays in {WEIGHTS_FILE}")
 
 
+def _check_placeholder(tensor: Tensor, shape: List[int], data_type: int, where: str) -> None:
+    """A format-3 placeholder: no bytes of its own, external data that names only weights.npz (so that
+    onnxruntime, were it ever left unfed, reads nothing else), the declared type and shape."""
+    name = tensor.name
+    if tensor.has_inline_data or tensor.data_location != onnx_wire.EXTERNAL:
+        raise ModelDirError(f"{where}: initializer {name!r} must be a placeholder the runtime feeds")
+    if tensor.external != {"location": WEIGHTS_FILE}:
+        raise ModelDirError(f"{where}: placeholder {name!r} has external_data {sorted(tensor.external.items())}")
+    if tensor.data_type != data_type or list(tensor.dims) != list(shape):
+        raise ModelDirError(f"{where}: placeholder {name!r} type or shape differs from its tensor")
+
+
+def _check_compact(model: Model, manifest: Mapping[str, Any], weights: Weights, where: str) -> None:
+    """Format 3: fed tensors are placeholders, inline ones equal their npz copy, nothing sparse, and
+    every stored array valid."""
+    tensors = manifest["tensors"]
+    weights.check_all()
+    if model.sparse_initializers:
+        raise ModelDirError(f"{where}: format 3 keeps no sparse initializer in model.onnx")
+    seen = []
+    for tensor in model.initializers:
+        info = tensors.get(tensor.name)
+        if info is None:
+            raise ModelDirError(f"{where}: initializer {tensor.name!r} is not a tensor of the manifest")
+        if info.get("onnx") == "fed":
+            _check_placeholder(tensor, info["shape"], FLOAT, where)
+        else:
+            _check_inline(tensor, weights.archive.members.get(tensor.name), weights, tensor.name, where)
+        seen.append(tensor.name)
+    if sorted(seen) != sorted(tensors):
+        raise ModelDirError(f"{where}: its initializers are not exactly the manifest's tensors")
+
+
+def check_variant(model_dir: Path, manifest: Mapping[str, Any], entry: Mapping[str, Any],
+                  weights: Optional[Weights] = None) -> Dict[str, Any]:
+    """A variant file (model.int8.onnx) before onnxruntime reads it: its placeholders are exactly the
+    feeds its manifest entry declares, each an int8 tensor of the manifest the right shape; no other
+    initializer is external; with ``weights``, each feed's scale in the file (``scale``: its inline
+    initializer) equals the scale the fp32 engines dequantize with, so both compute from one set of
+    numbers. Returns the feeds ``{initializer: {"tensor", "transpose", "scale"}}``."""
+    where = f"{Path(model_dir) / entry['file']}"
+    model = read_model(model_dir, entry["file"])
+    feeds = entry.get("feeds") or {}
+    tensors = manifest["tensors"]
+    if not isinstance(feeds, dict) or not all(
+            isinstance(feed, dict) and feed.get("tensor") in tensors and tensors[feed["tensor"]].get("dtype") == "int8"
+            and "scale" in tensors[feed["tensor"]] and isinstance(feed.get("transpose", False), bool)
+            and len(tensors[feed["tensor"]]["shape"]) == (2 if feed.get("transpose") else len(tensors[feed["tensor"]]["shape"]))
+            for feed in feeds.values()):
+        raise ModelDirError(f"{where}: malformed feeds in the manifest's variant entry")
+    if any(sparse.values.is_external or sparse.indices.is_external for sparse in model.sparse_initializers):
+        raise ModelDirError(f"{where}: a sparse initializer reads external data")
+    placed = set()
+    for tensor in model.initializers:
+        feed = feeds.get(tensor.name)
+        if feed is None:
+            if tensor.is_external or tensor.data_location == onnx_wire.EXTERNAL:
+                raise ModelDirError(f"{where}: initializer {tensor.name!r} reads external data")
+            continue
+        shape = list(tensors[feed["tensor"]]["shape"])
+        _check_placeholder(tensor, shape[::-1] if feed.get("transpose") else shape, INT8, where)
+        placed.add(tensor.name)
+    if placed != set(feeds):
+        raise ModelDirError(f"{where}: feeds {sorted(set(feeds) - placed)} have no placeholder")
+    if weights is not None:
+        inline = {t.name: t for t in model.initializers if t.name not in feeds}
+        for name, feed in feeds.items():
+            scale = inline.get(feed.get("scale"))
+            if scale is None or scale.data_type != FLOAT:
+                raise ModelDirError(f"{where}: feed {name!r} names no float32 scale initializer")
+            ours = weights.scale(feed["tensor"]).reshape(-1)
+            theirs = _tensor_array(scale, where, f"scale {scale.name!r}", max_model_bytes()).reshape(-1)
+            if theirs.shape != ours.shape or theirs.astype("<f4").tobytes() != ours.astype("<f4").tobytes():
+                raise ModelDirError(f"{where}: the scale of {feed['tensor']!r} differs from {WEIGHTS_FILE}'s")
+    return dict(feeds)
+
+
 def _check_initializers(model: Model, manifest: Mapping[str, Any], weights: Weights, where: str) -> None:
+    if manifest["format_version"] >= FORMAT_VERSION_COMPACT:
+        _check_compact(model, manifest, weights, where)
+        return
     members = weights.archive.members
     tensors = manifest["tensors"]
     stored_as = {(f"{n}__fp16" if info["dtype"] == "float16" else n): n for n, info in tensors.items()}

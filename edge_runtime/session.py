@@ -27,8 +27,9 @@ from edge_runtime import variants
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
 from edge_runtime.graph import Program, compile_graph
 from edge_runtime.model_dir import Weights, read_manifest, verify_files
-from edge_runtime.model_format import max_model_bytes
+from edge_runtime.model_format import FORMAT_VERSION_COMPACT, max_model_bytes
 from edge_runtime.onnx_check import check_model
+from edge_runtime.ort_session import open_ort
 
 KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES)
 # What numpy raises when a graph's attributes or shapes are nonsense (a hostile or broken model): the
@@ -122,7 +123,7 @@ class InferenceSession:
             self._ort = self._ort_session()
             self.plan = {"engine": "ort"}
         elif kernels in variants.ENGINES:
-            self._ort = variants.open_session(self.model_dir, self.manifest, kernels, self.threads)
+            self._ort = variants.open_session(self.model_dir, self.manifest, kernels, self.threads, self._weights)
             self.plan = {"engine": kernels}
         elif kernels in ("sparse", "dense"):
             kind = "dense" if kernels == "dense" else self._sparse_kind()
@@ -152,7 +153,7 @@ class InferenceSession:
         if self.plan.get("engine") in variants.ENGINES:
             self._program = None
             self._ort = self._variant_ort or variants.open_session(self.model_dir, self.manifest,
-                                                                   self.plan["engine"], self.threads)
+                                                                   self.plan["engine"], self.threads, self._weights)
             self._variant_ort = None
             return
         self._variant_ort = None
@@ -211,7 +212,7 @@ class InferenceSession:
             if variants.find(self.manifest, engine) is None:
                 continue
             try:
-                session = variants.open_session(self.model_dir, self.manifest, engine, self.threads)
+                session = variants.open_session(self.model_dir, self.manifest, engine, self.threads, self._weights)
             except ModelDirError as error:  # e.g. an older onnxruntime without its ops: the others still run
                 plan[f"{engine}_error"] = str(error)
                 continue
@@ -256,18 +257,9 @@ class InferenceSession:
         return dataclasses.replace(self._program, constants={**self._program.constants, **extra})
 
     def _ort_session(self):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ModelDirError("onnxruntime is not installed; use kernels='sparse' or 'dense'") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4  # fatal only: its errors reach the user as our one line
-        try:
-            return ort.InferenceSession(str(self._onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own untyped errors for bad files
-            raise ModelDirError(f"onnxruntime cannot load {self._onnx_path}: {error}") from None
+        """onnxruntime on model.onnx; a compact (format 3) MODEL_DIR's weights are fed from weights.npz."""
+        compact = not self.plain_onnx and self.manifest["format_version"] >= FORMAT_VERSION_COMPACT
+        return open_ort(self._onnx_path, self.threads, self._weights.fed() if compact else None)
 
     # -- onnxruntime-style API -----------------------------------------------------------------------
     @property

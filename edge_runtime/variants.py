@@ -69,22 +69,20 @@ def expected_sample(manifest: Dict[str, Any], engine: str) -> Optional[Tuple[np.
         return None
 
 
-def open_session(model_dir: Path, manifest: Dict[str, Any], engine: str, threads: int) -> Any:
-    """An onnxruntime session on the variant ``engine`` runs (ModelDirError when it cannot load)."""
+def open_session(model_dir: Path, manifest: Dict[str, Any], engine: str, threads: int, weights: Any) -> Any:
+    """An onnxruntime session on the variant ``engine`` runs (ModelDirError when it cannot load). A
+    compact MODEL_DIR's variant file holds placeholders for its int8 weights: they are fed from
+    ``weights`` (model_dir.Weights), the one stored copy the fp32 engines dequantize."""
+    from edge_runtime.onnx_check import check_variant
+    from edge_runtime.ort_session import open_ort
+
     entry = require(model_dir, manifest, engine)
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ModelDirError(f"onnxruntime is not installed; kernels={engine!r} needs it") from None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    path = Path(model_dir) / entry["file"]
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime raises its own untyped errors for bad files
-        raise ModelDirError(f"onnxruntime cannot load {path}: {error}") from None
+    feeds = check_variant(model_dir, manifest, entry, weights)  # before onnxruntime follows anything in the file
+    arrays = {}
+    for name, feed in feeds.items():
+        values = weights.quantized(feed["tensor"])
+        arrays[name] = np.ascontiguousarray(values.T if feed.get("transpose") else values)
+    return open_ort(Path(model_dir) / entry["file"], threads, arrays, log_level=3)
 
 
 def choose(measured: Dict[str, float], margin: float) -> Dict[str, Any]:

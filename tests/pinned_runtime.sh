@@ -34,4 +34,4 @@ python3 -m tests.runtime_fixtures "$FIXTURES" >/dev/null
 # dependencies include torch). Its other packages are there too but cannot import without torch.
 EDGEPRUNE_RUNTIME_FIXTURES="$FIXTURES" PYTHONPATH="$PWD" "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_runtime_correctness.py tests/test_runtime_errors.py tests/test_runtime_cli.py \
-  tests/test_runtime_no_torch.py tests/test_runtime_ops.py tests/test_conformance_onnx.py tests/test_runtime_tuner.py tests/test_runtime_variants.py "$@"
+  tests/test_runtime_no_torch.py tests/test_runtime_ops.py tests/test_conformance_onnx.py tests/test_runtime_tuner.py tests/test_runtime_variants.py tests/test_runtime_compact.py "$@"

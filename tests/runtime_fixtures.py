@@ -32,6 +32,12 @@ MODELS = {
     "digits-mlp-fp16": (SPARSITY, "float16"),
     "digits-mlp-int8": (SPARSITY, "float32"),   # + model.int8.onnx (export --quantize int8): dynamic
     "digits-cnn-int8": (SPARSITY, "float32"),   # static QDQ, calibrated on seeded noise
+    # format 3 (compressor/compact.py): what `edgeprune export` writes by default
+    "digits-mlp-compact": (SPARSITY, "float32"),
+    "resnet20-compact": (0.95, "float32"),
+    "digits-mlp-fp16-compact": (SPARSITY, "float16"),
+    "digits-mlp-int8-compact": (SPARSITY, "float32"),
+    "digits-cnn-int8-compact": (SPARSITY, "float32"),
 }
 ENV = "EDGEPRUNE_RUNTIME_FIXTURES"
 
@@ -40,19 +46,24 @@ def build_all(root: Path) -> Path:
     """Export every fixture model into ``root`` (needs torch and compressor)."""
     import torch
 
+    from compressor.compact import compact_model_dir
     from compressor.export import export_model
     from compressor.quantize import add_int8_variant
     from tests.runtime_models import make, prune_global
 
     root.mkdir(parents=True, exist_ok=True)
     for name, (sparsity, dtype) in MODELS.items():
-        model = prune_global(make(name.replace("-fp16", "").replace("-int8", "")), sparsity)
+        compact = name.endswith("-compact")
+        base = name.replace("-compact", "")
+        model = prune_global(make(base.replace("-fp16", "").replace("-int8", "")), sparsity)
         shape = tuple(model.input_shape)
         x = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
-        export_model(model, root / name, input_shape=shape, values_dtype=dtype, force=True,
-                     source={"model": name, "test": True})
-        if name.endswith("-int8"):
+        export_model(model, root / name, input_shape=shape, values_dtype="float32" if compact else dtype,
+                     force=True, source={"model": name, "test": True})
+        if base.endswith("-int8"):
             add_int8_variant(root / name, data_spec=None, input_shape=shape, warn=lambda _: None)
+        if compact:
+            compact_model_dir(root / name, dtype)
         with torch.no_grad():
             np.save(root / f"{name}.torch.npy", model(torch.from_numpy(x)).numpy())
         np.save(root / f"{name}.x.npy", x)

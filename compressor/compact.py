@@ -1,0 +1,312 @@
+"""Compact storage (MODEL_DIR format 3): every weight once, in its smallest form, fed to each engine at load.
+
+Export first writes a format 1/2 MODEL_DIR (model.onnx whose weights are external data inside
+weights.npz, checked against PyTorch), and ``--quantize int8`` adds model.int8.onnx; this step then
+rewrites the folder so that no weight is stored twice:
+
+- weights.npz keeps each prunable weight as CSR with the smallest column-index type (uint8/uint16)
+  or dense, whichever is smaller, with float32, float16 or int8 values — no int64 ``coo`` copy of the
+  indices for onnxruntime's sake;
+- a weight the int8 variant quantized is stored only as its int8 values plus a float32 scale per
+  output channel (or one per tensor), exactly the integers model.int8.onnx computes with; the fp32
+  engines (native kernels, onnxruntime fp32) run those values dequantized, so their sample output and
+  accuracy are measured again;
+- model.onnx and model.int8.onnx keep small constants inline and hold *placeholders* for the rest,
+  which the runtime fills from weights.npz (edge_runtime/ort_session.py). `edge-runtime to-onnx` turns
+  a MODEL_DIR back into one plain ONNX file.
+
+The rewritten folder is checked with the runtime itself (every engine against its sample) before it
+replaces the original.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from compressor.errors import ExportError
+from edge_runtime.model_format import (FORMAT_VERSION_COMPACT, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE,
+                                       sha256_of, shipped_bytes)
+
+VALUE_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One weight as the int8 variant stores it, oriented like model.onnx's tensor."""
+
+    values: np.ndarray          # int8, the weight's own shape
+    scale: np.ndarray           # float32 [rows] (axis 0) or [1]
+    per_row: bool
+    variant_name: str           # the initializer in model.int8.onnx
+    transpose: bool             # model.int8.onnx holds it transposed (Gemm rewritten as MatMul)
+
+
+def _csr_is_smaller(array: np.ndarray, value_bytes: int) -> bool:
+    """CSR (values + smallest column index + int32 row pointers) against dense, both in ``value_bytes``."""
+    from compressor.onnx_sparse import index_dtype
+
+    rows = array.shape[0]
+    cols = array.size // max(rows, 1)
+    nnz = max(int(np.count_nonzero(array)), 1)
+    return nnz * (value_bytes + index_dtype(cols).itemsize) + (rows + 1) * 4 < array.size * value_bytes
+
+
+def _csr_members(name: str, matrix: np.ndarray) -> Dict[str, np.ndarray]:
+    """weights.npz members of ``matrix`` (2-D, any dtype) as CSR; an all-zero one keeps one explicit zero."""
+    from compressor.onnx_sparse import index_dtype
+
+    rows, cols = np.nonzero(matrix)
+    if rows.size == 0:
+        rows, cols = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    counts = np.bincount(rows, minlength=matrix.shape[0])
+    return {f"{name}.data": matrix[rows, cols], f"{name}.indices": cols.astype(index_dtype(matrix.shape[1])),
+            f"{name}.indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)}
+
+
+def _int8_weights(model_dir: Path, entry: Optional[Dict[str, Any]], decoded: Dict[str, np.ndarray]) -> Dict[str, Quantized]:
+    """The weights model.int8.onnx quantized symmetrically (zero point 0), per output channel or per
+    tensor, keyed by model.onnx's tensor name. Any other quantization stays in the variant file."""
+    if entry is None:
+        return {}
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(model_dir / entry["file"]))
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    axes = {n.input[0]: helper.get_attribute_value(a) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"}
+    found: Dict[str, Quantized] = {}
+    for name, q in stored.items():
+        base = name[:-len("_quantized")] if name.endswith("_quantized") else None
+        if base not in decoded or q.dtype != np.int8 or decoded[base].dtype != np.float32:
+            continue
+        scale = stored.get(f"{base}_scale")
+        zero = stored.get(f"{base}_zero_point", np.zeros(1, np.int8))
+        if scale is None or scale.dtype != np.float32 or np.any(zero != 0):
+            continue
+        shape = decoded[base].shape
+        transpose = q.shape != shape
+        if transpose and not (q.ndim == 2 and q.shape == shape[::-1]):
+            continue
+        oriented = np.ascontiguousarray(q.T) if transpose else q
+        per_row = scale.size > 1
+        if per_row:  # the scale's axis in the variant, seen in model.onnx's orientation, must be the rows
+            axis = axes.get(name, 1) % q.ndim
+            if (1 - axis if transpose else axis) != 0 or scale.size != shape[0]:
+                continue
+        found[base] = Quantized(oriented, scale.reshape(-1).astype(np.float32), per_row, name, transpose)
+    return found
+
+
+def _store(name: str, array: np.ndarray, info: Dict[str, Any], values: str,
+           quantized: Optional[Quantized], weight: bool) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """(manifest entry, npz members) of one tensor in format 3."""
+    fed = info.get("onnx", "external") != "inline" and array.dtype == np.float32
+    entry: Dict[str, Any] = {"shape": list(array.shape), "onnx": "fed" if fed else "inline"}
+    if not fed:
+        return {**entry, "storage": "dense", "dtype": str(array.dtype)}, {name: array}
+    stored = quantized.values if quantized else array.astype(values) if weight else array
+    matrix = stored.reshape(stored.shape[0], -1) if stored.ndim else stored.reshape(1, 1)
+    csr = weight and stored.ndim >= 2 and _csr_is_smaller(stored, stored.dtype.itemsize)
+    members = _csr_members(name, matrix) if csr else {name: stored}
+    entry.update(storage="csr" if csr else "dense", dtype=str(stored.dtype))
+    if quantized:
+        members[f"{name}.scale"] = quantized.scale
+        entry["scale"] = f"{name}.scale"
+        if quantized.per_row:
+            entry["axis"] = 0
+    return entry, members
+
+
+def _placeholder(name: str, data_type: int, dims: List[int]) -> Any:
+    """A TensorProto with no bytes: external data naming only weights.npz, filled by the runtime at load."""
+    import onnx
+
+    proto = onnx.TensorProto()
+    proto.name, proto.data_type = name, data_type
+    proto.dims.extend(dims)
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    location = proto.external_data.add()
+    location.key, location.value = "location", WEIGHTS_FILE
+    return proto
+
+
+def _rewrite_onnx(path: Path, fed: Dict[str, Tuple[int, List[int]]],
+                  inline: Optional[Dict[str, np.ndarray]] = None) -> bytes:
+    """The ONNX file with each ``fed`` initializer (data type, dims) turned into a placeholder. With
+    ``inline`` (model.onnx), every initializer is rebuilt: placeholders plus these small constants, no
+    sparse initializers and no float16 Cast nodes (format 3 feeds float32); without (a variant file),
+    its other initializers (scales, zero points) stay as they are."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    if inline is None:
+        kept = [t for t in graph.initializer if t.name not in fed]
+    else:
+        kept = [numpy_helper.from_array(array, name) for name, array in inline.items()]
+        nodes = [n for n in graph.node if not (n.op_type == "Cast" and n.input[0].endswith("__fp16"))]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.sparse_initializer[:]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    graph.initializer.extend(_placeholder(name, data_type, dims) for name, (data_type, dims) in fed.items())
+    return model.SerializeToString()
+
+
+def compact_model_dir(model_dir: Path | str, values: str = "float32") -> Dict[str, Any]:
+    """Rewrite a freshly exported MODEL_DIR (format 1/2, maybe with an int8 variant) as format 3, in
+    place and atomically; returns the new manifest. ``values``: float32 or float16 for the weights
+    that are not int8."""
+    import onnx
+
+    from compressor.export import _move_into_place
+    from edge_runtime import variants
+    from edge_runtime.model_dir import Weights, read_manifest
+
+    if values not in VALUE_DTYPES:
+        raise ExportError(f"values must be one of {', '.join(VALUE_DTYPES)}, got {values!r}")
+    model_dir = Path(model_dir)
+    manifest = read_manifest(model_dir)
+    if manifest["format_version"] >= FORMAT_VERSION_COMPACT:
+        return manifest
+    weights = Weights(model_dir, manifest)
+    try:
+        decoded = {name: weights.dense(name) for name in manifest["tensors"]}
+        samples = {member: weights.archive.read(member) for member in _sample_members(manifest)}
+    finally:
+        weights.close()
+    int8_entry = variants.find(manifest, "ort-int8")
+    quantized = _int8_weights(model_dir, int8_entry, decoded)
+    weight_names = {layer["weight"] for layer in manifest.get("layers", [])}
+
+    tensors: Dict[str, Any] = {}
+    arrays: Dict[str, np.ndarray] = {}
+    for name, array in decoded.items():
+        entry, members = _store(name, array, manifest["tensors"][name], values, quantized.get(name),
+                                name in weight_names)
+        tensors[name] = entry
+        arrays.update(members)
+    arrays.update(samples)
+
+    temp = model_dir.parent / f".{model_dir.name}.compact-tmp"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        inline = {n: arrays[n] for n, e in tensors.items() if e["onnx"] == "inline"}
+        fed = {n: (onnx.TensorProto.FLOAT, e["shape"]) for n, e in tensors.items() if e["onnx"] == "fed"}
+        (temp / ONNX_FILE).write_bytes(_rewrite_onnx(model_dir / ONNX_FILE, fed, inline))
+        new = dict(manifest, format_version=FORMAT_VERSION_COMPACT, tensors=tensors,
+                   values_dtype=values, layers=[dict(layer, storage=tensors[layer["weight"]]["storage"])
+                                                for layer in manifest.get("layers", [])])
+        if values == "float16":
+            new["sample"] = dict(new["sample"], atol=max(float(new["sample"].get("atol", 1e-4)), 1e-2))
+        variant_feeds = {}
+        if int8_entry is not None:
+            placeholders = {q.variant_name: (onnx.TensorProto.INT8, list(q.values.T.shape if q.transpose else q.values.shape))
+                            for q in quantized.values()}
+            (temp / int8_entry["file"]).write_bytes(
+                _rewrite_onnx(model_dir / int8_entry["file"], placeholders))
+            variant_feeds = {q.variant_name: {"tensor": base, "transpose": q.transpose, "scale": f"{base}_scale"}
+                             for base, q in quantized.items()}
+        _write(temp, new, arrays, variant_feeds, int8_entry)
+        if quantized or values != manifest.get("values_dtype", "float32"):
+            # the fp32 engines now run int8 weights dequantized (or rounded to float16): the sample moves
+            arrays[manifest["sample"]["output"]] = _fp32_output(temp, new)
+            _write(temp, new, arrays, variant_feeds, int8_entry)
+        _check_engines(temp)
+        _move_into_place(temp, model_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return read_manifest(model_dir)
+
+
+def _sample_members(manifest: Dict[str, Any]) -> List[str]:
+    sample = manifest.get("sample") or {}
+    names = [sample.get("input"), sample.get("output"), *(sample.get("inputs") or {}).values()]
+    return [name for name in dict.fromkeys(names) if name]
+
+
+def _write(folder: Path, manifest: Dict[str, Any], arrays: Dict[str, np.ndarray],
+           feeds: Dict[str, Any], int8_entry: Optional[Dict[str, Any]]) -> None:
+    """weights.npz and manifest.json (hashes, sizes, variant entries) of the compact folder."""
+    from compressor.onnx_npz import write_npz
+
+    write_npz(folder / WEIGHTS_FILE, arrays)
+    files = [ONNX_FILE, WEIGHTS_FILE] + ([int8_entry["file"]] if int8_entry else [])
+    manifest["files"] = {name: sha256_of(folder / name) for name in files}
+    sizes = {name: (folder / name).stat().st_size for name in files}
+    manifest["sizes"] = {**(manifest.get("sizes") or {}), **sizes}
+    if manifest.get("variants"):
+        entries = []
+        for entry in manifest["variants"]:
+            entry = dict(entry, size=sizes[entry["file"]] + sizes[WEIGHTS_FILE])
+            if int8_entry is not None and entry["file"] == int8_entry["file"]:
+                entry["feeds"] = feeds
+            entries.append(entry)
+        manifest["variants"] = entries
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+
+
+def _fp32_output(folder: Path, manifest: Dict[str, Any]) -> np.ndarray:
+    """The fp32 model's output on the sample input, onnxruntime running the weights as the folder stores them."""
+    from edge_runtime.session import InferenceSession
+
+    session = InferenceSession(folder, kernels="ort", threads=1, verify=False)
+    try:
+        from edge_runtime.model_dir import Weights
+
+        weights = Weights(folder, manifest)
+        try:
+            feed = weights.sample_inputs(manifest)
+        finally:
+            weights.close()
+        return session.run(None, feed)[0]
+    finally:
+        session.close()
+
+
+def _check_engines(folder: Path) -> None:
+    """Each engine of the compact folder against its recorded sample, through the runtime itself."""
+    from edge_runtime import variants
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.model_dir import Weights, read_manifest
+    from edge_runtime.session import InferenceSession
+
+    manifest = read_manifest(folder)
+    weights = Weights(folder, manifest)
+    try:
+        feed = weights.sample_inputs(manifest)
+        _, expected, atol = weights.sample(manifest)
+    finally:
+        weights.close()
+    engines = ["ort", "sparse"] + [e for e in variants.ENGINES if variants.find(manifest, e)]
+    for engine in engines:
+        want, tolerance = variants.expected_sample(manifest, engine) or (expected, atol)
+        try:
+            session = InferenceSession(folder, kernels=engine, threads=1)
+            got = session.run(None, feed)[0]
+            session.close()
+        except EdgeRuntimeError as error:
+            if engine == "sparse":  # a model with ops the native kernels lack runs in onnxruntime only
+                continue
+            raise ExportError(f"the compact MODEL_DIR does not load with kernels={engine}: {error}") from error
+        diff = float(np.max(np.abs(got.astype(np.float64) - want), initial=0.0)) if got.shape == want.shape else np.inf
+        if not diff <= tolerance:
+            raise ExportError(f"the compact MODEL_DIR's {engine} engine differs from its sample by {diff:.3g}")
+
+
+def compact_size(model_dir: Path | str) -> int:
+    """The shipped bytes of a MODEL_DIR (the one definition, edge_runtime.model_format.shipped_bytes)."""
+    from edge_runtime.model_dir import read_manifest
+
+    return shipped_bytes(Path(model_dir), read_manifest(Path(model_dir)))

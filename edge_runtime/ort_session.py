@@ -1,0 +1,41 @@
+"""Opening an onnxruntime session on a MODEL_DIR's ONNX file, with the weights it is fed at load.
+
+A format-3 (compact) MODEL_DIR keeps every weight once, in weights.npz, in the smallest form (CSR,
+int8 or float16 values); its ONNX files hold placeholders. The runtime builds the dense arrays
+onnxruntime needs and hands them over with ``SessionOptions.add_external_initializers`` (available
+in onnxruntime 1.19, the Pi's, and later): no second copy of the weights is shipped or written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from edge_runtime.errors import ModelDirError
+
+
+def open_ort(path: Path, threads: int, feeds: Optional[Dict[str, np.ndarray]] = None,
+             log_level: int = 4) -> Any:
+    """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads, ``feeds`` supplying the
+    file's placeholder initializers. ModelDirError when onnxruntime is missing or refuses the file."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelDirError("onnxruntime is not installed; use kernels='sparse' or 'dense'") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = log_level  # its errors reach the user as our one line
+    arrays = {name: np.ascontiguousarray(array) for name, array in (feeds or {}).items()}
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
+    if arrays:
+        options.add_external_initializers(list(arrays), values)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own untyped errors for bad files
+        raise ModelDirError(f"onnxruntime cannot load {path}: {error}") from None
+    # onnxruntime may compute straight from the fed buffers: they must live as long as the session.
+    session._edgeprune_feeds = (arrays, values)
+    return session

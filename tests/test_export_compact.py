@@ -1,0 +1,120 @@
+"""`edgeprune export` writes format 3 by default (compressor/compact.py): real runs, every value type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compressor.compact import compact_model_dir
+from compressor.errors import ExportError
+from compressor.quantize import add_int8_variant
+from edge_runtime import InferenceSession
+from edge_runtime.model_dir import Weights, read_manifest
+from edge_runtime.model_format import shipped_bytes
+from tests.compressor_fixtures import cli, tree_snapshot
+from tests.test_export_quantize import tiny_run
+
+
+def manifest_of(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def export(run: Path, out: Path, *extra: str) -> str:
+    code, stdout, stderr = cli(["export", str(run), "--out", str(out), *extra])
+    assert code == 0, stderr
+    return stdout
+
+
+def sample_check(folder: Path, kernels: str) -> float:
+    """Max abs difference of an engine's output on the MODEL_DIR's sample from what it records."""
+    from edge_runtime import variants
+
+    manifest = read_manifest(folder)
+    weights = Weights(folder, manifest)
+    try:
+        feed = weights.sample_inputs(manifest)
+        _, expected, atol = weights.sample(manifest)
+    finally:
+        weights.close()
+    session = InferenceSession(folder, kernels=kernels, threads=1)
+    expected, atol = variants.expected_sample(manifest, session.engine) or (expected, atol)  # auto: what it chose
+    got = session.run(None, feed)[0]
+    diff = float(np.max(np.abs(got - expected)))
+    assert diff <= atol, (kernels, diff, atol)
+    return diff
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["digits-mlp", "digits-cnn"])
+def test_int8_export_stores_int8_once_and_keeps_accuracy(tmp_path: Path, model: str) -> None:
+    run = tiny_run(model)
+    external, compact = tmp_path / "external", tmp_path / "compact"
+    export(run, external, "--quantize", "int8", "--layout", "external")
+    stdout = export(run, compact, "--quantize", "int8")
+    assert "format 3" in stdout and "int8 values" in stdout and "edge-runtime to-onnx" in stdout
+    old, new = manifest_of(external), manifest_of(compact)
+    assert (old["format_version"], new["format_version"]) == (1, 3)
+    assert shipped_bytes(compact, new) < shipped_bytes(external, old) / 2
+    assert all(new["tensors"][layer["weight"]]["dtype"] == "int8" for layer in new["layers"])
+    fp32_old, int8_old = old["variants"]
+    fp32_new, int8_new = new["variants"]
+    # the int8 variant computes exactly what it did (same integers, now fed): same accuracy
+    assert int8_new["accuracy"] == int8_old["accuracy"] and int8_new["method"] == int8_old["method"]
+    # the fp32 engines run the int8 values dequantized, measured again: within half a point of fp32
+    assert fp32_new["weights"] == "int8 dequantized"
+    assert abs(fp32_new["accuracy"] - fp32_old["accuracy"]) <= 0.005
+    assert abs(int8_new["accuracy"] - fp32_old["accuracy"]) <= 0.005
+    # pruned zeros stay zeros: every zero of the trained weights is a zero of the stored int8 values
+    weights_old, weights_new = Weights(external, old), Weights(compact, new)
+    try:
+        for layer in new["layers"]:
+            trained = weights_old.dense(layer["weight"])
+            assert np.all(weights_new.quantized(layer["weight"])[trained == 0] == 0)
+    finally:
+        weights_old.close()
+        weights_new.close()
+    for kernels in ("ort", "sparse", "dense", "ort-int8", "auto"):
+        sample_check(compact, kernels)
+
+
+@pytest.mark.slow
+def test_float32_and_float16_compact_exports(tmp_path: Path) -> None:
+    run = tiny_run("digits-cnn")
+    external, fp32, fp16 = tmp_path / "external", tmp_path / "fp32", tmp_path / "fp16"
+    export(run, external, "--layout", "external")
+    export(run, fp32)
+    export(run, fp16, "--quantize", "fp16")
+    sizes = {f.name: shipped_bytes(f, read_manifest(f)) for f in (external, fp32, fp16)}
+    assert sizes["fp16"] < sizes["fp32"] < sizes["external"]
+    # float32 compact storage is lossless: the same outputs as the external layout, bit for bit
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    for kernels in ("ort", "sparse"):
+        a = InferenceSession(external, kernels=kernels, threads=1).run(None, {"input": x})[0]
+        b = InferenceSession(fp32, kernels=kernels, threads=1).run(None, {"input": x})[0]
+        np.testing.assert_array_equal(a, b)
+    assert manifest_of(fp16)["values_dtype"] == "float16"
+    assert manifest_of(fp16)["tensors"]["features.3.weight"]["dtype"] == "float16"
+    for kernels in ("ort", "sparse", "dense"):
+        sample_check(fp16, kernels)
+    # the --fp16 spelling writes the same folder
+    export(run, tmp_path / "fp16b", "--fp16")
+    assert manifest_of(tmp_path / "fp16b")["tensors"] == manifest_of(fp16)["tensors"]
+
+
+def test_compacting_is_idempotent_and_a_compact_folder_is_not_quantized_twice(tmp_path: Path) -> None:
+    from tests.runtime_models import make, prune_global
+    from compressor.export import export_model
+
+    folder = tmp_path / "m"
+    export_model(prune_global(make("digits-mlp"), 0.9), folder, input_shape=(64,))
+    first = compact_model_dir(folder)
+    assert first["format_version"] == 3 and compact_model_dir(folder) == first
+    before = tree_snapshot(folder)
+    with pytest.raises(ExportError, match="already compact"):
+        add_int8_variant(folder, data_spec=None, input_shape=(64,))
+    assert tree_snapshot(folder) == before
+    with pytest.raises(ExportError, match="values must be"):
+        compact_model_dir(tmp_path / "m", "int4")
