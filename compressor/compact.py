@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from compressor.errors import ExportError
-from edge_runtime.model_format import (FORMAT_VERSION_COMPACT, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE,
+from edge_runtime.model_format import (FED_LOCATION, FORMAT_VERSION_COMPACT, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE,
                                        sha256_of, shipped_bytes)
 
 VALUE_DTYPES = ("float32", "float16")
@@ -69,6 +69,23 @@ def _csr_members(name: str, matrix: np.ndarray) -> Dict[str, np.ndarray]:
             f"{name}.indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)}
 
 
+def _oriented(q: np.ndarray, scale: np.ndarray, trained: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
+    """``(q in the trained weight's orientation, transposed?)``, or None when neither orientation
+    dequantizes to the trained weight. The quantizer may have transposed a weight (Gemm rewritten as
+    MatMul), and a square weight's shape cannot tell: its values can — the right orientation is within
+    half a quantization step of the trained values everywhere."""
+    for transpose in (False, True):
+        candidate = q.T if transpose else q
+        if candidate.shape != trained.shape or (transpose and q.ndim != 2):
+            continue
+        matrix = candidate.reshape(candidate.shape[0], -1).astype(np.float32)
+        steps = scale.reshape(-1, 1) if scale.size > 1 else scale.reshape(1, 1)
+        error = np.abs(matrix * steps - trained.reshape(trained.shape[0], -1))
+        if np.all(error <= 0.5001 * steps + 1e-12):
+            return np.ascontiguousarray(candidate), transpose
+    return None
+
+
 def _int8_weights(model_dir: Path, entry: Optional[Dict[str, Any]], decoded: Dict[str, np.ndarray]) -> Dict[str, Quantized]:
     """The weights model.int8.onnx quantized symmetrically (zero point 0), per output channel or per
     tensor, keyed by model.onnx's tensor name. Any other quantization stays in the variant file."""
@@ -77,7 +94,7 @@ def _int8_weights(model_dir: Path, entry: Optional[Dict[str, Any]], decoded: Dic
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(model_dir / entry["file"]))
+    model = onnx.load(str(model_dir / entry["file"]), load_external_data=False)
     stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     axes = {n.input[0]: helper.get_attribute_value(a) for n in model.graph.node
             if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"}
@@ -90,17 +107,16 @@ def _int8_weights(model_dir: Path, entry: Optional[Dict[str, Any]], decoded: Dic
         zero = stored.get(f"{base}_zero_point", np.zeros(1, np.int8))
         if scale is None or scale.dtype != np.float32 or np.any(zero != 0):
             continue
-        shape = decoded[base].shape
-        transpose = q.shape != shape
-        if transpose and not (q.ndim == 2 and q.shape == shape[::-1]):
-            continue
-        oriented = np.ascontiguousarray(q.T) if transpose else q
+        scale = scale.reshape(-1).astype(np.float32)
         per_row = scale.size > 1
-        if per_row:  # the scale's axis in the variant, seen in model.onnx's orientation, must be the rows
+        oriented = _oriented(q, scale, decoded[base])
+        if oriented is None:
+            continue
+        if per_row:  # one scale per output channel: the quantizer's axis must become dimension 0
             axis = axes.get(name, 1) % q.ndim
-            if (1 - axis if transpose else axis) != 0 or scale.size != shape[0]:
+            if axis != (1 if oriented[1] else 0):
                 continue
-        found[base] = Quantized(oriented, scale.reshape(-1).astype(np.float32), per_row, name, transpose)
+        found[base] = Quantized(oriented[0], scale, per_row, name, oriented[1])
     return found
 
 
@@ -125,7 +141,7 @@ def _store(name: str, array: np.ndarray, info: Dict[str, Any], values: str,
 
 
 def _placeholder(name: str, data_type: int, dims: List[int]) -> Any:
-    """A TensorProto with no bytes: external data naming only weights.npz, filled by the runtime at load."""
+    """A TensorProto with no bytes, filled by the runtime at load; its location names no real file."""
     import onnx
 
     proto = onnx.TensorProto()
@@ -133,7 +149,7 @@ def _placeholder(name: str, data_type: int, dims: List[int]) -> Any:
     proto.dims.extend(dims)
     proto.data_location = onnx.TensorProto.EXTERNAL
     location = proto.external_data.add()
-    location.key, location.value = "location", WEIGHTS_FILE
+    location.key, location.value = "location", FED_LOCATION
     return proto
 
 

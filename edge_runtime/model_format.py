@@ -24,7 +24,7 @@ from edge_runtime.errors import ModelDirError
 
 __all__ = ["shipped_bytes", "FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "FORMAT_VERSION_COMPACT",
            "SUPPORTED_VERSIONS", "INLINE_BYTES",
-           "MANIFEST_FILE", "ONNX_FILE", "WEIGHTS_FILE", "PLANS_FILE", "SAMPLE_INPUT", "SAMPLE_OUTPUT",
+           "MANIFEST_FILE", "FED_LOCATION", "ONNX_FILE", "WEIGHTS_FILE", "PLANS_FILE", "SAMPLE_INPUT", "SAMPLE_OUTPUT",
            "ModelDirError", "sha256_of", "open_regular", "check_relative_name", "check_format",
            "validate_manifest", "read_manifest", "verify_files", "max_model_bytes", "itemsize"]
 
@@ -37,6 +37,10 @@ SUPPORTED_VERSIONS = (1, 2, 3)  # what this runtime reads (and so what deploy ma
 INLINE_BYTES = 1024         # a non-weight tensor this small stays inline in model.onnx (onnx's own
                             # external-data threshold); integer/bool tensors (shapes, axes, indices) always
 MANIFEST_FILE = "manifest.json"
+# A format-3 placeholder's external-data location: a file that never exists, so that a tool reading
+# model.onnx on its own (onnx.load, stock onnxruntime) fails loudly instead of reading something else;
+# use `edge-runtime to-onnx` for a plain file.
+FED_LOCATION = "weights-fed-by-edge-runtime"
 ONNX_FILE = "model.onnx"
 WEIGHTS_FILE = "weights.npz"
 PLANS_FILE = "plans.json"

@@ -33,7 +33,7 @@ import numpy as np
 
 from edge_runtime.errors import ModelDirError
 from edge_runtime.model_dir import Weights
-from edge_runtime.model_format import (FORMAT_VERSION_COMPACT, ONNX_FILE, WEIGHTS_FILE, max_model_bytes,
+from edge_runtime.model_format import (FED_LOCATION, FORMAT_VERSION_COMPACT, ONNX_FILE, WEIGHTS_FILE, max_model_bytes,
                                        open_regular)
 from edge_runtime.npz_reader import Member
 from edge_runtime import onnx_wire
@@ -239,12 +239,12 @@ def _check_sparse_indices(coo: np.ndarray, weights: Weights, name: str, where: s
 
 
 def _check_placeholder(tensor: Tensor, shape: List[int], data_type: int, where: str) -> None:
-    """A format-3 placeholder: no bytes of its own, external data that names only weights.npz (so that
-    onnxruntime, were it ever left unfed, reads nothing else), the declared type and shape."""
+    """A format-3 placeholder: no bytes of its own, external data naming only FED_LOCATION (a file that
+    never exists: onnxruntime, were it ever left unfed, reads nothing), the declared type and shape."""
     name = tensor.name
     if tensor.has_inline_data or tensor.data_location != onnx_wire.EXTERNAL:
         raise ModelDirError(f"{where}: initializer {name!r} must be a placeholder the runtime feeds")
-    if tensor.external != {"location": WEIGHTS_FILE}:
+    if tensor.external != {"location": FED_LOCATION}:
         raise ModelDirError(f"{where}: placeholder {name!r} has external_data {sorted(tensor.external.items())}")
     if tensor.data_type != data_type or list(tensor.dims) != list(shape):
         raise ModelDirError(f"{where}: placeholder {name!r} type or shape differs from its tensor")

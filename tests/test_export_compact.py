@@ -118,3 +118,30 @@ def test_compacting_is_idempotent_and_a_compact_folder_is_not_quantized_twice(tm
     assert tree_snapshot(folder) == before
     with pytest.raises(ExportError, match="values must be"):
         compact_model_dir(tmp_path / "m", "int4")
+
+
+def test_square_weights_the_quantizer_transposed_are_stored_the_right_way_round(tmp_path: Path) -> None:
+    """onnxruntime's dynamic quantizer needs MatMul, so a Linear's [out, in] weight reaches it transposed;
+    for a square weight the shape cannot tell, the values must (a wrong guess computes garbage)."""
+    import torch
+    from torch import nn
+
+    from compressor.export import export_model
+    from tests.runtime_models import prune_global
+
+    torch.manual_seed(0)
+    model = prune_global(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                       nn.Linear(64, 10)), 0.5)
+    folder = tmp_path / "m"
+    export_model(model, folder, input_shape=(64,))
+    add_int8_variant(folder, data_spec=None, input_shape=(64,))
+    manifest = compact_model_dir(folder)
+    assert [manifest["tensors"][layer["weight"]]["dtype"] for layer in manifest["layers"]] == ["int8"] * 3
+    feeds = next(v for v in manifest["variants"] if v["name"] == "int8")["feeds"]
+    assert all(feed["transpose"] for feed in feeds.values())
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x)).numpy()
+    for kernels in ("ort", "sparse", "ort-int8"):
+        got = InferenceSession(folder, kernels=kernels, threads=1).run(None, {"input": x})[0]
+        assert np.max(np.abs(got - reference)) <= 0.05 * np.max(np.abs(reference)), kernels

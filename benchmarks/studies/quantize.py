@@ -12,6 +12,10 @@ configurations take turns for a few rounds, each keeps its best round (peak RSS:
 digits-wide-mlp comes from real ``compress`` runs on the digits (dense training, then one prune +
 retrain to each sparsity), so its accuracy columns mean something; mlp3072 (64→3072→3072→10) and
 resnet20 have random weights pruned by magnitude per layer without retraining (latency rows only).
+
+A second table gives each MODEL_DIR's shipped size against the dense fp32 ONNX: the external layout
+(format 1), and compact storage (format 3) with float32, float16 and int8 values — the auto rows run the
+compact int8 folders, what `edgeprune export --quantize int8` writes. ``--sizes-only`` skips the timing.
 """
 
 from __future__ import annotations
@@ -43,18 +47,42 @@ def mlp3072() -> Any:
 
 
 def export_random(name: str, sparsity: float, out: Path) -> Path:
-    """A random-weight model pruned by magnitude (per layer), exported with its int8 variant."""
+    """A random-weight model pruned by magnitude (per layer), exported (external layout, fp32)."""
     import torch
 
     from compressor.export import export_model
     from compressor.models import build_model
-    from compressor.quantize import add_int8_variant
 
     torch.manual_seed(0)
     model = prune_layerwise(mlp3072() if name == "mlp3072" else build_model(name), sparsity)
     export_model(model, out, force=True)
-    add_int8_variant(out, data_spec=None, input_shape=tuple(model.input_shape), warn=lambda _: None)
     return out
+
+
+def layouts(source: Path, data_spec: Optional[str]) -> Dict[str, Path]:
+    """From one external-layout fp32 export: the same model with its int8 variant (external: the dense
+    baselines), and compact (format 3) with float32, float16 and int8 values — what `edgeprune export`
+    writes with no option, --quantize fp16 and --quantize int8."""
+    import shutil
+
+    from compressor.compact import compact_model_dir
+    from compressor.quantize import add_int8_variant
+
+    shape = tuple(int(d) for d in manifest_of(source)["input"]["shape"][1:])
+    made = {}
+    for kind in ("external-int8", "fp32", "fp16", "int8"):
+        target = source.with_name(f"{source.name}-{kind}")
+        shutil.copytree(source, target)
+        if kind.endswith("int8"):
+            add_int8_variant(target, data_spec=data_spec, input_shape=shape, warn=lambda _: None)
+        if not kind.startswith("external"):
+            compact_model_dir(target, "float16" if kind == "fp16" else "float32")
+            if kind == "int8":
+                from compressor.quantize import refresh_fp32_accuracy
+
+                refresh_fp32_accuracy(target, manifest_of(target))
+        made[kind] = target
+    return made
 
 
 def export_trained(sparsity: float, out: Path, runs: Path) -> Path:
@@ -66,7 +94,6 @@ def export_trained(sparsity: float, out: Path, runs: Path) -> Path:
     from compressor.export import export_run_dir
     from compressor.models import build_model, input_shape_of
     from compressor.pipeline import compress
-    from compressor.quantize import add_int8_variant
 
     run_dir = runs / f"run-{int(sparsity * 100)}"
     dense = runs / "run-90" / "dense" / "final.pt"
@@ -82,7 +109,6 @@ def export_trained(sparsity: float, out: Path, runs: Path) -> Path:
         compress(model, train, test, config, out=run_dir, device="cpu", model_name="digits-wide-mlp",
                  data_name="digits", pretrained=pretrained)
     export_run_dir(run_dir, out, level=0 if sparsity == 0 else None, force=True)
-    add_int8_variant(out, data_spec="digits", input_shape=(64,), warn=lambda _: None)
     return out
 
 
@@ -100,9 +126,9 @@ def best_of(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
     return report
 
 
-def measure(dirs: Dict[float, Path], threads: int, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
+def measure(dense: Path, dirs: Dict[float, Path], threads: int, args: argparse.Namespace) -> Dict[str, Dict[str, Any]]:
     """Baselines on the dense model and auto on every sparsity, taking turns for ``args.rounds`` rounds."""
-    configs = [(kernels, dirs[0.0]) for kernels in BASELINES] + [("auto", d) for d in dirs.values()]
+    configs = [(kernels, dense) for kernels in BASELINES] + [("auto", d) for d in dirs.values()]
     reports: Dict[str, List[Dict[str, Any]]] = {}
     for _ in range(args.rounds):
         for kernels, model_dir in configs:
@@ -111,33 +137,48 @@ def measure(dirs: Dict[float, Path], threads: int, args: argparse.Namespace) -> 
     return {key: best_of(runs) for key, runs in reports.items()}
 
 
+def shipped(model_dir: Path) -> int:
+    from edge_runtime.model_dir import read_manifest
+    from edge_runtime.model_format import shipped_bytes
+
+    return shipped_bytes(model_dir, read_manifest(model_dir))
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     threads_list = [1, 2]
-    results: Dict[str, Any] = {"threads": threads_list, "models": {}}
+    results: Dict[str, Any] = {"threads": threads_list, "models": {}, "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="edgeprune-quantize-bench-") as temp:
         root = Path(temp)
         for name in args.models:
-            dirs = {}
+            made: Dict[float, Dict[str, Path]] = {}
+            data_spec = "digits" if name == "digits-wide-mlp" else None
             for sparsity in args.sparsities:
                 out = root / f"{name}-{int(sparsity * 100)}"
-                dirs[sparsity] = (export_trained(sparsity, out, root / "runs") if name == "digits-wide-mlp"
-                                  else export_random(name, sparsity, out))
+                source = (export_trained(sparsity, out, root / "runs") if name == "digits-wide-mlp"
+                          else export_random(name, sparsity, out))
+                made[sparsity] = {"external": source, **layouts(source, data_spec)}
                 print(f"exported {out.name}", file=sys.stderr, flush=True)
-            dense = manifest_of(dirs[0.0])
+            results["sizes"][name] = [
+                {"sparsity": sparsity, "dense_onnx": manifest_of(paths["external"])["sizes"]["dense_onnx"],
+                 **{kind: shipped(path) for kind, path in paths.items() if kind != "external-int8"},
+                 "accuracy": {kind: {v["name"]: v.get("accuracy") for v in manifest_of(path).get("variants", [])}
+                              for kind, path in paths.items() if kind in ("external-int8", "int8")}}
+                for sparsity, paths in made.items()]
+            dense_dir = made[0.0]["external-int8"]
+            dense = manifest_of(dense_dir)
+            dirs = {sparsity: paths["int8"] for sparsity, paths in made.items()}
             rows = []
-            for threads in threads_list:
-                measured = measure(dirs, threads, args)
+            for threads in ([] if args.sizes_only else threads_list):
+                measured = measure(dense_dir, dirs, threads, args)
                 for sparsity, model_dir in dirs.items():
                     manifest = manifest_of(model_dir)
                     rows.append({"sparsity": sparsity, "threads": threads,
                                  "ort": measured["ort"], "ort-int8": measured["ort-int8"],
                                  "auto": measured[f"auto/{model_dir.name}"],
-                                 "dense_fp32_bytes": variant(dense, "fp32").get("size"),
-                                 "dense_int8_bytes": variant(dense, "int8").get("size"),
+                                 "dense_fp32_bytes": dense["sizes"]["dense_onnx"],
+                                 "dense_int8_bytes": dense["sizes"]["model.int8.onnx"],
                                  "dense_fp32_accuracy": variant(dense, "fp32").get("accuracy"),
                                  "dense_int8_accuracy": variant(dense, "int8").get("accuracy"),
-                                 "pruned_fp32_bytes": variant(manifest, "fp32").get("size"),
-                                 "pruned_int8_bytes": variant(manifest, "int8").get("size"),
                                  "pruned_fp32_accuracy": variant(manifest, "fp32").get("accuracy"),
                                  "pruned_int8_accuracy": variant(manifest, "int8").get("accuracy")})
                     auto = rows[-1]["auto"]
@@ -146,6 +187,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                           f"int8 {measured['ort-int8']['latency_ms']['p50']:.3f}", file=sys.stderr, flush=True)
             results["models"][name] = rows
     return results
+
+
+def size_tables(results: Dict[str, Any]) -> str:
+    """Markdown: shipped MODEL_DIR bytes against the dense fp32 ONNX, per layout and value type."""
+    lines = ["\n### MODEL_DIR size (KiB; × smaller than the dense fp32 ONNX)",
+             "| model | sparsity | dense ONNX | external fp32 (format 1) | compact fp32 | compact fp16 | compact int8 "
+             "| acc fp32 → int8 (compact) |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in results.get("sizes", {}).items():
+        for row in rows:
+            dense = row["dense_onnx"]
+            cell = lambda kind: f"{row[kind] / 1024:.0f} ({dense / row[kind]:.1f}×)"
+            acc = row["accuracy"].get("int8", {})
+            lines.append(f"| {name} | {row['sparsity']:.0%} | {dense / 1024:.0f} | {cell('external')} | {cell('fp32')} "
+                         f"| {cell('fp16')} | {cell('int8')} | {_acc(acc.get('fp32'))} → {_acc(acc.get('int8'))} |")
+    return "\n".join(lines)
 
 
 def _acc(value: Optional[float]) -> str:
@@ -158,7 +214,7 @@ def tables(results: Dict[str, Any]) -> str:
     for name, rows in results["models"].items():
         lines += [f"\n### {name}, batch 1 (p50 / p90 ms; RSS MB; size KiB)",
                   "| sparsity | thr | ort fp32 dense | ort int8 dense | auto (pruned, --quantize int8) | auto engine "
-                  "| auto vs best dense | auto vs int8 | auto vs fp32 | RSS fp32/int8/auto | size fp32/int8/auto dir "
+                  "| auto vs best dense | auto vs int8 | auto vs fp32 | RSS fp32/int8/auto | size fp32/int8/auto "
                   "| acc fp32/int8 dense | acc auto |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows:
@@ -183,10 +239,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--sparsities", type=float, nargs="*", default=list(SPARSITIES))
     parser.add_argument("--out", type=Path, default=Path("quantize_bench.json"), help="JSON results file")
+    parser.add_argument("--sizes-only", action="store_true", help="export and print the size table, no timing")
     parser.add_argument("--tables-from", type=Path, metavar="JSON", help="only print the tables of an earlier run")
     args = parser.parse_args(argv)
     if args.tables_from:
-        print(tables(json.loads(args.tables_from.read_text())))
+        earlier = json.loads(args.tables_from.read_text())
+        print(tables(earlier))
+        print(size_tables(earlier))
         return 0
     if 0.0 not in args.sparsities:
         args.sparsities = [0.0, *args.sparsities]  # the dense model is every row's reference
@@ -194,6 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     results = run(args)
     args.out.write_text(json.dumps(results, indent=1))
     print(tables(results))
+    print(size_tables(results))
     print(f"\nwrote {args.out}")
     return 0
 
