@@ -38,7 +38,7 @@ LONG_RUN = "EDGEPRUNE_FUZZ_EXAMPLES" in os.environ
 EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "500"))  # CI: 500 examples, ~6 s idle, <60 s busy
 ADDRESS_SPACE = 3 << 30          # the worker's RLIMIT_AS: numpy + scipy + onnxruntime reserve ~2.3 GB
 MODEL_LIMIT = str(256 << 20)     # EDGEPRUNE_MAX_MODEL_BYTES inside the worker
-MODELS = ("digits-mlp", "digits-cnn")
+MODELS = ("digits-mlp", "digits-cnn", "digits-mlp-int8-compact", "digits-cnn-int8-compact")  # formats 1 and 3
 HANG_SECONDS = 30                # one `check` of these tiny models takes well under a second
 # CI: a fixed set of examples (derandomized). Long runs: random, and no shrinking (a hang or crash
 # would be replayed for many minutes); the failing example's draws are printed as found.
@@ -215,7 +215,8 @@ def build_case(draw, scratch: Path, counter: list) -> Path:
             except Exception:  # an earlier byte mutation broke the archive: mutate bytes instead
                 _mutate_bytes(draw, target / "weights.npz")
         else:
-            _mutate_bytes(draw, target / ("weights.npz" if where == "npz-bytes" else "model.onnx"))
+            onnx_files = ["model.onnx"] + (["model.int8.onnx"] if (target / "model.int8.onnx").exists() else [])
+            _mutate_bytes(draw, target / ("weights.npz" if where == "npz-bytes" else draw(st.sampled_from(onnx_files))))
     if draw(st.integers(0, 4)):  # mostly: hashes made valid again, as an attacker would
         try:
             rehash(target)
@@ -230,7 +231,7 @@ def test_mutated_model_dirs_end_cleanly(worker, scratch, data) -> None:
     counter = getattr(test_mutated_model_dirs_end_cleanly, "_counter", [0])
     test_mutated_model_dirs_end_cleanly._counter = counter
     target = build_case(data.draw, scratch, counter)
-    kernels = data.draw(st.sampled_from(["sparse", "dense", "ort"]))
+    kernels = data.draw(st.sampled_from(["sparse", "dense", "ort", "ort-int8"]))
     try:
         outcome = worker.run(target, kernels)
     finally:
