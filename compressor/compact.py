@@ -92,12 +92,10 @@ def _int8_weights(model_dir: Path, entry: Optional[Dict[str, Any]], decoded: Dic
     if entry is None:
         return {}
     import onnx
-    from onnx import helper, numpy_helper
 
-    model = onnx.load(str(model_dir / entry["file"]), load_external_data=False)
-    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    axes = {n.input[0]: helper.get_attribute_value(a) for n in model.graph.node
-            if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"}
+    from compressor.quantize import quantized_initializers
+
+    stored, axes = quantized_initializers(onnx.load(str(model_dir / entry["file"]), load_external_data=False))
     found: Dict[str, Quantized] = {}
     for name, q in stored.items():
         base = name[:-len("_quantized")] if name.endswith("_quantized") else None
@@ -275,17 +273,12 @@ def _write(folder: Path, manifest: Dict[str, Any], arrays: Dict[str, np.ndarray]
 
 def _fp32_output(folder: Path, manifest: Dict[str, Any]) -> np.ndarray:
     """The fp32 model's output on the sample input, onnxruntime running the weights as the folder stores them."""
+    from edge_runtime.model_dir import read_sample
     from edge_runtime.session import InferenceSession
 
+    feed, _, _ = read_sample(folder, manifest)
     session = InferenceSession(folder, kernels="ort", threads=1, verify=False)
     try:
-        from edge_runtime.model_dir import Weights
-
-        weights = Weights(folder, manifest)
-        try:
-            feed = weights.sample_inputs(manifest)
-        finally:
-            weights.close()
         return session.run(None, feed)[0]
     finally:
         session.close()
@@ -295,16 +288,11 @@ def _check_engines(folder: Path) -> None:
     """Each engine of the compact folder against its recorded sample, through the runtime itself."""
     from edge_runtime import variants
     from edge_runtime.errors import EdgeRuntimeError
-    from edge_runtime.model_dir import Weights, read_manifest
+    from edge_runtime.model_dir import read_manifest, read_sample
     from edge_runtime.session import InferenceSession
 
     manifest = read_manifest(folder)
-    weights = Weights(folder, manifest)
-    try:
-        feed = weights.sample_inputs(manifest)
-        _, expected, atol = weights.sample(manifest)
-    finally:
-        weights.close()
+    feed, expected, atol = read_sample(folder, manifest)
     engines = ["ort", "sparse"] + [e for e in variants.ENGINES if variants.find(manifest, e)]
     for engine in engines:
         want, tolerance = variants.expected_sample(manifest, engine) or (expected, atol)

@@ -221,14 +221,23 @@ def _run_quantizer(fp32: Any, out_path: Path, input_name: str, calibration: List
                              extra_options={"WeightSymmetric": True})
 
 
-def zeros_kept(fp32: Any, quantized: Any) -> Dict[str, bool]:
-    """For each quantized weight of ``fp32``: whether every zero entry quantized to its zero point."""
+def quantized_initializers(model: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
+    """A quantized ONNX model's initializers as arrays (``W_quantized``, ``W_scale``, ``W_zero_point``
+    as onnxruntime's quantizer names them), and the ``axis`` of each DequantizeLinear by its input."""
     from onnx import helper, numpy_helper
 
-    originals = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
-    stored = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
-    axes = {n.input[0]: helper.get_attribute_value(a) for n in quantized.graph.node
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    axes = {n.input[0]: helper.get_attribute_value(a) for n in model.graph.node
             if n.op_type == "DequantizeLinear" for a in n.attribute if a.name == "axis"}
+    return stored, axes
+
+
+def zeros_kept(fp32: Any, quantized: Any) -> Dict[str, bool]:
+    """For each quantized weight of ``fp32``: whether every zero entry quantized to its zero point."""
+    from onnx import numpy_helper
+
+    originals = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
+    stored, axes = quantized_initializers(quantized)
     kept: Dict[str, bool] = {}
     for name, q in stored.items():
         base = name[:-len("_quantized")] if name.endswith("_quantized") else None

@@ -201,18 +201,13 @@ def _check(args: argparse.Namespace) -> int:
     import numpy as np
 
     from edge_runtime import variants
-    from edge_runtime.model_dir import Weights
+    from edge_runtime.model_dir import read_sample
     from edge_runtime.session import InferenceSession
 
     session = InferenceSession(args.model_dir, kernels=args.kernels, threads=args.threads)
     if session.plain_onnx:
         return _check_plain(args, session)
-    weights = Weights(args.model_dir, session.manifest)
-    try:
-        _, expected, atol = weights.sample(session.manifest)
-        feed = weights.sample_inputs(session.manifest)
-    finally:
-        weights.close()
+    feed, expected, atol = read_sample(args.model_dir, session.manifest)
     variant = variants.expected_sample(session.manifest, session.engine)
     if session.engine in variants.ENGINES:
         if variant is None:
@@ -359,21 +354,17 @@ def _stock_check(args: argparse.Namespace) -> str:
     import numpy as np
 
     from edge_runtime import variants
-    from edge_runtime.model_dir import Weights, read_manifest
+    from edge_runtime.model_dir import read_manifest, read_sample
 
     try:
         import onnxruntime as ort
     except ImportError:
         return ""
     manifest = read_manifest(args.model_dir)
-    weights = Weights(args.model_dir, manifest)
     try:
-        feed = weights.sample_inputs(manifest)
-        _, expected, atol = weights.sample(manifest)
+        feed, expected, atol = read_sample(args.model_dir, manifest)
     except ModelDirError:
         return ""
-    finally:
-        weights.close()
     if args.variant != "fp32":
         expected, atol = variants.expected_sample(manifest, "ort-int8") or (expected, float("inf"))
     options = ort.SessionOptions()

@@ -22,7 +22,7 @@ from edge_runtime.model_format import (FORMAT, MANIFEST_FILE, SUPPORTED_VERSIONS
 from edge_runtime.npz_reader import NpzArchive
 
 __all__ = ["FORMAT", "MANIFEST_FILE", "SUPPORTED_VERSIONS", "read_manifest", "sha256_of", "verify_files",
-           "check_csr", "Weights"]
+           "check_csr", "Weights", "read_sample"]
 
 _INT32_MAX = np.iinfo(np.int32).max
 
@@ -194,3 +194,14 @@ class Weights:
         if "input" not in sample or "output" not in sample:
             raise ModelDirError(f"{self.path.parent}: manifest has no sample")
         return self._member(sample["input"]), self._member(sample["output"]), float(sample.get("atol", 1e-4))
+
+
+def read_sample(model_dir: Path, manifest: Dict[str, Any]) -> Tuple[Dict[str, np.ndarray], np.ndarray, float]:
+    """``(inputs by name, expected output, atol)``: the smoke test a MODEL_DIR records (ModelDirError
+    when it has none)."""
+    weights = Weights(model_dir, manifest)
+    try:
+        _, expected, atol = weights.sample(manifest)
+        return weights.sample_inputs(manifest), expected, atol
+    finally:
+        weights.close()

@@ -12,7 +12,7 @@ from compressor.compact import compact_model_dir
 from compressor.errors import ExportError
 from compressor.quantize import add_int8_variant
 from edge_runtime import InferenceSession
-from edge_runtime.model_dir import Weights, read_manifest
+from edge_runtime.model_dir import Weights, read_manifest, read_sample
 from edge_runtime.model_format import shipped_bytes
 from tests.compressor_fixtures import cli, tree_snapshot
 from tests.test_export_quantize import tiny_run
@@ -33,12 +33,7 @@ def sample_check(folder: Path, kernels: str) -> float:
     from edge_runtime import variants
 
     manifest = read_manifest(folder)
-    weights = Weights(folder, manifest)
-    try:
-        feed = weights.sample_inputs(manifest)
-        _, expected, atol = weights.sample(manifest)
-    finally:
-        weights.close()
+    feed, expected, atol = read_sample(folder, manifest)
     session = InferenceSession(folder, kernels=kernels, threads=1)
     expected, atol = variants.expected_sample(manifest, session.engine) or (expected, atol)  # auto: what it chose
     got = session.run(None, feed)[0]
