@@ -26,6 +26,7 @@ from edge_runtime.model_format import (FORMAT, FORMAT_VERSION, FORMAT_VERSION_IN
                                        WEIGHTS_FILE, sha256_of, shipped_bytes)
 
 TORCH_TOLERANCE = 1e-4
+LAYOUTS = ("compact", "external")
 
 
 @dataclass
@@ -229,9 +230,12 @@ def _batch_of(feed: Dict[str, np.ndarray], size: int) -> Dict[str, np.ndarray]:
 def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Sequence[int]] = None,
                  values_dtype: str = "float32", sample: Any = None, output: Optional[str] = None,
                  accuracy: Optional[float] = None, sparsity: Optional[float] = None,
-                 source: Optional[Dict[str, Any]] = None, force: bool = False, seed: int = 0) -> ExportResult:
+                 source: Optional[Dict[str, Any]] = None, force: bool = False, seed: int = 0,
+                 layout: str = "compact") -> ExportResult:
     """Export a (pruned) PyTorch module to ``out_dir`` as a MODEL_DIR and verify it with onnxruntime.
 
+    ``layout``: ``compact`` (format 3, compressor/compact.py: each weight once, in ``values_dtype``) or
+    ``external`` (formats 1-2: model.onnx reads its weights from weights.npz as external data).
     ``sample`` (batch first) is the example the graph is traced with and the manifest's smoke test: an
     array/tensor (one input), a tuple (positional inputs) or a dict (keyword inputs: ``input_ids``,
     ``attention_mask``; any dtype). Without one, one seeded float32 example of ``input_shape`` (default:
@@ -245,6 +249,9 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
 
     if values_dtype not in ("float32", "float16"):
         raise ExportError(f"values dtype must be float32 or float16, got {values_dtype!r}")
+    if layout not in LAYOUTS:
+        raise ExportError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    compact_values, values_dtype = values_dtype, ("float32" if layout == "compact" else values_dtype)
     out_dir = Path(out_dir)
     shape = tuple(input_shape or getattr(model, "input_shape", None) or ())
     model = model.float().cpu().eval()  # (in place, as torch does for modules)
@@ -319,6 +326,11 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
             "source": source or {},
         }
         (temp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+        if layout == "compact":  # checked as written above, then rewritten (and checked) before it lands
+            from compressor.compact import compact_model_dir
+
+            manifest = compact_model_dir(temp, compact_values)
+            layers = manifest["layers"]
         size = shipped_bytes(temp, manifest)  # the one definition of a model's size
         _move_into_place(temp, out_dir)
     except BaseException:
@@ -448,7 +460,8 @@ def _real_sample(data_spec: Optional[str], input_shape: Optional[Sequence[int]],
 def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional[str] = None,
                    level: Optional[int] = None, max_drop: Optional[float] = None,
                    values_dtype: str = "float32", output: Optional[str] = None, sample: Any = None,
-                   force: bool = False, model: Optional[str] = None, data: Optional[str] = None) -> ExportResult:
+                   force: bool = False, model: Optional[str] = None, data: Optional[str] = None,
+                   layout: str = "compact") -> ExportResult:
     """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``.
 
     ``model`` (a built-in name or ``file.py:factory``) builds the network; a run made with a factory
@@ -477,7 +490,7 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
               "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config)}
     result = export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
                           output=output or config.get("output"), accuracy=loaded.accuracy,
-                          sparsity=loaded.sparsity, source=source, force=force)
+                          sparsity=loaded.sparsity, source=source, force=force, layout=layout)
     return replace(result, picked=_why_picked(chosen, level, max_drop))
 
 
@@ -503,7 +516,8 @@ def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, s
 
 def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir: Path | str, *,
                       input_shape: Optional[Sequence[int]] = None, values_dtype: str = "float32",
-                      output: Optional[str] = None, sample: Any = None, force: bool = False) -> ExportResult:
+                      output: Optional[str] = None, sample: Any = None, force: bool = False,
+                      layout: str = "compact") -> ExportResult:
     """Export any registry/user model (``--model``) with weights from a checkpoint or state_dict file."""
     from compressor import checkpoints
     from compressor.models import build_model, input_shape_of
@@ -514,7 +528,7 @@ def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir
     shape = tuple(input_shape) if input_shape else input_shape_of(model)
     source = {"model": model_spec, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
     return export_model(model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=sample,
-                        output=output, source=source, force=force)
+                        output=output, source=source, force=force, layout=layout)
 
 
 def read_sample(path: Path | str) -> Any:

@@ -83,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
     if args.quantize == "int8" and args.fp16:
         raise ConfigError("--quantize int8 starts from float32 weights; drop --fp16")
-    # A compact export converts float32 weights itself; the external layout stores float16 at export.
-    dtype = "float16" if fp16 and args.layout == "external" else "float32"
+    dtype = "float16" if fp16 else "float32"
+    # int8 is built from the external layout's float32 model, then the folder is made compact
+    layout = "external" if args.quantize == "int8" else args.layout
     sample = read_sample(args.sample) if args.sample is not None else None
     if args.run_dir is None and args.model is None:
         raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
@@ -96,32 +97,32 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is not None:
         result = export_run_dir(args.run_dir, args.out, method=args.method, level=args.level,
                                 max_drop=args.max_drop, values_dtype=dtype, output=args.output, sample=sample,
-                                force=args.force, model=args.model, data=args.data)
+                                force=args.force, model=args.model, data=args.data, layout=layout)
     else:
         if args.method or args.level is not None or args.max_drop is not None:
             raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")
         result = export_checkpoint(args.model, args.checkpoint, args.out, input_shape=args.input_shape,
-                                   values_dtype=dtype, output=args.output, sample=sample, force=args.force)
+                                   values_dtype=dtype, output=args.output, sample=sample, force=args.force,
+                                   layout=layout)
     if result.picked:
         print(result.picked)
     if args.quantize == "int8":
         _quantize(args)
     manifest = None
-    if args.layout == "compact":
-        manifest = _compact(args, "float16" if fp16 else "float32")
+    if args.quantize == "int8" and args.layout == "compact":
+        manifest = _compact(args)
     _report(args.out, result, manifest)
     return 0
 
 
-def _compact(args: argparse.Namespace, values: str) -> dict:
-    """Rewrite the MODEL_DIR as format 3 (compressor/compact.py); the fp32 engines of an int8 export
-    now run the int8 weights dequantized, so their accuracy is measured again."""
+def _compact(args: argparse.Namespace) -> dict:
+    """Rewrite the int8 MODEL_DIR as format 3 (compressor/compact.py): its int8 weights become the only
+    copy, which the fp32 engines run dequantized, so their accuracy is measured again."""
     from compressor.compact import compact_model_dir
     from compressor.quantize import refresh_fp32_accuracy
 
-    manifest = compact_model_dir(args.out, values)
-    if args.quantize == "int8":
-        refresh_fp32_accuracy(args.out, manifest)
+    manifest = compact_model_dir(args.out, "float32")
+    refresh_fp32_accuracy(args.out, manifest)
     return manifest
 
 
@@ -143,7 +144,8 @@ def _report(out: Path, result, manifest) -> None:
         print(f"plain ONNX file: edge-runtime to-onnx {out} model.onnx")
     if ratio < 1:
         print(f"warning: this MODEL_DIR is larger than the dense ONNX ({result.dense_onnx_bytes / 1024:.1f} KiB): "
-              "below ~72% sparsity CSR does not pay, and a small model carries the manifest's graph",
+              "at this sparsity CSR does not pay (below ~72% with --layout external's int64 ONNX indices), "
+              "and a small model carries the manifest's graph",
               file=sys.stderr)
 
 

@@ -25,8 +25,10 @@ HANGING = "time.sleep(600)"  # in the command line of the benchmark that hangs o
 FAST = ["--warmup", "2", "--iters", "20", "--min-seconds", "0"]
 
 
-def export_pruned_mlp(out_dir: Path, sparsity: float, accuracy: float, seed: int = 0, hidden=(64,)) -> Path:
-    """A real MODEL_DIR: a digits MLP with the smallest ``sparsity`` of each weight matrix zeroed."""
+def export_pruned_mlp(out_dir: Path, sparsity: float, accuracy: float, seed: int = 0, hidden=(64,),
+                      quantize: bool = False) -> Path:
+    """A real MODEL_DIR: a digits MLP with the smallest ``sparsity`` of each weight matrix zeroed; with
+    ``quantize``, as `export --quantize int8` writes it (int8 weights stored once, model.int8.onnx)."""
     import torch
 
     from compressor.export import export_model
@@ -39,7 +41,14 @@ def export_pruned_mlp(out_dir: Path, sparsity: float, accuracy: float, seed: int
             if parameter.dim() == 2 and sparsity > 0:
                 threshold = parameter.abs().flatten().kthvalue(int(sparsity * parameter.numel())).values
                 parameter[parameter.abs() <= threshold] = 0.0
-    export_model(model, out_dir, accuracy=accuracy, source={"method": "magnitude", "level": int(sparsity * 100)})
+    export_model(model, out_dir, accuracy=accuracy, source={"method": "magnitude", "level": int(sparsity * 100)},
+                 layout="external" if quantize else "compact")
+    if quantize:
+        from compressor.compact import compact_model_dir
+        from compressor.quantize import add_int8_variant
+
+        add_int8_variant(out_dir, data_spec=None, input_shape=(64,), warn=lambda _: None)
+        compact_model_dir(out_dir)
     return out_dir
 
 

@@ -59,7 +59,7 @@ def build_all(root: Path) -> Path:
         shape = tuple(model.input_shape)
         x = np.random.default_rng(1).standard_normal((2, *shape)).astype(np.float32)
         export_model(model, root / name, input_shape=shape, values_dtype="float32" if compact else dtype,
-                     force=True, source={"model": name, "test": True})
+                     force=True, source={"model": name, "test": True}, layout="external")
         if base.endswith("-int8"):
             add_int8_variant(root / name, data_spec=None, input_shape=shape, warn=lambda _: None)
         if compact:

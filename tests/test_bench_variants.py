@@ -4,12 +4,9 @@ the report shows each variant's own accuracy and size beside its latency and RSS
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 from benchmarks.sweep_plan import ModelEntry, plan
-from compressor.quantize import add_int8_variant
-from tests.bench_fixtures import FAST, read_results
+from tests.bench_fixtures import FAST, export_pruned_mlp, read_results
 
 
 def test_plan_runs_ort_int8_only_on_models_with_the_variant():
@@ -19,8 +16,7 @@ def test_plan_runs_ort_int8_only_on_models_with_the_variant():
 
 
 def test_bench_compares_the_fp32_and_int8_variants_side_by_side(bench_cli, bench_models, tmp_path):
-    quantized = Path(shutil.copytree(bench_models["sparse90"], tmp_path / "sparse90-int8"))
-    add_int8_variant(quantized, data_spec=None, input_shape=(64,), warn=lambda _: None)
+    quantized = export_pruned_mlp(tmp_path / "sparse90-int8", 0.9, 0.93, quantize=True)
     int8 = next(v for v in json.loads((quantized / "manifest.json").read_text())["variants"] if v["name"] == "int8")
     out = tmp_path / "out"
     code, stdout, err = bench_cli("local", bench_models["dense"], quantized, "--kernels", "ort,ort-int8", *FAST,
@@ -31,7 +27,7 @@ def test_bench_compares_the_fp32_and_int8_variants_side_by_side(bench_cli, bench
         ("dense", "ort"), ("sparse90-int8", "ort"), ("sparse90-int8", "ort-int8")]
     assert all(r["status"] == "ok" for r in records)
     report = (out / "report.md").read_text()
-    # the int8 row: its own size (model.int8.onnx) and variant name; engine last
+    # the int8 row: its own size (model.int8.onnx + the weights it is fed) and variant name; engine last
     int8_rows = [line for line in report.splitlines() if "| ort-int8 |" in line]
     assert len(int8_rows) == 1 and "| int8 | ort-int8 | ort-int8 | 1 |" in int8_rows[0]  # variant, kernels, engine
     assert f"| {int8['size'] / 1024:.1f} KiB |" in int8_rows[0]

@@ -114,9 +114,9 @@ def test_runtime_is_not_switched_when_another_model_would_break(sshd, model_dirs
     deploy_to_host(spec, load_model_dir(model_dirs["v2"]), original, _settings(sshd, root, "b"), log=print)
     live, b_release = _live(root), current_release(root, "b")
     # A runtime that reads only a newer MODEL_DIR format, and a model `a` in that format: `a` alone
-    # would pass, but `b`'s current release (format 1) would stop working under it.
-    newer = modified_runtime_wheel(tmp_path / "w1", "format2", formats="(2,)")
-    a_v2 = load_model_dir(with_format_version(model_dirs["v2"], tmp_path / "a-format2", 2), supported_versions=(2,))
+    # would pass, but `b`'s current release (format 3) would stop working under it.
+    newer = modified_runtime_wheel(tmp_path / "w1", "format4", formats="(4,)")
+    a_v2 = load_model_dir(with_format_version(model_dirs["v2"], tmp_path / "a-format4", 4), supported_versions=(4,))
     with pytest.raises(ReleaseError, match=f"cannot run b's current release {b_release}"):
         deploy_to_host(spec, a_v2, newer, _settings(sshd, root, "a"), log=print)
     assert _live(root) == live

@@ -104,7 +104,7 @@ def test_compacting_is_idempotent_and_a_compact_folder_is_not_quantized_twice(tm
     from compressor.export import export_model
 
     folder = tmp_path / "m"
-    export_model(prune_global(make("digits-mlp"), 0.9), folder, input_shape=(64,))
+    export_model(prune_global(make("digits-mlp"), 0.9), folder, input_shape=(64,), layout="external")
     first = compact_model_dir(folder)
     assert first["format_version"] == 3 and compact_model_dir(folder) == first
     before = tree_snapshot(folder)
@@ -128,7 +128,7 @@ def test_square_weights_the_quantizer_transposed_are_stored_the_right_way_round(
     model = prune_global(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
                                        nn.Linear(64, 10)), 0.5)
     folder = tmp_path / "m"
-    export_model(model, folder, input_shape=(64,))
+    export_model(model, folder, input_shape=(64,), layout="external")
     add_int8_variant(folder, data_spec=None, input_shape=(64,))
     manifest = compact_model_dir(folder)
     assert [manifest["tensors"][layer["weight"]]["dtype"] for layer in manifest["layers"]] == ["int8"] * 3

@@ -1,4 +1,6 @@
-"""``edgeprune export``: the MODEL_DIR it writes (sparse ONNX + CSR + manifest) and its refusals."""
+"""``edgeprune export``: the external layout it writes with ``--layout external`` (formats 1-2: sparse
+ONNX + CSR + manifest, loadable by stock onnxruntime), and its refusals. Compact storage (format 3,
+the default): tests/test_export_compact.py and tests/test_runtime_compact.py."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def export(name: str, sparsity: float, out: Path, **options) -> tuple:
     model = prune_global(make(name), sparsity)
-    result = export_model(model, out, **options)
+    result = export_model(model, out, **{"layout": "external", **options})
     return model, result
 
 
@@ -187,9 +189,11 @@ def test_cli_exports_a_real_run_dir_and_a_checkpoint(tmp_path: Path) -> None:
     done = edgeprune("export", str(run_dir), "--out", str(tmp_path / "md"), "--max-drop", "100")
     assert done.returncode == 0, done.stderr
     assert "exported lr-rewind level 4 (sparsity 55.0%" in done.stdout and "--max-drop" in done.stdout
-    default = edgeprune("export", str(run_dir), "--out", str(tmp_path / "last"))
+    default = edgeprune("export", str(run_dir), "--out", str(tmp_path / "last"), "--layout", "external")
     assert "level 4" in default.stdout and "the default" in default.stdout  # the user learns the rule
-    assert "larger than the dense ONNX" in default.stderr  # 55% sparsity: CSR does not pay yet
+    assert "larger than the dense ONNX" in default.stderr  # 55%, int64 ONNX indices: CSR does not pay yet
+    compact = edgeprune("export", str(run_dir), "--out", str(tmp_path / "compact"))
+    assert "format 3" in compact.stdout and "larger" not in compact.stderr  # no int64 copy: it does
     manifest = json.loads((tmp_path / "md" / "manifest.json").read_text())
     assert manifest["source"]["level"] >= 1 and manifest["accuracy"] > 0.1
     assert abs(manifest["sparsity"] - 0.55) < 0.01
@@ -230,7 +234,7 @@ def test_untrained_batchnorm_convs_keep_their_own_bias(tmp_path: Path) -> None:
     Identity nodes; each conv must still get its own initializer so the runtime sees a weight layer."""
     from compressor.models import build_model
 
-    result = export_model(build_model("resnet20").eval(), tmp_path / "m")
+    result = export_model(build_model("resnet20").eval(), tmp_path / "m", layout="external")
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     assert "Identity" not in {node["op_type"] for node in manifest["graph"]}
     convs = [node for node in manifest["graph"] if node["op_type"] == "Conv"]

@@ -90,7 +90,7 @@ def test_max_drop_refuses_a_variant_that_loses_too_much(tmp_path: Path) -> None:
 
 def test_pruned_zeros_stay_zero_in_a_static_int8_conv_model(tmp_path: Path) -> None:
     model = prune_global(make("digits-cnn"), 0.9)
-    export_model(model, tmp_path / "m", input_shape=(1, 8, 8))
+    export_model(model, tmp_path / "m", input_shape=(1, 8, 8), layout="external")
     warnings = []
     result, = add_int8_variant(tmp_path / "m", data_spec=None, input_shape=(1, 8, 8), warn=warnings.append)
     assert result.shipped and result.accuracy is None

@@ -55,7 +55,7 @@ def export_random(name: str, sparsity: float, out: Path) -> Path:
 
     torch.manual_seed(0)
     model = prune_layerwise(mlp3072() if name == "mlp3072" else build_model(name), sparsity)
-    export_model(model, out, force=True)
+    export_model(model, out, force=True, layout="external")
     return out
 
 
@@ -108,7 +108,7 @@ def export_trained(sparsity: float, out: Path, runs: Path) -> Path:
         torch.set_num_threads(1)
         compress(model, train, test, config, out=run_dir, device="cpu", model_name="digits-wide-mlp",
                  data_name="digits", pretrained=pretrained)
-    export_run_dir(run_dir, out, level=0 if sparsity == 0 else None, force=True)
+    export_run_dir(run_dir, out, level=0 if sparsity == 0 else None, force=True, layout="external")
     return out
 
 
