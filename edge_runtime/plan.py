@@ -2,10 +2,11 @@
 
 The plan has two levels. Per weight layer: dense (BLAS), sparse (CSR) or sparse-mt (CSR row blocks in
 threads), whichever ran the layer's real input fastest. Then the whole native program is timed against
-stock onnxruntime on the same model.onnx, and the faster engine wins: that is what keeps ``auto`` from
-ever being slower than onnxruntime (small CNNs at batch 1, dense models). Plans are cached beside the
+stock onnxruntime on the same model.onnx (and the MODEL_DIR's variants, e.g. int8), and the engine whose
+median call is fastest wins -- the p50 latency users measure: that is what keeps ``auto`` from ever
+being slower than onnxruntime (small CNNs at batch 1, dense models). Plans are cached beside the
 model (``plans.json``), or in ``~/.cache/edge-runtime`` when MODEL_DIR is read-only, keyed by the
-device fingerprint, the thread count and the model's file hashes.
+device fingerprint, the thread count, the model's file hashes and how the engines were compared.
 """
 
 from __future__ import annotations
@@ -28,45 +29,65 @@ MAX_PLANS_BYTES = 16 << 20
 ROUND_SECONDS = 0.02   # each timing round runs a candidate for at least this long (and twice) ...
 ROUNDS = 5             # ... candidates take turns round by round, and each one's fastest round counts,
                        # so a burst of other work on the device hits every candidate alike
-ENGINE_ROUNDS = 9      # native vs onnxruntime decides the whole model: more rounds, median round
+ENGINE_ROUNDS = 9      # native vs onnxruntime decides the whole model: more rounds, median call
 NATIVE_MARGIN = 1.05   # native must beat onnxruntime by 5% to be chosen: onnxruntime is the stock
                        # baseline, so a near-tie goes to it and `auto` is never slower beyond noise
 CANNOT_WIN = 2.0       # a candidate whose fastest round is this many times the leader's slowest round
                        # stops being timed: noise between rounds is tens of percent, never 2×
+TUNER = "engine-p50"   # in the cache key: plans chosen by an earlier statistic (round means) are retuned
 
 
-def _round(fn: Callable[[], Any], round_seconds: float) -> float:
-    count, start = 0, time.perf_counter()
+def _round(fn: Callable[[], Any], round_seconds: float) -> list:
+    """Seconds of each call of one round: ``fn`` runs for at least ``round_seconds``, and twice."""
+    times, start = [], time.perf_counter()
+    last = start
     while True:
         fn()
-        count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= round_seconds and count >= 2:
-            return elapsed / count
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+        if now - start >= round_seconds and len(times) >= 2:
+            return times
+
+
+def _median(values: list) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def compare(candidates: Dict[str, Callable[[], Any]], rounds: int = ROUNDS,
             round_seconds: float = ROUND_SECONDS, statistic: str = "min",
             give_up: Optional[float] = CANNOT_WIN) -> Dict[str, float]:
-    """Milliseconds per call of each candidate: interleaved rounds (after a warm-up), then each
-    candidate's best round (``min``: a kernel's own speed) or its median round (``median``: closer to
-    the p50 latency that users measure, for decisions about the whole model).
+    """Milliseconds per call of each candidate, from interleaved rounds (after a warm-up).
+
+    ``min``: each candidate's best round mean -- a kernel's own speed, for the per-layer choice.
+    ``median``: the median of every call of every round -- the p50 latency that users measure, for
+    decisions about the whole model. A mean (of a round, or the median of round means) follows the
+    tail: multi-threaded onnxruntime on a busy device has rare calls many times the typical one, and
+    those made ``auto`` keep an engine whose typical call was slower (issue 12's 2-thread rows).
 
     A candidate that cannot win (see ``still_in``) is timed no further; its figure comes from the rounds
     it ran. This is what keeps tuning a model whose native program is far slower than onnxruntime short.
+    Rounds are judged by the same statistic: their mean for ``min``, their median call for ``median``.
     """
+    if statistic not in ("min", "median"):
+        raise ValueError(f"statistic must be 'min' or 'median', got {statistic!r}")
     for fn in candidates.values():
         fn()
     per_round: Dict[str, list] = {name: [] for name in candidates}
+    calls: Dict[str, list] = {name: [] for name in candidates}
+    summary = (lambda times: sum(times) / len(times)) if statistic == "min" else _median
     active = list(candidates)
     for _ in range(rounds):
         for name in active:
-            per_round[name].append(1e3 * _round(candidates[name], round_seconds))
+            times = [1e3 * t for t in _round(candidates[name], round_seconds)]
+            per_round[name].append(summary(times))
+            calls[name].extend(times)
         active = still_in(per_round, active, give_up)
         if len(active) == 1:
             break
-    pick = min if statistic == "min" else (lambda times: sorted(times)[len(times) // 2])
-    return {name: pick(times) for name, times in per_round.items()}
+    if statistic == "min":
+        return {name: min(times) for name, times in per_round.items()}
+    return {name: _median(times) for name, times in calls.items()}
 
 
 def still_in(per_round: Dict[str, list], active: list, give_up: Optional[float]) -> list:
@@ -79,8 +100,9 @@ def still_in(per_round: Dict[str, list], active: list, give_up: Optional[float])
 
 
 def plan_key(manifest: Dict[str, Any], threads: int) -> str:
-    """The cache key: this device, this thread count, this exact model."""
-    text = json.dumps({"device": fingerprint(), "threads": threads, "files": manifest["files"]}, sort_keys=True)
+    """The cache key: this device, this thread count, this exact model, this way of choosing."""
+    text = json.dumps({"device": fingerprint(), "threads": threads, "files": manifest["files"], "tuner": TUNER},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

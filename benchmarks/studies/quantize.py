@@ -1,6 +1,7 @@
 """Pruning, int8 quantization, and edgeprune's ``auto`` choosing between them, side by side.
 
-    python3 benchmarks/studies/quantize.py [--quick] [--models digits-wide-mlp mlp3072 resnet20] [--out quantize_bench.json]
+    python3 benchmarks/studies/quantize.py [--quick] [--models digits-wide-mlp mlp3072 resnet20] [--threads 1 2]
+        [--out quantize_bench.json]
 
 Rows: each model at 0/90/95/98% sparsity, batch 1, 1 and 2 threads. Columns, measured in the same run:
 onnxruntime fp32 on the dense model (``--kernels ort``), onnxruntime int8 of the dense model (``--kernels
@@ -145,7 +146,7 @@ def shipped(model_dir: Path) -> int:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    threads_list = [1, 2]
+    threads_list = list(args.threads)
     results: Dict[str, Any] = {"threads": threads_list, "models": {}, "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="edgeprune-quantize-bench-") as temp:
         root = Path(temp)
@@ -238,6 +239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds of >= 0.2 s, 20 runs (default 3 x 0.5 s, 50)")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--sparsities", type=float, nargs="*", default=list(SPARSITIES))
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default 1 2)")
     parser.add_argument("--out", type=Path, default=Path("quantize_bench.json"), help="JSON results file")
     parser.add_argument("--sizes-only", action="store_true", help="export and print the size table, no timing")
     parser.add_argument("--tables-from", type=Path, metavar="JSON", help="only print the tables of an earlier run")
