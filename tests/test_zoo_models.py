@@ -10,11 +10,14 @@ size. Models come from ``tests/zoo_models.py`` (Hugging Face ones from tiny conf
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -24,6 +27,8 @@ from edge_runtime import InferenceSession
 from edge_runtime.errors import UnsupportedOpError
 from edgeprune.cli import main
 from tests import zoo_models
+
+REPO = Path(__file__).resolve().parent.parent
 
 ZOO = Path(zoo_models.__file__)
 TOLERANCE = 1e-4
@@ -102,8 +107,7 @@ def test_compress_export_run(tmp_path: Path, model: str, data: str, flags: List[
         assert {spec["name"]: spec["dtype"] for spec in manifest["inputs"]} == {
             name: str(inputs[name].numpy().dtype) for name in names}
     assert manifest["input"] == manifest["inputs"][0]
-    assert manifest["format_version"] == (1 if len(manifest["inputs"]) == 1
-                                          and manifest["input"]["dtype"] == "float32" else 2)
+    assert manifest["format_version"] == 3  # compact storage, whatever the inputs
 
     engines = {}
     for kernels in (*NATIVE, "auto", "ort"):
@@ -127,7 +131,22 @@ def test_compress_export_run(tmp_path: Path, model: str, data: str, flags: List[
     for tensor in graph.initializer:
         if tensor.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL):
             assert not tensor.external_data, tensor.name
+    # one command from a plain ONNX file that stock onnxruntime runs, equal to the runtime's own onnxruntime
+    plain = tmp_path / "plain.onnx"
+    assert subprocess.run([sys.executable, "-m", "edge_runtime", "to-onnx", str(model_dir), str(plain)],
+                          capture_output=True, cwd=REPO).returncode == 0
+    stock = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
+    feed = _feed(stock, inputs)
+    np.testing.assert_array_equal(stock.run(None, feed)[0],
+                                  InferenceSession(model_dir, kernels="ort", threads=1).run(None, feed)[0])
     assert _cli("export", run_dir, "--out", model_dir, "--force", *trust) == 0  # export is repeatable
+    # the external layout: formats 1-2 by inputs, and stock onnxruntime loads its model.onnx as it is
+    assert _cli("export", run_dir, "--out", model_dir, "--force", "--layout", "external", *trust) == 0
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == (1 if len(manifest["inputs"]) == 1
+                                          and manifest["input"]["dtype"] == "float32" else 2)
+    external = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(external.run(None, feed)[0], stock.run(None, feed)[0])
 
 
 @pytest.mark.parametrize("data, flags", [
