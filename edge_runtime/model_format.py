@@ -280,8 +280,9 @@ def _check_tensors(tensors: Any, where: str, version: int) -> None:
         if info["storage"] == "csr" and (not info["shape"] or info.get("dtype") not in values):
             raise _fail(where, f"CSR tensor {name!r} must have a shape and values of {', '.join(values)}")
         place = info.get("onnx", "external")  # format 1 before inline constants: every tensor external
-        if place not in ONNX_PLACES[version] or (info["storage"] == "csr" and place == "inline"):
-            raise _fail(where, f"tensor {name!r} must be {' or '.join(ONNX_PLACES[version])} in model.onnx "
+        places = ONNX_PLACES.get(version, ONNX_PLACES[max(ONNX_PLACES)])  # a later format: as the latest
+        if place not in places or (info["storage"] == "csr" and place == "inline"):
+            raise _fail(where, f"tensor {name!r} must be {' or '.join(places)} in model.onnx "
                                "(a CSR tensor never inline)")
         _check_quantized(name, info, where, version)
         total += _elements(info["shape"]) * max(4, 8 if info["dtype"].endswith("64") else 4)
