@@ -47,28 +47,6 @@ class Quantized:
     transpose: bool             # model.int8.onnx holds it transposed (Gemm rewritten as MatMul)
 
 
-def _csr_is_smaller(array: np.ndarray, value_bytes: int) -> bool:
-    """CSR (values + smallest column index + int32 row pointers) against dense, both in ``value_bytes``."""
-    from compressor.onnx_sparse import index_dtype
-
-    rows = array.shape[0]
-    cols = array.size // max(rows, 1)
-    nnz = max(int(np.count_nonzero(array)), 1)
-    return nnz * (value_bytes + index_dtype(cols).itemsize) + (rows + 1) * 4 < array.size * value_bytes
-
-
-def _csr_members(name: str, matrix: np.ndarray) -> Dict[str, np.ndarray]:
-    """weights.npz members of ``matrix`` (2-D, any dtype) as CSR; an all-zero one keeps one explicit zero."""
-    from compressor.onnx_sparse import index_dtype
-
-    rows, cols = np.nonzero(matrix)
-    if rows.size == 0:
-        rows, cols = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    counts = np.bincount(rows, minlength=matrix.shape[0])
-    return {f"{name}.data": matrix[rows, cols], f"{name}.indices": cols.astype(index_dtype(matrix.shape[1])),
-            f"{name}.indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)}
-
-
 def _oriented(q: np.ndarray, scale: np.ndarray, trained: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
     """``(q in the trained weight's orientation, transposed?)``, or None when neither orientation
     dequantizes to the trained weight. The quantizer may have transposed a weight (Gemm rewritten as
@@ -125,10 +103,11 @@ def _store(name: str, array: np.ndarray, info: Dict[str, Any], values: str,
     entry: Dict[str, Any] = {"shape": list(array.shape), "onnx": "fed" if fed else "inline"}
     if not fed:
         return {**entry, "storage": "dense", "dtype": str(array.dtype)}, {name: array}
+    from compressor.onnx_sparse import encode_csr, sparse_is_smaller
+
     stored = quantized.values if quantized else array.astype(values) if weight else array
-    matrix = stored.reshape(stored.shape[0], -1) if stored.ndim else stored.reshape(1, 1)
-    csr = weight and stored.ndim >= 2 and _csr_is_smaller(stored, stored.dtype.itemsize)
-    members = _csr_members(name, matrix) if csr else {name: stored}
+    csr = weight and stored.ndim >= 2 and sparse_is_smaller(stored, stored.dtype, onnx_indices=False)
+    members = encode_csr(stored, stored.dtype).arrays(name) if csr else {name: stored}
     entry.update(storage="csr" if csr else "dense", dtype=str(stored.dtype))
     if quantized:
         members[f"{name}.scale"] = quantized.scale

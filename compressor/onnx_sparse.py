@@ -64,14 +64,15 @@ def encode_csr(weight: np.ndarray, values_dtype: np.dtype) -> CsrWeight:
     )
 
 
-def sparse_is_smaller(weight: np.ndarray, values_dtype: np.dtype) -> bool:
-    """True when CSR + coo takes fewer bytes than the dense tensor in ``values_dtype``.
+def sparse_is_smaller(weight: np.ndarray, values_dtype: np.dtype, onnx_indices: bool = True) -> bool:
+    """True when CSR (+ the int64 coo copy in model.onnx, with ``onnx_indices``: the external layout)
+    takes fewer bytes than the dense tensor in ``values_dtype``.
 
     Storage is only about size: the runtime builds whichever form it computes with at load time.
     """
     nnz = max(int(np.count_nonzero(weight)), 1)
     rows = weight.shape[0]
     cols = weight.size // max(rows, 1)
-    per_nonzero = np.dtype(values_dtype).itemsize + index_dtype(cols).itemsize + 8
+    per_nonzero = np.dtype(values_dtype).itemsize + index_dtype(cols).itemsize + (8 if onnx_indices else 0)
     sparse_bytes = nnz * per_nonzero + (rows + 1) * 4
     return sparse_bytes < weight.size * np.dtype(values_dtype).itemsize
