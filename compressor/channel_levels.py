@@ -6,10 +6,17 @@ groups, the dense parameter and MAC counts, and the target. Each level asks it f
 for the model that plan describes. Levels are not counted in advance as for weights: a round removes
 ``--prune-fraction`` of the remaining prunable channels, and the round whose plan would reach the
 target instead prunes to the smallest plan that reaches it exactly — that level is the last.
+
+How many channels each group keeps is ``--allocate``'s: ``global`` ranks all channels together
+(``channels.Ranking``); ``latency`` takes the steps that lose the least importance per millisecond
+saved (``channel_allocation.LatencyRanking``), predicted from a latency table that the run measures
+once (or reads from ``--latency-table``) and keeps as ``RUN_DIR/latency_table.json``: a resumed run
+reads that file back, so it plans exactly as the interrupted one did.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -18,9 +25,11 @@ from torch import nn
 from compressor import checkpoints
 from compressor.channels import (ChannelPlan, Ranking, channel_count, copy_model, example_input, find_groups,
                                  full_plan, group_scores, params_and_macs, shrink, smallest, widths)
+from compressor.channel_allocation import LatencyModel, LatencyRanking
 from compressor.config import PruneConfig
 from compressor.criteria import ChannelCriterion
 from compressor.errors import ConfigError, StructureError
+from compressor.latency_table import RUN_DIR_NAME, measure, read_table
 
 
 class ChannelLevels:
@@ -37,6 +46,25 @@ class ChannelLevels:
         self.target = float(config.target_macs if config.target_macs is not None else config.target_sparsity)
         self._cache: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], float] = {}
         self._check_reachable()
+        self.latency: Optional[LatencyModel] = None
+        if config.allocate == "latency":
+            self.latency = LatencyModel(self.template, self.example, self.groups, *self._rounding)
+            self.latency.shapes_needed()  # a multiple too fine for this model is refused now
+            if config.latency_table is not None:  # checked before RUN_DIR is touched
+                self.latency.use(read_table(Path(config.latency_table)), f"--latency-table {config.latency_table}")
+
+    def attach_table(self, root: Path, is_writer: bool, barrier=lambda: None) -> None:
+        """For ``--allocate latency``: the run's table, ``root/latency_table.json``. A new run writes
+        it there (``--latency-table``'s, or measured now on this machine); a resumed run reads it back.
+        ``barrier`` lets every torchrun rank read what rank 0 wrote (all plan from the same times)."""
+        if self.latency is None:
+            return
+        path = Path(root) / RUN_DIR_NAME
+        if not path.is_file() and is_writer:
+            table = self.latency.table or measure(self.latency.shapes_needed())
+            checkpoints.atomic_write_text(table.to_json(), path)
+        barrier()
+        self.latency.use(read_table(path, "the run's"), str(path))
 
     @property
     def _rounding(self) -> Tuple[int, Optional[int]]:
@@ -72,7 +100,8 @@ class ChannelLevels:
     def next_plan(self, model: nn.Module, current: ChannelPlan) -> Tuple[ChannelPlan, bool]:
         """The next level's plan from ``model`` (the previous level, trained) and whether it is the last."""
         scores = group_scores(model, self.groups, current, self.criterion, self.example)
-        ranking = Ranking(self.groups, current, scores, *self._rounding)
+        ranking = Ranking(self.groups, current, scores, *self._rounding) if self.latency is None \
+            else LatencyRanking(self.groups, current, scores, self.latency)
         if not self.config.one_shot:
             have = channel_count(current)
             want = max(1, round(self.config.prune_fraction * have))

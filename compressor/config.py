@@ -22,6 +22,7 @@ MODEL_NAMES = ("digits-mlp", "digits-wide-mlp", "digits-cnn", "resnet20", "resne
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
 STRUCTURES = ("weights", "channels")
+ALLOCATIONS = ("global", "latency")  # compressor.channel_allocation implements them
 LOSS_NAMES = ("cross-entropy", "mse", "l1")  # compressor.batches.LOSSES implements them
 
 
@@ -85,6 +86,13 @@ class PruneConfig:
     criterion: Optional[str] = field(default=None, metadata=_help(
         "how a round ranks what it removes: magnitude (weights), l1-norm or bn-scale (channels); "
         "default: magnitude for weights, l1-norm for channels"))
+    allocate: str = field(default="global", metadata=_help(
+        "channels only: how a round decides how many channels each layer keeps: global (the lowest "
+        "criterion scores anywhere) or latency (least importance lost per millisecond saved, from "
+        "onnxruntime times of every layer measured on this machine, or --latency-table)"))
+    latency_table: Optional[str] = field(default=None, metadata=_help(
+        "--allocate latency only: a latency table JSON measured elsewhere (e.g. on the Pi with "
+        "python3 -m compressor.latency_table) instead of measuring on this machine"))
 
     def __post_init__(self) -> None:
         # Lists from JSON or the API become tuples, so equal configs compare equal.
@@ -158,6 +166,12 @@ class PruneConfig:
             raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be at least 1, got {self.channel_multiple}")
+        if self.allocate not in ALLOCATIONS:
+            raise ConfigError(f"unknown --allocate {self.allocate!r}; choose from {', '.join(ALLOCATIONS)}")
+        if self.allocate != "global" and self.structure != "channels":
+            raise ConfigError(f"--allocate {self.allocate} needs --structure channels")
+        if self.latency_table is not None and self.allocate != "latency":
+            raise ConfigError("--latency-table needs --allocate latency")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

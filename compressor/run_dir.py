@@ -40,7 +40,7 @@ REWIND = "rewind.pt"
 DENSE = "dense"
 # The temporary files of checkpoints.atomic_* (".NAME.RANDOM.tmp"): a killed run leaves them behind.
 _STALE_TEMP = re.compile(r"\.(checkpoint\.pt|final\.pt|rewind\.pt|config\.json|metrics\.json|report\.md"
-                         r"|sparsity_accuracy\.png)\.[A-Za-z0-9_]+\.tmp")
+                         r"|sparsity_accuracy\.png|latency_table\.json)\.[A-Za-z0-9_]+\.tmp")
 log = logging.getLogger("compressor")
 
 

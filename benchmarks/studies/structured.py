@@ -60,9 +60,11 @@ def loaders(model_name: str, model: torch.nn.Module, batch_size: int, seed: int)
     return digits_as(shape, batch_size, seed)
 
 
-def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path,
-                 min_channels: int | None = None) -> List[Dict[str, Any]]:
-    """Dense + one-shot levels at 30/50/70% MACs removed; each entry has the model and its figures."""
+def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path, min_channels: int | None = None,
+                 allocations: Sequence[str] = ("global",), table: Path | None = None) -> List[Dict[str, Any]]:
+    """Dense + one-shot levels at 30/50/70% MACs removed per ``--allocate`` choice, all from one dense
+    training; each entry has the model and its figures. ``table``: the latency allocation's table
+    (measured once, shared by every target, so the levels differ only in their targets)."""
     torch.manual_seed(0)
     dense_model = build_model(model_name)
     base = dict(epochs=epochs, lr_drops=(epochs * 2 // 3,) if epochs > 1 else (), structure="channels", one_shot=True,
@@ -70,22 +72,34 @@ def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path,
     train, test = loaders(model_name, dense_model, 64, 0)
     levels: List[Dict[str, Any]] = []
     dense_state = None
-    for target in LEVELS:
-        torch.manual_seed(0)
-        model = build_model(model_name)
-        config = config_for(model_name, target_macs=target, **base)
-        out = scratch / f"{model_name}-{target}-{multiple}-{min_channels}"
-        result = compress(model, train, test, config, out=out, device="cpu",
-                          model_name=model_name, data_name="digits", pretrained=dense_state)
-        dense_entry, last = result.metrics["methods"]["lr-rewind"][0], result.final()
-        if dense_state is None:  # the first run trained the dense network: every target starts from it
-            from compressor.run_dir import load_level
+    for allocate in allocations:
+        for target in LEVELS:
+            torch.manual_seed(0)
+            model = build_model(model_name)
+            extra = {"latency_table": str(table)} if allocate == "latency" and table else {}
+            config = config_for(model_name, target_macs=target, allocate=allocate, **extra, **base)
+            out = scratch / f"{model_name}-{target}-{multiple}-{min_channels}-{allocate}"
+            result = compress(model, train, test, config, out=out, device="cpu",
+                              model_name=model_name, data_name="digits", pretrained=dense_state)
+            dense_entry, last = result.metrics["methods"]["lr-rewind"][0], result.final()
+            if dense_state is None:  # the first run trained the dense network: every target starts from it
+                from compressor.run_dir import load_level
 
-            dense = load_level(out, level=0)
-            dense_state = {k: v.clone() for k, v in dense.model.state_dict().items()}
-            levels.append({"name": "dense", "model": dense.model.eval(), **_figures(dense_entry)})
-        levels.append({"name": f"{int(target * 100)}%", "model": result.model.cpu().eval(), **_figures(last)})
+                dense = load_level(out, level=0)
+                dense_state = {k: v.clone() for k, v in dense.model.state_dict().items()}
+                levels.append({"name": "dense", "model": dense.model.eval(), **_figures(dense_entry)})
+            name = f"{int(target * 100)}%" + (f" {allocate}" if len(allocations) > 1 else "")
+            levels.append({"name": name, "model": result.model.cpu().eval(), **_figures(last)})
     return levels
+
+
+def shared_table(model_name: str, multiple: int, min_channels: int | None, scratch: Path) -> Path:
+    """One latency table for every latency-allocated target of ``model_name`` (measured here, now)."""
+    from compressor.latency_table import model_shapes, measure
+
+    path = scratch / f"{model_name}-{multiple}-{min_channels}-table.json"
+    path.write_text(measure(model_shapes(model_name, multiple, min_channels, ())).to_json())
+    return path
 
 
 def _figures(entry: Dict[str, Any]) -> Dict[str, Any]:
@@ -190,6 +204,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--channel-multiple", type=int, default=8)
     parser.add_argument("--min-channels", type=int, default=None,
                         help="narrowest width (default: the multiple); e.g. 16 and 8 keep widths 8, 16, 32, 48, ...")
+    parser.add_argument("--allocate", default="global,latency",
+                        help="comma separated --allocate choices, timed together (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per model per round (default: %(default)s)")
     parser.add_argument("--compare-methods", action="store_true", help="also LRR vs FT on digits-cnn")
@@ -204,11 +220,16 @@ def main(argv: List[str] | None = None) -> int:
 
     results: Dict[str, Any] = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                                "channel_multiple": args.channel_multiple,
-                               "min_channels": args.min_channels, "epochs": args.epochs, "models": {}}
+                               "min_channels": args.min_channels, "epochs": args.epochs,
+                               "allocate": args.allocate, "models": {}}
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-") as scratch:
         if not args.skip_latency:
             for model_name in [m for m in args.models.split(",") if m]:
-                levels = prune_levels(model_name, args.epochs, args.channel_multiple, Path(scratch), args.min_channels)
+                allocations = [a for a in args.allocate.split(",") if a]
+                table = shared_table(model_name, args.channel_multiple, args.min_channels, Path(scratch)) \
+                    if "latency" in allocations else None
+                levels = prune_levels(model_name, args.epochs, args.channel_multiple, Path(scratch), args.min_channels,
+                                      allocations, table)
                 results["models"][model_name] = latency_table(model_name, levels, args.rounds, args.runs)
                 Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         if args.compare_methods:

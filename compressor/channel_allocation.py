@@ -1,0 +1,249 @@
+"""How many channels each coupled group keeps: ``--allocate global`` or ``--allocate latency``.
+
+``global`` (``compressor.channels.Ranking``) removes the channels with the lowest criterion scores
+wherever they are, then rounds each group's width: it spends the round's budget where channels are
+weakest, blind to what removing them saves at run time.
+
+``latency`` (this module) is NetAdapt/HALP-style: the round removes channels one *step* at a time
+(a group's width goes down to a narrower allowed width: a multiple of ``--channel-multiple``, or
+``--min-channels``), always taking the step that loses the least importance per millisecond saved:
+
+    cost(step) = sum of the criterion scores of the channels the step removes
+                 / (predicted latency now - predicted latency after the step)
+
+The predicted latency of a network is the sum of its Conv/Linear layers' times in a measured
+``LatencyTable`` (``compressor.latency_table``). A layer's widths follow from the groups' widths:
+Torch-Pruning's dependency graph says which groups feed which layers' inputs and outputs (a concat
+feeds one layer from several groups; a flatten makes one channel many Linear inputs). Steps that save
+nothing (or cost time) come last; a step may skip widths, because on a CPU that computes 16
+channels at a time 64 -> 56 saves nothing while 64 -> 48 saves a block. Which channels go inside a group is still the criterion's choice
+(its weakest); with equal latency per channel everywhere this is the global ranking again.
+
+Every step keeps a width the rounding allows, never below the floor, never touches ``--exclude``d
+layers (they are in no group), so no layer disappears. The move sequence is computed once per round;
+``plan(n)`` applies its first ``n`` moves, so the binary searches of ``ChannelLevels`` work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import nn
+
+from compressor.channels import PRUNABLE, ChannelPlan, Group, _full_group, _is_depthwise, trace
+from compressor.errors import ConfigError
+from compressor.latency_table import LatencyTable, LatencyTableError, LayerShape
+
+MAX_SHAPES = 5000  # a table this large takes minutes to measure: the multiple is too fine for this model
+
+
+def step_of(g: Group, multiple: int) -> int:
+    """Units per rounding step of ``g`` (a unit is one channel in every block of a grouped conv)."""
+    return max(1, multiple // math.gcd(multiple, g.blocks))
+
+
+def ladder(g: Group, have_units: int, multiple: int, narrowest: int) -> List[int]:
+    """The unit counts ``g`` may keep, widest first: what ``Ranking.keep_units`` can round to."""
+    if g.blocks == 1 and narrowest != multiple:
+        if have_units <= narrowest:
+            return [have_units]
+        allowed = {narrowest, have_units} | set(range(multiple, have_units + 1, multiple))
+        return sorted((w for w in allowed if narrowest <= w <= have_units), reverse=True)
+    step = step_of(g, multiple)
+    if have_units <= step:
+        return [have_units]
+    return sorted({have_units} | set(range(step, have_units + 1, step)), reverse=True)
+
+
+class _Layer:
+    """One Conv/Linear whose widths depend on groups: ``width = dense - sum(ratio * removed_g)``."""
+
+    def __init__(self, name: str, dense: LayerShape, depthwise: bool) -> None:
+        self.name, self.dense, self.depthwise = name, dense, depthwise
+        self.inputs: Dict[int, float] = {}  # group index -> input features per removed channel
+        self.outputs: Dict[int, float] = {}
+
+    def shape(self, removed: Sequence[int]) -> LayerShape:
+        cin = self.dense.cin - round(sum(r * removed[i] for i, r in self.inputs.items()))
+        cout = self.dense.cout - round(sum(r * removed[i] for i, r in self.outputs.items()))
+        if self.depthwise:  # one filter per channel: inputs, outputs and groups shrink together
+            cin = cout
+        groups = cout if self.depthwise else self.dense.groups
+        return LayerShape(self.dense.op, cin, cout, self.dense.spatial, self.dense.kernel, self.dense.stride,
+                          self.dense.padding, self.dense.dilation, groups)
+
+
+class LatencyModel:
+    """Predicted onnxruntime latency of the template shrunk to any group widths (see the module doc)."""
+
+    def __init__(self, template: nn.Module, example: torch.Tensor, groups: Sequence[Group], multiple: int,
+                 min_channels: Optional[int] = None) -> None:
+        self.groups, self.multiple = list(groups), multiple
+        self.narrowest = min_channels or multiple
+        self.layers = _layers(template, example, self.groups)
+        self.table: Optional[LatencyTable] = None
+        self.touching: List[List[_Layer]] = [[l for l in self.layers if i in l.inputs or i in l.outputs]
+                                             for i in range(len(self.groups))]
+
+    def shapes_needed(self) -> List[LayerShape]:
+        """Every layer shape any allowed combination of group widths produces (the table to measure)."""
+        ladders = [[u * g.blocks for u in ladder(g, g.size // g.blocks, self.multiple, self.narrowest)]
+                   for g in self.groups]
+        shapes: Dict[str, LayerShape] = {}
+        for layer in self.layers:
+            ins = _removals(layer.inputs, ladders, self.groups)
+            outs = _removals(layer.outputs, ladders, self.groups)
+            if len(ins) * len(outs) > MAX_SHAPES:
+                raise ConfigError(f"--allocate latency: layer {layer.name!r} alone has {len(ins) * len(outs)} "
+                                  f"width combinations to measure; raise --channel-multiple")
+            for cut_in in ins:
+                for cut_out in outs:
+                    shape = _shape_for(layer, layer.dense.cin - cut_in, layer.dense.cout - cut_out)
+                    shapes.setdefault(shape.key(), shape)
+            if len(shapes) > MAX_SHAPES:
+                raise ConfigError(f"--allocate latency: more than {MAX_SHAPES} layer shapes to measure; "
+                                  f"raise --channel-multiple")
+        return list(shapes.values())
+
+    def use(self, table: LatencyTable, source: str) -> None:
+        """Predict with ``table``; ``LatencyTableError`` naming what it lacks for this model."""
+        missing = table.missing(self.shapes_needed())
+        if missing:
+            raise LatencyTableError(
+                f"{source} lacks {len(missing)} layer shape(s) this run needs (e.g. {missing[0]!r}); measure it "
+                f"for this model and multiple: python3 -m compressor.latency_table --model ... --out FILE")
+        self.table = table
+
+    def layer_ms(self, layer: _Layer, removed: Sequence[int]) -> float:
+        assert self.table is not None, "LatencyModel.use(table) first"
+        return self.table.ms[layer.shape(removed).key()]
+
+    def predict(self, widths: Mapping[str, int]) -> float:
+        """Milliseconds of the group-dependent layers with each group at ``widths[root]`` channels."""
+        removed = [g.size - widths[g.root] for g in self.groups]
+        return sum(self.layer_ms(layer, removed) for layer in self.layers)
+
+
+def _shape_for(layer: _Layer, cin: int, cout: int) -> LayerShape:
+    d = layer.dense
+    if layer.depthwise:
+        cin = cout
+    return LayerShape(d.op, cin, cout, d.spatial, d.kernel, d.stride, d.padding, d.dilation,
+                      cout if layer.depthwise else d.groups)
+
+
+def _removals(ratios: Mapping[int, float], ladders: Sequence[Sequence[int]], groups: Sequence[Group]) -> Set[int]:
+    """Every number of features one side of a layer can lose: sums over the feeding groups' ladders."""
+    totals = {0}
+    for index, ratio in ratios.items():
+        size = groups[index].size
+        totals = {t + round(ratio * (size - w)) for t in totals for w in ladders[index]}
+    return totals
+
+
+def _layers(template: nn.Module, example: torch.Tensor, groups: Sequence[Group]) -> List[_Layer]:
+    """The template's Conv/Linear layers whose widths depend on some group, with their dense shapes."""
+    graph = trace(template, example)
+    modules = dict(template.named_modules())
+    spatial = _input_sizes(template, example)
+    layers: Dict[str, _Layer] = {}
+    for index, g in enumerate(groups):
+        for item in _full_group(graph, modules[g.root], range(g.size)):
+            module = item.dep.target.module
+            if not isinstance(module, PRUNABLE):
+                continue
+            name = next(n for n, m in modules.items() if m is module)
+            layer = layers.setdefault(name, _Layer(name, _dense_shape(module, spatial[name]), _is_depthwise(module)))
+            side = layer.outputs if graph.is_out_channel_pruning_fn(item.dep.handler) else layer.inputs
+            side[index] = side.get(index, 0.0) + len(item.idxs) / g.size
+    return [layers[n] for n in modules if n in layers]
+
+
+def _input_sizes(model: nn.Module, example: torch.Tensor) -> Dict[str, Tuple[int, ...]]:
+    """Each Conv/Linear's input size after the channel axis (Linear: the dims before features)."""
+    sizes: Dict[str, Tuple[int, ...]] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE):
+            def record(mod, inputs, _out, name=name):
+                shape = tuple(inputs[0].shape)
+                sizes[name] = shape[1:-1] if isinstance(mod, nn.Linear) else shape[2:]
+            hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return sizes
+
+
+def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
+    if isinstance(module, nn.Linear):
+        return LayerShape("linear", module.in_features, module.out_features, tuple(spatial))
+    padding = module.padding
+    if isinstance(padding, str):  # "same"/"valid": the explicit pads onnxruntime would use
+        padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
+    return LayerShape("conv", module.in_channels, module.out_channels, tuple(spatial), tuple(module.kernel_size),
+                      tuple(module.stride), tuple(padding) * 2, tuple(module.dilation), module.groups)
+
+
+class LatencyRanking:
+    """``Ranking``'s interface (``units``, ``plan(n)``) over the latency-aware move sequence."""
+
+    def __init__(self, groups: Sequence[Group], current: Mapping[str, Sequence[int]],
+                 scores: Mapping[str, torch.Tensor], latency: LatencyModel) -> None:
+        self.groups, self.current, self.latency = list(groups), current, latency
+        self.unit_scores: Dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            units = len(current[g.root]) // g.blocks
+            self.unit_scores[g.root] = scores[g.root].view(g.blocks, units).mean(0)
+        self.moves = self._greedy()
+
+    @property
+    def units(self) -> int:
+        return len(self.moves)
+
+    def _greedy(self) -> List[Tuple[int, int]]:
+        """(group index, units kept) steps, cheapest importance per millisecond first."""
+        latency = self.latency
+        keep = [len(self.current[g.root]) // g.blocks for g in self.groups]
+        ladders = [ladder(g, keep[i], latency.multiple, latency.narrowest) for i, g in enumerate(self.groups)]
+        ranked = [torch.sort(self.unit_scores[g.root], descending=True, stable=True).values.tolist()
+                  for g in self.groups]
+        moves: List[Tuple[int, int]] = []
+        while True:
+            removed = [g.size - keep[i] * g.blocks for i, g in enumerate(self.groups)]
+            best: Optional[Tuple[bool, float, int, int]] = None
+            for i, g in enumerate(self.groups):
+                for new in (u for u in ladders[i] if u < keep[i]):
+                    after = list(removed)
+                    after[i] = g.size - new * g.blocks
+                    saved = sum(latency.layer_ms(l, removed) - latency.layer_ms(l, after) for l in latency.touching[i])
+                    lost = sum(ranked[i][new:keep[i]]) * g.blocks
+                    key = (saved <= 1e-9, lost / saved if saved > 1e-9 else lost, i, -new)
+                    best = key if best is None or key < best else best
+            if best is None:
+                return moves
+            index, units = best[2], -best[3]
+            keep[index] = units
+            moves.append((index, units))
+
+    def plan(self, n: int) -> ChannelPlan:
+        """The plan after the first ``n`` moves; each group keeps its strongest units."""
+        keep = {g.root: len(self.current[g.root]) // g.blocks for g in self.groups}
+        for index, units in self.moves[:n]:
+            keep[self.groups[index].root] = units
+        new: ChannelPlan = {}
+        for g in self.groups:
+            kept_now = list(self.current[g.root])
+            units = len(kept_now) // g.blocks
+            strongest = torch.sort(self.unit_scores[g.root], descending=True, stable=True).indices[:keep[g.root]]
+            positions = sorted(int(p) for p in strongest)
+            new[g.root] = sorted(kept_now[b * units + p] for b in range(g.blocks) for p in positions)
+        return new
