@@ -90,6 +90,9 @@ class PruneConfig:
         "channels only: how a round decides how many channels each layer keeps: global (the lowest "
         "criterion scores anywhere) or latency (least importance lost per millisecond saved, from "
         "onnxruntime times of every layer measured on this machine, or --latency-table)"))
+    target_speedup: Optional[float] = field(default=None, metadata=_help(
+        "--allocate latency only: prune until the latency table predicts this speed-up over the dense "
+        "model (e.g. 1.8); replaces --target-sparsity and --target-macs"))
     latency_table: Optional[str] = field(default=None, metadata=_help(
         "--allocate latency only: a latency table JSON measured elsewhere (e.g. on the Pi with "
         "python3 -m compressor.latency_table) instead of measuring on this machine"))
@@ -113,6 +116,11 @@ class PruneConfig:
                 object.__setattr__(self, "min_channels", int(self.min_channels))
             except ValueError as error:
                 raise ConfigError(f"--min-channels must be an integer, got {self.min_channels!r}") from error
+        if isinstance(self.target_speedup, str):
+            try:
+                object.__setattr__(self, "target_speedup", float(self.target_speedup))
+            except ValueError as error:
+                raise ConfigError(f"--target-speedup must be a number > 1, got {self.target_speedup!r}") from error
         if isinstance(self.target_macs, str):  # the CLI hands optional numbers over as text
             try:
                 object.__setattr__(self, "target_macs", float(self.target_macs))
@@ -172,6 +180,13 @@ class PruneConfig:
             raise ConfigError(f"--allocate {self.allocate} needs --structure channels")
         if self.latency_table is not None and self.allocate != "latency":
             raise ConfigError("--latency-table needs --allocate latency")
+        if self.target_speedup is not None:
+            if self.allocate != "latency":
+                raise ConfigError("--target-speedup needs --allocate latency (the speed-up is predicted from its table)")
+            if self.target_macs is not None:
+                raise ConfigError("give --target-speedup or --target-macs, not both")
+            if not 1.0 < self.target_speedup <= 1000.0:
+                raise ConfigError(f"--target-speedup must be in (1, 1000], got {self.target_speedup}")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

@@ -197,16 +197,24 @@ def layer_onnx(shape: LayerShape) -> bytes:
     return model.SerializeToString()
 
 
+# The smallest layer there is: its time is onnxruntime's fixed cost of one run() call, which a layer
+# inside a whole network does not pay. Subtracted from every entry so that ratios of predicted
+# latencies (--target-speedup) are ratios of compute; differences (what the allocation uses) are unchanged.
+OVERHEAD_SHAPE = LayerShape("conv", 1, 1, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+FLOOR_MS = 1e-4  # entries stay positive: a layer never costs nothing
+
+
 def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, runs: int = 20) -> LatencyTable:
     """Time every distinct shape in onnxruntime at batch 1 with ``threads`` intra-op threads.
 
     Rounds are interleaved over all shapes (load on a shared machine hits them alike); a shape's
-    figure is the smallest of its per-round medians, the least disturbed estimate of its own cost.
+    figure is the smallest of its per-round medians, the least disturbed estimate of its own cost,
+    less the fixed cost of a call (``OVERHEAD_SHAPE``'s figure).
     """
     import numpy as np
     import onnxruntime as ort
 
-    unique = list({s.key(): s for s in shapes}.values())
+    unique = [OVERHEAD_SHAPE, *{s.key(): s for s in shapes}.values()]
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3
@@ -226,7 +234,8 @@ def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, run
                 times.append(time.perf_counter() - began)
             if round_:
                 medians[index].append(statistics.median(times))
-    ms = {shape.key(): 1000.0 * min(m) for shape, m in zip(unique, medians)}
+    overhead = 1000.0 * min(medians[0])
+    ms = {shape.key(): max(FLOOR_MS, 1000.0 * min(m) - overhead) for shape, m in zip(unique[1:], medians[1:])}
     return LatencyTable(ms, threads, f"{platform.machine()} {platform.processor() or platform.node()}, "
                                      f"onnxruntime {ort.__version__}".strip())
 

@@ -158,7 +158,8 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     """
     record = {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
     # --structure channels levels also carry the smaller network's size and each layer's width.
-    record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths") if key in final})
+    record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths", "predicted_speedup")
+                   if key in final})
     return record
 
 

@@ -127,6 +127,12 @@ def test_cli_bad_latency_table_is_one_line_exit_2_nothing_written(tmp_path: Path
     (["--structure", "channels", "--allocate", "knapsack"], "unknown --allocate"),
     (["--allocate", "latency"], "needs --structure channels"),
     (["--structure", "channels", "--latency-table", "t.json"], "--latency-table needs --allocate latency"),
+    (["--structure", "channels", "--target-speedup", "2"], "--target-speedup needs --allocate latency"),
+    (["--structure", "channels", "--allocate", "latency", "--target-speedup", "2", "--target-macs", "0.5"],
+     "not both"),
+    (["--structure", "channels", "--allocate", "latency", "--target-speedup", "0.5"], "must be in (1, 1000]"),
+    (["--structure", "channels", "--allocate", "latency", "--target-speedup", "fast"], "must be a number"),
+    (["--structure", "channels", "--allocate", "latency", "--target-speedup", "900"], "out of reach"),
 ])
 def test_bad_allocation_options_are_one_line(tmp_path: Path, args: list, needle: str) -> None:
     code, _, stderr = cli(["compress", "--model", "digits-cnn", "--epochs", "2", "--out", str(tmp_path / "r"), *args])
@@ -211,6 +217,17 @@ def test_a_resumed_run_plans_from_its_stored_table(tmp_path: Path) -> None:
     levels = ChannelLevels(model, input_shape_of(model), config, criterion_named(None, "channels"))
     levels.attach_table(tmp_path, is_writer=True)
     assert levels.latency.table.ms == stored.ms
+
+
+def test_target_speedup_prunes_until_the_table_predicts_it(tmp_path: Path) -> None:
+    _, _, latency = _model("digits-cnn")
+    table = _write(tmp_path / "table.json", _table(latency, _macs_like).to_json())
+    result = run_tiny(tmp_path / "run", model_name="digits-cnn", structure="channels", allocate="latency",
+                      latency_table=str(table), target_speedup=2.5, epochs=1, lr_drops=())
+    levels = result.metrics["methods"]["lr-rewind"]
+    assert levels[-1]["predicted_speedup"] >= 2.5 > levels[-2]["predicted_speedup"]
+    assert [lv["predicted_speedup"] for lv in levels] == sorted(lv["predicted_speedup"] for lv in levels)
+    assert (tmp_path / "run" / "latency_table.json").read_text() == table.read_text()
 
 
 LATENCY_ARGS = ["--model", "digits-cnn", "--structure", "channels", "--allocate", "latency", "--target-macs", "0.6",
