@@ -58,7 +58,8 @@ def ladder(g: Group, have_units: int, multiple: int, narrowest: int) -> List[int
 
 
 class _Layer:
-    """One Conv/Linear whose widths depend on groups: ``width = dense - sum(ratio * removed_g)``."""
+    """One Conv/Linear and how its widths follow the groups: ``width = dense - sum(ratio * removed_g)``
+    (no ratios: a layer no group touches, e.g. an ``--exclude``d one, counted at its dense shape)."""
 
     def __init__(self, name: str, dense: LayerShape, depthwise: bool) -> None:
         self.name, self.dense, self.depthwise = name, dense, depthwise
@@ -66,13 +67,17 @@ class _Layer:
         self.outputs: Dict[int, float] = {}
 
     def shape(self, removed: Sequence[int]) -> LayerShape:
+        """The layer's shape with ``removed[i]`` channels gone from group ``i``."""
         cin = self.dense.cin - round(sum(r * removed[i] for i, r in self.inputs.items()))
         cout = self.dense.cout - round(sum(r * removed[i] for i, r in self.outputs.items()))
+        return self.at(cin, cout)
+
+    def at(self, cin: int, cout: int) -> LayerShape:
+        d = self.dense
         if self.depthwise:  # one filter per channel: inputs, outputs and groups shrink together
             cin = cout
-        groups = cout if self.depthwise else self.dense.groups
-        return LayerShape(self.dense.op, cin, cout, self.dense.spatial, self.dense.kernel, self.dense.stride,
-                          self.dense.padding, self.dense.dilation, groups)
+        return LayerShape(d.op, cin, cout, d.spatial, d.kernel, d.stride, d.padding, d.dilation,
+                          cout if self.depthwise else d.groups)
 
 
 class LatencyModel:
@@ -100,7 +105,7 @@ class LatencyModel:
                                   f"width combinations to measure; raise --channel-multiple")
             for cut_in in ins:
                 for cut_out in outs:
-                    shape = _shape_for(layer, layer.dense.cin - cut_in, layer.dense.cout - cut_out)
+                    shape = layer.at(layer.dense.cin - cut_in, layer.dense.cout - cut_out)
                     shapes.setdefault(shape.key(), shape)
             if len(shapes) > MAX_SHAPES:
                 raise ConfigError(f"--allocate latency: more than {MAX_SHAPES} layer shapes to measure; "
@@ -121,17 +126,10 @@ class LatencyModel:
         return self.table.ms[layer.shape(removed).key()]
 
     def predict(self, widths: Mapping[str, int]) -> float:
-        """Milliseconds of the group-dependent layers with each group at ``widths[root]`` channels."""
+        """Milliseconds of the Conv/Linear layers with each group at ``widths[root]`` channels (the
+        rest of the graph, BatchNorm folded into convs, activations, adds, is not counted)."""
         removed = [g.size - widths[g.root] for g in self.groups]
         return sum(self.layer_ms(layer, removed) for layer in self.layers)
-
-
-def _shape_for(layer: _Layer, cin: int, cout: int) -> LayerShape:
-    d = layer.dense
-    if layer.depthwise:
-        cin = cout
-    return LayerShape(d.op, cin, cout, d.spatial, d.kernel, d.stride, d.padding, d.dilation,
-                      cout if layer.depthwise else d.groups)
 
 
 def _removals(ratios: Mapping[int, float], ladders: Sequence[Sequence[int]], groups: Sequence[Group]) -> Set[int]:
@@ -144,7 +142,7 @@ def _removals(ratios: Mapping[int, float], ladders: Sequence[Sequence[int]], gro
 
 
 def _layers(template: nn.Module, example: torch.Tensor, groups: Sequence[Group]) -> List[_Layer]:
-    """The template's Conv/Linear layers whose widths depend on some group, with their dense shapes."""
+    """The template's Conv/Linear layers on the forward path, with their dense shapes and ratios."""
     graph = trace(template, example)
     modules = dict(template.named_modules())
     spatial = _input_sizes(template, example)
@@ -158,6 +156,9 @@ def _layers(template: nn.Module, example: torch.Tensor, groups: Sequence[Group])
             layer = layers.setdefault(name, _Layer(name, _dense_shape(module, spatial[name]), _is_depthwise(module)))
             side = layer.outputs if graph.is_out_channel_pruning_fn(item.dep.handler) else layer.inputs
             side[index] = side.get(index, 0.0) + len(item.idxs) / g.size
+    for name, module in modules.items():  # the layers no group touches cost the same in every plan
+        if isinstance(module, PRUNABLE) and name in spatial and name not in layers:
+            layers[name] = _Layer(name, _dense_shape(module, spatial[name]), False)
     return [layers[n] for n in modules if n in layers]
 
 

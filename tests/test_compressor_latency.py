@@ -258,3 +258,26 @@ def test_sigkilled_latency_run_resumes_to_the_same_result() -> None:
             assert all(torch.equal(fa["model"][k], fb["model"][k]) for k in fa["model"]), (method, entry["level"])
             assert all(torch.equal(fa["channels"][k], fb["channels"][k]) for k in fa["channels"])
     assert len(a["methods"]["weight-rewind"]) >= 3
+
+
+def test_predicted_layer_shapes_match_the_shrunk_model(tmp_path: Path) -> None:
+    """The width map (concat, depthwise, grouped conv, Linear after flatten) says exactly what each
+    layer of the really shrunk network looks like, for every plan along a latency ranking."""
+    from compressor.channel_allocation import _dense_shape, _input_sizes
+    from compressor.channels import copy_model, shrink
+    from tests.test_compressor_structured import USER_MODEL, _load, user_model
+
+    model = _load(user_model(tmp_path, USER_MODEL))
+    example = example_input(model.input_shape)
+    groups = find_groups(model, example)
+    latency = LatencyModel(model, example, groups, 8)
+    latency.use(_table(latency, _macs_like), "made up")
+    ranking = LatencyRanking(groups, full_plan(groups), _random_scores(groups), latency)
+    assert ranking.units >= 2
+    for n in range(ranking.units + 1):
+        plan = ranking.plan(n)
+        small = shrink(copy_model(model), full_plan(groups), plan, example)
+        modules, sizes = dict(small.named_modules()), _input_sizes(small, example)
+        removed = [g.size - len(plan[g.root]) for g in groups]
+        for layer in latency.layers:
+            assert layer.shape(removed) == _dense_shape(modules[layer.name], sizes[layer.name]), (n, layer.name)
