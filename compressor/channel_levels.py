@@ -25,7 +25,7 @@ from torch import nn
 from compressor import checkpoints
 from compressor.channels import (ChannelPlan, Ranking, channel_count, copy_model, example_input, find_groups,
                                  full_plan, group_scores, params_and_macs, shrink, smallest, widths)
-from compressor.channel_allocation import LatencyModel, LatencyRanking
+from compressor.channel_allocation import LatencyModel, LatencyRanking, TableRounding
 from compressor.config import PruneConfig
 from compressor.criteria import ChannelCriterion
 from compressor.errors import ConfigError, StructureError
@@ -54,7 +54,7 @@ class ChannelLevels:
         self.metric, self.target = _target(config)
         self._cache: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], float] = {}
         self.latency: Optional[LatencyModel] = None
-        if config.allocate == "latency":
+        if config.allocate != "global":
             self.latency = LatencyModel(self.template, self.example, self.groups, *self._rounding)
             self.latency.shapes_needed()  # a multiple too fine for this model is refused now
             # Read (or measured: about a second) before RUN_DIR is touched, so a bad table or an
@@ -122,8 +122,7 @@ class ChannelLevels:
     def next_plan(self, model: nn.Module, current: ChannelPlan) -> Tuple[ChannelPlan, bool]:
         """The next level's plan from ``model`` (the previous level, trained) and whether it is the last."""
         scores = group_scores(model, self.groups, current, self.criterion, self.example)
-        ranking = Ranking(self.groups, current, scores, *self._rounding) if self.latency is None \
-            else LatencyRanking(self.groups, current, scores, self.latency)
+        ranking = self._ranking(current, scores)
         if not self.config.one_shot:
             have = channel_count(current)
             want = max(1, round(self.config.prune_fraction * have))
@@ -138,6 +137,14 @@ class ChannelLevels:
             raise StructureError(self._unreachable())
         return ranking.plan(n), True
 
+    def _ranking(self, current: ChannelPlan, scores: Mapping[str, torch.Tensor]):
+        """The ``--allocate`` choice's ranking of ``current``'s channels (``units``, ``plan(n)``)."""
+        if self.config.allocate == "latency":
+            return LatencyRanking(self.groups, current, scores, self.latency)
+        if self.config.allocate == "global-table":
+            return TableRounding(self.groups, current, scores, self.latency)
+        return Ranking(self.groups, current, scores, *self._rounding)
+
     def describe(self, model: nn.Module) -> Dict[str, Any]:
         """final.pt's structured figures: params, MACs, their fractions removed, per-layer widths."""
         params, macs = params_and_macs(model, self.example)
@@ -151,13 +158,13 @@ class ChannelLevels:
     def _check_reachable(self) -> None:
         """Refuse, before anything is trained, a target that even the narrowest network misses."""
         uniform = {g.root: torch.zeros(g.size) for g in self.groups}
-        narrowest = Ranking(self.groups, self.dense_plan(), uniform, *self._rounding)
+        narrowest = self._ranking(self.dense_plan(), uniform)
         if self.removed(narrowest.plan(narrowest.units)) < self.target:
             raise ConfigError(self._unreachable())
 
     def _unreachable(self) -> str:
         uniform = {g.root: torch.zeros(g.size) for g in self.groups}
-        narrowest = Ranking(self.groups, self.dense_plan(), uniform, *self._rounding)
+        narrowest = self._ranking(self.dense_plan(), uniform)
         most = self.removed(narrowest.plan(narrowest.units))
         floor = self.config.min_channels or self.config.channel_multiple
         if self.metric == "speedup":

@@ -22,7 +22,7 @@ MODEL_NAMES = ("digits-mlp", "digits-wide-mlp", "digits-cnn", "resnet20", "resne
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
 STRUCTURES = ("weights", "channels")
-ALLOCATIONS = ("global", "latency")  # compressor.channel_allocation implements them
+ALLOCATIONS = ("global", "latency", "global-table")  # compressor.channel_allocation implements them
 LOSS_NAMES = ("cross-entropy", "mse", "l1")  # compressor.batches.LOSSES implements them
 
 
@@ -88,13 +88,15 @@ class PruneConfig:
         "default: magnitude for weights, l1-norm for channels"))
     allocate: str = field(default="global", metadata=_help(
         "channels only: how a round decides how many channels each layer keeps: global (the lowest "
-        "criterion scores anywhere) or latency (least importance lost per millisecond saved, from "
-        "onnxruntime times of every layer measured on this machine, or --latency-table)"))
+        "criterion scores anywhere), latency (least importance lost per millisecond saved) or "
+        "global-table (global, each width rounded to the nearest one that is faster than the next "
+        "wider); the last two use onnxruntime times of every layer shape, measured on this machine "
+        "or read from --latency-table"))
     target_speedup: Optional[float] = field(default=None, metadata=_help(
-        "--allocate latency only: prune until the latency table predicts this speed-up over the dense "
+        "--allocate latency/global-table only: prune until the latency table predicts this speed-up over the dense "
         "model (e.g. 1.8); replaces --target-sparsity and --target-macs"))
     latency_table: Optional[str] = field(default=None, metadata=_help(
-        "--allocate latency only: a latency table JSON measured elsewhere (e.g. on the Pi with "
+        "--allocate latency/global-table only: a latency table JSON measured elsewhere (e.g. on the Pi with "
         "python3 -m compressor.latency_table) instead of measuring on this machine"))
 
     def __post_init__(self) -> None:
@@ -178,11 +180,12 @@ class PruneConfig:
             raise ConfigError(f"unknown --allocate {self.allocate!r}; choose from {', '.join(ALLOCATIONS)}")
         if self.allocate != "global" and self.structure != "channels":
             raise ConfigError(f"--allocate {self.allocate} needs --structure channels")
-        if self.latency_table is not None and self.allocate != "latency":
-            raise ConfigError("--latency-table needs --allocate latency")
+        if self.latency_table is not None and self.allocate == "global":
+            raise ConfigError("--latency-table needs --allocate latency or global-table")
         if self.target_speedup is not None:
-            if self.allocate != "latency":
-                raise ConfigError("--target-speedup needs --allocate latency (the speed-up is predicted from its table)")
+            if self.allocate == "global":
+                raise ConfigError("--target-speedup needs --allocate latency or global-table (the speed-up is "
+                                  "predicted from the latency table)")
             if self.target_macs is not None:
                 raise ConfigError("give --target-speedup or --target-macs, not both")
             if not 1.0 < self.target_speedup <= 1000.0:

@@ -5,6 +5,7 @@ channels go, and a run that uses one resumes after SIGKILL to the same result.""
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -179,6 +180,32 @@ def test_every_latency_plan_keeps_allowed_widths_and_every_layer(multiple: int, 
             assert set(plan[g.root]) <= set(previous[g.root])  # later moves only remove
         previous = plan
     assert all(len(previous[g.root]) == (min_channels or multiple) for g in groups)  # it ends at the floor
+
+
+def _blocks_of_16(shape: LayerShape) -> float:
+    """A CPU that computes 16 channels at a time: 8 or 24 channels cost as much as 16 or 32."""
+    area = 1
+    for d in shape.spatial:
+        area *= d
+    return 1e-5 * math.ceil(shape.cin / 16) * math.ceil(shape.cout / 16) * area + 1e-3
+
+
+def test_global_table_rounds_to_the_widths_the_table_finds_faster() -> None:
+    from compressor.channel_allocation import TableRounding
+
+    _, groups, latency = _model("resnet20")
+    latency.use(_table(latency, _blocks_of_16), "made up")
+    scores = _random_scores(groups)
+    rounded = TableRounding(groups, full_plan(groups), scores, latency)
+    plain = Ranking(groups, full_plan(groups), scores, 8)
+    assert rounded.units == plain.units  # the same global order: only the rounding differs
+    for n in range(0, rounded.units + 1, 7):
+        plan = rounded.plan(n)
+        assert all(len(plan[g.root]) % 16 == 0 and len(plan[g.root]) >= 16 for g in groups), n
+    # Under a table where every channel counts, it is the plain multiple-of-8 rounding again.
+    latency.use(_table(latency, _macs_like), "made up")
+    exact = TableRounding(groups, full_plan(groups), scores, latency)
+    assert all(exact.plan(n) == plain.plan(n) for n in range(0, plain.units + 1, 7))
 
 
 def test_a_table_steers_channels_away_from_slow_layers() -> None:

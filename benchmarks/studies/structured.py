@@ -80,7 +80,7 @@ def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path, min
     for allocate, kind, target in runs:
         torch.manual_seed(0)
         model = build_model(model_name)
-        extra = {"latency_table": str(table)} if allocate == "latency" and table else {}
+        extra = {"latency_table": str(table)} if allocate != "global" and table else {}
         config = config_for(model_name, allocate=allocate, **{kind: target}, **extra, **base)
         out = scratch / f"{model_name}-{kind}{target}-{multiple}-{min_channels}-{allocate}"
         try:
@@ -312,7 +312,7 @@ def main(argv: List[str] | None = None) -> int:
             for model_name in [m for m in args.models.split(",") if m]:
                 allocations = [a for a in args.allocate.split(",") if a]
                 table = shared_table(model_name, args.channel_multiple, args.min_channels, Path(scratch)) \
-                    if "latency" in allocations else None
+                    if set(allocations) - {"global"} else None
                 levels = prune_levels(model_name, args.epochs, args.channel_multiple, Path(scratch), args.min_channels,
                                       allocations, table, [float(x) for x in args.speedups.split(",") if x])
                 results["models"][model_name] = latency_table(model_name, levels, args.rounds, args.runs)
