@@ -246,10 +246,11 @@ def test_a_resumed_run_plans_from_its_stored_table(tmp_path: Path) -> None:
     assert levels.latency.table.ms == stored.ms
 
 
-def test_target_speedup_prunes_until_the_table_predicts_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("allocate", ["latency", "global-table"])
+def test_target_speedup_prunes_until_the_table_predicts_it(tmp_path: Path, allocate: str) -> None:
     _, _, latency = _model("digits-cnn")
     table = _write(tmp_path / "table.json", _table(latency, _macs_like).to_json())
-    result = run_tiny(tmp_path / "run", model_name="digits-cnn", structure="channels", allocate="latency",
+    result = run_tiny(tmp_path / "run", model_name="digits-cnn", structure="channels", allocate=allocate,
                       latency_table=str(table), target_speedup=2.5, epochs=1, lr_drops=())
     levels = result.metrics["methods"]["lr-rewind"]
     assert levels[-1]["predicted_speedup"] >= 2.5 > levels[-2]["predicted_speedup"]

@@ -3,11 +3,13 @@
     python3 benchmarks/studies/structured.py                       # latency table: resnet20 and digits-cnn
     python3 benchmarks/studies/structured.py --compare-methods     # + LRR vs FT on digits-cnn, 3 seeds
     python3 benchmarks/studies/structured.py --json out.json --rounds 9 --epochs 3
+    python3 benchmarks/studies/structured.py --speedups 1.8,3 --search-widths 0.7   # + speed-up targets, width search
 
 Latency: each model is trained briefly (``--epochs``, dense then one retraining per level) on the
 scikit-learn digits — resnet20 sees them upsampled to 3×32×32 (accuracy is only a sanity figure;
 latency does not depend on it) — then pruned with ``--structure channels`` to 30/50/70% of its MACs
-removed (one-shot from the shared dense network, so each level prunes the same weights), exported
+removed with each ``--allocate`` choice (one-shot from the shared dense network, so each level
+prunes the same weights; the latency-table allocations share one table measured at the start), exported
 to ONNX, and timed in onnxruntime at batch 1 with 1 and 2 intra-op threads, at the model's input
 size and a larger one. Every configuration times the dense model and the pruned levels in the same
 process, interleaved round by round (so load on this shared machine hits them alike); the figure is
@@ -283,7 +285,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--channel-multiple", type=int, default=8)
     parser.add_argument("--min-channels", type=int, default=None,
                         help="narrowest width (default: the multiple); e.g. 16 and 8 keep widths 8, 16, 32, 48, ...")
-    parser.add_argument("--allocate", default="global,latency",
+    parser.add_argument("--allocate", default="global,global-table,latency",
                         help="comma separated --allocate choices, timed together (default: %(default)s)")
     parser.add_argument("--speedups", default="",
                         help="comma separated --target-speedup values the latency allocation also prunes to, e.g. 1.8,3")
