@@ -10,7 +10,8 @@ A run stores the table it used as ``RUN_DIR/latency_table.json`` (so ``--resume`
 and ``--latency-table FILE`` reads one measured elsewhere, e.g. on the Raspberry Pi::
 
     python3 -m compressor.latency_table --model resnet20 --shapes-out shapes.json   # dev machine (torch)
-    python3 -m compressor.latency_table --shapes shapes.json --out table.json        # the device
+    scp compressor/latency_table.py shapes.json pi:                                   # the file runs alone
+    ssh pi python3 latency_table.py --shapes shapes.json --out table.json             # the device
     edgeprune compress --model resnet20 --structure channels --allocate latency --latency-table table.json ...
 
 This module imports neither torch nor compressor's training code: measuring needs numpy, onnx and
@@ -31,7 +32,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from compressor.errors import CompressorError, ConfigError
+try:
+    from compressor.errors import CompressorError, ConfigError
+except ImportError:  # copied alone to a device (scp latency_table.py pi:): measuring needs nothing else
+    class CompressorError(Exception):  # type: ignore[no-redef]
+        """Stand-in for compressor.errors.CompressorError outside the package."""
+
+    class ConfigError(CompressorError):  # type: ignore[no-redef]
+        """Stand-in for compressor.errors.ConfigError outside the package."""
 
 FORMAT = "edgeprune-latency-table"
 VERSION = 1

@@ -154,7 +154,13 @@ def test_table_tool_lists_shapes_then_measures_them_without_the_model(tmp_path: 
     run = dict(cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     listed = subprocess.run([*tool, "--model", "digits-cnn", "--shapes-out", str(shapes)], **run)
     assert listed.returncode == 0, listed.stderr
-    measured = subprocess.run([*tool, "--shapes", str(shapes), "--out", str(table)], **run)
+    alone = tmp_path / "device"  # the file copied alone, as to a Pi: no compressor package, no torch
+    alone.mkdir()
+    (alone / "latency_table.py").write_bytes((REPO / "compressor" / "latency_table.py").read_bytes())
+    device = ("import runpy, sys; sys.modules['compressor'] = sys.modules['torch'] = None; "
+              "runpy.run_path('latency_table.py', run_name='__main__')")
+    measured = subprocess.run([sys.executable, "-I", "-c", device, "--shapes", str(shapes), "--out", str(table)],
+                              **{**run, "cwd": alone})
     assert measured.returncode == 0, measured.stderr
     _, _, latency = _model("digits-cnn")
     latency.use(read_table(table), str(table))  # covers every shape compress will ask about
