@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 try:
     from compressor.errors import CompressorError, ConfigError
@@ -181,7 +181,6 @@ def _read_json(path: Path, what: str) -> Any:
 def layer_onnx(shape: LayerShape) -> bytes:
     """A one-node ONNX model of ``shape`` with random weights (Conv, or MatMul+Add for Linear)."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
