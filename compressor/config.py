@@ -22,6 +22,7 @@ MODEL_NAMES = ("digits-mlp", "digits-wide-mlp", "digits-cnn", "resnet20", "resne
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
 STRUCTURES = ("weights", "channels")
+ALLOCATIONS = ("global", "latency", "global-table")  # compressor.channel_allocation implements them
 LOSS_NAMES = ("cross-entropy", "mse", "l1")  # compressor.batches.LOSSES implements them
 
 
@@ -85,6 +86,18 @@ class PruneConfig:
     criterion: Optional[str] = field(default=None, metadata=_help(
         "how a round ranks what it removes: magnitude (weights), l1-norm or bn-scale (channels); "
         "default: magnitude for weights, l1-norm for channels"))
+    allocate: str = field(default="global", metadata=_help(
+        "channels only: how a round decides how many channels each layer keeps: global (the lowest "
+        "criterion scores anywhere), latency (least importance lost per millisecond saved) or "
+        "global-table (global, each width rounded to the nearest one that is faster than the next "
+        "wider); the last two use onnxruntime times of every layer shape, measured on this machine "
+        "or read from --latency-table"))
+    target_speedup: Optional[float] = field(default=None, metadata=_help(
+        "--allocate latency/global-table only: prune until the latency table predicts this speed-up over the dense "
+        "model (e.g. 1.8); replaces --target-sparsity and --target-macs"))
+    latency_table: Optional[str] = field(default=None, metadata=_help(
+        "--allocate latency/global-table only: a latency table JSON measured elsewhere (e.g. on the Pi with "
+        "python3 -m compressor.latency_table) instead of measuring on this machine"))
 
     def __post_init__(self) -> None:
         # Lists from JSON or the API become tuples, so equal configs compare equal.
@@ -105,6 +118,11 @@ class PruneConfig:
                 object.__setattr__(self, "min_channels", int(self.min_channels))
             except ValueError as error:
                 raise ConfigError(f"--min-channels must be an integer, got {self.min_channels!r}") from error
+        if isinstance(self.target_speedup, str):
+            try:
+                object.__setattr__(self, "target_speedup", float(self.target_speedup))
+            except ValueError as error:
+                raise ConfigError(f"--target-speedup must be a number > 1, got {self.target_speedup!r}") from error
         if isinstance(self.target_macs, str):  # the CLI hands optional numbers over as text
             try:
                 object.__setattr__(self, "target_macs", float(self.target_macs))
@@ -158,6 +176,20 @@ class PruneConfig:
             raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
         if self.channel_multiple < 1:
             raise ConfigError(f"--channel-multiple must be at least 1, got {self.channel_multiple}")
+        if self.allocate not in ALLOCATIONS:
+            raise ConfigError(f"unknown --allocate {self.allocate!r}; choose from {', '.join(ALLOCATIONS)}")
+        if self.allocate != "global" and self.structure != "channels":
+            raise ConfigError(f"--allocate {self.allocate} needs --structure channels")
+        if self.latency_table is not None and self.allocate == "global":
+            raise ConfigError("--latency-table needs --allocate latency or global-table")
+        if self.target_speedup is not None:
+            if self.allocate == "global":
+                raise ConfigError("--target-speedup needs --allocate latency or global-table (the speed-up is "
+                                  "predicted from the latency table)")
+            if self.target_macs is not None:
+                raise ConfigError("give --target-speedup or --target-macs, not both")
+            if not 1.0 < self.target_speedup <= 1000.0:
+                raise ConfigError(f"--target-speedup must be in (1, 1000], got {self.target_speedup}")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

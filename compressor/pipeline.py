@@ -129,6 +129,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         root = Path(out) if out is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         run = RunDir(root, writer=ranks.is_main)
         _prepare(run, record, resume, ranks)
+        if channels:
+            channels.attach_table(run.root, ranks.is_main, ranks.barrier)
         stack.enter_context(_deterministic(torch_device))
         progress = progress and ranks.is_main
         job = _Job(run, model, {} if channels else params, ranks.shard(train_loader, train=True),

@@ -40,7 +40,7 @@ REWIND = "rewind.pt"
 DENSE = "dense"
 # The temporary files of checkpoints.atomic_* (".NAME.RANDOM.tmp"): a killed run leaves them behind.
 _STALE_TEMP = re.compile(r"\.(checkpoint\.pt|final\.pt|rewind\.pt|config\.json|metrics\.json|report\.md"
-                         r"|sparsity_accuracy\.png)\.[A-Za-z0-9_]+\.tmp")
+                         r"|sparsity_accuracy\.png|latency_table\.json)\.[A-Za-z0-9_]+\.tmp")
 log = logging.getLogger("compressor")
 
 
@@ -158,7 +158,8 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     """
     record = {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
     # --structure channels levels also carry the smaller network's size and each layer's width.
-    record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths") if key in final})
+    record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths", "predicted_speedup")
+                   if key in final})
     return record
 
 
