@@ -103,18 +103,34 @@ def _store(name: str, array: np.ndarray, info: Dict[str, Any], values: str,
     entry: Dict[str, Any] = {"shape": list(array.shape), "onnx": "fed" if fed else "inline"}
     if not fed:
         return {**entry, "storage": "dense", "dtype": str(array.dtype)}, {name: array}
-    from compressor.onnx_sparse import encode_csr, sparse_is_smaller
-
     stored = quantized.values if quantized else array.astype(values) if weight else array
-    csr = weight and stored.ndim >= 2 and sparse_is_smaller(stored, stored.dtype, onnx_indices=False)
-    members = encode_csr(stored, stored.dtype).arrays(name) if csr else {name: stored}
-    entry.update(storage="csr" if csr else "dense", dtype=str(stored.dtype))
+    form, members = _smallest(name, stored) if weight and stored.ndim >= 2 else ("dense", {name: stored})
+    entry.update(storage="dense" if form == "dense" else "csr", dtype=str(stored.dtype))
+    if form == "delta":
+        entry["indices"] = "delta"
     if quantized:
         members[f"{name}.scale"] = quantized.scale
         entry["scale"] = f"{name}.scale"
         if quantized.per_row:
             entry["axis"] = 0
     return entry, members
+
+
+def _wide(weight: np.ndarray) -> bool:
+    """More columns than a uint8 column index reaches: only then can gaps (delta indices) be smaller."""
+    return weight.size // max(weight.shape[0], 1) > 256
+
+
+def _smallest(name: str, weight: np.ndarray) -> Tuple[str, Dict[str, np.ndarray]]:
+    """``(form, weights.npz members)`` of the smallest storage for ``weight``: ``dense``, ``csr`` (column
+    indices) or, for a wide matrix, ``delta`` (CSR with uint8 gaps, onnx_sparse.encode_delta_csr)."""
+    from compressor.onnx_sparse import csr_bytes, encode_csr, encode_delta_csr
+
+    options = [("dense", {name: weight}), ("csr", encode_csr(weight, weight.dtype).arrays(name))]
+    if _wide(weight):
+        delta = encode_delta_csr(weight, weight.dtype)
+        options.append(("delta", {f"{name}.{key}": array for key, array in delta.items()}))
+    return min(options, key=lambda option: csr_bytes(option[1]))  # a tie keeps the simpler form
 
 
 def _placeholder(name: str, data_type: int, dims: List[int]) -> Any:

@@ -76,3 +76,37 @@ def sparse_is_smaller(weight: np.ndarray, values_dtype: np.dtype, onnx_indices: 
     per_nonzero = np.dtype(values_dtype).itemsize + index_dtype(cols).itemsize + (8 if onnx_indices else 0)
     sparse_bytes = nnz * per_nonzero + (rows + 1) * 4
     return sparse_bytes < weight.size * np.dtype(values_dtype).itemsize
+
+
+DELTA_STEP = 255  # the largest gap one uint8 delta spans; a longer gap gets explicit zeros every 255 columns
+
+
+def encode_delta_csr(weight: np.ndarray, values_dtype: np.dtype) -> Dict[str, np.ndarray]:
+    """CSR whose column indices are uint8 *gaps* (format 3, ``"indices": "delta"``): in each row the
+    first is the column itself, then the distance from the previous entry. A gap over 255 is bridged by
+    explicit zeros 255 columns apart, so every gap fits one byte: for a conv weight ``[out, in*9]``
+    (usually over 256 columns) this halves the index bytes for a few explicit zeros.
+
+    Returns the weights.npz members ``{NAME.data, NAME.indices, NAME.indptr}`` keyed without NAME
+    (``"data"``, ``"indices"``, ``"indptr"``)."""
+    base = encode_csr(weight, values_dtype)
+    rows = np.repeat(np.arange(base.indptr.size - 1), np.diff(base.indptr))
+    cols = base.indices.astype(np.int64)
+    first = np.ones(cols.size, bool)
+    first[1:] = rows[1:] != rows[:-1]
+    gaps = np.where(first, cols, cols - np.concatenate([[0], cols[:-1]]))
+    pads = np.maximum(0, (gaps - 1) // DELTA_STEP)  # explicit zeros this entry needs before it
+    counts = pads + 1
+    last = np.cumsum(counts) - 1  # where each real entry lands
+    deltas = np.full(int(counts.sum()), DELTA_STEP, np.int64)
+    deltas[last] = gaps - DELTA_STEP * pads
+    data = np.zeros(deltas.size, base.data.dtype)
+    data[last] = base.data
+    per_row = np.bincount(np.repeat(rows, counts), minlength=base.indptr.size - 1)
+    indptr = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    return {"data": data, "indices": deltas.astype(np.uint8), "indptr": indptr}
+
+
+def csr_bytes(members: Dict[str, np.ndarray]) -> int:
+    """The bytes of a CSR encoding's arrays (what weights.npz stores for it)."""
+    return sum(array.nbytes for array in members.values())

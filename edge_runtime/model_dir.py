@@ -63,6 +63,28 @@ def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
     return (data if int8 else data.astype(np.float32)), indices.astype(np.int32), pointers.astype(np.int32)
 
 
+def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np.ndarray:
+    """Column indices from format 3's uint8 gaps (``"indices": "delta"``: per row, the first entry's
+    column, then the distance from the previous entry), after the arrays' structure was checked: each
+    gap after a row's first at least 1 (columns strictly increase, so no duplicate) and every column
+    in ``[0, cols)``. Returns int32."""
+    if deltas.dtype != np.uint8:
+        raise ModelDirError(f"{where}: invalid CSR arrays (delta indices must be uint8, not {deltas.dtype})")
+    gaps = deltas.astype(np.int64)
+    counts = np.diff(indptr.astype(np.int64))
+    starts = indptr[:-1].astype(np.int64)
+    first = np.zeros(gaps.size, bool)
+    first[starts[counts > 0]] = True
+    if np.any(gaps[~first] < 1):
+        raise ModelDirError(f"{where}: invalid CSR arrays (a delta of 0 repeats a column)")
+    total = np.cumsum(gaps)
+    before = np.where(starts > 0, total[np.maximum(starts - 1, 0)] if total.size else 0, 0)
+    indices = total - np.repeat(before, counts)
+    if indices.size and int(indices.max()) >= cols:
+        raise ModelDirError(f"{where}: invalid CSR arrays (a column index is outside [0, {cols}))")
+    return indices.astype(np.int32)
+
+
 class Weights:
     """The tensors of weights.npz, decoded on demand into dense arrays or CSR matrices."""
 
@@ -97,8 +119,14 @@ class Weights:
 
     def _stored_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, cols = self.matrix_shape(name)
-        return check_csr(f"{self.path}: {name!r}", self._member(f"{name}.data"), self._member(f"{name}.indices"),
-                         self._member(f"{name}.indptr"), rows, cols, int8=self.is_int8(name))
+        where = f"{self.path}: {name!r}"
+        indices = self._member(f"{name}.indices")
+        if self.info(name).get("indices") == "delta":
+            data, _, indptr = check_csr(where, self._member(f"{name}.data"), indices, self._member(f"{name}.indptr"),
+                                        rows, max(cols, 256), int8=self.is_int8(name))  # structure; then the gaps
+            return data, undelta(where, indices, indptr, cols), indptr
+        return check_csr(where, self._member(f"{name}.data"), indices, self._member(f"{name}.indptr"), rows, cols,
+                         int8=self.is_int8(name))
 
     def scale(self, name: str) -> np.ndarray:
         """An int8 tensor's scales as float32 ``[rows, 1]`` (axis 0: one per row) or ``[1, 1]`` (one)."""

@@ -284,6 +284,9 @@ def _check_tensors(tensors: Any, where: str, version: int) -> None:
         if place not in places or (info["storage"] == "csr" and place == "inline"):
             raise _fail(where, f"tensor {name!r} must be {' or '.join(places)} in model.onnx "
                                "(a CSR tensor never inline)")
+        if "indices" in info and not (version >= FORMAT_VERSION_COMPACT and info["storage"] == "csr"
+                                      and info["indices"] == "delta"):
+            raise _fail(where, f"tensor {name!r}: indices may only be \"delta\", for a CSR tensor of format 3")
         _check_quantized(name, info, where, version)
         total += _elements(info["shape"]) * max(4, 8 if info["dtype"].endswith("64") else 4)
     if total > max_model_bytes():

@@ -190,6 +190,37 @@ def test_malformed_compact_manifests_are_one_line(tmp_path: Path, change, needle
     assert_one_line_error(cli("check", str(folder), "--kernels", kernels), needle)
 
 
+def _gaps(folder: Path):
+    manifest = manifest_of(folder)
+    name = next(n for n, info in manifest["tensors"].items() if info.get("indices") == "delta")
+    return name
+
+
+@pytest.mark.parametrize("attack, needle", [
+    (lambda a, n: a[f"{n}.indices"].__setitem__(1, 0), "repeats a column"),       # a duplicate column
+    (lambda a, n: a[f"{n}.indices"].__setitem__(slice(None), 255), "outside"),    # runs past the last column
+    (lambda a, n: a.__setitem__(f"{n}.indices", a[f"{n}.indices"].astype(np.uint16)), "uint8"),
+], ids=["zero-gap", "past-the-end", "not-uint8"])
+def test_tampered_uint8_gaps_are_refused(tmp_path: Path, attack, needle: str) -> None:
+    folder = copy_model_dir("digits-cnn-int8-compact", tmp_path)
+    name = _gaps(folder)
+    rewrite_arrays(folder, lambda arrays: attack(arrays, name))
+    for kernels in ("sparse", "ort", "ort-int8"):
+        assert_one_line_error(cli("check", str(folder), "--kernels", kernels), needle)
+
+
+def test_wide_weights_store_uint8_gaps_and_every_engine_agrees() -> None:
+    for name in ("resnet20-compact", "digits-cnn-int8-compact"):
+        folder = model_dir(name)
+        gapped = [n for n, info in manifest_of(folder)["tensors"].items() if info.get("indices") == "delta"]
+        assert gapped, name
+        with np.load(folder / "weights.npz") as npz:
+            assert all(npz[f"{n}.indices"].dtype == np.uint8 for n in gapped)
+        x = example_input(name)
+        outputs = [InferenceSession(folder, kernels=k, threads=1).run(None, {"input": x})[0] for k in ("ort", "sparse")]
+        np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-4)
+
+
 def test_a_placeholder_cannot_point_onnxruntime_at_another_file(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     folder = copy_model_dir("digits-mlp-compact", tmp_path)
