@@ -11,11 +11,11 @@ and ``--latency-table FILE`` reads one measured elsewhere, e.g. on the Raspberry
 
     python3 -m compressor.latency_table --model resnet20 --shapes-out shapes.json   # dev machine (torch)
     scp compressor/latency_table.py shapes.json pi:                                   # the file runs alone
-    ssh pi python3 latency_table.py --shapes shapes.json --out table.json             # the device
+    ssh pi ~/.edgeprune/venv/bin/python latency_table.py --shapes shapes.json --out table.json  # numpy + onnxruntime
     edgeprune compress --model resnet20 --structure channels --allocate latency --latency-table table.json ...
 
-This module imports neither torch nor compressor's training code: measuring needs numpy, onnx and
-onnxruntime only. A table is untrusted input: every field is checked, and any fault is one
+This module imports neither torch nor compressor's training code: measuring needs numpy and
+onnxruntime only (it writes its one-layer ONNX models itself), what a device's edge-runtime venv has. A table is untrusted input: every field is checked, and any fault is one
 ``LatencyTableError`` line.
 """
 
@@ -176,32 +176,67 @@ def _read_json(path: Path, what: str) -> Any:
         raise LatencyTableError(f"{what} {path}: not valid JSON ({str(error)[:100]})") from None
 
 
-# --- measuring (numpy, onnx, onnxruntime) -------------------------------------------------------------
+# --- measuring (numpy, onnxruntime) -------------------------------------------------------------------
+# A one-layer ONNX model is a few protobuf fields: written here by hand, so that measuring needs no
+# `onnx` package — a Raspberry Pi's edge-runtime venv has numpy and onnxruntime only.
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, value: Any) -> bytes:
+    """One protobuf field: an int is a varint, bytes/str are length-delimited."""
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _tensor(name: str, array: Any) -> bytes:  # TensorProto: dims, data_type FLOAT, name, raw_data
+    return (b"".join(_field(1, int(d)) for d in array.shape) + _field(2, 1) + _field(8, name)
+            + _field(9, array.astype("<f4").tobytes()))
+
+
+def _node(op: str, inputs: Sequence[str], outputs: Sequence[str], **ints: Any) -> bytes:
+    """NodeProto with INT / INTS attributes (AttributeProto type 2 / 7)."""
+    attributes = [_field(1, key) + (_field(3, value) + _field(20, 2) if isinstance(value, int)
+                                    else b"".join(_field(8, v) for v in value) + _field(20, 7))
+                  for key, value in ints.items()]
+    return (b"".join(_field(1, i) for i in inputs) + b"".join(_field(2, o) for o in outputs) + _field(4, op)
+            + b"".join(_field(5, a) for a in attributes))
+
+
+def _value_info(name: str, dims: Optional[Sequence[int]]) -> bytes:
+    """ValueInfoProto: a float tensor, with a fixed shape or none."""
+    shape = b"" if dims is None else _field(2, b"".join(_field(1, _field(1, int(d))) for d in dims))
+    return _field(1, name) + _field(2, _field(1, _field(1, 1) + shape))
+
 
 def layer_onnx(shape: LayerShape) -> bytes:
     """A one-node ONNX model of ``shape`` with random weights (Conv, or MatMul+Add for Linear)."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     if shape.op == "linear":
         x_shape = [1, *shape.spatial, shape.cin]
-        weights = [numpy_helper.from_array(rng.standard_normal((shape.cin, shape.cout)).astype(np.float32), "W"),
-                   numpy_helper.from_array(rng.standard_normal(shape.cout).astype(np.float32), "B")]
-        nodes = [helper.make_node("MatMul", ["X", "W"], ["XW"]), helper.make_node("Add", ["XW", "B"], ["Y"])]
+        weights = [_tensor("W", rng.standard_normal((shape.cin, shape.cout))), _tensor("B", rng.standard_normal(shape.cout))]
+        nodes = [_node("MatMul", ["X", "W"], ["XW"]), _node("Add", ["XW", "B"], ["Y"])]
     else:
         x_shape = [1, shape.cin, *shape.spatial]
         w_shape = (shape.cout, shape.cin // shape.groups, *shape.kernel)
-        weights = [numpy_helper.from_array(rng.standard_normal(w_shape).astype(np.float32), "W"),
-                   numpy_helper.from_array(rng.standard_normal(shape.cout).astype(np.float32), "B")]
-        nodes = [helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=list(shape.kernel),
-                                  strides=list(shape.stride), pads=list(shape.padding),
-                                  dilations=list(shape.dilation), group=shape.groups)]
-    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], weights)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8  # readable by every onnxruntime a Pi may have (>= 1.10)
-    return model.SerializeToString()
+        weights = [_tensor("W", rng.standard_normal(w_shape)), _tensor("B", rng.standard_normal(shape.cout))]
+        nodes = [_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=list(shape.kernel), strides=list(shape.stride),
+                       pads=list(shape.padding), dilations=list(shape.dilation), group=shape.groups)]
+    graph = (b"".join(_field(1, node) for node in nodes) + _field(2, "layer")
+             + b"".join(_field(5, w) for w in weights) + _field(11, _value_info("X", x_shape))
+             + _field(12, _value_info("Y", None)))
+    # ir_version 8 and opset 17: readable by every onnxruntime a Pi may have (>= 1.10)
+    return _field(1, 8) + _field(8, _field(1, "") + _field(2, 17)) + _field(7, graph)
 
 
 # The smallest layer there is: its time is onnxruntime's fixed cost of one run() call, which a layer

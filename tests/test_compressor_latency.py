@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,11 +155,11 @@ def test_table_tool_lists_shapes_then_measures_them_without_the_model(tmp_path: 
     run = dict(cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     listed = subprocess.run([*tool, "--model", "digits-cnn", "--shapes-out", str(shapes)], **run)
     assert listed.returncode == 0, listed.stderr
-    alone = tmp_path / "device"  # the file copied alone, as to a Pi: no compressor package, no torch
+    alone = tmp_path / "device"  # the file copied alone, as to a Pi: no compressor package, no torch, no onnx
     alone.mkdir()
     (alone / "latency_table.py").write_bytes((REPO / "compressor" / "latency_table.py").read_bytes())
-    device = ("import runpy, sys; sys.modules['compressor'] = sys.modules['torch'] = None; "
-              "runpy.run_path('latency_table.py', run_name='__main__')")
+    device = ("import runpy, sys; sys.modules['compressor'] = sys.modules['torch'] = sys.modules['onnx'] = None; "
+              "runpy.run_path('latency_table.py', run_name='__main__')")  # a Pi's runtime venv: numpy, onnxruntime
     measured = subprocess.run([sys.executable, "-I", "-c", device, "--shapes", str(shapes), "--out", str(table)],
                               **{**run, "cwd": alone})
     assert measured.returncode == 0, measured.stderr
@@ -167,6 +168,28 @@ def test_table_tool_lists_shapes_then_measures_them_without_the_model(tmp_path: 
     _write(shapes, json.dumps({"shapes": [{"op": "conv", "cin": 3, "cout": 8, "kernel": [3], "stride": [1, 1]}]}))
     bad = subprocess.run([*tool, "--shapes", str(shapes), "--out", str(table)], **run)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "inconsistent" in bad.stderr, bad.stderr
+
+
+def test_the_one_layer_models_compute_the_layer_they_describe() -> None:
+    """layer_onnx writes its protobuf by hand (a Pi has no onnx package): onnx reads it back as that
+    layer, and onnxruntime computes what PyTorch computes for it."""
+    import onnx
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from compressor.latency_table import LayerShape, layer_onnx
+
+    shape = LayerShape("conv", 16, 32, (9, 9), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 4)
+    data = layer_onnx(shape)
+    model = onnx.load_from_string(data)
+    assert [n.op_type for n in model.graph.node] == ["Conv"] and model.opset_import[0].version == 17
+    weight, bias = (onnx.numpy_helper.to_array(t).copy() for t in model.graph.initializer)
+    assert weight.shape == (32, 4, 3, 3) and bias.shape == (32,)
+    x = np.random.default_rng(0).standard_normal((1, 16, 9, 9)).astype(np.float32)
+    got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+    expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias), stride=2, padding=1,
+                        groups=4).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 # --- the allocation ---------------------------------------------------------------------------------
