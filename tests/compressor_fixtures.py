@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -108,6 +109,21 @@ def compress_killed_at(args: List[str], method: str, level: int, epoch: int,
     ``(method, level, epoch)``: what a crash or an OOM kill leaves behind for ``--resume``."""
     return subprocess.run([sys.executable, "-c", _KILLED_AT, method, str(level), str(epoch), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def assert_same_channel_runs(out: Path, reference: Path) -> None:
+    """Two structured RUN_DIRs (a killed-and-resumed one, an uninterrupted one) hold the same metrics and,
+    at every level, the same weights and kept-channel indices, bit for bit."""
+    import torch
+
+    a, b = json.loads((out / "metrics.json").read_text()), json.loads((reference / "metrics.json").read_text())
+    assert strip_seconds(a) == strip_seconds(b)
+    for method, levels in a["methods"].items():
+        for entry in levels:
+            fa, fb = final(out, method, entry["level"]), final(reference, method, entry["level"])
+            assert all(torch.equal(fa["model"][k], fb["model"][k]) for k in fa["model"]), (method, entry["level"])
+            assert all(torch.equal(fa["channels"][k], fb["channels"][k]) for k in fa["channels"])
+    assert len(a["methods"]["weight-rewind"]) >= 3  # the kill really hit a level that was then resumed
 
 
 def cli(args: List[str], timeout: float = 120) -> Tuple[int, str, str]:
