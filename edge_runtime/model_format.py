@@ -11,16 +11,15 @@ point anywhere).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import stat
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterable, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
 
 from edge_runtime.errors import ModelDirError
+from edge_runtime.safe_io import open_regular, sha256_of  # noqa: F401 (part of this module's API)
 
 __all__ = ["shipped_bytes", "FORMAT", "FORMAT_VERSION", "FORMAT_VERSION_INPUTS", "FORMAT_VERSION_COMPACT",
            "SUPPORTED_VERSIONS", "INLINE_BYTES",
@@ -74,37 +73,6 @@ def max_model_bytes() -> int:
         return max(int(os.environ.get("EDGEPRUNE_MAX_MODEL_BYTES", DEFAULT_MAX_MODEL_BYTES)), 1)
     except ValueError:
         return DEFAULT_MAX_MODEL_BYTES
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """Open ``path`` for reading only if it is a regular file and not a symlink.
-
-    O_NONBLOCK makes opening a FIFO return at once (instead of waiting for a writer) so that fstat can
-    refuse it; O_NOFOLLOW refuses a symlink, which could point outside the folder.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):  # never even open a device, FIFO or symlink
-            raise ModelDirError(f"{path} is not a regular file")
-        fd = os.open(path, flags)  # O_NOFOLLOW + fstat: the same check, free of a swap in between
-    except FileNotFoundError:
-        raise ModelDirError(f"{path} is missing") from None
-    except OSError as error:
-        raise ModelDirError(f"{path}: cannot open ({error.strerror or error}; symlinks are refused)") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ModelDirError(f"{path} is not a regular file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a regular file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open_regular(Path(path)) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_relative_name(name: Any, where: str = MANIFEST_FILE) -> str:
