@@ -9,7 +9,7 @@
   under stock onnxruntime is a hollow star behind the points, its accuracy a dashed line over the
   ``--max-drop`` band.
 
-Axis rules (plain decimals, minimum spans, legends outside the axes) live in ``compressor.plotting``.
+Axis rules (plain decimals, minimum spans, legends outside the axes) live in ``compressor.run.plotting``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-from compressor import plotting
+from compressor.run import plotting
 
 Row = Dict[str, object]
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",

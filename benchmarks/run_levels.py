@@ -33,9 +33,9 @@ def export_levels(run_dir: Path, levels_text: str, out_dir: Path, model: Optiona
     made with a factory file needs it (reading a run never runs a file the run names).
     """
     from compressor.errors import CompressorError
-    from compressor.export import export_model
-    from compressor.export import structure_family
-    from compressor.run_dir import CONFIG, list_levels, load_level, read_json
+    from compressor.export.model_dir import export_model
+    from compressor.export.from_run import structure_family
+    from compressor.run.run_dir import CONFIG, list_levels, load_level, read_json
 
     wanted = parse_levels(levels_text)
     try:

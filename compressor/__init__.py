@@ -7,7 +7,15 @@ Python API::
                       out="runs/x")
     result.final()            # {"level", "sparsity", "accuracy", "loss", "epochs", "seconds"}
 
-Reading a run: ``compressor.run_dir.list_levels(run_dir)`` and ``load_level(run_dir, method, level)``.
+Reading a run: ``compressor.list_levels(run_dir)`` and ``compressor.load_level(run_dir, method, level)``.
+
+Exporting: ``compressor.export_model(model, out_dir, input_shape=...)`` or ``export_run_dir(run_dir, out_dir)``.
+
+The package is a few rooms, each importing only the ones below it (ARCHITECTURE.md has the table):
+the base modules ``errors``, ``config`` and ``checkpoints``; ``prune/`` (masks, criteria, channels,
+latency planning); ``train/`` (models, data, training, methods); ``run/`` (the RUN_DIR and its report);
+``export/`` (ONNX, MODEL_DIR, int8, compact storage); and the front doors ``pipeline`` (``compress``),
+``compress_cli``, ``export_cli``, ``latency_shapes``.
 
 Names are imported lazily (PEP 562): ``edgeprune``'s CLI front imports ``compressor.errors`` and
 must not pay for torch when it does.
@@ -20,10 +28,12 @@ _LAZY = {
     "CompressResult": "compressor.pipeline",
     "PruneConfig": "compressor.config",
     "config_for": "compressor.config",
-    "Mask": "compressor.mask",
-    "list_levels": "compressor.run_dir",
-    "load_level": "compressor.run_dir",
-    "LoadedLevel": "compressor.run_dir",
+    "Mask": "compressor.prune.mask",
+    "list_levels": "compressor.run.run_dir",
+    "load_level": "compressor.run.run_dir",
+    "LoadedLevel": "compressor.run.run_dir",
+    "export_model": "compressor.export.model_dir",
+    "export_run_dir": "compressor.export.from_run",
 }
 
 __all__ = sorted(_LAZY)

@@ -14,8 +14,9 @@ import sys
 from typing import Any, Iterator
 
 from compressor.errors import CompressorError
+from edge_runtime.errors import EdgeRuntimeError  # a latency table's faults (edge_runtime.layer_timing)
 
-USER_ERRORS = (CompressorError, OSError)
+USER_ERRORS = (CompressorError, EdgeRuntimeError, OSError)
 
 EXAMPLES = """\
 examples:
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     Under torchrun every process runs this, joined in one process group; rank 0 alone prints.
     """
-    from compressor.distributed import session
+    from compressor.train.distributed import session
 
     try:
         with session(args.device):
@@ -132,9 +133,9 @@ def run(args: argparse.Namespace) -> int:
 def _compress_and_report(args: argparse.Namespace) -> int:
     from compressor import checkpoints
     from compressor.config import PruneConfig, config_for
-    from compressor.data import input_shape_for, load_data_and_loss
-    from compressor.models import build_model
-    from compressor.distributed import is_main_process
+    from compressor.train.data import input_shape_for, load_data_and_loss
+    from compressor.train.models import build_model
+    from compressor.train.distributed import is_main_process
     from compressor.pipeline import compress
     import torch
 

@@ -15,15 +15,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from compressor.errors import ConfigError
 
-#: The built-in models' names (compressor.models.BUILTIN builds them), here so that `--help` can list
+#: The built-in models' names (compressor.train.models.BUILTIN builds them), here so that `--help` can list
 #: them without importing torch.
 MODEL_NAMES = ("digits-mlp", "digits-wide-mlp", "digits-cnn", "resnet20", "resnet56")
 
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
 STRUCTURES = ("weights", "channels")
-ALLOCATIONS = ("global", "latency", "global-table")  # compressor.channel_allocation implements them
-LOSS_NAMES = ("cross-entropy", "mse", "l1")  # compressor.batches.LOSSES implements them
+ALLOCATIONS = ("global", "latency", "global-table")  # compressor.prune.allocation implements them
+LOSS_NAMES = ("cross-entropy", "mse", "l1")  # compressor.train.batches.LOSSES implements them
 
 
 def _help(text: str) -> Dict[str, str]:
@@ -97,7 +97,7 @@ class PruneConfig:
         "model (e.g. 1.8); replaces --target-sparsity and --target-macs"))
     latency_table: Optional[str] = field(default=None, metadata=_help(
         "--allocate latency/global-table only: a latency table JSON measured elsewhere (e.g. on the Pi with "
-        "python3 -m compressor.latency_table) instead of measuring on this machine"))
+        "python3 -m edge_runtime.layer_timing) instead of measuring on this machine"))
 
     def __post_init__(self) -> None:
         # Lists from JSON or the API become tuples, so equal configs compare equal.

@@ -76,8 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export, then print where and how big."""
     from compressor.errors import ConfigError
-    from compressor.export import export_checkpoint, export_run_dir, read_sample
-
+    from compressor.export.from_run import export_checkpoint, export_run_dir, read_sample
     fp16 = args.fp16 or args.quantize == "fp16"
     if args.calibration_batches < 1:
         raise ConfigError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
@@ -116,10 +115,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> dict:
-    """Rewrite the int8 MODEL_DIR as format 3 (compressor/compact.py): its int8 weights become the only
+    """Rewrite the int8 MODEL_DIR as format 3 (compressor/export/compact.py): its int8 weights become the only
     copy, which the fp32 engines run dequantized, so their accuracy is measured again."""
-    from compressor.compact import compact_model_dir
-    from compressor.quantize import refresh_fp32_accuracy
+    from compressor.export.compact import compact_model_dir
+    from compressor.export.quantize import refresh_fp32_accuracy
 
     manifest = compact_model_dir(args.out, "float32")
     refresh_fp32_accuracy(args.out, manifest)
@@ -153,7 +152,7 @@ def _quantize(args: argparse.Namespace) -> None:
     """Add the int8 variant to the MODEL_DIR just written; one line says what was (not) shipped."""
     import json
 
-    from compressor.quantize import add_int8_variant, dense_level_accuracy
+    from compressor.export.quantize import add_int8_variant, dense_level_accuracy
 
     manifest = json.loads((args.out / "manifest.json").read_text())
     source = manifest.get("source") or {}

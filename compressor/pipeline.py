@@ -25,22 +25,22 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor import checkpoints
-from compressor.channel_levels import ChannelLevels
-from compressor.channels import decode, encode
-from compressor.batches import Task
+from compressor.prune.levels import ChannelLevels
+from compressor.prune.channels import decode, encode
+from compressor.train.batches import Task
 from compressor.config import PruneConfig
-from compressor.devices import resolve_device
-from compressor.distributed import Distributed, current, require_shared
+from compressor.train.devices import resolve_device
+from compressor.train.distributed import Distributed, current, require_shared
 from compressor.errors import ConfigError
-from compressor.criteria import criterion_named
-from compressor.mask import Mask
-from compressor.methods import RetrainPlan, any_rewinds_weights, dense_plan, method_named
-from compressor.models import input_shape_of
-from compressor.optimizers import build_optimizer
-from compressor.pruning import keep_counts, layer_sparsities, prunable_parameters, weight_sparsity
-from compressor.report import warn_thin_layers, write_metrics, write_report
-from compressor.run_dir import CONFIG, RunDir, collect_metrics, model_fields
-from compressor.training import evaluate, require_finite, train, zero_pruned
+from compressor.prune.criteria import criterion_named
+from compressor.prune.mask import Mask
+from compressor.train.methods import RetrainPlan, any_rewinds_weights, dense_plan, method_named
+from compressor.train.models import input_shape_of
+from compressor.train.optimizers import build_optimizer
+from compressor.prune.weights import keep_counts, layer_sparsities, prunable_parameters, weight_sparsity
+from compressor.run.report import warn_thin_layers, write_metrics, write_report
+from compressor.run.run_dir import CONFIG, RunDir, collect_metrics, model_fields
+from compressor.train.training import evaluate, require_finite, train, zero_pruned
 
 log = logging.getLogger("compressor")
 EpochCallback = Callable[[str, int, int], None]
@@ -76,11 +76,11 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
 
     ``config.structure == "channels"`` removes whole channels instead of single weights (until
     ``config.target_macs`` or the fraction of parameters ``target_sparsity`` is removed; see
-    ``compressor.channel_levels``); the model must declare or let us peek its input shape.
+    ``compressor.prune.levels``); the model must declare or let us peek its input shape.
 
     Args:
         model: the network (trained in place). Seed torch before building it for reproducible runs.
-        train_loader, test_loader: iterables of ``(inputs, labels)`` batches (``compressor.data``
+        train_loader, test_loader: iterables of ``(inputs, labels)`` batches (``compressor.train.data``
             has in-memory loaders; a torch ``DataLoader`` works too).
         config: hyper-parameters; ``PruneConfig()`` suits small models, see ``compressor.config``.
         out: RUN_DIR for checkpoints and results; a temporary folder (deleted afterwards) if None.
@@ -93,14 +93,14 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         epoch_callback: called as ``(method, level, epoch)`` after each epoch's checkpoint.
         loss_fn: ``loss(output, target) -> scalar`` replacing ``config.loss`` (e.g. a data factory's).
 
-    Batches are ``(inputs, target)`` with inputs a tensor, tuple or dict (``compressor.batches``). One
+    Batches are ``(inputs, target)`` with inputs a tensor, tuple or dict (``compressor.train.batches``). One
     forward on one batch of each loader runs first: a model or data the compressor cannot drive is a
     ConfigError before anything is trained or written.
 
     Under ``torch.distributed`` (an initialised process group, e.g. ``edgeprune compress`` under
     torchrun) every rank calls this with the same arguments: training runs data-parallel on
-    in-memory data (``compressor.data`` loaders), the batch size stays the global one, and only
-    rank 0 writes ``out`` (see ``compressor.distributed``).
+    in-memory data (``compressor.train.data`` loaders), the batch size stays the global one, and only
+    rank 0 writes ``out`` (see ``compressor.train.distributed``).
     """
     ranks = current(resolve_device(device))  # torchrun's process group, or this process alone
     torch_device = ranks.device

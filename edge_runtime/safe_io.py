@@ -51,8 +51,10 @@ def open_regular(path: PathLike) -> BinaryIO:
 def read_bounded(path: PathLike, limit: int) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes (``ModelDirError`` otherwise)."""
     with open_regular(path) as handle:
+        if os.fstat(handle.fileno()).st_size > limit:  # refused before a byte is read
+            raise ModelDirError(f"{path} is larger than {limit} bytes")
         data = handle.read(limit + 1)
-    if len(data) > limit:
+    if len(data) > limit:  # grew while we read it
         raise ModelDirError(f"{path} is larger than {limit} bytes")
     return data
 

@@ -40,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _levels_to_measure(run_dir: Path) -> str:
     """Dense plus a spread of sparsities: every level would make the demo slow without saying more."""
-    from compressor.run_dir import list_levels
+    from compressor.run.run_dir import list_levels
 
     levels = sorted({info.level for info in list_levels(run_dir)})
     wanted = {0, levels[-1]}

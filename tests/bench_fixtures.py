@@ -31,8 +31,8 @@ def export_pruned_mlp(out_dir: Path, sparsity: float, accuracy: float, seed: int
     ``quantize``, as `export --quantize int8` writes it (int8 weights stored once, model.int8.onnx)."""
     import torch
 
-    from compressor.export import export_model
-    from compressor.models import DigitsMLP
+    from compressor.export.model_dir import export_model
+    from compressor.train.models import DigitsMLP
 
     torch.manual_seed(seed)
     model = DigitsMLP(hidden=hidden)
@@ -44,8 +44,8 @@ def export_pruned_mlp(out_dir: Path, sparsity: float, accuracy: float, seed: int
     export_model(model, out_dir, accuracy=accuracy, source={"method": "magnitude", "level": int(sparsity * 100)},
                  layout="external" if quantize else "compact")
     if quantize:
-        from compressor.compact import compact_model_dir
-        from compressor.quantize import add_int8_variant
+        from compressor.export.compact import compact_model_dir
+        from compressor.export.quantize import add_int8_variant
 
         add_int8_variant(out_dir, data_spec=None, input_shape=(64,), warn=lambda _: None)
         compact_model_dir(out_dir)

@@ -17,8 +17,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from compressor.config import PruneConfig
-from compressor.data import load_data
-from compressor.models import build_model, input_shape_of
+from compressor.train.data import load_data
+from compressor.train.models import build_model, input_shape_of
 from compressor.pipeline import CompressResult, compress
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,8 +31,8 @@ def export_tiny_model(out_dir: Path, seed: int) -> Path:
     """A real MODEL_DIR: a small DigitsMLP with seeded weights, half of them pruned, via the exporter."""
     import torch
 
-    from compressor.export import export_model
-    from compressor.models import DigitsMLP
+    from compressor.export.model_dir import export_model
+    from compressor.train.models import DigitsMLP
 
     torch.manual_seed(seed)
     model = DigitsMLP(hidden=(32,))

@@ -70,7 +70,7 @@ def make_external(tensor, location: str, offset: int, length: int) -> None:
 def rewrite_npz(model_dir: Path, change: Callable[[Dict[str, np.ndarray]], None]) -> None:
     """Rewrite weights.npz with changed arrays, re-point model.onnx at the new offsets, rehash: a
     consistent folder whose arrays say what the attacker wants."""
-    from compressor.onnx_npz import member_offsets, write_npz
+    from compressor.export.onnx_npz import member_offsets, write_npz
 
     with np.load(model_dir / "weights.npz", allow_pickle=False) as npz:
         arrays = {key: npz[key] for key in npz.files}

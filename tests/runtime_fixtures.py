@@ -32,7 +32,7 @@ MODELS = {
     "digits-mlp-fp16": (SPARSITY, "float16"),
     "digits-mlp-int8": (SPARSITY, "float32"),   # + model.int8.onnx (export --quantize int8): dynamic
     "digits-cnn-int8": (SPARSITY, "float32"),   # static QDQ, calibrated on seeded noise
-    # format 3 (compressor/compact.py): what `edgeprune export` writes by default
+    # format 3 (compressor/export/compact.py): what `edgeprune export` writes by default
     "digits-mlp-compact": (SPARSITY, "float32"),
     "resnet20-compact": (0.95, "float32"),
     "digits-mlp-fp16-compact": (SPARSITY, "float16"),
@@ -46,9 +46,9 @@ def build_all(root: Path) -> Path:
     """Export every fixture model into ``root`` (needs torch and compressor)."""
     import torch
 
-    from compressor.compact import compact_model_dir
-    from compressor.export import export_model
-    from compressor.quantize import add_int8_variant
+    from compressor.export.compact import compact_model_dir
+    from compressor.export.model_dir import export_model
+    from compressor.export.quantize import add_int8_variant
     from tests.runtime_models import make, prune_global
 
     root.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compressor.models import build_model
+from compressor.train.models import build_model
 
 
 class ResidualCNN(nn.Module):

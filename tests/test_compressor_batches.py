@@ -1,4 +1,4 @@
-"""``compressor.batches``: how a batch feeds a model, which output the loss sees, what the loss is."""
+"""``compressor.train.batches``: how a batch feeds a model, which output the loss sees, what the loss is."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.batches import Task, call_model, named_inputs, pick_output, split_batch
+from compressor.train.batches import Task, call_model, named_inputs, pick_output, split_batch
 from compressor.errors import ConfigError
 
 

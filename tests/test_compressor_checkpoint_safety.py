@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor import checkpoints
 from compressor.errors import CheckpointError
-from compressor.models import build_model
+from compressor.train.models import build_model
 from tests.compressor_fixtures import ENV, REPO, TINY_ARGS, run_tiny, tree_snapshot
 
 
@@ -156,9 +156,9 @@ class VersionedNet(nn.Module):
 
 def test_checkpoints_keep_module_versions_through_every_level(tmp_path):
     from compressor.config import PruneConfig
-    from compressor.data import load_data
+    from compressor.train.data import load_data
     from compressor.pipeline import compress
-    from compressor.run_dir import load_level
+    from compressor.run.run_dir import load_level
 
     torch.manual_seed(0)
     model = VersionedNet()

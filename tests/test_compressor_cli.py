@@ -149,7 +149,7 @@ def test_without_a_terminal_compress_logs_a_line_per_level_and_ctrl_c_says_how_t
 
 def test_help_lists_every_built_in_model():
     from compressor.config import MODEL_NAMES
-    from compressor.models import BUILTIN
+    from compressor.train.models import BUILTIN
 
     assert set(MODEL_NAMES) == set(BUILTIN)  # the torch-free list --help shows is the real one
     done = subprocess.run([sys.executable, "-m", "edgeprune", "compress", "--help"], capture_output=True,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.data import TensorLoader, digits, load_data
+from compressor.train.data import TensorLoader, digits, load_data
 from compressor.errors import ConfigError
 
 

@@ -14,7 +14,7 @@ from tests.compressor_fixtures import TINY_ARGS, cli
 # A user's data whose training batches turn to NaN from the 4th pass on: the dense level (3 epochs)
 # trains normally, the first pruned level meets bad data in its first epoch.
 BAD_DATA = '''
-from compressor.data import digits
+from compressor.train.data import digits
 
 
 class GoesBad:
@@ -70,8 +70,8 @@ def test_divergence_at_a_later_level_keeps_the_finished_ones(tmp_path):
 
 def test_metrics_json_is_strict_even_for_a_level_saved_with_a_nan_loss(tmp_path):
     """A level written by an older version from a diverged run: its NaN becomes null, not NaN."""
-    from compressor.report import markdown_table, write_metrics
-    from compressor.run_dir import RunDir, collect_metrics
+    from compressor.run.report import markdown_table, write_metrics
+    from compressor.run.run_dir import RunDir, collect_metrics
     from tests.compressor_fixtures import run_tiny
 
     run_dir = tmp_path / "run"

@@ -18,8 +18,8 @@ from typing import List, Tuple
 import pytest
 
 from compressor.errors import UntrustedFactoryError
-from compressor.models import file_sha256
-from compressor.run_dir import load_level
+from compressor.train.models import file_sha256
+from compressor.run.run_dir import load_level
 from tests.compressor_fixtures import ENV, REPO, tree_snapshot
 
 FACTORY = '''

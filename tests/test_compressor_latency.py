@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.channel_allocation import LatencyModel, LatencyRanking, ladder
-from compressor.channels import Ranking, example_input, find_groups, full_plan
-from compressor.latency_table import (FORMAT, LatencyTable, LatencyTableError, LayerShape, measure, read_table)
-from compressor.models import build_model, input_shape_of
+from compressor.prune.allocation import LatencyRanking
+from compressor.prune.latency import LatencyModel, ladder
+from compressor.prune.channels import Ranking, example_input, find_groups, full_plan
+from edge_runtime.layer_timing import FORMAT, LatencyTable, LatencyTableError, LayerShape, measure, read_table
+from compressor.train.models import build_model, input_shape_of
 from tests.compressor_fixtures import (ENV, REPO, TEMP_ROOT, assert_same_channel_runs, cli, compress_killed_at,
                                       run_tiny)
 
@@ -152,17 +153,16 @@ def test_a_multiple_too_fine_to_measure_is_a_config_error() -> None:
 
 def test_table_tool_lists_shapes_then_measures_them_without_the_model(tmp_path: Path) -> None:
     shapes, table = tmp_path / "shapes.json", tmp_path / "table.json"
-    tool = [sys.executable, "-m", "compressor.latency_table"]
+    tool = [sys.executable, "-m", "compressor.latency_shapes"]
     run = dict(cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     listed = subprocess.run([*tool, "--model", "digits-cnn", "--shapes-out", str(shapes)], **run)
     assert listed.returncode == 0, listed.stderr
-    alone = tmp_path / "device"  # the file copied alone, as to a Pi: no compressor package, no torch, no onnx
-    alone.mkdir()
-    (alone / "latency_table.py").write_bytes((REPO / "compressor" / "latency_table.py").read_bytes())
-    device = ("import runpy, sys; sys.modules['compressor'] = sys.modules['torch'] = sys.modules['onnx'] = None; "
-              "runpy.run_path('latency_table.py', run_name='__main__')")  # a Pi's runtime venv: numpy, onnxruntime
+    # the device side, as a Pi's runtime venv runs it: edge_runtime, numpy, onnxruntime; no compressor, torch, onnx
+    device = ("import runpy, sys; sys.path.insert(0, '.'); "
+              "sys.modules['compressor'] = sys.modules['torch'] = sys.modules['onnx'] = None; "
+              "runpy.run_module('edge_runtime.layer_timing', run_name='__main__')")
     measured = subprocess.run([sys.executable, "-I", "-c", device, "--shapes", str(shapes), "--out", str(table)],
-                              **{**run, "cwd": alone})
+                              **run)
     assert measured.returncode == 0, measured.stderr
     _, _, latency = _model("digits-cnn")
     latency.use(read_table(table), str(table))  # covers every shape compress will ask about
@@ -178,7 +178,7 @@ def test_the_one_layer_models_compute_the_layer_they_describe() -> None:
     import onnxruntime as ort
     import torch.nn.functional as F
 
-    from compressor.latency_table import LayerShape, layer_onnx
+    from edge_runtime.layer_timing import LayerShape, layer_onnx
 
     shape = LayerShape("conv", 16, 32, (9, 9), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 4)
     data = layer_onnx(shape)
@@ -221,7 +221,7 @@ def _blocks_of_16(shape: LayerShape) -> float:
 
 
 def test_global_table_rounds_to_the_widths_the_table_finds_faster() -> None:
-    from compressor.channel_allocation import TableRounding
+    from compressor.prune.allocation import TableRounding
 
     _, groups, latency = _model("resnet20")
     latency.use(_table(latency, _blocks_of_16), "made up")
@@ -263,9 +263,9 @@ def test_a_table_steers_channels_away_from_slow_layers() -> None:
 
 def test_a_resumed_run_plans_from_its_stored_table(tmp_path: Path) -> None:
     """RUN_DIR/latency_table.json, once written, is what the run uses, not a new measurement."""
-    from compressor.channel_levels import ChannelLevels
+    from compressor.prune.levels import ChannelLevels
     from compressor.config import PruneConfig
-    from compressor.criteria import criterion_named
+    from compressor.prune.criteria import criterion_named
 
     model, _, latency = _model("digits-cnn")
     stored = _table(latency, _macs_like)
@@ -314,8 +314,8 @@ def test_sigkilled_latency_run_resumes_to_the_same_result() -> None:
 def test_predicted_layer_shapes_match_the_shrunk_model(tmp_path: Path) -> None:
     """The width map (concat, depthwise, grouped conv, Linear after flatten) says exactly what each
     layer of the really shrunk network looks like, for every plan along a latency ranking."""
-    from compressor.channel_allocation import _dense_shape, _input_sizes
-    from compressor.channels import copy_model, shrink
+    from compressor.prune.latency import _dense_shape, _input_sizes
+    from compressor.prune.channels import copy_model, shrink
     from tests.test_compressor_structured import USER_MODEL, _load, user_model
 
     model = _load(user_model(tmp_path, USER_MODEL))

@@ -10,9 +10,9 @@ import torch
 
 from compressor.config import PruneConfig
 from compressor.errors import ConfigError
-from compressor.mask import Mask
-from compressor.models import build_model
-from compressor.pruning import global_magnitude_prune, layer_minimums, prunable_parameters
+from compressor.prune.mask import Mask
+from compressor.train.models import build_model
+from compressor.prune.weights import global_magnitude_prune, layer_minimums, prunable_parameters
 from tests.compressor_fixtures import cli
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from compressor.errors import CheckpointError, ConfigError
-from compressor.mask import Mask
-from compressor.models import build_model
-from compressor.pruning import (global_magnitude_prune, keep_counts, layer_sparsities, prunable_parameters,
+from compressor.prune.mask import Mask
+from compressor.train.models import build_model
+from compressor.prune.weights import (global_magnitude_prune, keep_counts, layer_sparsities, prunable_parameters,
                                 weight_sparsity)
 from tests.compressor_fixtures import final, shared_run
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from compressor.checkpoints import load_state_dict
-from compressor.data import digits
+from compressor.train.data import digits
 from compressor.errors import CheckpointError, RunDirError
-from compressor.models import build_model
-from compressor.run_dir import list_levels, load_level
-from compressor.training import evaluate
+from compressor.train.models import build_model
+from compressor.run.run_dir import list_levels, load_level
+from compressor.train.training import evaluate
 from tests.compressor_fixtures import shared_run
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.channels import (Ranking, example_input, find_groups, full_plan, group_scores, shrink, widths)
-from compressor.criteria import criterion_named
+from compressor.prune.channels import (Ranking, example_input, find_groups, full_plan, group_scores, shrink, widths)
+from compressor.prune.criteria import criterion_named
 from compressor.errors import StructureError
 from tests.compressor_fixtures import (ENV, REPO, TEMP_ROOT, assert_same_channel_runs, cli, compress_killed_at,
                                       one_thread, run_tiny)
@@ -83,7 +83,7 @@ def user_model(tmp: Path, source: str = USER_MODEL) -> str:
 
 
 def _load(spec: str) -> nn.Module:
-    from compressor.models import build_model
+    from compressor.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model(spec)
@@ -155,7 +155,7 @@ def test_coupled_channels_shrink_together_and_zeroed_channels_change_nothing(tmp
 
 
 def test_widths_round_to_the_multiple_and_never_vanish_and_exclude_keeps_layers_whole() -> None:
-    from compressor.models import build_model
+    from compressor.train.models import build_model
 
     model = build_model("resnet20").eval()
     example = example_input(model.input_shape)
@@ -173,9 +173,9 @@ def test_widths_round_to_the_multiple_and_never_vanish_and_exclude_keeps_layers_
 
 
 def test_rewind_snapshot_is_sliced_to_the_surviving_channels() -> None:
-    from compressor.channel_levels import ChannelLevels
+    from compressor.prune.levels import ChannelLevels
     from compressor.config import PruneConfig
-    from compressor.models import build_model
+    from compressor.train.models import build_model
 
     torch.manual_seed(0)
     dense = build_model("digits-cnn")
@@ -189,7 +189,7 @@ def test_rewind_snapshot_is_sliced_to_the_surviving_channels() -> None:
 
 
 def test_min_channels_allows_one_narrower_width_below_the_multiple() -> None:
-    from compressor.channels import Group
+    from compressor.prune.channels import Group
 
     groups = [Group("a", 64), Group("b", 12)]
     current = {"a": list(range(64)), "b": list(range(12))}
@@ -224,8 +224,7 @@ def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
     assert levels[-1]["macs_removed"] >= 0.4 and all(lv["macs_removed"] < 0.4 for lv in levels[:-1])
     assert levels[-1]["params"] < levels[0]["params"] and "widths" in levels[-1]
     assert "MACs removed" in (run / "report.md").read_text()
-    from compressor.export import export_run_dir
-
+    from compressor.export.from_run import export_run_dir
     export_run_dir(run, model_dir, model=spec)  # the last level; the user names the factory they trust
     export_run_dir(run, dense_dir, level=0, model=spec)
     size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
@@ -237,7 +236,7 @@ def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     session = ort.InferenceSession(str(plain), providers=["CPUExecutionProvider"])
     stock = session.run(None, {session.get_inputs()[0].name: x})[0]
-    from compressor.run_dir import load_level
+    from compressor.run.run_dir import load_level
 
     with torch.no_grad():
         expected = load_level(run, model=spec).model(torch.from_numpy(x)).numpy()
@@ -293,7 +292,7 @@ def test_a_tampered_channel_plan_is_a_checkpoint_error(tmp_path: Path) -> None:
     saved = torch.load(path, weights_only=True)
     saved["channels"]["features.0"] = torch.tensor([5, 3, 99])
     torch.save(saved, path)
-    from compressor.run_dir import load_level
+    from compressor.run.run_dir import load_level
 
     with pytest.raises(Exception, match="not sorted indices"):
         load_level(run, level=1)

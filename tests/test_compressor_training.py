@@ -7,13 +7,13 @@ import torch
 
 import compressor.pipeline
 from compressor.config import PruneConfig
-from compressor.data import digits
-from compressor.mask import Mask
-from compressor.models import build_model
-from compressor.optimizers import build_optimizer
-from compressor.pruning import global_magnitude_prune, prunable_parameters
-from compressor.schedules import final_learning_rate, learning_rate
-from compressor.training import train_epoch
+from compressor.train.data import digits
+from compressor.prune.mask import Mask
+from compressor.train.models import build_model
+from compressor.train.optimizers import build_optimizer
+from compressor.prune.weights import global_magnitude_prune, prunable_parameters
+from compressor.train.schedules import final_learning_rate, learning_rate
+from compressor.train.training import train_epoch
 from tests.compressor_fixtures import TEMP_ROOT, final, one_thread, run_tiny, shared_run
 
 

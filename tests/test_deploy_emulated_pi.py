@@ -99,7 +99,7 @@ def pruned_checkpoint(model: str, path: Path) -> Path:
     so every layer keeps some: the output depends on the input), saved as a plain state_dict."""
     import torch
 
-    from compressor.models import build_model
+    from compressor.train.models import build_model
 
     torch.manual_seed(0)
     net = build_model(model)

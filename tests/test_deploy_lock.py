@@ -56,8 +56,8 @@ def _big_model(out_dir: Path) -> Path:
     """A real MODEL_DIR over 1 MiB, so its upload takes many SFTP chunks (one can pause it midway)."""
     import torch
 
-    from compressor.export import export_model
-    from compressor.models import DigitsMLP
+    from compressor.export.model_dir import export_model
+    from compressor.train.models import DigitsMLP
 
     torch.manual_seed(5)
     return export_model(DigitsMLP(hidden=(512, 512)), out_dir).out_dir

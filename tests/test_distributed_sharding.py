@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.data import TensorLoader, cifar_transform
-from compressor.distributed import Distributed, ShardedLoader, current, tensors_sha256
+from compressor.train.data import TensorLoader, cifar_transform
+from compressor.train.distributed import Distributed, ShardedLoader, current, tensors_sha256
 from compressor.errors import ConfigError
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from compressor.distributed import DistributedError, current, tensors_sha256
+from compressor.train.distributed import DistributedError, current, tensors_sha256
 from tests.compressor_fixtures import TEMP_ROOT, final, run_tiny
 from tests.distributed_fixtures import kill_when, launch, run
 

@@ -1,4 +1,4 @@
-"""`edgeprune export` writes format 3 by default (compressor/compact.py): real runs, every value type."""
+"""`edgeprune export` writes format 3 by default (compressor/export/compact.py): real runs, every value type."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compressor.compact import compact_model_dir
+from compressor.export.compact import compact_model_dir
 from compressor.errors import ExportError
-from compressor.quantize import add_int8_variant
+from compressor.export.quantize import add_int8_variant
 from edge_runtime import InferenceSession
 from edge_runtime.model_dir import Weights, read_manifest, read_sample
 from edge_runtime.model_format import shipped_bytes
@@ -101,8 +101,7 @@ def test_float32_and_float16_compact_exports(tmp_path: Path) -> None:
 
 def test_compacting_is_idempotent_and_a_compact_folder_is_not_quantized_twice(tmp_path: Path) -> None:
     from tests.runtime_models import make, prune_global
-    from compressor.export import export_model
-
+    from compressor.export.model_dir import export_model
     folder = tmp_path / "m"
     export_model(prune_global(make("digits-mlp"), 0.9), folder, input_shape=(64,), layout="external")
     first = compact_model_dir(folder)
@@ -121,7 +120,7 @@ def test_square_weights_the_quantizer_transposed_are_stored_the_right_way_round(
     import torch
     from torch import nn
 
-    from compressor.export import export_model
+    from compressor.export.model_dir import export_model
     from tests.runtime_models import prune_global
 
     torch.manual_seed(0)
@@ -143,7 +142,7 @@ def test_square_weights_the_quantizer_transposed_are_stored_the_right_way_round(
 
 
 def test_uint8_gaps_round_trip_across_long_gaps_and_empty_rows() -> None:
-    from compressor.onnx_sparse import encode_csr, encode_delta_csr
+    from compressor.export.onnx_sparse import encode_csr, encode_delta_csr
     from edge_runtime.model_dir import undelta
 
     weight = np.zeros((5, 1000), np.float32)

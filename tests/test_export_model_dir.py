@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from compressor.errors import ExportError
-from compressor.export import export_model, pick_level, sha256_of
-from compressor.onnx_npz import member_offsets
+from compressor.export.from_run import pick_level
+from compressor.export.model_dir import export_model, sha256_of
+from compressor.export.onnx_npz import member_offsets
 from tests.runtime_models import make, prune_global
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,7 +136,7 @@ def test_refuses_to_overwrite_without_force_and_keeps_the_old_dir(tmp_path: Path
 
 
 def test_pick_level_by_max_drop() -> None:
-    from compressor.run_dir import LevelInfo
+    from compressor.run.run_dir import LevelInfo
 
     levels = [LevelInfo("lr-rewind", k, s, a, Path("x")) for k, s, a in
               [(0, 0.0, 0.95), (1, 0.2, 0.96), (2, 0.36, 0.945), (3, 0.49, 0.90)]]
@@ -157,7 +158,7 @@ def test_pick_level_by_max_drop() -> None:
 def test_failed_swap_puts_the_previous_model_dir_back(tmp_path: Path, monkeypatch) -> None:
     import os
 
-    from compressor import export as export_module
+    from edge_runtime import safe_io
 
     out, temp = tmp_path / "m", tmp_path / ".m.tmp"
     out.mkdir()
@@ -170,9 +171,9 @@ def test_failed_swap_puts_the_previous_model_dir_back(tmp_path: Path, monkeypatc
             raise OSError("disk gone")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(export_module.os, "replace", failing_replace)
+    monkeypatch.setattr(safe_io.os, "replace", failing_replace)
     with pytest.raises(OSError):
-        export_module._move_into_place(temp, out)
+        safe_io.replace_dir(temp, out)
     assert (out / "keep.txt").read_text() == "keep"
 
 
@@ -232,7 +233,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path, args: list, needle: str) -
 def test_untrained_batchnorm_convs_keep_their_own_bias(tmp_path: Path) -> None:
     """Default BatchNorm stats fold to equal (zero) biases, which the exporter de-duplicates through
     Identity nodes; each conv must still get its own initializer so the runtime sees a weight layer."""
-    from compressor.models import build_model
+    from compressor.train.models import build_model
 
     result = export_model(build_model("resnet20").eval(), tmp_path / "m", layout="external")
     manifest = json.loads((result.out_dir / "manifest.json").read_text())

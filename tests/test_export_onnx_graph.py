@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from compressor.onnx_graph import fold_batchnorm, layer_name, rename_tensors, weight_inputs
+from compressor.export.onnx_graph import fold_batchnorm, layer_name, rename_tensors, weight_inputs
 
 
 def conv_bn_model(with_bias: bool) -> onnx.ModelProto:

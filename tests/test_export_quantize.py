@@ -9,8 +9,8 @@ from pathlib import Path
 import onnx
 import pytest
 
-from compressor.export import export_model, sha256_of
-from compressor.quantize import add_int8_variant, dense_level_accuracy, dense_model, gemm_to_matmul, zeros_kept
+from compressor.export.model_dir import export_model, sha256_of
+from compressor.export.quantize import add_int8_variant, dense_level_accuracy, dense_model, gemm_to_matmul, zeros_kept
 from edge_runtime import InferenceSession
 from tests.compressor_fixtures import TEMP_ROOT, cli, run_tiny, tree_snapshot
 from tests.runtime_models import make, prune_global

@@ -10,8 +10,8 @@ import pytest
 
 from benchmarks.plots import write_plots
 from benchmarks.report import CSV_FIELDS
-from compressor import plotting
-from compressor.report import plot_png
+from compressor.run import plotting
+from compressor.run.report import plot_png
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

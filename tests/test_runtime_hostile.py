@@ -74,17 +74,20 @@ def test_check_csr_unit() -> None:
 
 # -- 2. one owner of the format -----------------------------------------------------------------------
 def test_the_format_has_one_owner() -> None:
-    """Only edge_runtime/model_format.py spells the format's name or defines its sha256 helper."""
-    owners = []
+    """Only edge_runtime/model_format.py spells the format's name; only edge_runtime/safe_io.py defines
+    the sha256 helper every side uses."""
+    owners, hashers = [], []
     for folder in ("edge_runtime", "compressor", "deploy", "benchmarks", "edgeprune"):
         for path in (REPO / folder).rglob("*.py"):
             text = path.read_text()
-            if '"edgeprune-model"' in text or "def sha256_of" in text or "SUPPORTED_VERSIONS = " in text:
+            if '"edgeprune-model"' in text or "SUPPORTED_VERSIONS = " in text:
                 owners.append(str(path.relative_to(REPO)))
-    assert owners == ["edge_runtime/model_format.py"]
-    from compressor import export
-    from edge_runtime import model_format
-    assert export.FORMAT_VERSION in model_format.SUPPORTED_VERSIONS and export.sha256_of is model_format.sha256_of
+            if "def sha256_of" in text:
+                hashers.append(str(path.relative_to(REPO)))
+    assert owners == ["edge_runtime/model_format.py"] and hashers == ["edge_runtime/safe_io.py"]
+    from compressor.export import model_dir as export
+    from edge_runtime import model_format, safe_io
+    assert export.FORMAT_VERSION in model_format.SUPPORTED_VERSIONS and export.sha256_of is safe_io.sha256_of
 
 
 def test_deploy_refuses_an_unsupported_format_version_before_connecting(tmp_path: Path) -> None:
@@ -128,7 +131,7 @@ def test_external_data_outside_the_npz_is_refused(tmp_path: Path, location: str)
 
 
 def test_external_offsets_must_point_at_their_own_member(tmp_path: Path) -> None:
-    from compressor.onnx_npz import member_offsets
+    from compressor.export.onnx_npz import member_offsets
 
     target = copy_model_dir("digits-mlp", tmp_path)
     offset, length = member_offsets(target / "weights.npz")["sample.input"]

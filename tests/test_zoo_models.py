@@ -21,8 +21,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compressor.batches import call_model, pick_output, split_batch
-from compressor.run_dir import load_level
+from compressor.train.batches import call_model, pick_output, split_batch
+from compressor.run.run_dir import load_level
 from edge_runtime import InferenceSession
 from edge_runtime.errors import UnsupportedOpError
 from edgeprune.cli import main
@@ -168,7 +168,7 @@ def test_a_regression_head_trains_with_its_loss(tmp_path: Path, data: str, flags
 def test_digits_follow_a_model_without_input_shape(tmp_path: Path) -> None:
     """A user CNN that declares no input_shape gets the digits as 1×8×8 images (its first layer is a
     Conv2d), and trains; an MLP-like model still gets the flat 64-vector."""
-    from compressor.data import input_shape_for, load_data
+    from compressor.train.data import input_shape_for, load_data
 
     cnn = zoo_models.user_cnn()
     assert not hasattr(cnn, "input_shape") and input_shape_for(cnn) == (1, 8, 8)

@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from compressor.config import METHODS, config_for
-from compressor.data import load_data
-from compressor.mask import Mask
-from compressor.models import build_model, input_shape_of
-from compressor.optimizers import build_optimizer
+from compressor.train.data import load_data
+from compressor.prune.mask import Mask
+from compressor.train.models import build_model, input_shape_of
+from compressor.train.optimizers import build_optimizer
 from compressor.pipeline import compress
-from compressor.pruning import global_magnitude_prune, prunable_parameters
-from compressor.training import train_epoch
+from compressor.prune.weights import global_magnitude_prune, prunable_parameters
+from compressor.train.training import train_epoch
 
 QUICK_EPOCHS = {"digits-mlp": 10, "digits-cnn": 3}
 

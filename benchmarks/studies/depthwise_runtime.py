@@ -63,8 +63,7 @@ def export(size: int, sparsity: float, out: Path) -> Path:
     import torch
     from torch import nn
 
-    from compressor.export import export_model
-
+    from compressor.export.model_dir import export_model
     model = mobilenet_like(size)
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if sparsity > 0:

@@ -51,8 +51,8 @@ def export_random(name: str, sparsity: float, out: Path) -> Path:
     """A random-weight model pruned by magnitude (per layer), exported (external layout, fp32)."""
     import torch
 
-    from compressor.export import export_model
-    from compressor.models import build_model
+    from compressor.export.model_dir import export_model
+    from compressor.train.models import build_model
 
     torch.manual_seed(0)
     model = prune_layerwise(mlp3072() if name == "mlp3072" else build_model(name), sparsity)
@@ -66,8 +66,8 @@ def layouts(source: Path, data_spec: Optional[str]) -> Dict[str, Path]:
     writes with no option, --quantize fp16 and --quantize int8."""
     import shutil
 
-    from compressor.compact import compact_model_dir
-    from compressor.quantize import add_int8_variant
+    from compressor.export.compact import compact_model_dir
+    from compressor.export.quantize import add_int8_variant
 
     shape = tuple(int(d) for d in manifest_of(source)["input"]["shape"][1:])
     made = {}
@@ -79,7 +79,7 @@ def layouts(source: Path, data_spec: Optional[str]) -> Dict[str, Path]:
         if not kind.startswith("external"):
             compact_model_dir(target, "float16" if kind == "fp16" else "float32")
             if kind == "int8":
-                from compressor.quantize import refresh_fp32_accuracy
+                from compressor.export.quantize import refresh_fp32_accuracy
 
                 refresh_fp32_accuracy(target, manifest_of(target))
         made[kind] = target
@@ -91,9 +91,9 @@ def export_trained(sparsity: float, out: Path, runs: Path) -> Path:
     import torch
 
     from compressor.config import PruneConfig
-    from compressor.data import load_data
-    from compressor.export import export_run_dir
-    from compressor.models import build_model, input_shape_of
+    from compressor.train.data import load_data
+    from compressor.export.from_run import export_run_dir
+    from compressor.train.models import build_model, input_shape_of
     from compressor.pipeline import compress
 
     run_dir = runs / f"run-{int(sparsity * 100)}"

@@ -32,7 +32,7 @@ def build_models() -> Dict[str, Any]:
     import torch
     from torch import nn
 
-    from compressor.models import build_model
+    from compressor.train.models import build_model
 
     class MlpBlock(nn.Module):
         """x + W2·GELU(W1·LayerNorm(x)), [batch, tokens, dim]: a transformer block's MLP half."""
@@ -105,8 +105,7 @@ def side_by_side(model_dir: Path, threads: int, args: argparse.Namespace) -> Dic
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    from compressor.export import export_model
-
+    from compressor.export.model_dir import export_model
     factories = build_models()
     names = [n for n in factories if not args.models or n in args.models]
     thread_counts = sorted({1, os.cpu_count() or 1})

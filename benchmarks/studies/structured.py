@@ -33,11 +33,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from compressor.channels import example_input
+from compressor.prune.channels import example_input
 from compressor.config import config_for
-from compressor.data import TensorLoader, load_data
+from compressor.train.data import TensorLoader, load_data
 from compressor.errors import CompressorError
-from compressor.models import build_model, input_shape_of
+from compressor.train.models import build_model, input_shape_of
 from compressor.pipeline import compress
 
 LEVELS = (0.3, 0.5, 0.7)
@@ -93,7 +93,7 @@ def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path, min
             continue
         dense_entry, last = result.metrics["methods"]["lr-rewind"][0], result.final()
         if dense_state is None:  # the first run trained the dense network: every target starts from it
-            from compressor.run_dir import load_level
+            from compressor.run.run_dir import load_level
 
             dense = load_level(out, level=0)
             dense_state = {k: v.clone() for k, v in dense.model.state_dict().items()}
@@ -106,7 +106,8 @@ def prune_levels(model_name: str, epochs: int, multiple: int, scratch: Path, min
 
 def shared_table(model_name: str, multiple: int, min_channels: int | None, scratch: Path) -> Path:
     """One latency table for every latency-allocated target of ``model_name`` (measured here, now)."""
-    from compressor.latency_table import model_shapes, measure
+    from compressor.latency_shapes import model_shapes
+    from edge_runtime.layer_timing import measure
 
     path = scratch / f"{model_name}-{multiple}-{min_channels}-table.json"
     path.write_text(measure(model_shapes(model_name, multiple, min_channels, ())).to_json())
@@ -118,7 +119,7 @@ def _figures(entry: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def onnx_bytes(model: torch.nn.Module, shape: Sequence[int]) -> bytes:
-    from compressor.onnx_graph import torch_to_onnx
+    from compressor.export.onnx_graph import torch_to_onnx
 
     with torch.no_grad():
         return torch_to_onnx(model, {"input": example_input(shape)})[0].SerializeToString()
@@ -195,9 +196,9 @@ def search_widths(table_path: Path, target: float, top: int, rounds: int, runs: 
     """
     import itertools
 
-    from compressor.channel_allocation import LatencyModel
-    from compressor.channels import find_groups, params_and_macs, shrink
-    from compressor.latency_table import read_table
+    from compressor.prune.latency import LatencyModel
+    from compressor.prune.channels import find_groups, params_and_macs, shrink
+    from edge_runtime.layer_timing import read_table
 
     torch.manual_seed(0)
     dense = build_model("resnet20").eval()

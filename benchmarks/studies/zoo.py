@@ -36,9 +36,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from compressor.batches import call_model, pick_output
+from compressor.train.batches import call_model, pick_output
 from compressor.config import PruneConfig
-from compressor.export import export_model
+from compressor.export.model_dir import export_model
 from compressor.pipeline import compress
 
 Builder = Callable[[int], Tuple[torch.nn.Module, Callable[[int, torch.Generator], Any]]]
@@ -88,7 +88,7 @@ def _own(name: str) -> Builder:
             from tests import zoo_models
 
             return zoo_models.user_cnn(), _images(1, 8)
-        from compressor.models import build_model
+        from compressor.train.models import build_model
 
         return build_model(name), _images(3, 32)
     return build

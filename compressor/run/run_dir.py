@@ -30,7 +30,7 @@ from torch import nn
 from compressor import checkpoints
 from compressor.config import config_differences
 from compressor.errors import CompressorError, RunDirError, UntrustedFactoryError
-from compressor.models import build_model, factory_record, file_sha256, input_shape_of, is_factory_spec
+from compressor.train.models import build_model, factory_record, file_sha256, input_shape_of, is_factory_spec
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
@@ -325,7 +325,7 @@ def _build_trusted(recorded: str, recorded_sha: Optional[str]) -> nn.Module:
     return build_model(recorded, expect_sha256=recorded_sha)
 def _shrunken(model: nn.Module, final: Dict[str, Any], config: Dict[str, Any], path: Path) -> nn.Module:
     """The dense ``model`` with the channels that ``final``'s plan drops removed (deterministically)."""
-    from compressor.channels import decode, example_input, find_groups, full_plan, shrink
+    from compressor.prune.channels import decode, example_input, find_groups, full_plan, shrink
 
     shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
     if not shape:

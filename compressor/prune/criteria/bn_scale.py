@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from compressor.criteria.base import ChannelCriterion
-from compressor.criteria.l1_norm import NormalizedL1
+from compressor.prune.criteria.base import ChannelCriterion
+from compressor.prune.criteria.l1_norm import NormalizedL1
 
 
 class BatchNormScale(ChannelCriterion):

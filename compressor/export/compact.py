@@ -32,6 +32,7 @@ import numpy as np
 from compressor.errors import ExportError
 from edge_runtime.model_format import (FED_LOCATION, FORMAT_VERSION_COMPACT, MANIFEST_FILE, ONNX_FILE, WEIGHTS_FILE,
                                        sha256_of, shipped_bytes)
+from edge_runtime.safe_io import new_temp_dir_beside, replace_dir
 
 VALUE_DTYPES = ("float32", "float16")
 
@@ -71,7 +72,7 @@ def _int8_weights(model_dir: Path, entry: Optional[Dict[str, Any]], decoded: Dic
         return {}
     import onnx
 
-    from compressor.quantize import quantized_initializers
+    from compressor.export.quantize import quantized_initializers
 
     stored, axes = quantized_initializers(onnx.load(str(model_dir / entry["file"]), load_external_data=False))
     found: Dict[str, Quantized] = {}
@@ -124,7 +125,7 @@ def _wide(weight: np.ndarray) -> bool:
 def _smallest(name: str, weight: np.ndarray) -> Tuple[str, Dict[str, np.ndarray]]:
     """``(form, weights.npz members)`` of the smallest storage for ``weight``: ``dense``, ``csr`` (column
     indices) or, for a wide matrix, ``delta`` (CSR with uint8 gaps, onnx_sparse.encode_delta_csr)."""
-    from compressor.onnx_sparse import csr_bytes, encode_csr, encode_delta_csr
+    from compressor.export.onnx_sparse import csr_bytes, encode_csr, encode_delta_csr
 
     options = [("dense", {name: weight}), ("csr", encode_csr(weight, weight.dtype).arrays(name))]
     if _wide(weight):
@@ -177,7 +178,6 @@ def compact_model_dir(model_dir: Path | str, values: str = "float32") -> Dict[st
     that are not int8."""
     import onnx
 
-    from compressor.export import _move_into_place
     from edge_runtime import variants
     from edge_runtime.model_dir import Weights, read_manifest
 
@@ -206,9 +206,7 @@ def compact_model_dir(model_dir: Path | str, values: str = "float32") -> Dict[st
         arrays.update(members)
     arrays.update(samples)
 
-    temp = model_dir.parent / f".{model_dir.name}.compact-tmp"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
+    temp = new_temp_dir_beside(model_dir, "compact")
     try:
         inline = {n: arrays[n] for n, e in tensors.items() if e["onnx"] == "inline"}
         fed = {n: (onnx.TensorProto.FLOAT, e["shape"]) for n, e in tensors.items() if e["onnx"] == "fed"}
@@ -232,7 +230,7 @@ def compact_model_dir(model_dir: Path | str, values: str = "float32") -> Dict[st
             arrays[manifest["sample"]["output"]] = _fp32_output(temp, new)
             _write(temp, new, arrays, variant_feeds, int8_entry)
         _check_engines(temp)
-        _move_into_place(temp, model_dir)
+        replace_dir(temp, model_dir)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
@@ -248,7 +246,7 @@ def _sample_members(manifest: Dict[str, Any]) -> List[str]:
 def _write(folder: Path, manifest: Dict[str, Any], arrays: Dict[str, np.ndarray],
            feeds: Dict[str, Any], int8_entry: Optional[Dict[str, Any]]) -> None:
     """weights.npz and manifest.json (hashes, sizes, variant entries) of the compact folder."""
-    from compressor.onnx_npz import write_npz
+    from compressor.export.onnx_npz import write_npz
 
     write_npz(folder / WEIGHTS_FILE, arrays)
     files = [ONNX_FILE, WEIGHTS_FILE] + ([int8_entry["file"]] if int8_entry else [])

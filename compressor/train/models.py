@@ -182,7 +182,7 @@ def build_model(name: str, expect_sha256: Optional[str] = None) -> nn.Module:
     """Build a registered model by name, or a user model from ``path/to/file.py:factory``.
 
     Only for names the user gave (a command line, an API call): never for a name read from a file
-    someone else wrote (``compressor.run_dir`` decides what a RUN_DIR's name may run).
+    someone else wrote (``compressor.run.run_dir`` decides what a RUN_DIR's name may run).
     """
     if name in BUILTIN:
         return BUILTIN[name]()

@@ -7,8 +7,8 @@ import math
 import logging
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from compressor import plotting
-from compressor.run_dir import CONFIG, METRICS, RunDir, read_json
+from compressor.run import plotting
+from compressor.run.run_dir import CONFIG, METRICS, RunDir, read_json
 
 REPORT = "report.md"
 PLOT = "sparsity_accuracy.png"

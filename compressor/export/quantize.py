@@ -116,13 +116,13 @@ def _builtin(data_spec: Optional[str]) -> bool:
 
 
 def _loaders(data_spec: str, input_shape: Sequence[int], batch: int):
-    from compressor.data import load_data
+    from compressor.train.data import load_data
 
     return load_data(data_spec, input_shape, batch, 0)
 
 
 def _numpy_inputs(batch: Any) -> Tuple[np.ndarray, np.ndarray]:
-    from compressor.batches import split_batch
+    from compressor.train.batches import split_batch
 
     inputs, target = split_batch(batch)
     if not hasattr(inputs, "numpy"):
@@ -350,7 +350,7 @@ def _fp32_entry(model_dir: Path, manifest: Dict[str, Any], accuracy: Optional[fl
 
 def _write_manifest(model_dir: Path, manifest: Dict[str, Any], variants: List[Dict[str, Any]]) -> None:
     """Record the variants and hash their files; manifest.json is replaced atomically."""
-    from compressor.export import sha256_of
+    from edge_runtime.safe_io import sha256_of
 
     manifest = dict(manifest)
     manifest["variants"] = variants
@@ -390,7 +390,7 @@ def refresh_fp32_accuracy(model_dir: Path | str, manifest: Dict[str, Any]) -> No
 
 def dense_level_accuracy(run_dir: Path | str, method: Optional[str]) -> Optional[float]:
     """The dense level's accuracy (a fraction) of a RUN_DIR: what ``--max-drop`` is measured against."""
-    from compressor.run_dir import list_levels
+    from compressor.run.run_dir import list_levels
 
     levels = list_levels(Path(run_dir))
     method = method or (levels[0].method if levels else None)

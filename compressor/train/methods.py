@@ -17,7 +17,7 @@ from functools import partial
 from typing import Callable, Dict, Iterable
 
 from compressor.config import PruneConfig
-from compressor.schedules import final_learning_rate, learning_rate
+from compressor.train.schedules import final_learning_rate, learning_rate
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ A criterion ranks what a pruning round removes. Two kinds, one per ``--structure
 
 - weights (unstructured): ``prune(params, mask, keep) -> Mask`` keeps the ``keep`` best weights;
 - channels (structured): ``layer_scores(module) -> Tensor`` scores each output channel of one
-  Conv/Linear layer, on a scale comparable across layers (``compressor.channels`` sums them over a
+  Conv/Linear layer, on a scale comparable across layers (``compressor.prune.channels`` sums them over a
   coupled group and ranks all groups together).
 
 A new criterion is one file in this folder and one line in ``REGISTRY``.
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
-from compressor.criteria.base import ChannelCriterion, Criterion, WeightCriterion
-from compressor.criteria.bn_scale import BatchNormScale
-from compressor.criteria.l1_norm import NormalizedL1
-from compressor.criteria.magnitude import GlobalMagnitude
+from compressor.prune.criteria.base import ChannelCriterion, Criterion, WeightCriterion
+from compressor.prune.criteria.bn_scale import BatchNormScale
+from compressor.prune.criteria.l1_norm import NormalizedL1
+from compressor.prune.criteria.magnitude import GlobalMagnitude
 from compressor.errors import ConfigError
 
 REGISTRY: Dict[str, Type[Criterion]] = {

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from compressor.data import TensorLoader
-from compressor.devices import resolve_device
+from compressor.train.data import TensorLoader
+from compressor.train.devices import resolve_device
 from compressor.errors import CompressorError, ConfigError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]

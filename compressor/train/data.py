@@ -8,7 +8,7 @@ Specs (``--data``):
   for training, per-channel normalisation. Kept as uint8 in memory (150 MB, not 600 MB of floats).
 - ``path/to/file.py:factory``: ``factory()`` returns ``(train, test)`` or ``(train, test, loss)``, each
   part a loader (an iterable of ``(inputs, target)`` batches) or a map-style dataset of ``(input,
-  target)`` pairs; inputs may be a tensor, a tuple or a dict of tensors (``compressor.batches``), and
+  target)`` pairs; inputs may be a tensor, a tuple or a dict of tensors (``compressor.train.batches``), and
   ``loss(output, target) -> scalar`` replaces ``--loss``.
 Nothing is ever downloaded.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from compressor.errors import ConfigError
-from compressor.models import input_shape_of, load_factory
+from compressor.train.models import input_shape_of, load_factory
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 Transform = Callable[[torch.Tensor, Optional[torch.Generator]], torch.Tensor]

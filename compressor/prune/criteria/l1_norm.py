@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from compressor.criteria.base import ChannelCriterion
+from compressor.prune.criteria.base import ChannelCriterion
 
 
 class NormalizedL1(ChannelCriterion):

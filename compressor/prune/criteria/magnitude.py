@@ -6,9 +6,9 @@ from typing import Dict
 
 import torch
 
-from compressor.criteria.base import WeightCriterion
-from compressor.mask import Mask
-from compressor.pruning import global_magnitude_prune
+from compressor.prune.criteria.base import WeightCriterion
+from compressor.prune.mask import Mask
+from compressor.prune.weights import global_magnitude_prune
 
 
 class GlobalMagnitude(WeightCriterion):

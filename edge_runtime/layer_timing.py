@@ -1,22 +1,18 @@
-"""Latency lookup tables: how long one Conv/Linear layer of a given shape takes in onnxruntime.
+"""Latency tables, the device side: the file format, and timing one Conv/Linear layer in onnxruntime.
 
 MACs predict onnxruntime latency poorly (channel counts that fill the CPU's vector blocks run far
-faster than fewer MACs that do not), so ``--allocate latency`` decides how many channels each group
-keeps from measured times instead (NetAdapt, Yang et al. 2018; HALP, Shen et al. 2022). A table maps a
-layer *shape* (op, input and output widths, kernel, stride, padding, groups, input size) to the p50
-milliseconds of that layer alone, run at batch 1 in onnxruntime on the machine that measured it.
+faster than fewer MACs that do not), so ``--allocate latency`` plans widths from measured times. A table
+maps a layer *shape* (op, input and output widths, kernel, stride, padding, groups, input size) to the
+p50 milliseconds of that layer alone, run at batch 1 in onnxruntime on the machine that measured it.
 
-A run stores the table it used as ``RUN_DIR/latency_table.json`` (so ``--resume`` plans the same),
-and ``--latency-table FILE`` reads one measured elsewhere, e.g. on the Raspberry Pi::
+Measuring needs numpy and onnxruntime only (the one-layer ONNX models are written here by hand), which
+is what a device's edge-runtime venv has, so the deployed runtime measures where the model will run::
 
-    python3 -m compressor.latency_table --model resnet20 --shapes-out shapes.json   # dev machine (torch)
-    scp compressor/latency_table.py shapes.json pi:                                   # the file runs alone
-    ssh pi ~/.edgeprune/venv/bin/python latency_table.py --shapes shapes.json --out table.json  # numpy + onnxruntime
-    edgeprune compress --model resnet20 --structure channels --allocate latency --latency-table table.json ...
+    python3 -m compressor.latency_shapes --model resnet20 --shapes-out shapes.json      # workstation (torch)
+    ~/.edgeprune/venv/bin/python -m edge_runtime.layer_timing --shapes shapes.json --out table.json
 
-This module imports neither torch nor compressor's training code: measuring needs numpy and
-onnxruntime only (it writes its one-layer ONNX models itself), what a device's edge-runtime venv has. A table is untrusted input: every field is checked, and any fault is one
-``LatencyTableError`` line.
+Planning widths from a table is the workstation's job (``compressor.prune.latency``). A table and a
+shapes file are untrusted input: every field is checked, and any fault is one ``LatencyTableError`` line.
 """
 
 from __future__ import annotations
@@ -32,23 +28,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-try:
-    from compressor.errors import CompressorError, ConfigError
-except ImportError:  # copied alone to a device (scp latency_table.py pi:): measuring needs nothing else
-    class CompressorError(Exception):  # type: ignore[no-redef]
-        """Stand-in for compressor.errors.CompressorError outside the package."""
-
-    class ConfigError(CompressorError):  # type: ignore[no-redef]
-        """Stand-in for compressor.errors.ConfigError outside the package."""
+from edge_runtime.errors import EdgeRuntimeError, ModelDirError
+from edge_runtime.safe_io import atomic_write_text, read_bounded
 
 FORMAT = "edgeprune-latency-table"
 VERSION = 1
 MAX_BYTES = 16 * 1024 * 1024  # a table is a few hundred entries; refuse to parse a huge file
 MAX_ENTRIES = 100_000
-RUN_DIR_NAME = "latency_table.json"
 
 
-class LatencyTableError(ConfigError):
+class LatencyTableError(EdgeRuntimeError):
     """A latency table that cannot be read, is malformed, or lacks shapes the run needs."""
 
 
@@ -164,12 +153,11 @@ def read_shapes(path: Path) -> List[LayerShape]:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        size = Path(path).stat().st_size
-        if size > MAX_BYTES:
-            raise LatencyTableError(f"{what} {path}: {size} bytes is too large for a latency table")
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
-    except LatencyTableError:
-        raise
+        return json.loads(read_bounded(path, MAX_BYTES).decode("utf-8"))
+    except ModelDirError as error:  # not a regular file, missing, or over MAX_BYTES
+        if "larger than" in str(error):
+            raise LatencyTableError(f"{what} {path}: too large for a latency table (over {MAX_BYTES} bytes)") from None
+        raise LatencyTableError(f"{what} {path}: cannot read it ({str(error).replace(str(path), '').strip(' :')})") from None
     except OSError as error:
         raise LatencyTableError(f"{what} {path}: cannot read it ({error.strerror or error})") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
@@ -283,54 +271,28 @@ def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, run
 
 
 def write_shapes(shapes: Sequence[LayerShape], path: Path) -> None:
+    """A shapes file (``{"shapes": [...]}``, one entry per distinct shape) for :func:`read_shapes`."""
     unique = list({s.key(): s for s in shapes}.values())
-    Path(path).write_text(json.dumps({"shapes": [s.to_dict() for s in unique]}) + "\n")
-
-
-def model_shapes(model_name: str, multiple: int, min_channels: Optional[int], exclude: Sequence[str]):
-    """Every layer shape ``--allocate latency`` may ask about for this model (needs torch)."""
-    from compressor.channel_allocation import LatencyModel
-    from compressor.channels import example_input, find_groups
-    from compressor.models import build_model, input_shape_of
-
-    model = build_model(model_name)
-    example = example_input(input_shape_of(model))
-    groups = find_groups(model, example, exclude)
-    return LatencyModel(model, example, groups, multiple, min_channels).shapes_needed()
+    atomic_write_text(path, json.dumps({"shapes": [s.to_dict() for s in unique]}) + "\n")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python3 -m compressor.latency_table``: list a model's layer shapes, or measure a table."""
-    parser = argparse.ArgumentParser(prog="python3 -m compressor.latency_table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="a built-in model or file.py:factory (needs torch)")
-    parser.add_argument("--channel-multiple", type=int, default=8)
-    parser.add_argument("--min-channels", type=int, default=None)
-    parser.add_argument("--exclude", default="", help="comma separated layers kept whole (as compress)")
-    parser.add_argument("--shapes-out", metavar="FILE", help="write the model's layer shapes here and stop")
-    parser.add_argument("--shapes", metavar="FILE", help="measure the shapes in FILE (no torch needed)")
+    """``python3 -m edge_runtime.layer_timing --shapes FILE --out TABLE``: measure a table here."""
+    parser = argparse.ArgumentParser(prog="python3 -m edge_runtime.layer_timing",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", metavar="FILE", required=True, help="the layer shapes to time (JSON)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", metavar="FILE", help="where the measured table goes")
+    parser.add_argument("--out", metavar="FILE", required=True, help="where the measured table goes")
     args = parser.parse_args(argv)
     try:
-        if (args.model is None) == (args.shapes is None):
-            raise LatencyTableError("give --model or --shapes (one of them)")
-        if args.shapes:
-            shapes = read_shapes(Path(args.shapes))
-        else:
-            exclude = [e for e in args.exclude.split(",") if e]
-            shapes = model_shapes(args.model, args.channel_multiple, args.min_channels, exclude)
-        if args.shapes_out:
-            write_shapes(shapes, Path(args.shapes_out))
-            print(f"{len({s.key() for s in shapes})} shapes: {args.shapes_out}")
-            return 0
-        if not args.out or args.threads < 1:
-            raise LatencyTableError("give --out FILE for the table (and --threads >= 1)")
-        table = measure(shapes, args.threads)
-        Path(args.out).write_text(table.to_json())
+        if args.threads < 1:
+            raise LatencyTableError("--threads must be >= 1")
+        table = measure(read_shapes(Path(args.shapes)), args.threads)
+        atomic_write_text(Path(args.out), table.to_json())
         print(f"{len(table.ms)} shapes measured ({table.measured_on}): {args.out}")
         return 0
-    except (CompressorError, OSError) as error:
-        print(f"latency_table: {error}", file=sys.stderr)
+    except (EdgeRuntimeError, OSError) as error:
+        print(f"layer_timing: {error}", file=sys.stderr)
         return 2
 
 

@@ -28,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from compressor.criteria import ChannelCriterion
+from compressor.prune.criteria import ChannelCriterion
 from compressor.errors import CheckpointError, StructureError
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -1,4 +1,4 @@
-"""The two kinds of pruning criterion (see ``compressor.criteria``)."""
+"""The two kinds of pruning criterion (see ``compressor.prune.criteria``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from compressor.mask import Mask
+from compressor.prune.mask import Mask
 
 
 class Criterion:

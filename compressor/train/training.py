@@ -2,7 +2,7 @@
 
 It knows nothing about files, levels or methods: the caller (``compressor.pipeline``) builds the
 model, optimizer and loaders and passes an ``on_epoch_end`` hook that checkpoints. That keeps the
-loop small, and is why ``DistributedDataParallel`` (``compressor.distributed``) wraps the model and
+loop small, and is why ``DistributedDataParallel`` (``compressor.train.distributed``) wraps the model and
 shards the loaders without the loop knowing.
 
 Pruned weights stay exactly zero: before each step their gradients and momentum are masked (so
@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor.errors import DivergedError
-from compressor.batches import Task, example_count, split_batch, to_device
-from compressor.mask import Mask
+from compressor.train.batches import Task, example_count, split_batch, to_device
+from compressor.prune.mask import Mask
 
 LrAt = Callable[[float], float]
 EpochHook = Callable[[int, float, float], None]

@@ -30,12 +30,12 @@ def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = No
     ``inputs`` maps each graph input's name to its example tensor, in the forward's parameter order;
     they are passed positionally, or as keyword arguments when not ``positional``. The model may
     return a tensor, tuple, dict or ModelOutput: only the output ``output`` (see
-    ``compressor.batches.pick_output``) is kept, and the graph is cut down to what computes it.
+    ``compressor.train.batches.pick_output``) is kept, and the graph is cut down to what computes it.
     Returns ``(model, the kept output's name)``: ``output`` for a model returning one tensor.
     """
     import torch  # the workstation side only; keeps this module importable for inspection
 
-    from compressor.batches import flat_outputs, pick_output
+    from compressor.train.batches import flat_outputs, pick_output
 
     args = tuple(inputs.values()) if positional else ()
     kwargs = {} if positional else dict(inputs)

@@ -23,13 +23,15 @@ import torch
 from torch import nn
 
 from compressor import checkpoints
-from compressor.channels import (ChannelPlan, Ranking, channel_count, copy_model, example_input, find_groups,
+from compressor.prune.channels import (ChannelPlan, Ranking, channel_count, copy_model, example_input, find_groups,
                                  full_plan, group_scores, params_and_macs, shrink, smallest, widths)
-from compressor.channel_allocation import LatencyModel, LatencyRanking, TableRounding
+from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
-from compressor.criteria import ChannelCriterion
+from compressor.prune.criteria import ChannelCriterion
 from compressor.errors import ConfigError, StructureError
-from compressor.latency_table import RUN_DIR_NAME, measure, read_table
+from compressor.prune.latency import RUN_DIR_NAME, LatencyModel
+from edge_runtime.layer_timing import measure, read_table
+from edge_runtime.safe_io import atomic_write_text
 
 
 def _target(config: PruneConfig) -> Tuple[str, float]:
@@ -73,7 +75,7 @@ class ChannelLevels:
             return
         path = Path(root) / RUN_DIR_NAME
         if not path.is_file() and is_writer:
-            checkpoints.atomic_write_text(self.latency.table.to_json(), path)
+            atomic_write_text(path, self.latency.table.to_json())
         barrier()
         self.latency.use(read_table(path, "the run's"), str(path))
         self._cache.clear()  # predicted fractions from the table measured at start no longer hold

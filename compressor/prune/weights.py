@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ConfigError
-from compressor.mask import Mask
+from compressor.prune.mask import Mask
 
 _PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
