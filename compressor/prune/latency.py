@@ -9,6 +9,7 @@ shapes a model needs, to measure on a device; ``--out FILE`` measures them here.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from compressor.errors import ConfigError
 from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
-from edge_runtime.layer_timing import (LatencyTable, LatencyTableError, LayerShape)
+from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape, check_for_planning
 
 RUN_DIR_NAME = "latency_table.json"  # the table a run planned from, kept so --resume plans the same
 MAX_SHAPES = 5000  # a table this large takes minutes to measure: the multiple is too fine for this model
@@ -103,6 +104,9 @@ class LatencyModel:
             raise LatencyTableError(
                 f"{source} lacks {len(missing)} layer shape(s) this run needs (e.g. {missing[0]!r}); measure it "
                 f"for this model and multiple: python3 -m compressor.latency_shapes --model ... --out FILE")
+        # flat or inverted: refused (one line); milder doubts: one warning line each, then planned with
+        for warning in check_for_planning(table, self.shapes_needed(), source):
+            logging.getLogger("compressor").warning(warning)
         self.table = table
 
     def layer_ms(self, layer: _Layer, removed: Sequence[int]) -> float:
