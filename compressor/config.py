@@ -95,6 +95,11 @@ class PruneConfig:
     target_speedup: Optional[float] = field(default=None, metadata=_help(
         "--allocate latency/global-table only: prune until the latency table predicts this speed-up over the dense "
         "model (e.g. 1.8); replaces --target-sparsity and --target-macs"))
+    quantize: Optional[str] = field(default=None, metadata=_help(
+        "the engine the pruned model will be exported for: int8 plans widths from int8 (static QDQ) "
+        "times (export it with --quantize int8); none or default: fp32"))
+    latency_threads: int = field(default=1, metadata=_help(
+        "intra-op threads the model will run with: latency tables and network timings use this many"))
     latency_table: Optional[str] = field(default=None, metadata=_help(
         "--allocate latency/global-table only: a latency table JSON measured elsewhere (e.g. on the Pi with "
         "python3 -m edge_runtime.layer_timing) instead of measuring on this machine"))
@@ -162,6 +167,15 @@ class PruneConfig:
         if "weight-rewind" in self.methods and not 0 <= self.rewind_epoch < self.epochs:
             raise ConfigError(f"rewind epoch must be in [0, epochs={self.epochs}), got {self.rewind_epoch}")
         self._validate_structure()
+        self._validate_latency()
+
+    def _validate_latency(self) -> None:
+        if self.quantize == "none":  # the CLI's spelling of the default
+            object.__setattr__(self, "quantize", None)
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"--quantize {self.quantize!r}: plan for int8 or none (fp32)")
+        if not 1 <= self.latency_threads <= 64:
+            raise ConfigError(f"--latency-threads must be in [1, 64], got {self.latency_threads}")
 
     def _validate_structure(self) -> None:
         if self.structure not in STRUCTURES:

@@ -11,14 +11,44 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from compressor.errors import ConfigError
 from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
+from edge_runtime import layer_timing
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape, check_for_planning
+
+class LatencySource(Protocol):
+    """Where latency is measured: the machine the model will run on (``LocalLatency``: this one)."""
+
+    def describe(self) -> str:
+        """One line naming the machine, for messages and metrics."""
+
+    def table(self, shapes: Sequence[LayerShape], engine: str, threads: int) -> LatencyTable:
+        """A table of ``shapes`` timed there with ``engine`` ("ort" or "ort-int8") and ``threads``."""
+
+    def time_networks(self, models: Sequence[bytes], threads: int) -> List[float]:
+        """p50 ms of whole serialized ONNX models there (already quantized when int8), interleaved."""
+
+
+class LocalLatency:
+    """Measures on this machine, in-process (``edge_runtime.layer_timing``)."""
+
+    def __init__(self, rounds: int = 5, runs: int = 20) -> None:
+        self.rounds, self.runs = rounds, runs
+
+    def describe(self) -> str:
+        return f"this machine ({layer_timing.measured_on()})"
+
+    def table(self, shapes: Sequence[LayerShape], engine: str, threads: int) -> LatencyTable:
+        return layer_timing.measure(shapes, threads, self.rounds, self.runs, engine)
+
+    def time_networks(self, models: Sequence[bytes], threads: int) -> List[float]:
+        return layer_timing.time_networks(models, threads, self.rounds, self.runs)
+
 
 RUN_DIR_NAME = "latency_table.json"  # the table a run planned from, kept so --resume plans the same
 MAX_SHAPES = 5000  # a table this large takes minutes to measure: the multiple is too fine for this model

@@ -29,8 +29,8 @@ from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
 from compressor.prune.criteria import ChannelCriterion
 from compressor.errors import ConfigError, StructureError
-from compressor.prune.latency import RUN_DIR_NAME, LatencyModel
-from edge_runtime.layer_timing import measure, read_table
+from compressor.prune.latency import RUN_DIR_NAME, LatencyModel, LatencySource, LocalLatency
+from edge_runtime.layer_timing import read_table
 from edge_runtime.safe_io import atomic_write_text
 
 
@@ -47,13 +47,15 @@ class ChannelLevels:
     """The structured side of one run (see the module docstring)."""
 
     def __init__(self, template: nn.Module, input_shape: Sequence[int], config: PruneConfig,
-                 criterion: ChannelCriterion) -> None:
+                 criterion: ChannelCriterion, source: Optional[LatencySource] = None) -> None:
         self.template = copy_model(template).cpu()
         self.example = example_input(input_shape)
         self.config, self.criterion = config, criterion
         self.groups = find_groups(self.template, self.example, config.exclude)
         self.dense_params, self.dense_macs = params_and_macs(self.template, self.example)
         self.metric, self.target = _target(config)
+        self.source: LatencySource = source or LocalLatency()
+        self.engine = "ort-int8" if config.quantize == "int8" else "ort"
         self._cache: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], float] = {}
         self.latency: Optional[LatencyModel] = None
         if config.allocate != "global":
@@ -64,7 +66,8 @@ class ChannelLevels:
             if config.latency_table is not None:
                 self.latency.use(read_table(Path(config.latency_table)), f"--latency-table {config.latency_table}")
             else:
-                self.latency.use(measure(self.latency.shapes_needed()), "the measured table")
+                self.latency.use(self.source.table(self.latency.shapes_needed(), self.engine, config.latency_threads),
+                                 f"the table measured on {self.source.describe()}")
         self._check_reachable()
 
     def attach_table(self, root: Path, is_writer: bool, barrier=lambda: None) -> None:
