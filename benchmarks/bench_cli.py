@@ -3,6 +3,7 @@
     edgeprune bench local model_a/ model_b/ --kernels ort,sparse --threads 1,4
     edgeprune bench pi@pi4,pi@pi5:2222 model_a/ digits --out fleet/   # `digits`: deployed by name
     edgeprune bench pi@pi4 --run runs/digits --levels 0,5,10
+    edgeprune bench pi@pi4 --latency-table resnet20 --quantize int8 --out pi4-int8.json
 
 Imports only the standard library at module level (the `edgeprune` front end imports every
 subcommand's module to build its parser); the harness, paramiko, matplotlib and torch come in run().
@@ -59,6 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--overwrite", action="store_true", help="replace the results of an earlier sweep in --out")
     output.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar across the sweep on stderr (default: when stderr is a terminal)")
+    from benchmarks.latency_table_cli import configure as configure_latency_table
+
+    configure_latency_table(parser)
     parser.add_argument("--wheelhouse", type=Path, metavar="DIR",
                         help="wheels for devices without internet (installed with pip --no-index)")
     # The flags deploy uses, so a bench reaches a device exactly as deploy did (paramiko comes with it).
@@ -70,6 +74,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Plan the sweep, run it on every target, write results and report; 0 when every figure came."""
+    if args.latency_table is not None:
+        from benchmarks import latency_table_cli
+
+        return latency_table_cli.run(args)
     from benchmarks.device_facts import DEFAULT_TEMP_LIMIT_C
     from benchmarks.errors import ResultsError
     from benchmarks.harness import SweepSettings, run_sweep, settings_summary

@@ -73,8 +73,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     module = importlib.import_module(sub.module)
     parser = argparse.ArgumentParser(prog=f"edgeprune {sub.name}", description=sub.summary)
     module.configure(parser)
+    if sub.name == "compress":  # compressor never imports deploy: the front adds where latency is measured
+        from edgeprune import latency_on
+
+        latency_on.configure(parser)
     args = parser.parse_args(argv[1:])
     try:
+        if sub.name == "compress":
+            latency_on.attach(args)
         return int(module.run(args) or 0)
     except module.USER_ERRORS as error:
         print(f"edgeprune {sub.name}: error: {error}", file=sys.stderr)
