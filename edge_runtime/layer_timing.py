@@ -414,6 +414,7 @@ def _chain_onnx(nodes: int) -> bytes:
 # a layer inside a whole network does not pay. Subtracted from every entry so that ratios of predicted
 # latencies (--target-speedup) are ratios of compute; differences (what the allocation uses) are unchanged.
 OVERHEAD_SHAPE = LayerShape("conv", 1, 1, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+OVERHEAD_LINEAR = LayerShape("linear", 1, 1)  # cheaper than the conv in some engines (int8): the smaller counts
 FLOOR_MS = 1e-4  # entries stay positive: a layer never costs nothing
 CHAIN = 33       # node_ms is the slope between a chain of 1 cheap node and a chain of CHAIN
 
@@ -477,17 +478,18 @@ def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, run
     """Time every distinct shape at batch 1 with ``threads`` intra-op threads in ``engine``.
 
     A shape's figure is its one-layer model's time less ``call_ms`` (``OVERHEAD_SHAPE``'s time);
-    ``node_ms`` is the per-node slope of chains of cheap nodes, timed in the same rounds.
+    ``node_ms`` is the per-node slope of chains of cheap nodes, timed in the same rounds. (A shape
+    among ``shapes`` equal to an overhead shape is timed twice; harmless.)
     """
     if engine not in ENGINES:
         raise LatencyTableError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
     check_threads(threads)
-    unique = [OVERHEAD_SHAPE, *{s.key(): s for s in shapes}.values()]
+    unique = [OVERHEAD_SHAPE, OVERHEAD_LINEAR, *{s.key(): s for s in shapes}.values()]
     models = [_chain_onnx(1), _chain_onnx(CHAIN), *(layer_onnx(shape, engine) for shape in unique)]
     times = _min_medians([_session(model, threads) for model in models], rounds, runs)
     node_ms = max(0.0, (times[1] - times[0]) / (CHAIN - 1))
-    call_ms = times[2]
-    ms = {shape.key(): max(FLOOR_MS, t - call_ms) for shape, t in zip(unique[1:], times[3:])}
+    call_ms = min(times[2:4])
+    ms = {shape.key(): max(FLOOR_MS, t - call_ms) for shape, t in zip(unique[2:], times[4:])}
     return LatencyTable(ms, threads, measured_on(), engine, call_ms, node_ms, device_fingerprint())
 
 

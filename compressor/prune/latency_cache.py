@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.layer_timing import LatencyTable, LayerShape, read_table
+from edge_runtime.layer_timing import LatencyTable, LayerShape, check_for_planning, read_table
 from edge_runtime.safe_io import atomic_write_text
 
 log = logging.getLogger("compressor")
@@ -105,6 +105,8 @@ class CachedLatency:
                 cached = self._measure(list(needed.values()), engine, threads)
             else:
                 cached = measured
+            # a table unfit to plan with (flat, inverted, incomplete) is refused now and never cached
+            check_for_planning(cached, list(needed.values()), f"the table measured on {self.describe()}")
             self.cache.store(cached)
         else:
             log.info(f"latency table for {len(needed)} shapes from the cache ({self.cache.path(device, engine, threads)})")
