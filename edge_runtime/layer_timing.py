@@ -257,21 +257,46 @@ def check_for_planning(table: LatencyTable, shapes: Sequence[LayerShape], source
 
 
 def _inverted_families(table: LatencyTable, needed: Sequence[LayerShape]) -> Tuple[int, List[str]]:
-    """How many families have widths spread enough to judge, and the ones whose narrowest shape is
-    clearly slower than their widest (as ``narrow key (ms) > wide key (ms)``)."""
+    """How many families have widths spread enough to judge (3 or more MAC counts, the widest at least
+    MIN_SPREAD times the narrowest), and the ones whose times fall as MACs rise (rank correlation
+    below -0.5, and the narrowest clearly slower than the widest), as ``narrow (ms) > wide (ms)``.
+    One slow narrow width is a kernel's quirk the table is there to find, not an inversion."""
     families: Dict[Tuple[Any, ...], List[LayerShape]] = {}
     for shape in needed:
         families.setdefault(_family(shape), []).append(shape)
     judged, inverted = 0, []
     for members in families.values():
-        narrow, wide = min(members, key=macs), max(members, key=macs)
-        if macs(wide) < MIN_SPREAD * macs(narrow):
+        work = [macs(s) for s in members]
+        if len(set(work)) < 3 or max(work) < MIN_SPREAD * min(work):
             continue
         judged += 1
+        times = [table.ms[s.key()] for s in members]
+        narrow, wide = members[work.index(min(work))], members[work.index(max(work))]
         slow, fast = table.ms[narrow.key()], table.ms[wide.key()]
-        if slow > INVERTED_RATIO * fast and slow - fast > INVERTED_ABS_MS:
+        if _rank_correlation(work, times) < -0.5 and slow > INVERTED_RATIO * fast and slow - fast > INVERTED_ABS_MS:
             inverted.append(f"{narrow.key()!r} {slow:.4g} ms > {wide.key()!r} {fast:.4g} ms")
     return judged, inverted
+
+
+def _rank_correlation(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties share their mean rank); 0 when either side is constant."""
+    def ranks(values: Sequence[float]) -> List[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+                end += 1
+            for position in range(start, end + 1):
+                out[order[position]] = (start + end) / 2
+            start = end + 1
+        return out
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    covariance = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    spread = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return covariance / spread if spread else 0.0
 
 
 # --- measuring (numpy, onnxruntime) -------------------------------------------------------------------
