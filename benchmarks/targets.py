@@ -60,7 +60,7 @@ def target_for(host: str, connect: Optional[object] = None, remote_root: str = "
     """
     if host == "local":
         return LocalTarget(python=python)
-    from deploy.connection import HostSpec
+    from deploy.ssh_config import HostSpec
     from deploy.errors import DeployError
 
     try:
@@ -219,7 +219,7 @@ class LocalTarget:
 
 
 class SshTarget:
-    """A device over SSH, through ``deploy.connection.Device`` (host keys, quoting, timeouts)."""
+    """A device over SSH, through ``deploy.device.Device`` (host keys, quoting, timeouts)."""
 
     def __init__(self, spec: str, connect_options: object, remote_root: str = "~/.edgeprune",
                  python: Optional[str] = None, wheelhouse: Optional[Path] = None) -> None:
@@ -237,7 +237,8 @@ class SshTarget:
 
     def open(self) -> None:
         """Connect, make sure the runtime is installed, copy the device scripts to scratch."""
-        from deploy.connection import Device, HostSpec
+        from deploy.device import Device
+        from deploy.ssh_config import HostSpec
         from deploy.errors import DeployError
         from deploy.release import scratch_dir
         from deploy.runtime_install import ensure_runtime

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from deploy.errors import DeployError
 
-if TYPE_CHECKING:  # paramiko loads with deploy.connection: not for `--help`
-    from deploy.connection import ConnectOptions
+if TYPE_CHECKING:  # paramiko loads with deploy.ssh_config: not for `--help`
+    from deploy.ssh_config import ConnectOptions
 
 #: What the deploy-side subcommands report as one line + exit code 2.
 USER_ERRORS = (DeployError,)
@@ -40,7 +40,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def connect_options(args: argparse.Namespace) -> "ConnectOptions":
     """ConnectOptions from the parsed flags."""
-    from deploy.connection import ConnectOptions
+    from deploy.ssh_config import ConnectOptions
 
     if args.timeout <= 0:
         raise DeployError("--timeout must be positive")

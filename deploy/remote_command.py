@@ -12,12 +12,15 @@ Every remote command is one line for the login shell::
 - coreutils ``timeout`` kills the command's whole process group at the limit (``-k``: SIGKILL 5 s
   after SIGTERM), enforced on the device even if the connection is gone.
 
-A started command is a :class:`RemoteProcess` (from :meth:`deploy.connection.Device.start`): it
+A started command is a :class:`RemoteProcess` (from :meth:`deploy.device.Device.start`): it
 drains stdout and stderr together, gives up on a device that never starts the command or stops
 answering keepalives (``--timeout``), and on Ctrl-C cuts the connection without a word to the
 device. A command killed by a signal ends its channel with SSH's ``exit-signal`` instead of an exit
-status; paramiko drops that message, so :func:`watch_exit_signals` records it on the channel and
-the result names the signal.
+status; paramiko drops that message, so :func:`deploy.connection.watch_exit_signals` records it on
+the channel and the result names the signal.
+
+A RemoteProcess needs only the :class:`deploy.connection.Connection` it runs on (its deadlines,
+keepalive, abort); :mod:`deploy.device` imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -25,23 +28,16 @@ from __future__ import annotations
 import select
 import shlex
 import signal
-import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import paramiko
 
+from deploy.connection import LOST, Connection, quietly
 from deploy.errors import DeployError, RemoteTimeout
 
-if TYPE_CHECKING:  # Device is only annotated here; deploy.connection imports this module
-    from deploy.connection import Device
-
 SESSION_VARIABLE = "EDGEPRUNE_SESSION"
-
-# Exceptions paramiko/sockets raise when an established connection goes away. (Not all of OSError:
-# SFTP reports remote file errors as OSError too; those are told apart by asking the transport.)
-LOST = (EOFError, ConnectionError, socket.timeout, paramiko.SSHException)
 
 
 @dataclass(frozen=True)
@@ -75,31 +71,6 @@ def command_line(argv: Sequence[str], limit: float, cwd: Optional[str], tag: Opt
     return "echo $$; " + command
 
 
-def watch_exit_signals(transport: paramiko.Transport) -> None:
-    """Record SSH ``exit-signal`` messages as ``channel.exit_signal`` (e.g. ``"KILL"``) on this transport.
-
-    paramiko answers only ``exit-status``; a command killed by a signal looked as if its connection
-    had dropped. The handler table is per transport (a copy), so no other paramiko user is affected.
-    """
-    table = dict(getattr(type(transport), "_channel_handler_table", {}))
-    original = table.get(paramiko.common.MSG_CHANNEL_REQUEST)
-    if original is None:  # a paramiko without this table: signals stay unnamed, nothing breaks
-        return
-
-    def handle(channel: paramiko.Channel, message: paramiko.Message) -> None:
-        start = message.packet.tell()
-        if message.get_text() == "exit-signal":
-            message.get_boolean()  # want_reply: never set for exit-signal (RFC 4254 6.10)
-            channel.exit_signal = message.get_text()
-            channel.status_event.set()
-            return
-        message.packet.seek(start)
-        original(channel, message)
-
-    table[paramiko.common.MSG_CHANNEL_REQUEST] = handle
-    transport._channel_handler_table = table
-
-
 def signal_number(name: str) -> Optional[int]:
     """The local number of a signal named as SSH names it (``"KILL"``), if this system knows it."""
     try:
@@ -111,7 +82,7 @@ def signal_number(name: str) -> Optional[int]:
 class RemoteProcess:
     """A command started by :meth:`Device.start`: wait for it, or cancel it (kills it on the device)."""
 
-    def __init__(self, device: Device, argv: tuple, channel: paramiko.Channel, limit: float):
+    def __init__(self, device: Connection, argv: tuple, channel: paramiko.Channel, limit: float):
         self.device = device
         self.argv = argv
         self._channel = channel
@@ -260,9 +231,3 @@ class RemoteProcess:
             pass
         quietly(self._channel.close)
 
-
-def quietly(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways; nothing to do
-        pass

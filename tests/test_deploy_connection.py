@@ -1,4 +1,4 @@
-"""deploy.connection against a real OpenSSH sshd: host keys, auth, quoting, timeouts, ssh config."""
+"""deploy.connection and deploy.device against a real sshd: host keys, auth, quoting, timeouts, ssh config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 import paramiko
 import pytest
 
-from deploy.connection import CommandResult, Device, HostSpec
+from deploy.device import Device
+from deploy.remote_command import CommandResult
+from deploy.ssh_config import HostSpec
 from deploy.errors import AuthError, ConnectError, HostKeyError, RemoteCommandError, RemoteTimeout
 from tests.sshd import keygen
 
