@@ -14,7 +14,6 @@ Both targets do the same four things, so the sweep code never asks which one it 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Tuple
 
 from benchmarks.device_facts import DEVICE_SCRIPTS, PROBE_SCRIPT, SUPERVISOR_SCRIPT
+from benchmarks.device_output import clean_envelope, clean_facts, envelope_problem, strict_json
 from benchmarks.errors import ModelDirError, TargetError, TargetTimeout
 from benchmarks.sweep_plan import ModelEntry, parse_manifest
 
@@ -98,17 +98,22 @@ def supervised_argv(python: str, tools_dir: str, timeout_s: float, command: List
     return [python, supervisor, "--timeout", f"{timeout_s:g}", "--", *command]
 
 
-def parse_envelope(stdout: str, stderr: str, exit_status: int) -> Dict[str, object]:
-    """The supervisor's JSON; a synthetic failed envelope when it printed none (it could not start)."""
+def parse_envelope(stdout: str, stderr: str, exit_status: int, cut_note: str = "") -> Dict[str, object]:
+    """The supervisor's JSON, checked; a synthetic failed envelope when it printed none (it could not
+    start), printed too much (``cut_note``: the connection kept only part of it), or sent a bad one."""
+    why = cut_note
     try:
-        envelope = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else None
-    except ValueError:
-        envelope = None
-    if not isinstance(envelope, dict) or "returncode" not in envelope:
-        return {"returncode": exit_status or 1, "timed_out": False, "wall_s": None, "stdout": "",
-                "stderr": (stderr or stdout or "the supervisor printed nothing")[-4000:],
-                "temperature_c_before": None, "temperature_c_after": None, "throttled_after": None}
-    return envelope
+        envelope = strict_json(stdout.strip().splitlines()[-1]) if stdout.strip() and not cut_note else None
+    except ValueError as error:
+        envelope, why = None, f"the supervisor printed bad JSON ({str(error)[:120]})"
+    if isinstance(envelope, dict) and "returncode" in envelope:
+        why = envelope_problem(envelope)
+        if why is None:
+            return clean_envelope(envelope)
+        why = f"the supervisor sent a bad envelope: {why}"
+    return {"returncode": exit_status or 1, "timed_out": False, "wall_s": None, "stdout": "",
+            "stderr": (why or stderr or stdout or "the supervisor printed nothing")[-4000:],
+            "temperature_c_before": None, "temperature_c_after": None, "throttled_after": None}
 
 
 def timeout_envelope(message: str) -> Dict[str, object]:
@@ -120,12 +125,12 @@ def timeout_envelope(message: str) -> Dict[str, object]:
 def parse_facts(stdout: str, where: str) -> Dict[str, object]:
     """The probe's JSON; TargetError when it printed something else."""
     try:
-        facts = json.loads(stdout)
+        facts = strict_json(stdout)
     except ValueError:
         facts = None
     if not isinstance(facts, dict):
         raise TargetError(f"{where}: the device facts probe printed no JSON: {stdout.strip()[:200]!r}")
-    return facts
+    return clean_facts(facts)
 
 
 SCRATCH_DAYS = 7  # bench's uploads unused this long are removed when bench next opens the device
@@ -354,7 +359,7 @@ class SshTarget:
         finally:
             with self._lock:
                 self._running = None
-        return parse_envelope(result.stdout, result.stderr, result.exit_status)
+        return parse_envelope(result.stdout, result.stderr, result.exit_status, result.cut_note())
 
     def abort(self) -> None:
         """Drop the connection now, from any thread (Ctrl-C), without waiting for the device.

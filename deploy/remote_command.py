@@ -30,7 +30,7 @@ import shlex
 import signal
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import paramiko
 
@@ -38,6 +38,12 @@ from deploy.connection import LOST, Connection, quietly
 from deploy.errors import DeployError, RemoteTimeout
 
 SESSION_VARIABLE = "EDGEPRUNE_SESSION"
+
+#: What is kept of each output stream of one command: its first bytes of stdout (where a result
+#: starts), its last of stderr (where the error is). A device printing without end must not fill
+#: this machine's memory; the rest is read and dropped, and the result says it was cut.
+OUTPUT_LIMIT = 8 << 20
+_PID_LINE_LIMIT = 64  # `echo $$` prints a few digits; more without a newline is not a pid line
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class CommandResult:
     stdout: str
     stderr: str
     signal: Optional[str] = None  # "KILL", "SEGV"...: the signal that killed it, if one did
+    cut: Tuple[str, ...] = ()  # the streams ("stdout", "stderr") that passed OUTPUT_LIMIT and were cut
 
     @property
     def ok(self) -> bool:
@@ -57,6 +64,14 @@ class CommandResult:
     def describe(self) -> str:
         """``exit 3`` or ``killed by SIGKILL``: how the command ended, for messages."""
         return f"killed by SIG{self.signal}" if self.signal else f"exit {self.exit_status}"
+
+    def cut_note(self) -> str:
+        """One line saying which output was cut ("" when none was)."""
+        if not self.cut:
+            return ""
+        kept = {"stdout": "first", "stderr": "last"}
+        return "; ".join(f"the device printed more than {OUTPUT_LIMIT >> 20} MiB on {name}: cut there "
+                         f"(only its {kept[name]} {OUTPUT_LIMIT >> 20} MiB kept)" for name in self.cut)
 
 
 def command_line(argv: Sequence[str], limit: float, cwd: Optional[str], tag: Optional[str]) -> str:
@@ -90,6 +105,7 @@ class RemoteProcess:
         self._pid: Optional[int] = None
         self._pid_line = b""
         self._out, self._err = bytearray(), bytearray()
+        self._cut: Tuple[str, ...] = ()
         self._started = time.monotonic()
         self._heard = self._started  # when the device last said anything on this channel
 
@@ -124,7 +140,7 @@ class RemoteProcess:
             self._take_stdout(channel.recv(65536), self._out)
             got = True
         while channel.recv_stderr_ready():
-            self._err += channel.recv_stderr(65536)
+            self._take_stderr(channel.recv_stderr(65536))
             got = True
         if got:
             self._heard = time.monotonic()
@@ -161,7 +177,7 @@ class RemoteProcess:
         if status in (124, 137) and time.monotonic() - self._started >= self._limit - 0.5:
             raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` ran past {self._limit:.0f} s and was killed")
         return CommandResult(self.argv, status, self._out.decode("utf-8", "replace"),
-                             self._err.decode("utf-8", "replace"), signal_name)
+                             self._err.decode("utf-8", "replace"), signal_name, self._cut)
 
     def read_until(self, text: str, timeout: float) -> bool:
         """Read output until stdout holds ``text`` (True), or the command exits or ``timeout`` passes (False).
@@ -195,13 +211,29 @@ class RemoteProcess:
         # The first line is `echo $$` from start(): the pid to signal on cancel, not output.
         if self._pid is None:
             self._pid_line += chunk
-            if b"\n" not in self._pid_line:
+            if b"\n" not in self._pid_line and len(self._pid_line) <= _PID_LINE_LIMIT:
                 return
-            line, _, rest = self._pid_line.partition(b"\n")
+            line, newline, rest = self._pid_line.partition(b"\n")
+            if not newline:  # no pid line at all (not our shell answering): all of it is output
+                line, rest = b"", self._pid_line
             self._pid = int(line) if line.strip().isdigit() else 0
-            out += rest
-        else:
-            out += chunk
+            self._pid_line = b""
+            chunk = rest
+        room = OUTPUT_LIMIT - len(out)
+        if len(chunk) > room:
+            self._mark_cut("stdout")
+        out += chunk[:max(room, 0)]
+
+    def _take_stderr(self, chunk: bytes) -> None:
+        """Keep the last OUTPUT_LIMIT bytes of stderr (an error's last line is what matters)."""
+        self._err += chunk
+        if len(self._err) > OUTPUT_LIMIT:
+            del self._err[:len(self._err) - OUTPUT_LIMIT]
+            self._mark_cut("stderr")
+
+    def _mark_cut(self, stream: str) -> None:
+        if stream not in self._cut:
+            self._cut += (stream,)
 
     def cancel(self) -> None:
         """Kill the command on the device (SIGTERM to `timeout`, which passes it on) and close.
