@@ -9,6 +9,7 @@ Both targets do the same four things, so the sweep code never asks which one it 
   ``bench_supervisor.py``, which bounds it in time and kills it if we go away.
 
 ``abort()`` may be called from another thread (Ctrl-C in the main thread) to stop what is running.
+:func:`clean_scratch` removes what bench left in a device's ``scratch/`` (``edgeprune bench --clean``).
 """
 
 from __future__ import annotations
@@ -147,6 +148,30 @@ def tools_id() -> str:
     for script in DEVICE_SCRIPTS:
         digest.update(script.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def clean_scratch(host: str, connect: object, remote_root: str = "~/.edgeprune") -> str:
+    """Remove bench's uploads (model copies, device scripts) from a device's ``scratch/``; say how much.
+
+    Deployed releases and the runtime are elsewhere (deploy owns the layout) and stay. A sweep
+    running on the device at the same time loses its copies: clean when no bench runs there.
+    """
+    from deploy.device import Device
+    from deploy.errors import DeployError
+    from deploy.release import scratch_dir
+    from deploy.ssh_config import HostSpec
+
+    try:
+        with Device.connect(HostSpec.parse(host), connect) as device:
+            scratch = scratch_dir(device.resolve_path(remote_root))
+            if not device.is_dir(scratch):
+                return f"{device.label}: nothing to clean ({scratch} does not exist)"
+            usage = device.run(["du", "-sk", scratch], timeout=120, check=False).stdout.split()
+            device.run(["rm", "-rf", "--", scratch], timeout=300)
+    except DeployError as error:
+        raise TargetError(str(error)) from None
+    size = f" ({int(usage[0]) / 1024:.1f} MiB)" if usage and usage[0].isdigit() else ""
+    return f"{device.label}: removed {scratch}{size}"
 
 
 class LocalTarget:

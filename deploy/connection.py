@@ -62,7 +62,7 @@ class Connection:
         jump = None
         if target.proxy_jump:
             # ProxyJump: a direct-tcpip channel through the jump host stands in for the TCP socket.
-            jump_options = ConnectOptions(**{**options.__dict__, "identity_file": None})
+            jump_options = ConnectOptions(**{**options.__dict__, "identity_file": None, "port": None})
             jump = cls.connect(HostSpec.parse(target.proxy_jump.split(",")[0]), jump_options)
             try:
                 sock = jump._client.get_transport().open_channel(
@@ -80,8 +80,8 @@ class Connection:
         expired = threading.Event()
         timer = _timer(options.timeout, lambda: (expired.set(), quietly(sock.close)))
         try:
-            entries = read_known_hosts((options.user_known_hosts, options.known_hosts))
-            record_in = Path(options.known_hosts or options.user_known_hosts).expanduser()
+            entries = read_known_hosts((*target.user_known_hosts, options.known_hosts))
+            record_in = Path(options.known_hosts or target.user_known_hosts[0]).expanduser()
             policy = KnownHostsPolicy(entries, record_in if options.accept_new_host_key else None)
             client.set_missing_host_key_policy(policy)
             known_types = policy.known_key_types(known_hosts_name(target))
@@ -215,8 +215,11 @@ def _connect_error(target: SshTarget, options: ConnectOptions, error: BaseExcept
     if isinstance(error, paramiko.PasswordRequiredException):
         return AuthError(f"{where}: the key is encrypted; load it into ssh-agent or use an unencrypted key")
     if isinstance(error, paramiko.AuthenticationException):
-        keys = ", ".join(target.key_files) or "the agent's and default keys"
-        return AuthError(f"{where}: permission denied (tried {keys}); check the user and pass the right key with -i")
+        return AuthError(f"{where}: permission denied (tried {keys_tried(target)}); check the user "
+                         "and pass the right key with -i")
+    if isinstance(error, paramiko.SSHException) and "No authentication methods" in str(error):
+        return AuthError(f"{where}: no key to log in with (tried {keys_tried(target)}); pass one with -i KEY, "
+                         "name it in ~/.ssh/config (IdentityFile) or load it into ssh-agent")
     if isinstance(error, (paramiko.ssh_exception.NoValidConnectionsError, ConnectionRefusedError)):
         return ConnectError(f"{where}: connection refused on port {target.port} (is sshd running?)")
     if isinstance(error, socket.gaierror):
@@ -228,6 +231,25 @@ def _connect_error(target: SshTarget, options: ConnectOptions, error: BaseExcept
     if isinstance(error, (paramiko.SSHException, OSError, EOFError)):
         return ConnectError(f"{where}: {error or type(error).__name__}")
     return ConnectError(f"{where}: {type(error).__name__}: {error}")
+
+
+#: The keys paramiko looks for when no key is named (``look_for_keys``), as OpenSSH's defaults.
+DEFAULT_KEYS = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ed25519", "~/.ssh/id_dsa")
+
+
+def keys_tried(target: SshTarget) -> str:
+    """The keys a connection to ``target`` offered, in words: named files, the agent's, the defaults."""
+    if target.identities_only:
+        return ", ".join(target.key_files)
+    tried = list(target.key_files)
+    try:
+        agent_keys = len(paramiko.Agent().get_keys())
+    except (paramiko.SSHException, OSError):
+        agent_keys = 0
+    tried.append(f"ssh-agent ({agent_keys} key{'s' * (agent_keys != 1)})" if agent_keys else "ssh-agent (none)")
+    found = [key for key in DEFAULT_KEYS if Path(key).expanduser().is_file()]
+    tried.append(", ".join(found) if found else f"{', '.join(DEFAULT_KEYS)} (none exist)")
+    return ", ".join(tried)
 
 
 def _timer(seconds: float, action: Callable[[], object]) -> threading.Timer:

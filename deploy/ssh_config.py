@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import paramiko
 
@@ -50,8 +50,9 @@ class ConnectOptions:
 
     ``identity_file``: use only this key (like ``ssh -i`` with ``IdentitiesOnly``); without it the
     ssh-agent, ``~/.ssh/config``'s IdentityFile and the default keys are tried, as OpenSSH does.
-    ``known_hosts``: an extra known_hosts file, checked besides ``~/.ssh/known_hosts``; new keys
-    accepted with ``accept_new_host_key`` are recorded in it (else in ``~/.ssh/known_hosts``).
+    ``known_hosts``: an extra known_hosts file, checked besides ``~/.ssh/known_hosts`` (or the
+    config's ``UserKnownHostsFile``); new keys accepted with ``accept_new_host_key`` are recorded in
+    it (else in the first user known_hosts file). ``port``: ``-p PORT``, for a host given without one.
     """
 
     identity_file: Optional[Path] = None
@@ -64,6 +65,7 @@ class ConnectOptions:
     command_timeout: float = 900.0  # default limit for one remote command
     ssh_config: Optional[Path] = field(default_factory=lambda: Path("~/.ssh/config").expanduser())
     user_known_hosts: Path = field(default_factory=lambda: Path("~/.ssh/known_hosts").expanduser())
+    port: Optional[int] = None
 
 
 @dataclass
@@ -77,10 +79,13 @@ class SshTarget:
     key_files: list
     identities_only: bool
     proxy_jump: Optional[str]
+    #: The user's known_hosts files: ``UserKnownHostsFile`` from the config, else ``options.user_known_hosts``.
+    user_known_hosts: Tuple[Path, ...] = ()
 
 
 def resolve_target(spec: HostSpec, options: ConnectOptions) -> SshTarget:
-    """Apply ``~/.ssh/config`` (HostName, User, Port, IdentityFile, IdentitiesOnly, ProxyJump)."""
+    """Apply ``~/.ssh/config`` (HostName, User, Port, IdentityFile, IdentitiesOnly, ProxyJump,
+    UserKnownHostsFile). A port on the command line (``HOST:PORT`` or ``-p``) wins over the config's."""
     config: dict = {}
     if options.ssh_config is not None and Path(options.ssh_config).expanduser().is_file():
         try:
@@ -88,7 +93,9 @@ def resolve_target(spec: HostSpec, options: ConnectOptions) -> SshTarget:
         except (paramiko.SSHException, OSError, ValueError) as error:
             raise ConnectError(f"cannot read {options.ssh_config}: {error}") from None
     user = spec.user or config.get("user") or os.environ.get("USER") or _local_user()
-    port = spec.port or int(config.get("port", 22))
+    if spec.port and options.port and spec.port != options.port:
+        raise ConnectError(f"{spec}: the port is {spec.port} there but -p says {options.port}; give one")
+    port = spec.port or options.port or _config_port(config.get("port"), spec.host)
     if options.identity_file is not None:
         key_files, only = [str(Path(options.identity_file).expanduser())], True
     else:
@@ -99,8 +106,18 @@ def resolve_target(spec: HostSpec, options: ConnectOptions) -> SshTarget:
             raise AuthError(f"cannot read the key {key_file}")
     jump = config.get("proxyjump")
     label = str(HostSpec(spec.host, user, port if port != 22 else None))
+    known = tuple(Path(p).expanduser() for p in str(config.get("userknownhostsfile", "")).split())
     return SshTarget(label, config.get("hostname", spec.host), port, user, key_files, only,
-                     None if jump in (None, "none") else jump)
+                     None if jump in (None, "none") else jump, known or (Path(options.user_known_hosts),))
+
+
+def _config_port(text: Optional[str], host: str) -> int:
+    """The config's ``Port`` for ``host`` (22 without one); ConnectError if it is not a port."""
+    if text is None:
+        return 22
+    if not str(text).isdigit() or not 0 < int(text) < 65536:
+        raise ConnectError(f"{host}: the ssh config's Port {text!r} is not a port")
+    return int(text)
 
 
 def _local_user() -> str:
