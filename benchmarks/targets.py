@@ -101,19 +101,24 @@ def supervised_argv(python: str, tools_dir: str, timeout_s: float, command: List
 
 def parse_envelope(stdout: str, stderr: str, exit_status: int, cut_note: str = "") -> Dict[str, object]:
     """The supervisor's JSON, checked; a synthetic failed envelope when it printed none (it could not
-    start), printed too much (``cut_note``: the connection kept only part of it), or sent a bad one."""
-    why = cut_note
+    start: its stderr says why), printed too much (``cut_note``: the connection kept only part of it),
+    or sent a bad one."""
+    if cut_note:
+        return _failed_envelope(exit_status, cut_note)
     try:
-        envelope = strict_json(stdout.strip().splitlines()[-1]) if stdout.strip() and not cut_note else None
+        envelope = strict_json(stdout.strip().splitlines()[-1]) if stdout.strip() else None
     except ValueError as error:
-        envelope, why = None, f"the supervisor printed bad JSON ({str(error)[:120]})"
-    if isinstance(envelope, dict) and "returncode" in envelope:
-        why = envelope_problem(envelope)
-        if why is None:
-            return clean_envelope(envelope)
-        why = f"the supervisor sent a bad envelope: {why}"
-    return {"returncode": exit_status or 1, "timed_out": False, "wall_s": None, "stdout": "",
-            "stderr": (why or stderr or stdout or "the supervisor printed nothing")[-4000:],
+        return _failed_envelope(exit_status, stderr or f"the supervisor printed bad JSON ({str(error)[:120]})")
+    if not isinstance(envelope, dict) or "returncode" not in envelope:
+        return _failed_envelope(exit_status, stderr or stdout or "the supervisor printed nothing")
+    problem = envelope_problem(envelope)
+    if problem is not None:
+        return _failed_envelope(exit_status, f"the supervisor sent a bad envelope: {problem}")
+    return clean_envelope(envelope)
+
+
+def _failed_envelope(exit_status: int, why: str) -> Dict[str, object]:
+    return {"returncode": exit_status or 1, "timed_out": False, "wall_s": None, "stdout": "", "stderr": why[-4000:],
             "temperature_c_before": None, "temperature_c_after": None, "throttled_after": None}
 
 
