@@ -52,7 +52,7 @@ def read_model(model_dir: Path, name: str = ONNX_FILE) -> Model:
         data = handle.read(max_model_bytes() + 1)
     if len(data) > max_model_bytes():
         raise ModelDirError(f"{path}: larger than {max_model_bytes():,} bytes (EDGEPRUNE_MAX_MODEL_BYTES)")
-    return onnx_wire.parse_model(data)
+    return onnx_wire.parse_model(data, str(path))
 
 
 def check_model(model_dir: Path, manifest: Mapping[str, Any], weights: Weights) -> Model:
