@@ -6,10 +6,11 @@
 It is a drop-in for ``onnxruntime.InferenceSession`` on a plain ONNX file or its bytes:
 ``InferenceSession("model.onnx", sess_options, providers=["CPUExecutionProvider"])`` works unchanged.
 ``sess_options`` gives the threads (its ``intra_op_num_threads``, unless ``threads`` is given; its other
-settings are not read). ``providers``: the runtime computes on the CPU only, so the list must include
-``CPUExecutionProvider`` (a list without it is refused in one line); other providers beside it are
-ignored with a warning, as onnxruntime ignores providers a build does not have. ``get_providers()``,
-``get_modelmeta()``, ``get_inputs()``, ``get_outputs()`` and ``run()`` answer as onnxruntime's do.
+settings are not read). ``providers``: the runtime computes on the CPU only; any other provider named
+is ignored with a warning, as a CPU build of onnxruntime ignores the providers it does not have (a
+script written for ``CUDAExecutionProvider`` still runs, on the CPU); ``provider_options`` are not read.
+``get_providers()``, ``get_modelmeta()``, ``get_inputs()``, ``get_outputs()`` and ``run()`` answer as
+onnxruntime's do (``run_options`` is accepted and not read).
 
 ``kernels``: "auto" (measure once per device, cached), "sparse", "dense", "ort" (stock
 onnxruntime on model.onnx, the baseline), or "ort-int8" (onnxruntime on the int8 variant, see
@@ -94,15 +95,12 @@ def _provider_names(providers: Optional[Sequence[Any]]) -> List[str]:
 
 
 def check_providers(providers: Optional[Sequence[Any]]) -> None:
-    """Accept what onnxruntime accepts on a CPU-only build: a list with CPUExecutionProvider in it (or
-    none: the CPU). Others are warned about and ignored; a list without the CPU is refused."""
-    names = _provider_names(providers)
-    if names and CPU_PROVIDER not in names:
-        raise EdgeRuntimeError(f"edge_runtime computes on the CPU only: providers must include "
-                               f"{CPU_PROVIDER!r}, got {names}")
-    others = [name for name in names if name != CPU_PROVIDER]
+    """Accept what a CPU build of onnxruntime accepts: a list of provider names (or ``(name, options)``
+    pairs); any but CPUExecutionProvider is ignored with a warning, and the model runs on the CPU."""
+    others = [name for name in _provider_names(providers) if name != CPU_PROVIDER]
     if others:
-        warnings.warn(f"edge_runtime computes on the CPU only: ignoring providers {others}", stacklevel=3)
+        warnings.warn(f"edge_runtime computes on the CPU only: ignoring providers {others} "
+                      f"(running on {CPU_PROVIDER})", stacklevel=3)
 
 
 def threads_of(sess_options: Any) -> Optional[int]:
@@ -113,6 +111,11 @@ def threads_of(sess_options: Any) -> Optional[int]:
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise EdgeRuntimeError(f"sess_options must be an onnxruntime.SessionOptions, got {type(sess_options).__name__}")
     return count or None
+
+
+def _shape(dims: Sequence[Any]) -> List[Any]:
+    """A declared shape as onnxruntime's NodeArg says it: None for an axis with neither size nor name."""
+    return [None if d == "?" else d for d in dims]
 
 
 def _onnx_type(dtype: str) -> str:
@@ -356,11 +359,13 @@ class InferenceSession:
         return variants.describe(self.manifest, self.engine)
 
     def get_inputs(self) -> List[NodeArg]:
-        return [NodeArg(spec["name"], list(spec["shape"]), _onnx_type(spec["dtype"])) for spec in self._input_specs()]
+        """Name, shape (a string for a named free axis, None for an unnamed one) and type of each input."""
+        return [NodeArg(spec["name"], _shape(spec["shape"]), _onnx_type(spec["dtype"])) for spec in self._input_specs()]
 
     def get_outputs(self) -> List[NodeArg]:
+        """As get_inputs, for the outputs (no shape inference: [] where the file declares none)."""
         specs = {spec.get("name"): spec for spec in self.manifest.get("output_specs") or [] if isinstance(spec, dict)}
-        return [NodeArg(name, list(specs.get(name, {}).get("shape", [])),
+        return [NodeArg(name, _shape(specs.get(name, {}).get("shape", [])),
                         _onnx_type(specs.get(name, {}).get("dtype", "float32"))) for name in self.manifest["outputs"]]
 
     def _check_feed(self, input_feed: Dict[str, Any]) -> Dict[str, np.ndarray]:
@@ -387,8 +392,10 @@ class InferenceSession:
             raise InputError("input batch is empty")
         return np.ascontiguousarray(x)
 
-    def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any]) -> List[np.ndarray]:
-        """Run the model; returns the requested outputs (all of them when ``output_names`` is None)."""
+    def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any],
+            run_options: Any = None) -> List[np.ndarray]:
+        """Run the model; returns the requested outputs (all of them when ``output_names`` is None).
+        ``run_options`` (onnxruntime.RunOptions) is accepted for onnxruntime's signature and not read."""
         names = list(output_names) if output_names else list(self.manifest["outputs"])
         unknown = [n for n in names if n not in self.manifest["outputs"]]
         if unknown:
