@@ -388,8 +388,6 @@ class InferenceSession:
             shape = ["?"] * x.ndim
         if x.ndim != len(shape) or any(not isinstance(d, str) and int(d) != n for d, n in zip(shape, x.shape)):
             raise InputError(f"input {spec['name']!r} has shape {list(x.shape)}, expected {shape}")
-        if x.ndim and x.shape[0] == 0:
-            raise InputError("input batch is empty")
         return np.ascontiguousarray(x)
 
     def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any],
@@ -411,6 +409,9 @@ class InferenceSession:
         except EdgeRuntimeError:  # said on purpose (InputError is also a ValueError): keep its own type
             raise
         except MODEL_FAILURES as error:
+            if any(value.size == 0 for value in feed.values()):  # onnxruntime answers; numpy may not
+                raise InputError(f"an empty input (batch 0): the native engine cannot run this model on it "
+                                 f"({_describe(error)}); try kernels='ort'") from None
             raise ModelDirError(f"{self.where}: the model failed while running ({_describe(error)})") from None
         dtypes = {arg.name: arg.type[len("tensor("):-1] for arg in self.get_outputs()}
         return [np.asarray(outputs[n], dtype=_NUMPY_DTYPE.get(dtypes[n], dtypes[n])) for n in names]
