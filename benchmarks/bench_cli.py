@@ -58,6 +58,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     output.add_argument("--out", type=Path, metavar="DIR",
                         help="where results.json, results.csv, report.md and the plots go (default bench-DATE-TIME)")
     output.add_argument("--overwrite", action="store_true", help="replace the results of an earlier sweep in --out")
+    output.add_argument("--clean", action="store_true",
+                        help="remove what bench uploaded to each device's scratch folder (model copies, device "
+                        "scripts), after the sweep; alone (no MODEL_DIRs) it only cleans. Releases stay")
     output.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="a progress bar across the sweep on stderr (default: when stderr is a terminal)")
     from benchmarks.latency_table_cli import configure as configure_latency_table
@@ -91,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     hosts = [] if local else [h.strip() for h in args.target.split(",") if h.strip()]
     if not local and not hosts:
         raise BenchError("TARGET: give `local` or [USER@]HOST[:PORT][,HOST...]")
+    if args.clean and not args.models and args.run is None:
+        return _clean(args, hosts)
     if not args.models and args.run is None:
         raise BenchError("nothing to measure: give MODEL_DIRs and/or --run RUN_DIR")
     if args.model is not None and args.run is None:
@@ -126,7 +131,33 @@ def run(args: argparse.Namespace) -> int:
             run_sweep(targets, models, configs, options, settings, store, advance)
         except KeyboardInterrupt:
             interrupted = True
-    return _finish(store, out_dir, interrupted)
+    code = _finish(store, out_dir, interrupted)
+    return max(code, _clean(args, hosts)) if args.clean else code
+
+
+def _clean(args: argparse.Namespace, hosts: List[str]) -> int:
+    """``--clean``: empty each device's scratch folder; one line per host; 1 if any could not be cleaned."""
+    from benchmarks.targets import clean_scratch
+    from deploy.cli_options import connect_options
+    from deploy.errors import DeployError
+
+    if not hosts:
+        print("edgeprune bench: --clean: the local target uploads nothing; nothing to clean", file=sys.stderr)
+        return 0
+    try:
+        options = connect_options(args)
+    except DeployError as error:
+        raise BenchError(str(error)) from None
+    failed = 0
+    for host in dict.fromkeys(hosts):
+        try:
+            print(f"edgeprune bench: {clean_scratch(host, options, args.remote_root)}", file=sys.stderr)
+        except BenchError as error:
+            print(f"edgeprune bench: error: --clean: {error}", file=sys.stderr)
+            failed = 1
+    if failed and not args.models and args.run is None:
+        raise BenchError("--clean: some devices could not be cleaned (see above)")
+    return failed
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

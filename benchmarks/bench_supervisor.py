@@ -14,7 +14,10 @@ would keep eating the Pi's CPU after a Ctrl-C or a dropped connection. The super
 - notices that whoever started it has gone — its parent or grandparent (coreutils ``timeout`` and
   sshd's session process on a device, the harness locally) exited or was re-parented — and kills
   the group;
-- kills the group when it is itself sent SIGTERM, SIGHUP or SIGINT.
+- kills the group when it is itself sent SIGTERM, SIGHUP or SIGINT;
+- keeps a bounded part of what the command prints (the head of stdout, the tail of stderr), so a
+  command printing without end fills neither the device's memory nor the workstation's; the JSON
+  says when stdout was cut (``stdout_cut``) and stderr's last line says so too.
 """
 
 from __future__ import annotations
@@ -22,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 try:  # shipped beside this file; the temperature is a nice-to-have, never a reason to fail
     from device_facts_probe import max_temperature_c, throttled_flags
@@ -39,6 +42,8 @@ except ImportError:  # pragma: no cover - only when the probe was not copied
         return None
 
 STDERR_TAIL = 4000  # characters of stderr worth sending back: the end of a traceback
+STDOUT_LIMIT = 1 << 20  # bytes of stdout kept: a bench report is a few KiB, so more is not one
+DRAIN_S = 1.0  # how long output is still read once the command has ended (or was killed)
 POLL_S = 0.25  # light enough not to disturb the benchmark it watches
 
 
@@ -87,42 +92,84 @@ def kill_group(process: subprocess.Popen, grace_s: float) -> None:
             continue
 
 
+class KeptOutput:
+    """A bounded part of one output stream: its first ``limit`` bytes, or its last (``tail``)."""
+
+    def __init__(self, limit: int, tail: bool) -> None:
+        self.limit, self.tail = limit, tail
+        self.kept = bytearray()
+        self.total = 0  # bytes the command printed, kept or not
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if self.tail:
+            self.kept += chunk
+            del self.kept[:max(len(self.kept) - self.limit, 0)]
+        else:
+            self.kept += chunk[:max(self.limit - len(self.kept), 0)]
+
+    @property
+    def cut(self) -> bool:
+        return self.total > len(self.kept)
+
+
+def read_ready(streams: Dict[int, KeptOutput], wait_s: float) -> None:
+    """Read what the command's pipes hold (waiting up to ``wait_s``); a pipe at its end is dropped."""
+    if not streams:
+        time.sleep(wait_s)
+        return
+    ready, _, _ = select.select(list(streams), [], [], wait_s)
+    for fd in ready:
+        chunk = os.read(fd, 1 << 16)
+        if chunk:
+            streams[fd].add(chunk)
+        else:
+            del streams[fd]
+
+
 def supervise(command: List[str], timeout_s: float, grace_s: float) -> dict:
     """Run ``command`` to completion or until ``timeout_s``; return what happened as a dict."""
     ancestors = lineage()
     temperature_before = max_temperature_c()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.monotonic()
-        process = subprocess.Popen(command, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+    out, err = KeptOutput(STDOUT_LIMIT, tail=False), KeptOutput(STDERR_TAIL * 4, tail=True)
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
+    streams = {process.stdout.fileno(): out, process.stderr.fileno(): err}
 
-        def on_signal(signum: int, _frame: object) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        kill_group(process, grace_s)
+        sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    timed_out = False
+    while process.poll() is None:
+        if not still_attached(ancestors):  # whoever started us is gone: nobody will read the result
             kill_group(process, grace_s)
-            sys.exit(128 + signum)
-
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(sig, on_signal)
-
-        timed_out = False
-        while process.poll() is None:
-            if not still_attached(ancestors):  # whoever started us is gone: nobody will read the result
-                kill_group(process, grace_s)
-                sys.exit(129)
-            if time.monotonic() - started > timeout_s:
-                timed_out = True
-                kill_group(process, grace_s)
-                break
-            time.sleep(POLL_S)
-        wall_s = time.monotonic() - started
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode("utf-8", "replace")
-        stderr = err.read().decode("utf-8", "replace")
+            sys.exit(129)
+        if time.monotonic() - started > timeout_s:
+            timed_out = True
+            kill_group(process, grace_s)
+            break
+        read_ready(streams, POLL_S)
+    wall_s = time.monotonic() - started
+    drain_until = time.monotonic() + DRAIN_S  # a child the command left behind may hold the pipes open
+    while streams and time.monotonic() < drain_until:
+        read_ready(streams, max(drain_until - time.monotonic(), 0))
+    process.stdout.close()
+    process.stderr.close()
+    stderr = err.kept.decode("utf-8", "replace")
+    if out.cut:
+        stderr += (f"\nbench_supervisor: stdout cut at {STDOUT_LIMIT >> 20} MiB (the command printed "
+                   f"{out.total / (1 << 20):.1f} MiB; a bench report is a few KiB)")
     return {
         "returncode": process.returncode,
         "timed_out": timed_out,
         "wall_s": round(wall_s, 3),
-        "stdout": stdout,
+        "stdout": out.kept.decode("utf-8", "replace"),
+        "stdout_cut": out.cut,
         "stderr": stderr[-STDERR_TAIL:],
         "temperature_c_before": temperature_before,
         "temperature_c_after": max_temperature_c(),

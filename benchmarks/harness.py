@@ -9,12 +9,12 @@ was measured, and re-raises.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
+from benchmarks.device_output import read_bench_report
 from benchmarks.errors import BenchError, TargetTimeout
 from benchmarks.results_store import ResultsStore, now
 from benchmarks.sweep_plan import Config, ModelEntry
@@ -50,21 +50,19 @@ def make_record(host: str, models: Sequence[ModelEntry], config: Config,
         "throttled_after": envelope.get("throttled_after"),
         "bench": None, "finished_at": now(),
     }
-    bench = None
-    if envelope.get("returncode") == 0 and not envelope.get("timed_out"):
-        try:
-            bench = json.loads(str(envelope.get("stdout") or ""))
-        except ValueError:
-            bench = None
-    if isinstance(bench, dict) and isinstance(bench.get("latency_ms"), dict):
-        record["bench"] = bench
-    elif envelope.get("timed_out"):
+    if envelope.get("timed_out"):
         record.update(status="timeout", error=summarise_failure(envelope, timeout_s))
     elif envelope.get("returncode") != 0:
         record.update(status="failed", error=summarise_failure(envelope, timeout_s))
+    elif envelope.get("stdout_cut"):  # its stderr's last line says how much it printed
+        record.update(status="failed", error=summarise_failure(envelope, timeout_s).partition(": ")[2])
     else:
-        record.update(status="failed", error="edge-runtime bench printed no JSON result: "
-                      + str(envelope.get("stdout") or "").strip()[:200])
+        # Checked here, where results come in: a figure the report cannot format is a failed row.
+        bench, why = read_bench_report(str(envelope.get("stdout") or ""))
+        if bench is None:
+            record.update(status="failed", error=why)
+        else:
+            record["bench"] = bench
     return record
 
 

@@ -7,11 +7,13 @@ including the partial one an interrupted sweep leaves behind.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.device_facts import DEFAULT_TEMP_LIMIT_C, decode_throttled, host_warnings, summary_rows
 from benchmarks.sweep_plan import REFERENCE_KERNELS, reference_indices
+from edge_runtime.safe_io import atomic_write_text
 
 CSV_FIELDS = ["host", "model", "method", "level", "sparsity", "variant", "accuracy", "size_bytes", "kernels", "engine",
               "threads",
@@ -87,11 +89,12 @@ def warnings(data: Dict[str, object]) -> List[str]:
 
 def write_csv(table: Sequence[Dict[str, object]], path: Path) -> None:
     """results.csv: one line per configuration, raw numbers (no units, no rounding)."""
-    with open(path, "w", newline="", encoding="utf-8") as out:
-        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in table:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in table:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_FIELDS})
+    atomic_write_text(path, out.getvalue())
 
 
 def _fmt(value: object, pattern: str = "{:.3g}") -> str:
@@ -225,5 +228,5 @@ def write_reports(data: Dict[str, object], out_dir: Path) -> Tuple[List[Dict[str
     table = rows(data)
     write_csv(table, Path(out_dir) / "results.csv")
     text = render_markdown(data, table)
-    (Path(out_dir) / "report.md").write_text(text + "\n", encoding="utf-8")
+    atomic_write_text(Path(out_dir) / "report.md", text + "\n")
     return table, text

@@ -1,21 +1,22 @@
 """results.json: every raw figure of a sweep, rewritten atomically as each configuration finishes.
 
-Written after every result (temp file + ``os.replace``), so a sweep that is interrupted, or a
-workstation that loses power, leaves a complete, valid results.json with everything measured so far.
+Written after every result (``edge_runtime.safe_io.atomic_writer``: an exclusively created temp file,
+then a rename), so a sweep that is interrupted, or a workstation that loses power, leaves a complete,
+valid results.json with everything measured so far. Strict JSON: what devices send is checked as it
+comes in (benchmarks.device_output), and a NaN that slipped past would fail the write, not be saved.
 Several hosts report from their own threads; one lock serialises the writes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from benchmarks.errors import ResultsError
+from edge_runtime.safe_io import atomic_write_text
 
 FORMAT = "edgeprune-bench"
 FORMAT_VERSION = 1
@@ -27,19 +28,9 @@ def now() -> str:
 
 
 def write_json_atomically(path: Path, data: object) -> None:
-    """Write ``data`` as JSON to ``path`` through a temp file in the same directory and a rename."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0o022)  # read it (by setting and restoring it): mkstemp's 0600 would ignore it
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)  # results are for sharing, like any file the user writes
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=1, sort_keys=False)
-            out.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as strict JSON to ``path`` atomically (mode from the umask, like any file the
+    user writes: results are for sharing). ValueError if it holds NaN or Infinity."""
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 def load_results(path: Path) -> Dict[str, object]:
@@ -98,5 +89,5 @@ class ResultsStore:
     def _save(self) -> None:
         try:
             write_json_atomically(self.path, self.data)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise ResultsError(f"cannot write {self.path}: {error}") from error

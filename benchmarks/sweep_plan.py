@@ -9,10 +9,12 @@ spread over all models instead of landing on the last ones.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from benchmarks.device_output import strict_json
 from benchmarks.errors import BenchError, ModelDirError
 from edge_runtime.model_format import FORMAT, shipped_bytes
 
@@ -57,7 +59,7 @@ class Config:
 def parse_manifest(text: str, where: str) -> Dict[str, object]:
     """A MODEL_DIR's manifest.json as a dict; ModelDirError when it is not one."""
     try:
-        manifest = json.loads(text)
+        manifest = strict_json(text)  # NaN or Infinity: not a manifest edgeprune wrote
     except ValueError as error:
         raise ModelDirError(f"{where}: manifest.json is not valid JSON ({error})") from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -74,8 +76,8 @@ def entry_from_manifest(label: str, manifest: Dict[str, object]) -> ModelEntry:
     family = source.get("family") if isinstance(source.get("family"), str) else \
         json.dumps([layer.get("shape") for layer in layers if isinstance(layer, dict)])
     return ModelEntry(label=label, sparsity=_number(manifest.get("sparsity")),
-                      accuracy=_number(manifest.get("accuracy")), method=source.get("method"),
-                      level=source.get("level"), family=family, files=dict(files),
+                      accuracy=_number(manifest.get("accuracy")), method=_text(source.get("method")),
+                      level=_count(source.get("level")), family=family, files=dict(files),
                       variants=_variants(manifest))
 
 
@@ -186,4 +188,18 @@ def plan(models: Sequence[ModelEntry], kernels: Sequence[str], threads: Sequence
 
 
 def _number(value: object) -> Optional[float]:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number from a manifest, else None (a manifest may come from a device)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value) if math.isfinite(float(value)) else None
+    except OverflowError:
+        return None
+
+
+def _text(value: object) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def _count(value: object) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

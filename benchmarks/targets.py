@@ -9,12 +9,12 @@ Both targets do the same four things, so the sweep code never asks which one it 
   ``bench_supervisor.py``, which bounds it in time and kills it if we go away.
 
 ``abort()`` may be called from another thread (Ctrl-C in the main thread) to stop what is running.
+:func:`clean_scratch` removes what bench left in a device's ``scratch/`` (``edgeprune bench --clean``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import posixpath
 import re
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Protocol, Tuple
 
 from benchmarks.device_facts import DEVICE_SCRIPTS, PROBE_SCRIPT, SUPERVISOR_SCRIPT
+from benchmarks.device_output import clean_envelope, clean_facts, envelope_problem, strict_json
 from benchmarks.errors import ModelDirError, TargetError, TargetTimeout
 from benchmarks.sweep_plan import ModelEntry, parse_manifest
 
@@ -60,7 +61,7 @@ def target_for(host: str, connect: Optional[object] = None, remote_root: str = "
     """
     if host == "local":
         return LocalTarget(python=python)
-    from deploy.connection import HostSpec
+    from deploy.ssh_config import HostSpec
     from deploy.errors import DeployError
 
     try:
@@ -98,17 +99,27 @@ def supervised_argv(python: str, tools_dir: str, timeout_s: float, command: List
     return [python, supervisor, "--timeout", f"{timeout_s:g}", "--", *command]
 
 
-def parse_envelope(stdout: str, stderr: str, exit_status: int) -> Dict[str, object]:
-    """The supervisor's JSON; a synthetic failed envelope when it printed none (it could not start)."""
+def parse_envelope(stdout: str, stderr: str, exit_status: int, cut_note: str = "") -> Dict[str, object]:
+    """The supervisor's JSON, checked; a synthetic failed envelope when it printed none (it could not
+    start: its stderr says why), printed too much (``cut_note``: the connection kept only part of it),
+    or sent a bad one."""
+    if cut_note:
+        return _failed_envelope(exit_status, cut_note)
     try:
-        envelope = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else None
-    except ValueError:
-        envelope = None
+        envelope = strict_json(stdout.strip().splitlines()[-1]) if stdout.strip() else None
+    except ValueError as error:
+        return _failed_envelope(exit_status, stderr or f"the supervisor printed bad JSON ({str(error)[:120]})")
     if not isinstance(envelope, dict) or "returncode" not in envelope:
-        return {"returncode": exit_status or 1, "timed_out": False, "wall_s": None, "stdout": "",
-                "stderr": (stderr or stdout or "the supervisor printed nothing")[-4000:],
-                "temperature_c_before": None, "temperature_c_after": None, "throttled_after": None}
-    return envelope
+        return _failed_envelope(exit_status, stderr or stdout or "the supervisor printed nothing")
+    problem = envelope_problem(envelope)
+    if problem is not None:
+        return _failed_envelope(exit_status, f"the supervisor sent a bad envelope: {problem}")
+    return clean_envelope(envelope)
+
+
+def _failed_envelope(exit_status: int, why: str) -> Dict[str, object]:
+    return {"returncode": exit_status or 1, "timed_out": False, "wall_s": None, "stdout": "", "stderr": why[-4000:],
+            "temperature_c_before": None, "temperature_c_after": None, "throttled_after": None}
 
 
 def timeout_envelope(message: str) -> Dict[str, object]:
@@ -120,12 +131,12 @@ def timeout_envelope(message: str) -> Dict[str, object]:
 def parse_facts(stdout: str, where: str) -> Dict[str, object]:
     """The probe's JSON; TargetError when it printed something else."""
     try:
-        facts = json.loads(stdout)
+        facts = strict_json(stdout)
     except ValueError:
         facts = None
     if not isinstance(facts, dict):
         raise TargetError(f"{where}: the device facts probe printed no JSON: {stdout.strip()[:200]!r}")
-    return facts
+    return clean_facts(facts)
 
 
 SCRATCH_DAYS = 7  # bench's uploads unused this long are removed when bench next opens the device
@@ -142,6 +153,30 @@ def tools_id() -> str:
     for script in DEVICE_SCRIPTS:
         digest.update(script.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def clean_scratch(host: str, connect: object, remote_root: str = "~/.edgeprune") -> str:
+    """Remove bench's uploads (model copies, device scripts) from a device's ``scratch/``; say how much.
+
+    Deployed releases and the runtime are elsewhere (deploy owns the layout) and stay. A sweep
+    running on the device at the same time loses its copies: clean when no bench runs there.
+    """
+    from deploy.device import Device
+    from deploy.errors import DeployError
+    from deploy.release import scratch_dir
+    from deploy.ssh_config import HostSpec
+
+    try:
+        with Device.connect(HostSpec.parse(host), connect) as device:
+            scratch = scratch_dir(device.resolve_path(remote_root))
+            if not device.is_dir(scratch):
+                return f"{device.label}: nothing to clean ({scratch} does not exist)"
+            usage = device.run(["du", "-sk", scratch], timeout=120, check=False).stdout.split()
+            device.run(["rm", "-rf", "--", scratch], timeout=300)
+    except DeployError as error:
+        raise TargetError(str(error)) from None
+    size = f" ({int(usage[0]) / 1024:.1f} MiB)" if usage and usage[0].isdigit() else ""
+    return f"{device.label}: removed {scratch}{size}"
 
 
 class LocalTarget:
@@ -219,7 +254,7 @@ class LocalTarget:
 
 
 class SshTarget:
-    """A device over SSH, through ``deploy.connection.Device`` (host keys, quoting, timeouts)."""
+    """A device over SSH, through ``deploy.device.Device`` (host keys, quoting, timeouts)."""
 
     def __init__(self, spec: str, connect_options: object, remote_root: str = "~/.edgeprune",
                  python: Optional[str] = None, wheelhouse: Optional[Path] = None) -> None:
@@ -237,7 +272,8 @@ class SshTarget:
 
     def open(self) -> None:
         """Connect, make sure the runtime is installed, copy the device scripts to scratch."""
-        from deploy.connection import Device, HostSpec
+        from deploy.device import Device
+        from deploy.ssh_config import HostSpec
         from deploy.errors import DeployError
         from deploy.release import scratch_dir
         from deploy.runtime_install import ensure_runtime
@@ -353,7 +389,7 @@ class SshTarget:
         finally:
             with self._lock:
                 self._running = None
-        return parse_envelope(result.stdout, result.stderr, result.exit_status)
+        return parse_envelope(result.stdout, result.stderr, result.exit_status, result.cut_note())
 
     def abort(self) -> None:
         """Drop the connection now, from any thread (Ctrl-C), without waiting for the device.

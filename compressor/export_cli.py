@@ -19,6 +19,8 @@ from compressor.errors import CompressorError
 
 # OSError: an unwritable --out, a full disk, an unreadable checkpoint are the user's to fix.
 USER_ERRORS = (CompressorError, OSError)
+QUANTIZE = ("auto", "none", "int8", "fp16")
+AUTO_MAX_DROP = 1.0  # points: what --quantize auto lets the int8 variant lose when --max-drop is not given
 
 
 def _shape(text: str) -> tuple:
@@ -58,9 +60,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true", help="store weight values as float16 (half the value "
                         "bytes; the same as --quantize fp16)")
     parser.add_argument("--force", action="store_true", help="replace an existing non-empty MODEL_DIR")
-    parser.add_argument("--quantize", choices=("int8", "fp16"),
-                        help="int8: also build an int8 variant (model.int8.onnx) with onnxruntime's quantizer "
-                        "(dynamic for MatMul/Gemm models, static QDQ per-channel for Conv); its int8 weights "
+    parser.add_argument("--quantize", choices=QUANTIZE, default="auto",
+                        help="auto (default): when there is data to calibrate and measure (a run with built-in "
+                        "data, or --data), also build the int8 variant and ship it if it stays within "
+                        "--max-drop (default 1 point) of the level's fp32 accuracy; none: fp32 only; int8: "
+                        "always build the int8 variant (model.int8.onnx, onnxruntime's quantizer: dynamic for "
+                        "MatMul/Gemm models, static QDQ per-channel for Conv). A shipped int8 variant's weights "
                         "become the only stored copy, which the fp32 engines run dequantized. fp16: store "
                         "weight values as float16")
     parser.add_argument("--layout", choices=("compact", "external"), default="compact",
@@ -82,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--calibration-batches must be at least 1, got {args.calibration_batches}")
     if args.quantize == "int8" and args.fp16:
         raise ConfigError("--quantize int8 starts from float32 weights; drop --fp16")
+    if args.fp16 and args.quantize == "auto":
+        args.quantize = "fp16"
     dtype = "float16" if fp16 else "float32"
     # int8 is built from the external layout's float32 model, then the folder is made compact
-    layout = "external" if args.quantize == "int8" else args.layout
+    layout = "external" if args.quantize in ("int8", "auto") else args.layout
     sample = read_sample(args.sample) if args.sample is not None else None
     if args.run_dir is None and args.model is None:
         raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
@@ -105,13 +112,33 @@ def run(args: argparse.Namespace) -> int:
                                    layout=layout)
     if result.picked:
         print(result.picked)
-    if args.quantize == "int8":
+    if args.quantize == "int8" or (args.quantize == "auto" and _auto_int8(args)):
         _quantize(args)
     manifest = None
-    if args.quantize == "int8" and args.layout == "compact":
+    if args.quantize in ("int8", "auto") and args.layout == "compact":
         manifest = _compact(args)
     _report(args.out, result, manifest)
     return 0
+
+
+def _auto_int8(args: argparse.Namespace) -> bool:
+    """Whether ``--quantize auto`` builds the int8 variant: only with data to calibrate on and to measure
+    its accuracy against (else one line says why not), and for a single float32 input."""
+    import json
+
+    from compressor.export.quantize import usable_data
+
+    manifest = json.loads((args.out / "manifest.json").read_text())
+    data = args.data or (manifest.get("source") or {}).get("data")
+    inputs = manifest.get("inputs") or [manifest["input"]]
+    if not usable_data(data, trusted=args.data is not None):
+        why = "no data to calibrate and measure it (export a run with built-in data, or give --data)"
+    elif len(inputs) != 1 or inputs[0]["dtype"] != "float32":
+        why = "the model's input is not a single float32 tensor"
+    else:
+        return True
+    print(f"no int8 variant: {why}; --quantize int8 builds one anyway")
+    return False
 
 
 def _compact(args: argparse.Namespace) -> dict:
@@ -121,7 +148,8 @@ def _compact(args: argparse.Namespace) -> dict:
     from compressor.export.quantize import refresh_fp32_accuracy
 
     manifest = compact_model_dir(args.out, "float32")
-    refresh_fp32_accuracy(args.out, manifest)
+    if any(entry.get("name") == "int8" for entry in manifest.get("variants", [])):
+        refresh_fp32_accuracy(args.out, manifest, args.data, trusted_data=args.data is not None)
     return manifest
 
 
@@ -156,11 +184,21 @@ def _quantize(args: argparse.Namespace) -> None:
 
     manifest = json.loads((args.out / "manifest.json").read_text())
     source = manifest.get("source") or {}
-    reference = None
+    reference, max_drop = None, args.max_drop  # None: against this level's own fp32 accuracy
     if args.run_dir is not None and args.max_drop is not None:
         reference = dense_level_accuracy(args.run_dir, source.get("method"))
-    for result in add_int8_variant(args.out, data_spec=source.get("data"),
+    if args.quantize == "auto" and max_drop is None:
+        max_drop = AUTO_MAX_DROP
+    try:
+        results = add_int8_variant(args.out, data_spec=args.data or source.get("data"),
                                    input_shape=manifest["input"]["shape"][1:],
                                    calibration_batches_count=args.calibration_batches,
-                                   reference_accuracy=reference, max_drop=args.max_drop):
+                                   reference_accuracy=reference, max_drop=max_drop,
+                                   trusted_data=args.data is not None)
+    except CompressorError as error:
+        if args.quantize != "auto":
+            raise
+        print(f"no int8 variant: {error}")  # auto: the fp32 MODEL_DIR is complete without it
+        return
+    for result in results:
         print(result.message)

@@ -132,7 +132,10 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     with contextlib.ExitStack() as stack:
         root = Path(out) if out is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         run = RunDir(root, writer=ranks.is_main)
-        _prepare(run, record, resume, ranks)
+        _prepare(run, record, resume, ranks)  # read-only checks first: a refused folder is never written to
+        stack.enter_context(run.hold())
+        if resume:
+            run.remove_stale_temp_files()
         if channels:
             channels.attach_table(run.root, ranks.is_main, ranks.barrier)
         stack.enter_context(_deterministic(torch_device))

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 
 from deploy.errors import DeployError
 
-if TYPE_CHECKING:  # paramiko loads with deploy.connection: not for `--help`
-    from deploy.connection import ConnectOptions
+if TYPE_CHECKING:  # paramiko loads with deploy.ssh_config: not for `--help`
+    from deploy.ssh_config import ConnectOptions
 
 #: What the deploy-side subcommands report as one line + exit code 2.
 USER_ERRORS = (DeployError,)
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``-i``, ``--known-hosts``, ``--accept-new-host-key``, ``-F``, ``--timeout``, ``--python``, ``--remote-root``."""
+    """Add ``-i``, ``--known-hosts``, ``--accept-new-host-key``, ``-p``, ``-F``, ``--timeout``, ``--python``, ``--remote-root``."""
     group = parser.add_argument_group("connection (like OpenSSH; ~/.ssh/config is honoured)")
     group.add_argument("-i", "--identity-file", type=Path, metavar="KEY",
                        help="private key to use, and only it (default: ssh-agent, ~/.ssh/config, default keys)")
@@ -25,6 +25,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--accept-new-host-key", action="store_true",
                        help="trust and record the key of a host seen for the first time (OpenSSH's "
                             "StrictHostKeyChecking=accept-new); a changed key is always refused")
+    group.add_argument("-p", "--port", type=int, metavar="PORT",
+                       help="port for hosts given without :PORT (default: ~/.ssh/config's Port, else 22)")
     group.add_argument("-F", "--ssh-config", type=Path, metavar="FILE", default=Path("~/.ssh/config"),
                        help="ssh client configuration (default: ~/.ssh/config)")
     group.add_argument("--timeout", type=float, default=15.0, metavar="SECONDS",
@@ -40,10 +42,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 def connect_options(args: argparse.Namespace) -> "ConnectOptions":
     """ConnectOptions from the parsed flags."""
-    from deploy.connection import ConnectOptions
+    from deploy.ssh_config import ConnectOptions
 
     if args.timeout <= 0:
         raise DeployError("--timeout must be positive")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise DeployError(f"-p: not a port: {args.port}")
     return ConnectOptions(identity_file=args.identity_file, known_hosts=args.known_hosts,
                           accept_new_host_key=args.accept_new_host_key, timeout=args.timeout,
-                          ssh_config=Path(args.ssh_config).expanduser())
+                          ssh_config=Path(args.ssh_config).expanduser(), port=args.port)

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, List
 from deploy.cli_options import USER_ERRORS, add_connection_arguments, connect_options
 from deploy.errors import DeployError, ModelDirError
 
-if TYPE_CHECKING:  # deploy.connection loads paramiko: only when a command runs
-    from deploy.connection import HostSpec
+if TYPE_CHECKING:  # deploy.ssh_config loads paramiko: only when a command runs
+    from deploy.ssh_config import HostSpec
 
 __all__ = ["configure", "run", "USER_ERRORS"]
 
@@ -44,7 +44,7 @@ def _hosts(args: argparse.Namespace) -> List["HostSpec"]:
         texts += [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
     if not texts:
         raise DeployError("no host given: `edgeprune deploy HOST [HOST ...] MODEL_DIR` (or --hosts FILE)")
-    from deploy.connection import HostSpec  # paramiko: loaded for the work, not for --help
+    from deploy.ssh_config import HostSpec  # paramiko: loaded for the work, not for --help
 
     specs = list(dict.fromkeys(HostSpec.parse(text) for text in texts))  # a host twice would race itself
     return specs

@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from deploy.release import RemoteModel, list_models
     from deploy.runtime_install import installed_runtime
 
-    from deploy.connection import Device, HostSpec  # paramiko: loaded for the work, not for --help
+    from deploy.device import Device
+    from deploy.ssh_config import HostSpec  # paramiko: loaded for the work, not for --help
 
     with Device.connect(HostSpec.parse(args.host), connect_options(args)) as device:
         root = device.resolve_path(args.remote_root)

@@ -14,7 +14,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Optional
 
-from deploy.connection import Device
+from deploy.device import Device
 from deploy.errors import PreflightError, RemoteCommandError
 
 MIN_PYTHON = (3, 9)

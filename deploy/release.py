@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import json
 from typing import Any, Callable, Dict, List, Optional
 
-from deploy.connection import Device, Progress, temp_stamp
+from deploy.device import Device, Progress, temp_stamp
 from deploy.errors import ConnectionLost, ReleaseError, RemoteCommandError, RemoteTimeout
 from deploy.model_dir import MANIFEST, LocalModel, check_name
 

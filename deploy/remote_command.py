@@ -12,12 +12,15 @@ Every remote command is one line for the login shell::
 - coreutils ``timeout`` kills the command's whole process group at the limit (``-k``: SIGKILL 5 s
   after SIGTERM), enforced on the device even if the connection is gone.
 
-A started command is a :class:`RemoteProcess` (from :meth:`deploy.connection.Device.start`): it
+A started command is a :class:`RemoteProcess` (from :meth:`deploy.device.Device.start`): it
 drains stdout and stderr together, gives up on a device that never starts the command or stops
 answering keepalives (``--timeout``), and on Ctrl-C cuts the connection without a word to the
 device. A command killed by a signal ends its channel with SSH's ``exit-signal`` instead of an exit
-status; paramiko drops that message, so :func:`watch_exit_signals` records it on the channel and
-the result names the signal.
+status; paramiko drops that message, so :func:`deploy.connection.watch_exit_signals` records it on
+the channel and the result names the signal.
+
+A RemoteProcess needs only the :class:`deploy.connection.Connection` it runs on (its deadlines,
+keepalive, abort); :mod:`deploy.device` imports this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -25,23 +28,22 @@ from __future__ import annotations
 import select
 import shlex
 import signal
-import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import paramiko
 
+from deploy.connection import LOST, Connection, quietly
 from deploy.errors import DeployError, RemoteTimeout
-
-if TYPE_CHECKING:  # Device is only annotated here; deploy.connection imports this module
-    from deploy.connection import Device
 
 SESSION_VARIABLE = "EDGEPRUNE_SESSION"
 
-# Exceptions paramiko/sockets raise when an established connection goes away. (Not all of OSError:
-# SFTP reports remote file errors as OSError too; those are told apart by asking the transport.)
-LOST = (EOFError, ConnectionError, socket.timeout, paramiko.SSHException)
+#: What is kept of each output stream of one command: its first bytes of stdout (where a result
+#: starts), its last of stderr (where the error is). A device printing without end must not fill
+#: this machine's memory; the rest is read and dropped, and the result says it was cut.
+OUTPUT_LIMIT = 8 << 20
+_PID_LINE_LIMIT = 64  # `echo $$` prints a few digits; more without a newline is not a pid line
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class CommandResult:
     stdout: str
     stderr: str
     signal: Optional[str] = None  # "KILL", "SEGV"...: the signal that killed it, if one did
+    cut: Tuple[str, ...] = ()  # the streams ("stdout", "stderr") that passed OUTPUT_LIMIT and were cut
 
     @property
     def ok(self) -> bool:
@@ -61,6 +64,14 @@ class CommandResult:
     def describe(self) -> str:
         """``exit 3`` or ``killed by SIGKILL``: how the command ended, for messages."""
         return f"killed by SIG{self.signal}" if self.signal else f"exit {self.exit_status}"
+
+    def cut_note(self) -> str:
+        """One line saying which output was cut ("" when none was)."""
+        if not self.cut:
+            return ""
+        kept = {"stdout": "first", "stderr": "last"}
+        return "; ".join(f"the device printed more than {OUTPUT_LIMIT >> 20} MiB on {name}: cut there "
+                         f"(only its {kept[name]} {OUTPUT_LIMIT >> 20} MiB kept)" for name in self.cut)
 
 
 def command_line(argv: Sequence[str], limit: float, cwd: Optional[str], tag: Optional[str]) -> str:
@@ -75,31 +86,6 @@ def command_line(argv: Sequence[str], limit: float, cwd: Optional[str], tag: Opt
     return "echo $$; " + command
 
 
-def watch_exit_signals(transport: paramiko.Transport) -> None:
-    """Record SSH ``exit-signal`` messages as ``channel.exit_signal`` (e.g. ``"KILL"``) on this transport.
-
-    paramiko answers only ``exit-status``; a command killed by a signal looked as if its connection
-    had dropped. The handler table is per transport (a copy), so no other paramiko user is affected.
-    """
-    table = dict(getattr(type(transport), "_channel_handler_table", {}))
-    original = table.get(paramiko.common.MSG_CHANNEL_REQUEST)
-    if original is None:  # a paramiko without this table: signals stay unnamed, nothing breaks
-        return
-
-    def handle(channel: paramiko.Channel, message: paramiko.Message) -> None:
-        start = message.packet.tell()
-        if message.get_text() == "exit-signal":
-            message.get_boolean()  # want_reply: never set for exit-signal (RFC 4254 6.10)
-            channel.exit_signal = message.get_text()
-            channel.status_event.set()
-            return
-        message.packet.seek(start)
-        original(channel, message)
-
-    table[paramiko.common.MSG_CHANNEL_REQUEST] = handle
-    transport._channel_handler_table = table
-
-
 def signal_number(name: str) -> Optional[int]:
     """The local number of a signal named as SSH names it (``"KILL"``), if this system knows it."""
     try:
@@ -111,7 +97,7 @@ def signal_number(name: str) -> Optional[int]:
 class RemoteProcess:
     """A command started by :meth:`Device.start`: wait for it, or cancel it (kills it on the device)."""
 
-    def __init__(self, device: Device, argv: tuple, channel: paramiko.Channel, limit: float):
+    def __init__(self, device: Connection, argv: tuple, channel: paramiko.Channel, limit: float):
         self.device = device
         self.argv = argv
         self._channel = channel
@@ -119,6 +105,7 @@ class RemoteProcess:
         self._pid: Optional[int] = None
         self._pid_line = b""
         self._out, self._err = bytearray(), bytearray()
+        self._cut: Tuple[str, ...] = ()
         self._started = time.monotonic()
         self._heard = self._started  # when the device last said anything on this channel
 
@@ -153,7 +140,7 @@ class RemoteProcess:
             self._take_stdout(channel.recv(65536), self._out)
             got = True
         while channel.recv_stderr_ready():
-            self._err += channel.recv_stderr(65536)
+            self._take_stderr(channel.recv_stderr(65536))
             got = True
         if got:
             self._heard = time.monotonic()
@@ -190,7 +177,7 @@ class RemoteProcess:
         if status in (124, 137) and time.monotonic() - self._started >= self._limit - 0.5:
             raise RemoteTimeout(f"{self.device.label}: `{self.argv[0]}` ran past {self._limit:.0f} s and was killed")
         return CommandResult(self.argv, status, self._out.decode("utf-8", "replace"),
-                             self._err.decode("utf-8", "replace"), signal_name)
+                             self._err.decode("utf-8", "replace"), signal_name, self._cut)
 
     def read_until(self, text: str, timeout: float) -> bool:
         """Read output until stdout holds ``text`` (True), or the command exits or ``timeout`` passes (False).
@@ -224,13 +211,29 @@ class RemoteProcess:
         # The first line is `echo $$` from start(): the pid to signal on cancel, not output.
         if self._pid is None:
             self._pid_line += chunk
-            if b"\n" not in self._pid_line:
+            if b"\n" not in self._pid_line and len(self._pid_line) <= _PID_LINE_LIMIT:
                 return
-            line, _, rest = self._pid_line.partition(b"\n")
+            line, newline, rest = self._pid_line.partition(b"\n")
+            if not newline:  # no pid line at all (not our shell answering): all of it is output
+                line, rest = b"", self._pid_line
             self._pid = int(line) if line.strip().isdigit() else 0
-            out += rest
-        else:
-            out += chunk
+            self._pid_line = b""
+            chunk = rest
+        room = OUTPUT_LIMIT - len(out)
+        if len(chunk) > room:
+            self._mark_cut("stdout")
+        out += chunk[:max(room, 0)]
+
+    def _take_stderr(self, chunk: bytes) -> None:
+        """Keep the last OUTPUT_LIMIT bytes of stderr (an error's last line is what matters)."""
+        self._err += chunk
+        if len(self._err) > OUTPUT_LIMIT:
+            del self._err[:len(self._err) - OUTPUT_LIMIT]
+            self._mark_cut("stderr")
+
+    def _mark_cut(self, stream: str) -> None:
+        if stream not in self._cut:
+            self._cut += (stream,)
 
     def cancel(self) -> None:
         """Kill the command on the device (SIGTERM to `timeout`, which passes it on) and close.
@@ -260,9 +263,3 @@ class RemoteProcess:
             pass
         quietly(self._channel.close)
 
-
-def quietly(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except Exception:  # noqa: BLE001 - closing a broken connection may fail in many ways; nothing to do
-        pass

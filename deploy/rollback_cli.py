@@ -15,8 +15,8 @@ import sys
 from deploy.cli_options import USER_ERRORS, add_connection_arguments, connect_options
 from deploy.errors import ReleaseError
 
-if TYPE_CHECKING:  # deploy.connection loads paramiko: only when a command runs
-    from deploy.connection import Device
+if TYPE_CHECKING:  # deploy.device loads paramiko: only when a command runs
+    from deploy.device import Device
 
 __all__ = ["configure", "run", "USER_ERRORS"]
 
@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     """Verify, smoke-test and switch to the chosen release, holding the remote root's lock."""
     from deploy.root_lock import hold_root_lock
 
-    from deploy.connection import Device, HostSpec  # paramiko: loaded for the work, not for --help
+    from deploy.device import Device
+    from deploy.ssh_config import HostSpec  # paramiko: loaded for the work, not for --help
 
     with Device.connect(HostSpec.parse(args.host), connect_options(args)) as device:
         root = device.resolve_path(args.remote_root)

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from deploy.connection import ConnectOptions, Device, HostSpec, Progress
+from deploy.device import Device, Progress
+from deploy.ssh_config import ConnectOptions, HostSpec
 from deploy.errors import DeployError, PreflightError, ReleaseError
 from deploy.model_dir import LocalModel
 from deploy.preflight import check, probe, runtime_is_current, venv_python

@@ -21,7 +21,8 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from deploy.connection import Device, RemoteProcess
+from deploy.device import Device
+from deploy.remote_command import RemoteProcess
 from deploy.errors import DeployError, LockBusy, RemoteTimeout
 
 FLOCK = "flock"  # util-linux; on Debian and Raspberry Pi OS by default

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from deploy.connection import Device, temp_stamp
+from deploy.device import Device, temp_stamp
 from deploy.errors import PreflightError, RemoteCommandError, UploadError
 from deploy.preflight import DeviceFacts, probe, runtime_is_current, venv_python
 from deploy.wheel import REQUIREMENTS, RuntimeWheel, build_runtime_wheel

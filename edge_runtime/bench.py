@@ -19,8 +19,9 @@ from edge_runtime.model_format import shipped_bytes
 
 
 def _input_layout(spec: Any, batch: int) -> Tuple[List[int], np.dtype]:
-    """The shape (free axis = ``batch``) and numpy dtype of one input, as the session declares it."""
-    shape = [batch if isinstance(d, str) else int(d) for d in spec.shape]
+    """The shape (free axis, named or None = ``batch``) and numpy dtype of one input, as the session
+    declares it."""
+    shape = [batch if d is None or isinstance(d, str) else int(d) for d in spec.shape]
     dtype = spec.type[len("tensor("):-1]
     return shape, np.dtype({"float": "float32", "double": "float64"}.get(dtype, dtype))
 

@@ -45,11 +45,24 @@ def conv_forward(x: np.ndarray, kernel: Any, bias: Optional[np.ndarray], attrs: 
     return from_cols(y, x.shape[0], out)
 
 
+def check_groups(op: str, x: np.ndarray, weight: np.ndarray, groups: int) -> None:
+    """The group checks load could not make for a weight computed in the graph: ``groups`` splits the
+    weight's first axis, and the input's channels match the weight's (ValueError: the model is wrong)."""
+    if x.ndim < 3 or weight.ndim != x.ndim:
+        raise ValueError(f"{op}: input of shape {list(x.shape)} and weight of shape {list(weight.shape)}")
+    first, per_group = weight.shape[0], weight.shape[1]
+    channels = first if op == "ConvTranspose" else per_group * groups
+    if groups < 1 or first % groups or x.shape[1] != channels:
+        raise ValueError(f"{op}: group {groups} does not fit input of shape {list(x.shape)} and weight of "
+                         f"shape {list(weight.shape)}")
+
+
 def conv_op(inputs: List[Optional[np.ndarray]], attrs: Dict[str, Any]) -> np.ndarray:
     """Conv whose weight is an activation (no initializer): a dense kernel built for this call."""
     x, weight = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
     groups = int(attrs.get("group", 1))
+    check_groups("Conv", x, weight, groups)
     kernel = conv_kernel("dense", weight.reshape(weight.shape[0], -1), None, groups, weight.shape, None, 1)
     return conv_forward(x, kernel, bias, attrs, weight.shape).astype(x.dtype, copy=False)
 
@@ -86,6 +99,7 @@ def conv_transpose_op(inputs: List[Optional[np.ndarray]], attrs: Dict[str, Any])
     x, weight = inputs[0], inputs[1]
     bias = inputs[2] if len(inputs) > 2 else None
     groups = int(attrs.get("group", 1))
+    check_groups("ConvTranspose", x, weight, groups)
     batch, channels, spatial = x.shape[0], x.shape[1], x.shape[2:]
     rank = len(spatial)
     kernel, strides, dilations = conv_geometry(attrs, weight.shape)

@@ -52,7 +52,7 @@ def read_model(model_dir: Path, name: str = ONNX_FILE) -> Model:
         data = handle.read(max_model_bytes() + 1)
     if len(data) > max_model_bytes():
         raise ModelDirError(f"{path}: larger than {max_model_bytes():,} bytes (EDGEPRUNE_MAX_MODEL_BYTES)")
-    return onnx_wire.parse_model(data)
+    return onnx_wire.parse_model(data, str(path))
 
 
 def check_model(model_dir: Path, manifest: Mapping[str, Any], weights: Weights) -> Model:
@@ -67,6 +67,7 @@ def check_model(model_dir: Path, manifest: Mapping[str, Any], weights: Weights) 
 
 WINDOW_OPS = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool")
 MAX_WINDOW = 1 << 12  # kernel, stride, dilation and padding sizes: far beyond any real layer
+MAX_GROUPS = 1 << 16  # conv groups: a depthwise conv has one per channel
 
 
 def check_window_attributes(manifest: Mapping[str, Any], where: str) -> None:
@@ -86,16 +87,40 @@ def check_window_attributes(manifest: Mapping[str, Any], where: str) -> None:
                 raise ModelDirError(f"{where}: node {index} ({node['op_type']}) has {name} {values!r} "
                                     f"outside [{low}, {MAX_WINDOW}]")
         if node["op_type"] in ("Conv", "ConvTranspose"):
-            _check_group(node, manifest["tensors"], index, where)
+            _check_group(node, manifest, index, where)
 
 
-def _check_group(node: Mapping[str, Any], tensors: Mapping[str, Any], index: int, where: str) -> None:
+def _check_group(node: Mapping[str, Any], manifest: Mapping[str, Any], index: int, where: str) -> None:
+    """``group`` must split the weight's first axis (a Conv's output channels, a ConvTranspose's input
+    channels) and, where the graph declares it, the input's channels.
+
+    A weight computed in the graph (DequantizeLinear in every QDQ model onnxruntime.quantization writes)
+    has no shape here: only the range and the declared input channels are checked, and the op checks
+    the rest against the arrays it is given at run time (``conv.check_groups``)."""
     group = node["attributes"].get("group", 1)
-    weight = tensors.get(node["inputs"][1]) if len(node["inputs"]) > 1 else None
-    channels = weight["shape"][0] if weight and weight["shape"] else MAX_WINDOW
-    if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= channels or channels % group:
-        raise ModelDirError(f"{where}: node {index} ({node['op_type']}) has group {group!r}, which does not "
-                            f"divide its {channels} output channels")
+    op = node["op_type"]
+    if not isinstance(group, int) or isinstance(group, bool) or not 1 <= group <= MAX_GROUPS:
+        raise ModelDirError(f"{where}: node {index} ({op}) has group {group!r} outside [1, {MAX_GROUPS}]")
+    weight = manifest["tensors"].get(node["inputs"][1]) if len(node["inputs"]) > 1 else None
+    shape = weight.get("shape") if isinstance(weight, Mapping) else None
+    if shape:
+        which = "input" if op == "ConvTranspose" else "output"
+        if not group <= shape[0] or shape[0] % group:
+            raise ModelDirError(f"{where}: node {index} ({op}) has group {group}, which does not divide its "
+                                f"{shape[0]} {which} channels")
+    channels = _declared_channels(manifest, node["inputs"][0] if node["inputs"] else "")
+    if channels is not None and channels % group:
+        raise ModelDirError(f"{where}: node {index} ({op}) has group {group}, which does not divide its "
+                            f"{channels} input channels")
+
+
+def _declared_channels(manifest: Mapping[str, Any], name: str) -> Optional[int]:
+    """Axis 1 of graph input ``name`` when its declared shape fixes it, else None."""
+    for spec in manifest.get("inputs") or []:
+        shape = spec.get("shape") if isinstance(spec, Mapping) and spec.get("name") == name else None
+        if isinstance(shape, list) and len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 0:
+            return shape[1]
+    return None
 
 
 # -- the graph ---------------------------------------------------------------------------------------

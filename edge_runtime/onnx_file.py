@@ -4,10 +4,12 @@
 
 The file is untrusted input like a MODEL_DIR: it is opened only as a regular file (never a symlink,
 FIFO or device), read up to ``max_model_bytes()`` and decoded by the strict stdlib reader in
-``onnx_wire`` (no ``onnx`` import). Initializers become numpy arrays from ``raw_data`` or the typed
-fields; sparse initializers are expanded from their COO indices. External data is refused with one
-line: a plain file must carry its weights inline (what ``torch.onnx.export`` writes below 2 GB), so
-onnxruntime is never pointed at another file by a file we were handed.
+``onnx_wire`` (no ``onnx`` import); model bytes (as onnxruntime also takes) are decoded the same way.
+Initializers become numpy arrays from ``raw_data`` or the typed fields; sparse initializers are
+expanded from their COO indices. External data (``model.onnx.data``, which torch's default exporter
+writes) is read by ``external_data.ExternalFiles`` from a regular file beside the model only, and the
+arrays are what onnxruntime gets for those initializers (``FileWeights.fed``): onnxruntime never opens
+a file the model names, and it loads the bytes that were checked, not the path again.
 
 The float weight of a Conv/Gemm/MatMul whose density is below :data:`CSR_DENSITY` is handed out as CSR
 (the rule export uses); every other tensor stays dense. The dict has the keys the session and
@@ -18,11 +20,12 @@ The float weight of a Conv/Gemm/MatMul whose density is below :data:`CSR_DENSITY
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from edge_runtime.errors import ModelDirError
+from edge_runtime.external_data import ExternalFiles
 from edge_runtime.graph import WEIGHT_OPS, ArrayWeights, is_weight_node
 from edge_runtime.model_format import max_model_bytes, open_regular
 from edge_runtime.onnx_check import _attribute_value, _tensor_array, check_window_attributes
@@ -39,7 +42,18 @@ def is_onnx_file(path: Any) -> bool:
 
 class FileWeights(ArrayWeights):
     """``ArrayWeights`` of a plain file, which records no sample input (the session then tunes on
-    seeded inputs of the declared shapes)."""
+    seeded inputs of the declared shapes). ``source`` is the file's bytes (what onnxruntime loads);
+    ``external`` names the initializers read from external data."""
+
+    def __init__(self, arrays: Dict[str, np.ndarray], sparse: Sequence[str], source: bytes,
+                 external: Sequence[str] = ()) -> None:
+        super().__init__(arrays, sparse)
+        self.source: Optional[bytes] = source
+        self.external = list(external)
+
+    def fed(self) -> Dict[str, np.ndarray]:
+        """The external initializers' arrays, for onnxruntime's ``add_external_initializers``."""
+        return {name: self.arrays[name] for name in self.external}
 
     def sample_inputs(self, manifest: Any) -> Dict[str, np.ndarray]:
         raise ModelDirError("a plain ONNX file records no sample input")
@@ -48,20 +62,23 @@ class FileWeights(ArrayWeights):
         """Drop the arrays once the engine is built: an onnxruntime session holds its own copy, and the
         native program keeps only what it computes with."""
         self.arrays = {}
+        self.source = None
 
 
-def read_onnx_file(path: Path) -> Model:
-    """Decode ``path`` (a regular file of bounded size); ModelDirError in one line when it is not ONNX."""
+def read_onnx_file(path: Path) -> bytes:
+    """The bytes of ``path``, a regular file of bounded size (ModelDirError in one line otherwise)."""
     with open_regular(path) as handle:
         data = handle.read(max_model_bytes() + 1)
     if len(data) > max_model_bytes():
         raise ModelDirError(f"{path}: larger than {max_model_bytes():,} bytes (EDGEPRUNE_MAX_MODEL_BYTES)")
-    try:
-        model = parse_model(data)
-    except ModelDirError as error:  # onnx_wire's messages say "model.onnx"; name the file given
-        raise ModelDirError(f"{path}: not an ONNX model this runtime reads ({error})") from None
+    return data
+
+
+def decode(data: bytes, where: str) -> Model:
+    """``data`` decoded; ModelDirError in one line when it is not ONNX this runtime reads."""
+    model = parse_model(data, where, "a plain ONNX file")
     if not model.nodes and not model.outputs:
-        raise ModelDirError(f"{path}: not an ONNX model (no graph nodes or outputs)")
+        raise ModelDirError(f"{where}: not an ONNX model (no graph nodes or outputs)")
     return model
 
 
@@ -85,15 +102,15 @@ def _sparse_array(sparse: SparseTensor, where: str, limit: int) -> np.ndarray:
     return dense.reshape(dims)
 
 
-def _initializers(model: Model, where: str) -> Dict[str, np.ndarray]:
-    """Every initializer as a numpy array; external data refused; their total bounded."""
+def _initializers(model: Model, where: str, files: ExternalFiles) -> Dict[str, np.ndarray]:
+    """Every initializer as a numpy array (external data through ``files``); their total bounded."""
     arrays: Dict[str, np.ndarray] = {}
     budget = max_model_bytes()
     for tensor in model.initializers:
         if tensor.is_external:
-            raise ModelDirError(f"{where}: initializer {tensor.name!r} uses external data, which a plain ONNX "
-                                "file may not (save it with its weights inline, or export a MODEL_DIR)")
-        array = _tensor_array(tensor, where, f"initializer {tensor.name!r}", max(budget, 1))
+            array = files.read(tensor, budget)
+        else:
+            array = _tensor_array(tensor, where, f"initializer {tensor.name!r}", max(budget, 1))
         arrays[tensor.name] = array
         budget -= array.nbytes
         if budget < 0:
@@ -136,11 +153,19 @@ def _sparse_weights(graph: List[Dict[str, Any]], weights: ArrayWeights) -> List[
     return names
 
 
-def load_onnx_file(path: Path) -> Tuple[Dict[str, Any], FileWeights]:
-    """The manifest-like dict and weights of a plain ONNX file (see the module docstring)."""
-    where = str(path)
-    model = read_onnx_file(Path(path))
-    arrays = _initializers(model, where)
+def load_onnx_file(source: Union[Path, bytes]) -> Tuple[Dict[str, Any], FileWeights]:
+    """The manifest-like dict and weights of a plain ONNX file, or of its bytes (see the module
+    docstring; bytes cannot name external data: there is no folder to read it from)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, where, folder = bytes(source), "model bytes", None
+    else:
+        data, where, folder = read_onnx_file(Path(source)), str(source), Path(source).parent
+    model = decode(data, where)
+    files = ExternalFiles(folder, where)
+    try:
+        arrays = _initializers(model, where, files)
+    finally:
+        files.close()
     graph = _nodes(model, where)
     inputs = [_spec(model, name, where) for name in model.inputs if name not in arrays]
     outputs = [_spec(model, name, where) for name in model.outputs]
@@ -148,7 +173,7 @@ def load_onnx_file(path: Path) -> Tuple[Dict[str, Any], FileWeights]:
         raise ModelDirError(f"{where}: the graph has no outputs")
     dense = ArrayWeights(arrays)
     sparse = _sparse_weights(graph, dense)
-    weights = FileWeights(arrays, sparse)
+    weights = FileWeights(arrays, sparse, data, [t.name for t in model.initializers if t.is_external])
     layers = []
     for node in graph:
         if node["op_type"] in WEIGHT_OPS and is_weight_node(node, weights):
@@ -160,6 +185,7 @@ def load_onnx_file(path: Path) -> Tuple[Dict[str, Any], FileWeights]:
     opset = model.opsets.get("", model.opsets.get("ai.onnx"))  # None: graph.py's default opset
     manifest = {"source": "onnx", "graph": graph, "inputs": inputs, "outputs": [s["name"] for s in outputs],
                 "output_specs": outputs, "opset": opset or None,
-                "tensors": weights.tensors, "layers": layers, "files": {}}
+                "tensors": weights.tensors, "layers": layers, "files": {},
+                "meta": {**model.meta, "custom_metadata_map": dict(model.metadata_props)}}
     check_window_attributes(manifest, where)  # absurd groups/windows refused before any engine loops
     return manifest, weights

@@ -108,19 +108,23 @@ class Model:
     # graph input/output name → (elem_type, dims or None for an unknown rank); a dim is an int, or
     # its dim_param / "?" for a free axis; tensor types only
     value_types: Dict[str, Tuple[int, Optional[List[Any]]]] = field(default_factory=dict)
+    # what onnxruntime's get_modelmeta() reports: producer_name, producer_version, domain, version,
+    # description, graph_name, graph_description, and the metadata_props key → value map
+    meta: Dict[str, Any] = field(default_factory=dict)
+    metadata_props: Dict[str, str] = field(default_factory=dict)
 
 
 def _varint(buf: memoryview, pos: int) -> Tuple[int, int]:
     result = shift = 0
     for index in range(10):
         if pos + index >= len(buf):
-            raise OnnxWireError("model.onnx: truncated varint")
+            raise OnnxWireError("truncated varint")
         byte = buf[pos + index]
         result |= (byte & 0x7F) << shift
         if not byte & 0x80:
             return result, pos + index + 1
         shift += 7
-    raise OnnxWireError("model.onnx: varint longer than 10 bytes")
+    raise OnnxWireError("varint longer than 10 bytes")
 
 
 def _signed(value: int) -> int:
@@ -131,42 +135,42 @@ def _signed(value: int) -> int:
 def _fields(buf: memoryview) -> Iterator[Tuple[int, int, Any]]:
     """(field number, wire type, value): int for varints, memoryview for the others."""
     if not isinstance(buf, memoryview):
-        raise OnnxWireError("model.onnx: a message field has the wrong wire type")
+        raise OnnxWireError("a message field has the wrong wire type")
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
-            raise OnnxWireError("model.onnx: field number 0")
+            raise OnnxWireError("field number 0")
         if wire == 0:
             value, pos = _varint(buf, pos)
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
             if pos + size > len(buf):
-                raise OnnxWireError("model.onnx: truncated fixed-width field")
+                raise OnnxWireError("truncated fixed-width field")
             value, pos = buf[pos:pos + size], pos + size
         elif wire == 2:
             size, pos = _varint(buf, pos)
             if size > len(buf) - pos:
-                raise OnnxWireError("model.onnx: a field's length runs past the end of its message")
+                raise OnnxWireError("a field's length runs past the end of its message")
             value, pos = buf[pos:pos + size], pos + size
         else:
-            raise OnnxWireError(f"model.onnx: wire type {wire} is not used by ONNX")
+            raise OnnxWireError(f"wire type {wire} is not used by ONNX")
         yield number, wire, value
 
 
 def _text(value: Any) -> str:
     if not isinstance(value, memoryview):
-        raise OnnxWireError("model.onnx: a string field has the wrong wire type")
+        raise OnnxWireError("a string field has the wrong wire type")
     try:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError:
-        raise OnnxWireError("model.onnx: a string is not UTF-8") from None
+        raise OnnxWireError("a string is not UTF-8") from None
 
 
 def _int(wire: int, value: Any) -> int:
     if wire != 0:
-        raise OnnxWireError("model.onnx: an integer field has the wrong wire type")
+        raise OnnxWireError("an integer field has the wrong wire type")
     return value
 
 
@@ -179,23 +183,30 @@ def _repeated(wire: int, value: Any, kind: str, into: list) -> None:
                 item, pos = _varint(buf, pos)
                 into.append(_signed(item))
                 if len(into) > MAX_REPEATED:
-                    raise OnnxWireError(f"model.onnx: more than {MAX_REPEATED} values in one field")
+                    raise OnnxWireError(f"more than {MAX_REPEATED} values in one field")
             return
         size, code = (4, "<f") if kind == "f32" else (8, "<d")
         if len(buf) % size or len(into) + len(buf) // size > MAX_REPEATED:
-            raise OnnxWireError("model.onnx: a packed list has a bad length")
+            raise OnnxWireError("a packed list has a bad length")
         into.extend(v for (v,) in struct.iter_unpack(code, buf))
         return
     expected = {"varint": 0, "f32": 5, "f64": 1}[kind]
     if wire != expected:
-        raise OnnxWireError("model.onnx: a repeated field has the wrong wire type")
+        raise OnnxWireError("a repeated field has the wrong wire type")
     into.append(_signed(value) if kind == "varint" else struct.unpack("<f" if kind == "f32" else "<d", value)[0])
     if len(into) > MAX_REPEATED:
-        raise OnnxWireError(f"model.onnx: more than {MAX_REPEATED} values in one field")
+        raise OnnxWireError(f"more than {MAX_REPEATED} values in one field")
+
+
+class _RefusedField(OnnxWireError):
+    """A field this reader refuses; ``parse_model`` names the container (a MODEL_DIR, a plain file)."""
+
+    def __init__(self, message: str, number: int) -> None:
+        super().__init__(f"{message} field {number}")
 
 
 def _refuse(message: str, number: int) -> OnnxWireError:
-    return OnnxWireError(f"model.onnx: {message} field {number} is not accepted in a MODEL_DIR")
+    return _RefusedField(message, number)
 
 
 _TYPED_KINDS = {4: "f32", 5: "varint", 7: "varint", 10: "f64", 11: "varint"}
@@ -207,7 +218,7 @@ def parse_tensor(buf: memoryview) -> Tensor:
         if number == 1:
             _repeated(wire, value, "varint", tensor.dims)
             if len(tensor.dims) > MAX_DIMS:
-                raise OnnxWireError(f"model.onnx: tensor with more than {MAX_DIMS} dimensions")
+                raise OnnxWireError(f"tensor with more than {MAX_DIMS} dimensions")
         elif number == 2:
             tensor.data_type = _int(wire, value)
         elif number in _TYPED_KINDS:
@@ -216,12 +227,12 @@ def parse_tensor(buf: memoryview) -> Tensor:
             tensor.name = _text(value)
         elif number == 9:
             if wire != 2:
-                raise OnnxWireError("model.onnx: raw_data has the wrong wire type")
+                raise OnnxWireError("raw_data has the wrong wire type")
             tensor.raw_data = bytes(value)
         elif number == 13:
             key, text = _string_entry(value)
             if key in tensor.external:
-                raise OnnxWireError(f"model.onnx: external_data key {key!r} given twice")
+                raise OnnxWireError(f"external_data key {key!r} given twice")
             tensor.external[key] = text
         elif number == 14:
             tensor.data_location = _int(wire, value)
@@ -250,7 +261,7 @@ def _parse_sparse(buf: memoryview) -> SparseTensor:
         elif number == 3:
             _repeated(wire, value, "varint", dims)
             if len(dims) > MAX_DIMS:
-                raise OnnxWireError(f"model.onnx: sparse tensor with more than {MAX_DIMS} dimensions")
+                raise OnnxWireError(f"sparse tensor with more than {MAX_DIMS} dimensions")
         else:
             raise _refuse("SparseTensorProto", number)
     return SparseTensor(values, indices, dims)
@@ -265,7 +276,7 @@ def _parse_attribute(buf: memoryview) -> Attribute:
             attribute.type = _int(wire, value)
         elif number == 2:
             if wire != 5:
-                raise OnnxWireError("model.onnx: float attribute has the wrong wire type")
+                raise OnnxWireError("float attribute has the wrong wire type")
             attribute.f = struct.unpack("<f", value)[0]
         elif number == 3:
             attribute.i = _signed(_int(wire, value))
@@ -282,8 +293,8 @@ def _parse_attribute(buf: memoryview) -> Attribute:
         elif number != 13:  # doc_string
             raise _refuse("AttributeProto (subgraphs, sparse tensors, tensor lists, references)", number)
     if attribute.type not in (FLOAT, INT, STRING, TENSOR, FLOATS, INTS, STRINGS):
-        raise OnnxWireError(f"model.onnx: attribute {attribute.name!r} has type {attribute.type}, "
-                            "which a MODEL_DIR does not use")
+        raise OnnxWireError(f"attribute {attribute.name!r} has type {attribute.type}, "
+                            "which this runtime does not read")
     return attribute
 
 
@@ -330,7 +341,7 @@ def _tensor_type(buf: Any) -> Tuple[int, Optional[List[Any]]]:
                 if dim_number == 1:
                     dims.append(_dimension(dim))
                     if len(dims) > MAX_DIMS:
-                        raise OnnxWireError(f"model.onnx: a value with more than {MAX_DIMS} dimensions")
+                        raise OnnxWireError(f"a value with more than {MAX_DIMS} dimensions")
     return elem, dims
 
 
@@ -352,7 +363,7 @@ def _parse_graph(buf: memoryview, model: Model) -> None:
         if number == 1:
             model.nodes.append(_parse_node(value))
             if len(model.nodes) > MAX_NODES:
-                raise OnnxWireError(f"model.onnx: more than {MAX_NODES} nodes")
+                raise OnnxWireError(f"more than {MAX_NODES} nodes")
         elif number == 5:
             model.initializers.append(parse_tensor(value))
         elif number == 15:
@@ -362,7 +373,9 @@ def _parse_graph(buf: memoryview, model: Model) -> None:
             (model.inputs if number == 11 else model.outputs).append(name)
             if kind is not None:
                 model.value_types[name] = kind
-        elif number not in (2, 10, 13, 14, 16):  # name, doc_string, value_info, quantization, metadata
+        elif number in (2, 10):
+            model.meta["graph_name" if number == 2 else "graph_description"] = _text(value)
+        elif number not in (13, 14, 16):  # value_info, quantization annotations, metadata
             raise _refuse("GraphProto", number)
 
 
@@ -376,8 +389,22 @@ def _parse_opset(buf: Any) -> Tuple[str, int]:
     return domain, version
 
 
-def parse_model(data: bytes) -> Model:
-    """Decode model.onnx's bytes; OnnxWireError (a ModelDirError) when malformed or refused."""
+def parse_model(data: bytes, where: str = "model.onnx", container: str = "a MODEL_DIR") -> Model:
+    """Decode an ONNX file's bytes; OnnxWireError (a ModelDirError) when malformed or refused, its message
+    starting with ``where`` and naming ``container`` (what the file is part of) for a refused field."""
+    try:
+        return _parse_model(data)
+    except _RefusedField as error:
+        raise OnnxWireError(f"{where}: {error} is not accepted in {container}") from None
+    except OnnxWireError as error:
+        raise OnnxWireError(f"{where}: {error}") from None
+
+
+# ModelProto fields onnxruntime's ModelMetadata reports (14, metadata_props, is its custom map)
+_MODEL_META = {2: "producer_name", 3: "producer_version", 4: "domain", 5: "version", 6: "description"}
+
+
+def _parse_model(data: bytes) -> Model:
     model, graphs = Model(), 0
     for number, wire, value in _fields(memoryview(data)):
         if number == 1:
@@ -388,8 +415,13 @@ def parse_model(data: bytes) -> Model:
         elif number == 8:
             domain, version = _parse_opset(value)
             model.opsets[domain] = version
-        elif number not in (2, 3, 4, 5, 6, 14):  # producer, version, domain, model_version, doc, metadata
+        elif number in _MODEL_META:
+            model.meta[_MODEL_META[number]] = _int(wire, value) if number == 5 else _text(value)
+        elif number == 14:
+            key, text = _string_entry(value)
+            model.metadata_props[key] = text
+        else:
             raise _refuse("ModelProto (training info, functions, ...)", number)
     if graphs != 1:
-        raise OnnxWireError(f"model.onnx: expected one graph, found {graphs}")
+        raise OnnxWireError(f"expected one graph, found {graphs}")
     return model

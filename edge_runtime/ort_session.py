@@ -9,17 +9,18 @@ in onnxruntime 1.19, the Pi's, and later): no second copy of the weights is ship
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
 from edge_runtime.errors import ModelDirError
 
 
-def open_ort(path: Path, threads: int, feeds: Optional[Dict[str, np.ndarray]] = None,
-             log_level: int = 4) -> Any:
-    """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads, ``feeds`` supplying the
-    file's placeholder initializers. ModelDirError when onnxruntime is missing or refuses the file."""
+def open_ort(source: Union[Path, bytes], threads: int, feeds: Optional[Dict[str, np.ndarray]] = None,
+             log_level: int = 4, where: Optional[str] = None) -> Any:
+    """An onnxruntime CPU session on ``source`` (a path, or a model's bytes named ``where`` in messages)
+    with ``threads`` intra-op threads, ``feeds`` supplying the file's placeholder (or external)
+    initializers. ModelDirError when onnxruntime is missing or refuses the file."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -32,10 +33,11 @@ def open_ort(path: Path, threads: int, feeds: Optional[Dict[str, np.ndarray]] = 
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
     if arrays:
         options.add_external_initializers(list(arrays), values)
+    model = source if isinstance(source, bytes) else str(source)
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own untyped errors for bad files
-        raise ModelDirError(f"onnxruntime cannot load {path}: {error}") from None
+        raise ModelDirError(f"onnxruntime cannot load {where or source}: {error}") from None
     # onnxruntime may compute straight from the fed buffers: they must live as long as the session.
     session._edgeprune_feeds = (arrays, values)
     return session

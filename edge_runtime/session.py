@@ -3,6 +3,15 @@
     sess = InferenceSession("MODEL_DIR", kernels="auto", threads=4)
     y, = sess.run(None, {sess.get_inputs()[0].name: x})
 
+It is a drop-in for ``onnxruntime.InferenceSession`` on a plain ONNX file or its bytes:
+``InferenceSession("model.onnx", sess_options, providers=["CPUExecutionProvider"])`` works unchanged.
+``sess_options`` gives the threads (its ``intra_op_num_threads``, unless ``threads`` is given; its other
+settings are not read). ``providers``: the runtime computes on the CPU only; any other provider named
+is ignored with a warning, as a CPU build of onnxruntime ignores the providers it does not have (a
+script written for ``CUDAExecutionProvider`` still runs, on the CPU); ``provider_options`` are not read.
+``get_providers()``, ``get_modelmeta()``, ``get_inputs()``, ``get_outputs()`` and ``run()`` answer as
+onnxruntime's do (``run_options`` is accepted and not read).
+
 ``kernels``: "auto" (measure once per device, cached), "sparse", "dense", "ort" (stock
 onnxruntime on model.onnx, the baseline), or "ort-int8" (onnxruntime on the int8 variant, see
 variants.py); "auto" measures every engine the MODEL_DIR holds. ``threads`` sets onnxruntime's
@@ -15,9 +24,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -58,7 +68,54 @@ class NodeArg(NamedTuple):
     type: str
 
 
+class ModelMetadata(NamedTuple):
+    """What ``onnxruntime.InferenceSession.get_modelmeta()`` reports, read from the model's ONNX file."""
+
+    producer_name: str
+    graph_name: str
+    domain: str
+    description: str
+    graph_description: str
+    version: int
+    custom_metadata_map: Dict[str, str]
+
+
+CPU_PROVIDER = "CPUExecutionProvider"
 _NUMPY_DTYPE = {"float": "float32", "double": "float64"}  # onnxruntime's type names -> numpy's
+
+
+def _provider_names(providers: Optional[Sequence[Any]]) -> List[str]:
+    """The names in an onnxruntime ``providers`` list (names or ``(name, options)`` pairs)."""
+    if providers is None:
+        return []
+    if isinstance(providers, (str, bytes)) or not all(
+            isinstance(p, str) or (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)) for p in providers):
+        raise EdgeRuntimeError(f"providers must be a list of provider names, got {providers!r}")
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def check_providers(providers: Optional[Sequence[Any]]) -> None:
+    """Accept what a CPU build of onnxruntime accepts: a list of provider names (or ``(name, options)``
+    pairs); any but CPUExecutionProvider is ignored with a warning, and the model runs on the CPU."""
+    others = [name for name in _provider_names(providers) if name != CPU_PROVIDER]
+    if others:
+        warnings.warn(f"edge_runtime computes on the CPU only: ignoring providers {others} "
+                      f"(running on {CPU_PROVIDER})", stacklevel=3)
+
+
+def threads_of(sess_options: Any) -> Optional[int]:
+    """``sess_options.intra_op_num_threads`` (an onnxruntime.SessionOptions), None for its default 0."""
+    if sess_options is None:
+        return None
+    count = getattr(sess_options, "intra_op_num_threads", None)
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise EdgeRuntimeError(f"sess_options must be an onnxruntime.SessionOptions, got {type(sess_options).__name__}")
+    return count or None
+
+
+def _shape(dims: Sequence[Any]) -> List[Any]:
+    """A declared shape as onnxruntime's NodeArg says it: None for an axis with neither size nor name."""
+    return [None if d == "?" else d for d in dims]
 
 
 def _onnx_type(dtype: str) -> str:
@@ -68,22 +125,27 @@ def _onnx_type(dtype: str) -> str:
 
 
 class InferenceSession:
-    """Load a MODEL_DIR and run it. Raises ModelDirError / UnsupportedOpError / InputError."""
+    """Load a MODEL_DIR, a plain ONNX file or its bytes, and run it. Raises ModelDirError /
+    UnsupportedOpError / InputError (all EdgeRuntimeError)."""
 
-    def __init__(self, model_dir: str | os.PathLike, kernels: str = "auto", threads: Optional[int] = None,
-                 verify: bool = True, retune: bool = False) -> None:
+    def __init__(self, path_or_bytes: Union[str, os.PathLike, bytes], sess_options: Any = None,
+                 providers: Optional[Sequence[Any]] = None, provider_options: Optional[Sequence[Any]] = None, *,
+                 kernels: str = "auto", threads: Optional[int] = None, verify: bool = True,
+                 retune: bool = False) -> None:
         if kernels not in KERNEL_CHOICES:
             raise EdgeRuntimeError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
         if threads is not None and threads < 1:
             raise EdgeRuntimeError(f"threads must be at least 1, got {threads}")
-        self.model_dir = Path(model_dir)
-        self.threads = int(threads or os.cpu_count() or 1)
+        check_providers(providers)  # provider_options belong to the providers: nothing to read for the CPU
+        from_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+        self.model_dir = None if from_bytes else Path(path_or_bytes)
+        self.threads = int(threads or threads_of(sess_options) or os.cpu_count() or 1)
         # a plain .onnx file (see onnx_file.py): its own checks replace the MODEL_DIR's manifest and hashes
-        self.plain_onnx = onnx_file.is_onnx_file(self.model_dir)
-        self._onnx_path = self.model_dir if self.plain_onnx else self.model_dir / "model.onnx"
+        self.plain_onnx = from_bytes or onnx_file.is_onnx_file(self.model_dir)
         if self.plain_onnx:
-            self.manifest, plain_weights = onnx_file.load_onnx_file(self.model_dir)
+            self.manifest, plain_weights = onnx_file.load_onnx_file(path_or_bytes if from_bytes else self.model_dir)
         else:
+            self._onnx_path = self.model_dir / "model.onnx"
             self.manifest = read_manifest(self.model_dir)
         if verify and not self.plain_onnx:
             verify_files(self.model_dir, self.manifest)
@@ -96,8 +158,9 @@ class InferenceSession:
         try:
             self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest)
             try:
-                if not self.plain_onnx:
-                    check_model(self.model_dir, self.manifest, self._weights)  # before any engine reads a byte
+                if not self.plain_onnx:  # before any engine reads a byte
+                    model = check_model(self.model_dir, self.manifest, self._weights)
+                    self.manifest["meta"] = {**model.meta, "custom_metadata_map": dict(model.metadata_props)}
                 self._load_checked(kernels, retune)
             finally:
                 self._weights.close()
@@ -116,14 +179,15 @@ class InferenceSession:
         except EdgeRuntimeError:
             raise
         except MODEL_FAILURES as error:
-            raise ModelDirError(f"{self.model_dir}: the model cannot be loaded ({_describe(error)})") from None
+            raise ModelDirError(f"{self.where}: the model cannot be loaded ({_describe(error)})") from None
 
     def _load(self, kernels: str, retune: bool) -> None:
         if kernels == "ort":
             self._ort = self._ort_session()
             self.plan = {"engine": "ort"}
         elif kernels in variants.ENGINES:
-            self._ort = variants.open_session(self.model_dir, self.manifest, kernels, self.threads, self._weights)
+            self._ort = variants.open_session(self.model_dir or self.where, self.manifest, kernels, self.threads,
+                                              self._weights)
             self.plan = {"engine": kernels}
         elif kernels in ("sparse", "dense"):
             kind = "dense" if kernels == "dense" else self._sparse_kind()
@@ -241,7 +305,7 @@ class InferenceSession:
         try:  # the sample comes from the npz: both engines are timed on it, so it must fit the inputs
             return self._check_feed(sample)
         except InputError as error:
-            raise ModelDirError(f"{self.model_dir}: the manifest's sample does not fit its inputs ({error})") from None
+            raise ModelDirError(f"{self.where}: the manifest's sample does not fit its inputs ({error})") from None
 
     def _input_specs(self) -> List[Dict[str, Any]]:
         """Every input (manifest ``inputs``; a format-1 manifest may have only ``input``)."""
@@ -257,11 +321,30 @@ class InferenceSession:
         return dataclasses.replace(self._program, constants={**self._program.constants, **extra})
 
     def _ort_session(self):
-        """onnxruntime on model.onnx; a compact (format 3) MODEL_DIR's weights are fed from weights.npz."""
-        compact = not self.plain_onnx and self.manifest["format_version"] >= FORMAT_VERSION_COMPACT
+        """onnxruntime on model.onnx; a compact (format 3) MODEL_DIR's weights are fed from weights.npz.
+        A plain file: onnxruntime loads the bytes that were checked, its external data fed as arrays."""
+        if self.plain_onnx:
+            return open_ort(self._weights.source, self.threads, self._weights.fed(), where=self.where)
+        compact = self.manifest["format_version"] >= FORMAT_VERSION_COMPACT
         return open_ort(self._onnx_path, self.threads, self._weights.fed() if compact else None)
 
     # -- onnxruntime-style API -----------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        """The model as messages name it: its path, or "model bytes"."""
+        return str(self.model_dir) if self.model_dir is not None else "model bytes"
+
+    def get_providers(self) -> List[str]:
+        """["CPUExecutionProvider"]: every engine (native, onnxruntime, int8) computes on the CPU."""
+        return [CPU_PROVIDER]
+
+    def get_modelmeta(self) -> ModelMetadata:
+        """The ONNX file's producer, graph name, domain, doc strings, model version and metadata_props."""
+        meta = self.manifest.get("meta") or {}
+        return ModelMetadata(meta.get("producer_name", ""), meta.get("graph_name", ""), meta.get("domain", ""),
+                             meta.get("description", ""), meta.get("graph_description", ""),
+                             int(meta.get("version", 0)), dict(meta.get("custom_metadata_map", {})))
+
     @property
     def engine(self) -> str:
         """"native" (numpy/scipy kernels), "ort" (whole model in onnxruntime) or a variant's engine
@@ -276,11 +359,13 @@ class InferenceSession:
         return variants.describe(self.manifest, self.engine)
 
     def get_inputs(self) -> List[NodeArg]:
-        return [NodeArg(spec["name"], list(spec["shape"]), _onnx_type(spec["dtype"])) for spec in self._input_specs()]
+        """Name, shape (a string for a named free axis, None for an unnamed one) and type of each input."""
+        return [NodeArg(spec["name"], _shape(spec["shape"]), _onnx_type(spec["dtype"])) for spec in self._input_specs()]
 
     def get_outputs(self) -> List[NodeArg]:
+        """As get_inputs, for the outputs (no shape inference: [] where the file declares none)."""
         specs = {spec.get("name"): spec for spec in self.manifest.get("output_specs") or [] if isinstance(spec, dict)}
-        return [NodeArg(name, list(specs.get(name, {}).get("shape", [])),
+        return [NodeArg(name, _shape(specs.get(name, {}).get("shape", [])),
                         _onnx_type(specs.get(name, {}).get("dtype", "float32"))) for name in self.manifest["outputs"]]
 
     def _check_feed(self, input_feed: Dict[str, Any]) -> Dict[str, np.ndarray]:
@@ -303,12 +388,12 @@ class InferenceSession:
             shape = ["?"] * x.ndim
         if x.ndim != len(shape) or any(not isinstance(d, str) and int(d) != n for d, n in zip(shape, x.shape)):
             raise InputError(f"input {spec['name']!r} has shape {list(x.shape)}, expected {shape}")
-        if x.ndim and x.shape[0] == 0:
-            raise InputError("input batch is empty")
         return np.ascontiguousarray(x)
 
-    def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any]) -> List[np.ndarray]:
-        """Run the model; returns the requested outputs (all of them when ``output_names`` is None)."""
+    def run(self, output_names: Optional[Sequence[str]], input_feed: Dict[str, Any],
+            run_options: Any = None) -> List[np.ndarray]:
+        """Run the model; returns the requested outputs (all of them when ``output_names`` is None).
+        ``run_options`` (onnxruntime.RunOptions) is accepted for onnxruntime's signature and not read."""
         names = list(output_names) if output_names else list(self.manifest["outputs"])
         unknown = [n for n in names if n not in self.manifest["outputs"]]
         if unknown:
@@ -318,13 +403,16 @@ class InferenceSession:
             try:
                 return self._ort.run(names, feed)
             except Exception as error:  # onnxruntime's errors are untyped; the model was checked at load
-                raise ModelDirError(f"onnxruntime failed to run {self.model_dir}: {_describe(error)}") from None
+                raise ModelDirError(f"onnxruntime failed to run {self.where}: {_describe(error)}") from None
         try:
             outputs = dict(zip(self._program.output_names, self._program.run(feed)))
         except EdgeRuntimeError:  # said on purpose (InputError is also a ValueError): keep its own type
             raise
         except MODEL_FAILURES as error:
-            raise ModelDirError(f"{self.model_dir}: the model failed while running ({_describe(error)})") from None
+            if any(value.size == 0 for value in feed.values()):  # onnxruntime answers; numpy may not
+                raise InputError(f"an empty input (batch 0): the native engine cannot run this model on it "
+                                 f"({_describe(error)}); try kernels='ort'") from None
+            raise ModelDirError(f"{self.where}: the model failed while running ({_describe(error)})") from None
         dtypes = {arg.name: arg.type[len("tensor("):-1] for arg in self.get_outputs()}
         return [np.asarray(outputs[n], dtype=_NUMPY_DTYPE.get(dtypes[n], dtypes[n])) for n in names]
 

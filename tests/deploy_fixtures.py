@@ -124,7 +124,8 @@ def prepare_device_root(tmp_path_factory, label: str) -> Path:
     """A fresh remote root (with a space in its path, so quoting is exercised throughout) whose runtime
     runtime (``runtimes/ID/venv``, live as ``venv``) is installed through a throw-away sshd. Used once
     per session: the venv is the slow part."""
-    from deploy.connection import Device, HostSpec
+    from deploy.device import Device
+    from deploy.ssh_config import HostSpec
     from deploy.runtime_install import ensure_runtime
 
     factory = SshdFactory(tmp_path_factory.mktemp(f"{label}-sshd-session"))

@@ -6,7 +6,7 @@ Usage in a test module::
 
     def test_something(sshd):                      # one running server
         sshd.spec                                  # "root@127.0.0.1:PORT"
-        sshd.connect_options()                     # deploy.connection.ConnectOptions for it
+        sshd.connect_options()                     # deploy.ssh_config.ConnectOptions for it
     def test_fleet(sshd_factory):
         a, b = sshd_factory.start(), sshd_factory.start()
         b.kill()                                   # a dead host
@@ -108,8 +108,8 @@ class SshServer:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def connect_options(self, **overrides):
-        """``deploy.connection.ConnectOptions`` for this server; never reads the real ``~/.ssh``."""
-        from deploy.connection import ConnectOptions
+        """``deploy.ssh_config.ConnectOptions`` for this server; never reads the real ``~/.ssh``."""
+        from deploy.ssh_config import ConnectOptions
 
         values = dict(identity_file=self.key_path, known_hosts=self.known_hosts, ssh_config=None,
                       user_known_hosts=self.directory / "user_known_hosts", timeout=10.0)

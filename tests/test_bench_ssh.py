@@ -110,3 +110,15 @@ def test_a_dropped_connection_kills_the_remote_benchmark_and_is_reported(bench_c
     assert code == 1, err
     record = read_results(tmp_path / "out")["results"][0]
     assert record["status"] == "failed" and record["error"].startswith(sshd.spec)  # deploy's ConnectionLost line
+
+
+def test_clean_removes_bench_uploads_and_nothing_else(bench_cli, sshd, tmp_path):
+    root = tmp_path / "root"
+    (root / "scratch" / "model-0123456789abcdef").mkdir(parents=True)
+    (root / "scratch" / "model-0123456789abcdef" / "weights.npz").write_bytes(b"x" * 4096)
+    (root / "models" / "m" / "releases").mkdir(parents=True)
+    code, _, err = bench_cli(sshd.spec, "--clean", *sshd.cli_args(), "-F", "/dev/null", "--remote-root", root)
+    assert code == 0 and f"removed {root / 'scratch'}" in err, err
+    assert not (root / "scratch").exists() and (root / "models" / "m" / "releases").is_dir()
+    code, _, err = bench_cli(sshd.spec, "--clean", *sshd.cli_args(), "-F", "/dev/null", "--remote-root", root)
+    assert code == 0 and "nothing to clean" in err, err

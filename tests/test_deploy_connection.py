@@ -1,4 +1,4 @@
-"""deploy.connection against a real OpenSSH sshd: host keys, auth, quoting, timeouts, ssh config."""
+"""deploy.connection and deploy.device against a real sshd: host keys, auth, quoting, timeouts, ssh config."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 import paramiko
 import pytest
 
-from deploy.connection import CommandResult, Device, HostSpec
+from deploy.device import Device
+from deploy.remote_command import CommandResult
+from deploy.ssh_config import HostSpec
 from deploy.errors import AuthError, ConnectError, HostKeyError, RemoteCommandError, RemoteTimeout
 from tests.sshd import keygen
 
@@ -172,3 +174,27 @@ def test_ssh_config_alias_and_proxyjump(sshd_factory, tmp_path):
     with Device.connect(HostSpec.parse("pi-behind-jump"), options) as device:
         assert device.run(["echo", "through"]).stdout == "through\n"
     assert "Accepted publickey" in jump.log  # the second connection went through the jump host
+
+
+def test_ssh_habits_config_known_hosts_and_port_dash_p_and_no_key(sshd, edgeprune, tmp_path, monkeypatch):
+    """Issue 21: ``UserKnownHostsFile`` and ``Port`` from ``-F FILE``; ``-p PORT``; no key: which were tried."""
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)  # no agent: the keys tried are the files only
+    root = tmp_path / "root"
+    known = tmp_path / "my_known_hosts"  # the only place this server's key is listed
+    known.write_text(sshd.known_hosts_line + "\n")
+    config = tmp_path / "config"
+    config.write_text(f"Host pi\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User {sshd.user}\n"
+                      f"  IdentityFile {sshd.key_path}\n  UserKnownHostsFile {known}\n")
+    done = edgeprune("ls", "pi", "-F", config, "--remote-root", root)
+    assert done.code == 0 and "runtime: not installed" in done.out, done.err
+
+    bare = f"{sshd.user}@127.0.0.1"
+    done = edgeprune("ls", bare, "-p", sshd.port, *sshd.cli_args(), "-F", "/dev/null", "--remote-root", root)
+    assert done.code == 0 and f"{bare}:{sshd.port}: {root}" in done.out, done.err
+    done = edgeprune("ls", sshd.spec, "-p", sshd.port + 1, *sshd.cli_args(), "-F", "/dev/null")
+    assert done.code == 2 and f"-p says {sshd.port + 1}" in done.err and "Traceback" not in done.err
+
+    # No -i, no config, no agent, an empty ~/.ssh: one line naming what was tried, not paramiko's words.
+    done = edgeprune("ls", sshd.spec, "--known-hosts", sshd.known_hosts, "-F", "/dev/null")
+    assert done.code == 2 and "no key to log in with" in done.err and "~/.ssh/id_ed25519" in done.err, done.err
+    assert "ssh-agent (none)" in done.err and len(done.err.strip().splitlines()) == 1, done.err

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.connection import Device, HostSpec
+from deploy.device import Device
+from deploy.ssh_config import HostSpec
 from edge_runtime.cli import PLAIN_CHECK_TOLERANCE
 from edge_runtime.cli import main as edge_runtime_main
 

@@ -12,7 +12,8 @@ import subprocess
 import paramiko
 import pytest
 
-from deploy.connection import Device, HostSpec
+from deploy.device import Device
+from deploy.ssh_config import HostSpec
 from deploy.errors import HostKeyError
 from tests.sshd import keygen
 

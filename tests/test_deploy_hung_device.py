@@ -89,7 +89,8 @@ def test_a_device_that_freezes_mid_command_is_given_up_on_after_timeout(sshd_fac
     import os
     import signal
 
-    from deploy.connection import Device, HostSpec
+    from deploy.device import Device
+    from deploy.ssh_config import HostSpec
     from deploy.errors import RemoteTimeout
 
     server = sshd_factory.start()

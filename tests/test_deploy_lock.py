@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.connection import Device, HostSpec, temp_stamp
+from deploy.device import Device, temp_stamp
+from deploy.ssh_config import HostSpec
 from deploy.errors import LockBusy
 from deploy.model_dir import load_model_dir
 from deploy.root_lock import hold_root_lock, lock_path
@@ -192,7 +193,8 @@ def test_a_killed_clients_remote_command_is_gone_before_the_lock_is_free(sshd, d
     client = subprocess.Popen([sys.executable, "-c", f"""
 import os
 from pathlib import Path
-from deploy.connection import ConnectOptions, Device, HostSpec
+from deploy.device import Device
+from deploy.ssh_config import ConnectOptions, HostSpec
 from deploy.root_lock import hold_root_lock
 options = ConnectOptions(identity_file=Path({str(options.identity_file)!r}), known_hosts=Path({str(options.known_hosts)!r}),
                          user_known_hosts=Path({str(options.user_known_hosts)!r}), ssh_config=None)

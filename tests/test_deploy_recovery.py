@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.connection import Device, HostSpec
+from deploy.device import Device
+from deploy.ssh_config import HostSpec
 from deploy.errors import ModelDirError, RemoteCommandError
 from deploy.model_dir import check_name, load_model_dir
 from tests.bench_fixtures import processes_matching, wait_for

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.connection import Device, HostSpec
+from deploy.device import Device
+from deploy.ssh_config import HostSpec
 from deploy.errors import ConnectionLost, PreflightError, UploadError
 from tests.deploy_fixtures import current_release, deploy_args, tree_snapshot
 from tests.sshd import device_python

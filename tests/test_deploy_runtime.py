@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.connection import Device, HostSpec
+from deploy.device import Device
+from deploy.ssh_config import HostSpec
 from deploy.errors import ReleaseError
 from deploy.model_dir import load_model_dir
 from deploy.preflight import probe, runtime_is_current

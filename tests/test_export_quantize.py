@@ -109,3 +109,55 @@ def test_export_refuses_bad_quantize_options_in_one_line(tmp_path: Path, extra: 
     code, stdout, stderr = cli(["export", "--model", "digits-mlp", "--out", str(out), "--quantize", "int8", *extra])
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr
     assert tree_snapshot(out) == {}
+
+
+def test_auto_ships_the_int8_variant_of_a_run_with_data_and_none_without(tmp_path: Path) -> None:
+    """The default (--quantize auto): a run with built-in data gets its int8 variant, measured against
+    the level's own fp32 accuracy; a model exported without data says in one line why it has none."""
+    with_data = tmp_path / "run-export"
+    code, stdout, stderr = cli(["export", str(tiny_run("digits-mlp")), "--out", str(with_data)])
+    assert code == 0, stderr
+    manifest = json.loads((with_data / "manifest.json").read_text())
+    assert [v["name"] for v in manifest["variants"]] == ["fp32", "int8"] and manifest["format_version"] == 3
+    assert any(line.startswith("int8 variant model.int8.onnx") for line in stdout.splitlines())
+    assert InferenceSession(with_data, kernels="ort-int8", threads=1).variant["name"] == "int8"
+    no_data = tmp_path / "model-export"
+    code, stdout, stderr = cli(["export", "--model", "digits-mlp", "--out", str(no_data)])
+    assert code == 0, stderr
+    assert "no int8 variant: no data to calibrate" in stdout
+    assert "variants" not in json.loads((no_data / "manifest.json").read_text())
+    none = tmp_path / "none"
+    code, stdout, stderr = cli(["export", str(tiny_run("digits-mlp")), "--out", str(none), "--quantize", "none"])
+    assert code == 0 and "int8" not in stdout, stderr
+    assert "variants" not in json.loads((none / "manifest.json").read_text())
+
+
+DATA_FACTORY = '''
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from sklearn.datasets import load_digits
+
+def build():
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    y = torch.tensor(digits.target)
+    return DataLoader(TensorDataset(x[:1400], y[:1400]), batch_size=32), DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=64)
+'''
+
+
+@pytest.mark.slow
+def test_int8_calibrates_and_measures_on_the_data_factory_the_user_names(tmp_path: Path) -> None:
+    """A run whose data came from a factory: export --data FILE.py:FACTORY calibrates on it (no noise)."""
+    factory = tmp_path / "my_data.py"
+    factory.write_text(DATA_FACTORY)
+    run = tmp_path / "run"
+    code, _, stderr = cli(["compress", "--model", "digits-cnn", "--data", f"{factory}:build", "--epochs", "1",
+                           "--target-sparsity", "0.5", "--out", str(run)], timeout=600)
+    assert code == 0, stderr
+    out = tmp_path / "m"
+    code, stdout, stderr = cli(["export", str(run), "--out", str(out), "--data", f"{factory}:build",
+                                "--quantize", "int8"], timeout=600)
+    assert code == 0, stderr
+    assert "seeded noise" not in stderr
+    int8 = json.loads((out / "manifest.json").read_text())["variants"][1]
+    assert int8["calibration_batches"] == 8 and int8["accuracy"] is not None and int8["accuracy"] > 0.5

@@ -154,16 +154,6 @@ def test_broken_files_are_refused(tmp_path: Path, models) -> None:
         InferenceSession(tmp_path / "link.onnx", threads=1)
 
 
-def test_external_data_is_refused(tmp_path: Path) -> None:
-    import onnx
-
-    model = onnx.load(str(_export(PrunedMLP(), (torch.randn(1, 32),), ["x"], ["y"], tmp_path / "m.onnx")))
-    onnx.save_model(model, str(tmp_path / "ext.onnx"), save_as_external_data=True, location="ext.bin",
-                    size_threshold=0)
-    with pytest.raises(ModelDirError, match="external data"):
-        InferenceSession(tmp_path / "ext.onnx", threads=1)
-
-
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edge_runtime", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300)

@@ -127,7 +127,9 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---|")
     print(f"| {args.runtime} | {result['dense_ms']:.1f} | {result['sparse_ms']:.1f} | {result['ort_ms']:.1f} | "
           f"{result['first_load_s']:.1f} | {result['auto_engine']} |")
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    from edge_runtime.safe_io import atomic_write_text
+
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
     return 0
 
 

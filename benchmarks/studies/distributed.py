@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
+from edge_runtime.safe_io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,7 +120,7 @@ def main() -> int:
               f"{row['train_seconds']:>8.1f} {base / row['train_seconds']:>7.2f}× "
               f"{row['final_accuracy']:>6.1%} {row['load_before']:>5.1f}→{row['load_after']:<5.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"train_images": args.train, "epochs": args.epochs,
+        atomic_write_text(args.json, json.dumps({"train_images": args.train, "epochs": args.epochs,
                                          "batch_size": args.batch_size, "device": args.device,
                                          "rows": rows}, indent=2) + "\n")
     return 0

@@ -183,7 +183,9 @@ def main(argv: List[str] | None = None) -> int:
         return 0
     args.min_seconds, args.iters, args.rounds = (0.25, 20, 2) if args.quick else (1.0, 50, 3)
     results = run(args)
-    args.out.write_text(json.dumps(results, indent=1))
+    from edge_runtime.safe_io import atomic_write_text  # after main()'s caller fixed sys.path
+
+    atomic_write_text(args.out, json.dumps(results, indent=1))
     print(tables(results, args.stat))
     print(f"\nwrote {args.out}")
     return 0

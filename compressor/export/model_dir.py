@@ -43,9 +43,19 @@ class ExportResult:
 
 
 def _prepare_out_dir(out_dir: Path, force: bool) -> Path:
-    """Refuse to clobber an existing non-empty directory unless forced; return a fresh temp dir beside it."""
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
-        raise ExportError(f"{out_dir} exists and is not empty (use --force to replace it)")
+    """A fresh temp dir beside ``out_dir``, which may be missing, empty, or (``force``) a MODEL_DIR.
+
+    ``--force`` replaces only what export itself writes: a folder holding anything else (a RUN_DIR, a
+    level's checkpoints, a home folder) is refused whatever the flags, since replacing it deletes it.
+    """
+    if out_dir.is_symlink():
+        raise ExportError(f"{out_dir} is a symbolic link; give the folder it points to")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not out_dir.is_dir() or not (out_dir / MANIFEST_FILE).is_file():
+            raise ExportError(f"{out_dir} exists and is not a MODEL_DIR (no {MANIFEST_FILE}); --force replaces "
+                              "only a MODEL_DIR or an empty folder: choose another --out")
+        if not force:
+            raise ExportError(f"{out_dir} exists and is not empty (use --force to replace it)")
     return new_temp_dir_beside(out_dir)
 
 

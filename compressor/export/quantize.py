@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from compressor.errors import ExportError
+from edge_runtime.safe_io import atomic_write_text, atomic_writer, new_temp_dir_beside, sha256_of
 
 INT8_FILE = "model.int8.onnx"
 ONNX_FILE, WEIGHTS_FILE, MANIFEST_FILE = "model.onnx", "weights.npz", "manifest.json"
@@ -111,8 +112,14 @@ def has_conv(model: Any) -> bool:
 
 # -- calibration and evaluation data ------------------------------------------------------------------
 def _builtin(data_spec: Optional[str]) -> bool:
-    # A data factory (file.py:factory) is code the run names: never run by a reader (see export.py).
+    """Data we may load: built-in sets. A data factory (file.py:factory) is code the run names: never run
+    by a reader unless the user named it (``--data``), which export passes as ``trusted=True``."""
     return bool(data_spec) and (data_spec == "digits" or data_spec.startswith("cifar10:"))
+
+
+def usable_data(data_spec: Optional[str], trusted: bool = False) -> bool:
+    """Whether calibration and accuracy may load ``data_spec``: built-in, or a factory the user named."""
+    return _builtin(data_spec) or (trusted and bool(data_spec))
 
 
 def _loaders(data_spec: str, input_shape: Sequence[int], batch: int):
@@ -131,11 +138,11 @@ def _numpy_inputs(batch: Any) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def calibration_batches(data_spec: Optional[str], input_shape: Sequence[int], count: int,
-                        warn=None) -> List[np.ndarray]:
-    """``count`` input batches from the run's training data, or seeded noise of ``input_shape`` (with
-    one warning line) when the run's data is not built-in or cannot be loaded here."""
+                        warn=None, trusted: bool = False) -> List[np.ndarray]:
+    """``count`` input batches from the run's training data (or the ``--data`` factory the user named:
+    ``trusted``), or seeded noise of ``input_shape`` (with one warning line) when there is none here."""
     warn = warn or (lambda text: print(text, file=sys.stderr))
-    if _builtin(data_spec):
+    if usable_data(data_spec, trusted):
         try:
             train, _ = _loaders(data_spec, input_shape, CALIBRATION_BATCH)
             batches = []
@@ -150,8 +157,8 @@ def calibration_batches(data_spec: Optional[str], input_shape: Sequence[int], co
         except Exception as error:  # the data is only a better calibration set; noise still works
             warn(f"warning: cannot load {data_spec} for calibration ({error}); calibrating on seeded noise")
     else:
-        warn("warning: no built-in training data for this model; calibrating int8 on seeded noise "
-             "(accuracy may suffer)")
+        warn("warning: no training data for this model (a run with built-in data, or --data FILE.py:FACTORY); "
+             "calibrating int8 on seeded noise (accuracy may suffer)")
     rng = np.random.default_rng(0)
     return [rng.standard_normal((CALIBRATION_BATCH, *input_shape)).astype(np.float32) for _ in range(count)]
 
@@ -166,10 +173,11 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def accuracy_of(model: Any, data_spec: Optional[str], input_shape: Sequence[int]) -> Optional[float]:
+def accuracy_of(model: Any, data_spec: Optional[str], input_shape: Sequence[int],
+                trusted: bool = False) -> Optional[float]:
     """Top-1 accuracy (a fraction) on the run's test split of an ONNX file (a path) or of a session
-    (anything with onnxruntime's ``get_inputs``/``run``); None without built-in data."""
-    if not _builtin(data_spec):
+    (anything with onnxruntime's ``get_inputs``/``run``); None without usable data (see ``usable_data``)."""
+    if not usable_data(data_spec, trusted):
         return None
     import onnxruntime as ort
 
@@ -259,9 +267,11 @@ def zeros_kept(fp32: Any, quantized: Any) -> Dict[str, bool]:
 
 def add_int8_variant(model_dir: Path | str, *, data_spec: Optional[str], input_shape: Sequence[int],
                      calibration_batches_count: int = 8, reference_accuracy: Optional[float] = None,
-                     max_drop: Optional[float] = None, warn=None) -> List[VariantResult]:
+                     max_drop: Optional[float] = None, warn=None, trusted_data: bool = False) -> List[VariantResult]:
     """Build, check and measure the int8 variant of a fp32 MODEL_DIR; ship it unless it loses more than
-    ``max_drop`` points against ``reference_accuracy`` (a fraction). Records ``variants`` in the manifest."""
+    ``max_drop`` points against ``reference_accuracy`` (a fraction; None: this level's fp32 accuracy).
+    ``trusted_data``: ``data_spec`` is a factory the user named (``--data``), so it may run.
+    Records ``variants`` in the manifest."""
     model_dir = Path(model_dir)
     manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
     if manifest.get("format_version", 1) >= 3:
@@ -273,9 +283,12 @@ def add_int8_variant(model_dir: Path | str, *, data_spec: Optional[str], input_s
         raise ExportError(f"--calibration-batches must be at least 1, got {calibration_batches_count}")
     shape = tuple(int(d) for d in inputs[0]["shape"][1:])
     fp32 = dense_model(model_dir)
-    calibration = (calibration_batches(data_spec, shape, calibration_batches_count, warn)
+    calibration = (calibration_batches(data_spec, shape, calibration_batches_count, warn, trusted_data)
                    if has_conv(fp32) else [])
-    temp = model_dir / f".{INT8_FILE}.{os.getpid()}.tmp"
+    # the quantizer writes by path: into a folder of our own (created exclusively), never through a
+    # name someone could have planted in the MODEL_DIR
+    private = new_temp_dir_beside(model_dir / INT8_FILE)
+    temp = private / INT8_FILE
     try:
         try:
             method = quantize_int8(fp32, temp, inputs[0]["name"], calibration)
@@ -283,12 +296,14 @@ def add_int8_variant(model_dir: Path | str, *, data_spec: Optional[str], input_s
             first = (str(error).splitlines() or [type(error).__name__])[0]
             raise ExportError(f"int8 quantization failed ({first}); {model_dir} holds the fp32 model only") from error
         _check_int8(fp32, temp)
-        fp32_accuracy = accuracy_of(model_dir / ONNX_FILE, data_spec, shape)
-        int8_accuracy = accuracy_of(temp, data_spec, shape)
-        result = _decide(int8_accuracy, temp.stat().st_size, reference_accuracy, max_drop)
+        fp32_accuracy = accuracy_of(model_dir / ONNX_FILE, data_spec, shape, trusted_data)
+        int8_accuracy = accuracy_of(temp, data_spec, shape, trusted_data)
+        reference = fp32_accuracy if reference_accuracy is None else reference_accuracy
+        result = _decide(int8_accuracy, temp.stat().st_size, reference, max_drop)
         variants = [_fp32_entry(model_dir, manifest, fp32_accuracy)]
         if result.shipped:
-            os.replace(temp, model_dir / INT8_FILE)
+            with atomic_writer(model_dir / INT8_FILE) as handle, open(temp, "rb") as source:
+                shutil.copyfileobj(source, handle)
             variants.append({"name": "int8", "file": INT8_FILE, "engine": "ort-int8", "method": method,
                              "accuracy": int8_accuracy, "size": result.size,
                              "calibration_batches": len(calibration),
@@ -296,8 +311,7 @@ def add_int8_variant(model_dir: Path | str, *, data_spec: Optional[str], input_s
         _write_manifest(model_dir, manifest, variants)
         return [result]
     finally:
-        if temp.exists():
-            temp.unlink()
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _int8_sample(path: Path, model_dir: Path, manifest: Dict[str, Any], method: str) -> Optional[Dict[str, Any]]:
@@ -336,7 +350,8 @@ def _decide(accuracy: Optional[float], size: int, reference: Optional[float],
         if drop > max_drop:
             return VariantResult("int8", False, accuracy, size,
                                  f"int8 variant not shipped: accuracy {accuracy:.2%} is {drop:.2f} points below "
-                                 f"dense {reference:.2%} (more than --max-drop {max_drop:g})")
+                                 f"the reference {reference:.2%} (more than {max_drop:g}; --quantize int8 ships "
+                                 "it anyway, --max-drop sets the bound)")
     shown = f"accuracy {accuracy:.2%}" if accuracy is not None else "accuracy not measured (no built-in test data)"
     return VariantResult("int8", True, accuracy, size, f"int8 variant {INT8_FILE}: {size / 1024:.1f} KiB, {shown}")
 
@@ -350,7 +365,6 @@ def _fp32_entry(model_dir: Path, manifest: Dict[str, Any], accuracy: Optional[fl
 
 def _write_manifest(model_dir: Path, manifest: Dict[str, Any], variants: List[Dict[str, Any]]) -> None:
     """Record the variants and hash their files; manifest.json is replaced atomically."""
-    from edge_runtime.safe_io import sha256_of
 
     manifest = dict(manifest)
     manifest["variants"] = variants
@@ -360,22 +374,21 @@ def _write_manifest(model_dir: Path, manifest: Dict[str, Any], variants: List[Di
         files[entry["file"]] = sha256_of(model_dir / entry["file"])
         sizes[entry["file"]] = (model_dir / entry["file"]).stat().st_size
     manifest["files"], manifest["sizes"] = files, sizes
-    temp = model_dir / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    temp.write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
-    os.replace(temp, model_dir / MANIFEST_FILE)
+    atomic_write_text(model_dir / MANIFEST_FILE, json.dumps(manifest, separators=(",", ":")) + "\n")
 
 
-def refresh_fp32_accuracy(model_dir: Path | str, manifest: Dict[str, Any]) -> None:
+def refresh_fp32_accuracy(model_dir: Path | str, manifest: Dict[str, Any], data_spec: Optional[str] = None,
+                          trusted_data: bool = False) -> None:
     """After compaction the fp32 engines run the int8 weights dequantized: measure the fp32 variant
     again (onnxruntime through the runtime, which feeds the weights) and record it in the manifest."""
     from edge_runtime.session import InferenceSession
 
     model_dir = Path(model_dir)
-    data_spec = (manifest.get("source") or {}).get("data")
+    data_spec = data_spec or (manifest.get("source") or {}).get("data")
     shape = tuple(int(d) for d in manifest["input"]["shape"][1:])
     session = InferenceSession(model_dir, kernels="ort", threads=1)
     try:
-        accuracy = accuracy_of(session, data_spec, shape)
+        accuracy = accuracy_of(session, data_spec, shape, trusted_data)
     finally:
         session.close()
     if accuracy is None:
@@ -383,9 +396,7 @@ def refresh_fp32_accuracy(model_dir: Path | str, manifest: Dict[str, Any]) -> No
     manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
     manifest["variants"] = [dict(entry, accuracy=accuracy, weights="int8 dequantized") if entry.get("name") == "fp32"
                             else entry for entry in manifest.get("variants", [])]
-    temp = model_dir / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-    temp.write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
-    os.replace(temp, model_dir / MANIFEST_FILE)
+    atomic_write_text(model_dir / MANIFEST_FILE, json.dumps(manifest, separators=(",", ":")) + "\n")
 
 
 def dense_level_accuracy(run_dir: Path | str, method: Optional[str]) -> Optional[float]:

@@ -16,13 +16,17 @@ rank 0 will).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import re
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -38,6 +42,7 @@ FINAL = "final.pt"
 CHECKPOINT = "checkpoint.pt"
 REWIND = "rewind.pt"
 DENSE = "dense"
+LOCK = ".edgeprune.lock"  # held (flock) by the process writing the run; the kernel frees it if that dies
 # The temporary files of checkpoints.atomic_* (".NAME.RANDOM.tmp"): a killed run leaves them behind.
 _STALE_TEMP = re.compile(r"\.(checkpoint\.pt|final\.pt|rewind\.pt|config\.json|metrics\.json|report\.md"
                          r"|sparsity_accuracy\.png|latency_table\.json)\.[A-Za-z0-9_]+\.tmp")
@@ -74,7 +79,7 @@ class RunDir:
         if self.root.exists() and not self.root.is_dir():
             raise RunDirError(f"{self.root} exists and is not a directory")
         config_path = self.root / CONFIG
-        non_empty = self.root.is_dir() and any(self.root.iterdir())
+        non_empty = self.root.is_dir() and any(entry.name != LOCK for entry in self.root.iterdir())
         if non_empty and not resume:
             raise RunDirError(f"{self.root} is not empty; continue it with --resume or choose another --out")
         if non_empty:
@@ -84,20 +89,55 @@ class RunDir:
             differences = config_differences(saved, record)
             if differences:
                 raise RunDirError(f"--resume with a different config than {config_path}: " + "; ".join(differences))
-            if self.writer:
-                self.remove_stale_temp_files()
             return
         if self.writer:
             self.root.mkdir(parents=True, exist_ok=True)
             checkpoints.atomic_write_text(json.dumps(record, indent=2) + "\n", config_path)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Be the only writer of this RUN_DIR while the block runs (a second ``compress --resume`` on it
+        is refused with who holds it, instead of redoing the same levels beside the first).
+
+        ``flock`` on ``RUN_DIR/.edgeprune.lock``: released by the kernel when the holder exits, even by
+        SIGKILL, so a killed run never leaves a stale lock behind.
+        """
+        import fcntl
+
+        if not self.writer:
+            yield
+            return
+        if self.root.exists() and not self.root.is_dir():
+            raise RunDirError(f"{self.root} exists and is not a directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as error:
+            raise RunDirError(f"cannot lock {self.root / LOCK}: {error.strerror or error}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                raise RunDirError(f"{self.root} is being written by {holder}; wait for it to finish "
+                                  "(or stop it) before --resume") from None
+            os.ftruncate(fd, 0)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
 
     def remove_stale_temp_files(self) -> List[Path]:
         """Delete the temporary files a killed writer left in RUN_DIR's own folders; return them.
 
         Only names that ``checkpoints.atomic_*`` creates, only in the folders of the layout, never
         through a symlink: a RUN_DIR is the user's folder, and nothing else in it is ours to delete.
+        Call it only while holding the run (:meth:`hold`): another writer's temp files look the same.
         """
         removed = []
+        if not self.writer:
+            return removed
         for folder in self._own_folders():
             for entry in folder.iterdir():
                 if _STALE_TEMP.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import special
 
 from edge_runtime.errors import UnsupportedOpError
-from edge_runtime.ops.base import Inputs, optional, same_dtype
+from edge_runtime.ops.base import Inputs, opset_of, optional, same_dtype
 
 
 def _unary(fn: Callable[[np.ndarray], Any]) -> Callable[[Inputs, Dict[str, Any]], np.ndarray]:
@@ -88,7 +88,11 @@ def gelu(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
 
 
 def prelu(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
+    """Before opset 7 a 1-D slope of one value per channel applies along axis 1 (what torch exported as
+    PReLU(num_parameters=C)); from opset 7 the slope broadcasts numpy-style."""
     x, slope = inputs[0], inputs[1]
+    if opset_of(attrs) < 7 and slope.ndim == 1 and slope.size > 1 and x.ndim > 2 and x.shape[1] == slope.size:
+        slope = slope.reshape(-1, *([1] * (x.ndim - 2)))
     return same_dtype(np.where(x < 0, x * slope, x), x)
 
 

@@ -25,7 +25,8 @@ def flatten(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
     x = inputs[0]
     axis = int(attrs.get("axis", 1))
     axis = axis + x.ndim if axis < 0 else axis  # Flatten's axis runs over [-r, r]
-    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+    # both sizes spelled out: numpy cannot infer -1 beside a 0 (an empty batch)
+    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), int(np.prod(x.shape[axis:], dtype=np.int64)))
 
 
 def squeeze(inputs: Inputs, attrs: Dict[str, Any]) -> np.ndarray:
