@@ -103,7 +103,8 @@ class RemoteLatency:
     def _session(self) -> Iterator[Any]:
         """Connect, lock the remote root, install the runtime if needed, yield (device, scratch folder);
         every deploy error becomes one ``RemoteLatencyError`` line."""
-        from deploy.connection import Device, HostSpec, temp_stamp
+        from deploy.device import Device, temp_stamp
+        from deploy.ssh_config import HostSpec
         from deploy.errors import DeployError
         from deploy.release import scratch_dir
         from deploy.root_lock import hold_root_lock
@@ -188,7 +189,7 @@ def latency_source(target: str, args: Any, log: Optional[Log] = None) -> Any:
     if target == "local":
         return cached_local()
     from deploy.cli_options import connect_options
-    from deploy.connection import HostSpec
+    from deploy.ssh_config import HostSpec
     from deploy.errors import DeployError
 
     try:
