@@ -157,7 +157,8 @@ def _compress_and_report(args: argparse.Namespace) -> int:
         result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
                           device=args.device, model_name=args.model, data_name=args.data,
                           pretrained=pretrained, progress=progress, loss_fn=loss_fn,
-                          epoch_callback=_epoch_lines(config.epochs) if lines else None)
+                          epoch_callback=_epoch_lines(config.epochs) if lines else None,
+                          latency_source=getattr(args, "latency_source", None))
     if not is_main_process():
         return 0
     structured = config.structure == "channels"

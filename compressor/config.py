@@ -95,6 +95,14 @@ class PruneConfig:
     target_speedup: Optional[float] = field(default=None, metadata=_help(
         "--allocate latency/global-table only: prune until the latency table predicts this speed-up over the dense "
         "model (e.g. 1.8); replaces --target-sparsity and --target-macs"))
+    target_latency: Optional[float] = field(default=None, metadata=_help(
+        "--allocate latency/global-table only: prune until the network measures at most this many "
+        "milliseconds (batch 1) where the latency is measured; replaces the other targets"))
+    quantize: Optional[str] = field(default=None, metadata=_help(
+        "the engine the pruned model will be exported for: int8 plans widths from int8 (static QDQ) "
+        "times and times candidates quantized (export it with --quantize int8); default fp32"))
+    latency_threads: int = field(default=1, metadata=_help(
+        "intra-op threads the model will run with: latency tables and network timings use this many"))
     latency_table: Optional[str] = field(default=None, metadata=_help(
         "--allocate latency/global-table only: a latency table JSON measured elsewhere (e.g. on the Pi with "
         "python3 -m edge_runtime.layer_timing) instead of measuring on this machine"))
@@ -123,6 +131,11 @@ class PruneConfig:
                 object.__setattr__(self, "target_speedup", float(self.target_speedup))
             except ValueError as error:
                 raise ConfigError(f"--target-speedup must be a number > 1, got {self.target_speedup!r}") from error
+        if isinstance(self.target_latency, str):
+            try:
+                object.__setattr__(self, "target_latency", float(self.target_latency))
+            except ValueError as error:
+                raise ConfigError(f"--target-latency must be milliseconds > 0, got {self.target_latency!r}") from error
         if isinstance(self.target_macs, str):  # the CLI hands optional numbers over as text
             try:
                 object.__setattr__(self, "target_macs", float(self.target_macs))
@@ -162,6 +175,7 @@ class PruneConfig:
         if "weight-rewind" in self.methods and not 0 <= self.rewind_epoch < self.epochs:
             raise ConfigError(f"rewind epoch must be in [0, epochs={self.epochs}), got {self.rewind_epoch}")
         self._validate_structure()
+        self._validate_latency()
 
     def _validate_structure(self) -> None:
         if self.structure not in STRUCTURES:
@@ -190,6 +204,21 @@ class PruneConfig:
                 raise ConfigError("give --target-speedup or --target-macs, not both")
             if not 1.0 < self.target_speedup <= 1000.0:
                 raise ConfigError(f"--target-speedup must be in (1, 1000], got {self.target_speedup}")
+
+    def _validate_latency(self) -> None:
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"--quantize {self.quantize!r}: plan for int8 or leave it out (fp32)")
+        if not 1 <= self.latency_threads <= 64:
+            raise ConfigError(f"--latency-threads must be in [1, 64], got {self.latency_threads}")
+        if self.target_latency is None:
+            return
+        if self.allocate == "global":
+            raise ConfigError("--target-latency needs --allocate latency or global-table (the latency is "
+                              "predicted from the latency table)")
+        if self.target_macs is not None or self.target_speedup is not None:
+            raise ConfigError("give one of --target-latency, --target-speedup, --target-macs")
+        if not 0.0 < self.target_latency < 1e6:
+            raise ConfigError(f"--target-latency must be milliseconds in (0, 1e6), got {self.target_latency}")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

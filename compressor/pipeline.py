@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from compressor import checkpoints
 from compressor.prune.levels import ChannelLevels
 from compressor.prune.channels import decode, encode
+from compressor.prune.latency import LatencySource
 from compressor.train.batches import Task
 from compressor.config import PruneConfig
 from compressor.train.devices import resolve_device
@@ -71,7 +72,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
              out: Union[str, Path, None] = None, *, resume: bool = False, device: str = "auto",
              model_name: Optional[str] = None, data_name: str = "custom",
              pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: bool = False,
-             epoch_callback: Optional[EpochCallback] = None, loss_fn: Optional[Callable] = None) -> CompressResult:
+             epoch_callback: Optional[EpochCallback] = None, loss_fn: Optional[Callable] = None,
+             latency_source: Optional[LatencySource] = None) -> CompressResult:
     """Iteratively prune ``model`` to ``config.target_sparsity`` and retrain it after every round.
 
     ``config.structure == "channels"`` removes whole channels instead of single weights (until
@@ -92,6 +94,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         progress: show tqdm bars (levels and epochs) on stderr.
         epoch_callback: called as ``(method, level, epoch)`` after each epoch's checkpoint.
         loss_fn: ``loss(output, target) -> scalar`` replacing ``config.loss`` (e.g. a data factory's).
+        latency_source: where latency tables and candidate networks are timed (default: this machine,
+            ``compressor.prune.latency.LocalLatency``; the ``edgeprune`` front passes a remote one).
 
     Batches are ``(inputs, target)`` with inputs a tensor, tuple or dict (``compressor.train.batches``). One
     forward on one batch of each loader runs first: a model or data the compressor cannot drive is a
@@ -113,7 +117,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         checkpoints.load_into(model, pretrained, "--pretrained")
     params = prunable_parameters(model, config.exclude)  # also checks --exclude's names
     shape = input_shape_of(model) or _peek_input_shape(test_loader)
-    channels = _channel_levels(model, shape, config, criterion)  # traced before RUN_DIR is touched
+    channels = _channel_levels(model, shape, config, criterion, latency_source)  # traced before RUN_DIR is touched
     counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
                                              config.target_sparsity, config.one_shot)
     model.to(torch_device)
@@ -162,14 +166,14 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
 
 
 def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
-                    criterion: Any) -> Optional[ChannelLevels]:
+                    criterion: Any, source: Optional[LatencySource] = None) -> Optional[ChannelLevels]:
     """The structured side of the run (None for --structure weights); traces the model now, so an
     untraceable model is refused before anything is written or trained."""
     if config.structure != "channels":
         return None
     if not shape:
         raise ConfigError("--structure channels needs the model's input shape (model.input_shape)")
-    return ChannelLevels(model, shape, config, criterion)
+    return ChannelLevels(model, shape, config, criterion, source)
 
 
 def channels_plan(final: Dict[str, Any], channels: ChannelLevels) -> Dict[str, List[int]]:
@@ -246,7 +250,12 @@ class _Job:
         previous = checkpoints.load(source)
         current = channels_plan(previous, channels)
         model = channels.build(current, previous["model"], str(source)).to(self.device)
-        kept, last = channels.next_plan(model, current)
+        started = self.run.checkpoint_path(method, level)
+        if started.is_file():  # an interrupted level keeps the plan it started with (timings may differ now)
+            saved = checkpoints.load(started)
+            kept, last = channels_plan(saved, channels), bool(saved.get("last", False))
+        else:
+            kept, last = channels.next_plan(model, current)
         if plan.rewind_weights:  # the rewind snapshot, sliced to the surviving channels
             rewind = checkpoints.load(self.run.rewind_path)
             model = channels.build(kept, rewind["model"], str(self.run.rewind_path), state_is_dense=True)

@@ -32,6 +32,7 @@ from edge_runtime.errors import EdgeRuntimeError, ModelDirError
 from edge_runtime.safe_io import atomic_write_text, read_bounded
 
 FORMAT = "edgeprune-latency-table"
+ENGINES = ("ort", "ort-int8")
 VERSION = 1
 MAX_BYTES = 16 * 1024 * 1024  # a table is a few hundred entries; refuse to parse a huge file
 MAX_ENTRIES = 100_000
@@ -109,6 +110,10 @@ class LatencyTable:
     ms: Dict[str, float]
     threads: int = 1
     measured_on: str = ""
+    engine: str = "ort"  # "ort" (fp32) or "ort-int8" (static QDQ, per-channel symmetric int8 weights)
+    call_ms: float = 0.0  # fixed cost of one session.run() call (already subtracted from every entry)
+    node_ms: float = 0.0  # fixed cost of each further node inside one session
+    device: str = ""  # fingerprint of the machine and runtime versions that measured it
 
     def missing(self, shapes: Iterable[LayerShape]) -> List[str]:
         """Keys of ``shapes`` the table has no time for (sorted, unique)."""
@@ -116,7 +121,9 @@ class LatencyTable:
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "version": VERSION, "threads": self.threads,
-                           "measured_on": self.measured_on, "ms": dict(sorted(self.ms.items()))}, indent=1) + "\n"
+                           "measured_on": self.measured_on, "engine": self.engine, "call_ms": self.call_ms,
+                           "node_ms": self.node_ms, "device": self.device,
+                           "ms": dict(sorted(self.ms.items()))}, indent=1) + "\n"
 
 
 def read_table(path: Path, what: str = "--latency-table") -> LatencyTable:
@@ -138,8 +145,17 @@ def read_table(path: Path, what: str = "--latency-table") -> LatencyTable:
             raise LatencyTableError(f"{where}: entry {key[:80]!r} must be a positive finite number of "
                                     f"milliseconds, got {str(value)[:40]}")
     measured_on = data.get("measured_on", "")
+    engine = data.get("engine", "ort")
+    if engine not in ENGINES:
+        raise LatencyTableError(f"{where}: \"engine\" must be one of {', '.join(ENGINES)}")
+    fixed = {name: data.get(name, 0.0) for name in ("call_ms", "node_ms")}
+    for name, value in fixed.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e4:
+            raise LatencyTableError(f"{where}: \"{name}\" must be a finite number of milliseconds >= 0")
+    device = data.get("device", "")
     return LatencyTable({k: float(v) for k, v in entries.items()}, threads,
-                        measured_on if isinstance(measured_on, str) else "")
+                        measured_on if isinstance(measured_on, str) else "", engine,
+                        float(fixed["call_ms"]), float(fixed["node_ms"]), device[:500] if isinstance(device, str) else "")
 
 
 def read_shapes(path: Path) -> List[LayerShape]:
@@ -234,27 +250,100 @@ OVERHEAD_SHAPE = LayerShape("conv", 1, 1, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), 
 FLOOR_MS = 1e-4  # entries stay positive: a layer never costs nothing
 
 
-def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, runs: int = 20) -> LatencyTable:
+def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, runs: int = 20,
+            engine: str = "ort") -> LatencyTable:
     """Time every distinct shape in onnxruntime at batch 1 with ``threads`` intra-op threads.
 
     Rounds are interleaved over all shapes (load on a shared machine hits them alike); a shape's
     figure is the smallest of its per-round medians, the least disturbed estimate of its own cost,
-    less the fixed cost of a call (``OVERHEAD_SHAPE``'s figure).
+    less the fixed cost of a call (``OVERHEAD_SHAPE``'s figure, kept as ``call_ms``). ``node_ms`` is
+    the slope of a chain of cheap nodes: what each node a whole network runs besides its layers costs.
+    Only fp32 ("ort") one-layer models are written here; an int8 table is measured from models the
+    workstation quantized (``compressor.prune.latency.LocalLatency``) with :func:`time_networks`.
     """
+    if engine != "ort":
+        raise LatencyTableError(f"engine {engine!r}: this runtime measures one-layer tables for \"ort\" only")
+    unique = list({s.key(): s for s in shapes}.values())
+    models = [layer_onnx(OVERHEAD_SHAPE), chain_onnx(1), chain_onnx(1 + CHAIN)] + [layer_onnx(s) for s in unique]
+    times = time_networks(models, threads, rounds, runs)
+    call_ms, node_ms = times[0], max(0.0, (times[2] - times[1]) / CHAIN)
+    ms = {shape.key(): max(FLOOR_MS, t - call_ms) for shape, t in zip(unique, times[3:])}
+    return LatencyTable(ms, threads, measured_on(), engine, call_ms, node_ms, fingerprint(threads))
+
+
+CHAIN = 32  # nodes in the longer chain that node_ms is the slope of
+
+
+def chain_onnx(nodes: int) -> bytes:
+    """``nodes`` Neg nodes in a row on a [1, 8] tensor: nothing to compute, only per-node cost
+    (Neg: no onnxruntime optimizer fuses or removes it)."""
+    names = ["X", *[f"t{i}" for i in range(1, nodes)], "Y"]
+    graph = (b"".join(_field(1, _node("Neg", [a], [b])) for a, b in zip(names, names[1:])) + _field(2, "chain")
+             + _field(11, _value_info("X", [1, 8])) + _field(12, _value_info("Y", None)))
+    return _field(1, 8) + _field(8, _field(1, "") + _field(2, 17)) + _field(7, graph)
+
+
+def measured_on() -> str:
+    import onnxruntime as ort
+
+    return f"{platform.machine()} {platform.processor() or platform.node()}, onnxruntime {ort.__version__}".strip()
+
+
+def fingerprint(threads: int) -> str:
+    """The machine, its CPU (model name and flags, hashed), cores, and the runtime's versions."""
+    import hashlib
+    import os
+
     import numpy as np
     import onnxruntime as ort
 
-    unique = [OVERHEAD_SHAPE, *{s.key(): s for s in shapes}.values()]
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", "rb") as handle:
+            lines = handle.read(1 << 20).decode("utf-8", "replace").splitlines()
+        cpu = "\n".join(sorted({l for l in lines if l.split(":")[0].strip() in ("model name", "flags", "Features",
+                                                                             "CPU part", "Model")}))
+    except OSError:
+        pass
+    digest = hashlib.sha256(cpu.encode()).hexdigest()[:16]
+    return (f"{platform.machine()} cpu:{digest} cores:{os.cpu_count()} threads:{threads} "
+            f"onnxruntime:{ort.__version__} numpy:{np.__version__}")
+
+
+def _input_feeds(session: Any) -> Dict[str, Any]:
+    """Random inputs of the declared shapes (dynamic dims = 1) and types (float, int, bool)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    feeds = {}
+    for item in session.get_inputs():
+        dims = [d if isinstance(d, int) and d > 0 else 1 for d in item.shape]
+        kind = item.type[len("tensor("):-1] if item.type.startswith("tensor(") else "float"
+        if kind in ("float", "double", "float16"):
+            dtype = {"float": np.float32, "double": np.float64, "float16": np.float16}[kind]
+            feeds[item.name] = rng.standard_normal(dims).astype(dtype)
+        elif kind == "bool":
+            feeds[item.name] = np.zeros(dims, dtype=bool)
+        else:
+            feeds[item.name] = np.zeros(dims, dtype=np.dtype(kind if kind != "int" else "int32"))
+    return feeds
+
+
+def time_networks(models: Sequence[bytes], threads: int = 1, rounds: int = 5, runs: int = 20) -> List[float]:
+    """p50 milliseconds of whole ONNX models (serialized; quantized ones too) at batch 1: random inputs
+    of the declared shapes, rounds interleaved over the models, the smallest of the per-round medians
+    (the call's fixed cost is included: this is what a caller of ``run()`` waits)."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.log_severity_level = 3
     sessions, feeds = [], []
-    for shape in unique:
-        session = ort.InferenceSession(layer_onnx(shape), options, providers=["CPUExecutionProvider"])
-        dims = [1, *shape.spatial, shape.cin] if shape.op == "linear" else [1, shape.cin, *shape.spatial]
+    for data in models:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         sessions.append(session)
-        feeds.append({"X": np.random.default_rng(1).standard_normal(dims).astype(np.float32)})
-    medians: List[List[float]] = [[] for _ in unique]
+        feeds.append(_input_feeds(session))
+    medians: List[List[float]] = [[] for _ in sessions]
     for round_ in range(rounds + 1):
         for index, session in enumerate(sessions):
             times = []
@@ -264,10 +353,7 @@ def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, run
                 times.append(time.perf_counter() - began)
             if round_:
                 medians[index].append(statistics.median(times))
-    overhead = 1000.0 * min(medians[0])
-    ms = {shape.key(): max(FLOOR_MS, 1000.0 * min(m) - overhead) for shape, m in zip(unique[1:], medians[1:])}
-    return LatencyTable(ms, threads, f"{platform.machine()} {platform.processor() or platform.node()}, "
-                                     f"onnxruntime {ort.__version__}".strip())
+    return [1000.0 * min(m) for m in medians]
 
 
 def write_shapes(shapes: Sequence[LayerShape], path: Path) -> None:

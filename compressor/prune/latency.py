@@ -3,24 +3,125 @@
 ``LatencyModel`` knows the template's Conv/Linear layers and how each one's input and output widths
 follow the coupled channel groups (Torch-Pruning's dependency graph); with a ``LatencyTable``
 (``edge_runtime.layer_timing``: the format, and the measuring that runs on the device) it predicts the
-milliseconds of any plan. ``python3 -m compressor.latency_shapes --model NAME --shapes-out FILE`` lists the
+milliseconds of any plan: ``call_ms + sum(layer ms) + node_ms * nodes``, the table's fixed cost of one
+call and of every node the network runs besides its layers (counted in the exported ONNX graph: fewer
+when blocks are removed). ``python3 -m compressor.latency_shapes --model NAME --shapes-out FILE`` lists the
 shapes a model needs, to measure on a device; ``--out FILE`` measures them here.
+
+Where the table and the network disagree (a layer alone pays layout changes a chain of layers shares),
+the planner times whole candidate networks through a ``LatencySource``: ``LocalLatency`` on this
+machine, or a remote one the ``edgeprune`` front hands over (``--latency-on``).
 """
 
 from __future__ import annotations
 
+import io
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
 from compressor.errors import ConfigError
 from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
-from edge_runtime.layer_timing import (LatencyTable, LatencyTableError, LayerShape)
+from edge_runtime import layer_timing
+from edge_runtime.layer_timing import (LatencyTable, LatencyTableError, LayerShape, layer_onnx)
 
 RUN_DIR_NAME = "latency_table.json"  # the table a run planned from, kept so --resume plans the same
 MAX_SHAPES = 5000  # a table this large takes minutes to measure: the multiple is too fine for this model
+LAYER_OPS = ("Conv", "Gemm", "MatMul")  # the nodes a table times; every other node costs node_ms
+FREE_OPS = ("Identity", "Constant", "Flatten", "Reshape", "Squeeze", "Unsqueeze")  # no work in onnxruntime
+
+
+class LatencySource(Protocol):
+    """Where latency is measured: the machine the model will run on (``LocalLatency``: this one)."""
+
+    def describe(self) -> str:
+        """One line naming the machine, for messages and metrics."""
+
+    def table(self, shapes: Sequence[LayerShape], engine: str, threads: int) -> LatencyTable:
+        """A table of ``shapes`` timed there with ``engine`` ("ort" or "ort-int8") and ``threads``."""
+
+    def time_networks(self, models: Sequence[bytes], threads: int) -> List[float]:
+        """p50 ms of whole serialized ONNX models there (already quantized when int8), interleaved."""
+
+
+class LocalLatency:
+    """Measures on this machine, in-process (``edge_runtime.layer_timing``); int8 one-layer models are
+    quantized here first (``quantize_qdq``), as the workstation does for a remote device."""
+
+    def __init__(self, rounds: int = 5, runs: int = 20) -> None:
+        self.rounds, self.runs = rounds, runs
+
+    def describe(self) -> str:
+        return f"this machine ({layer_timing.measured_on()})"
+
+    def table(self, shapes: Sequence[LayerShape], engine: str, threads: int) -> LatencyTable:
+        if engine == "ort":
+            return layer_timing.measure(shapes, threads, self.rounds, self.runs)
+        unique = list({s.key(): s for s in shapes}.values())
+        fp32 = layer_timing.measure([], threads, self.rounds, self.runs)  # call_ms and node_ms
+        models = [layer_onnx(layer_timing.OVERHEAD_SHAPE)] + [quantize_qdq(layer_onnx(s)) for s in unique]
+        times = self.time_networks(models, threads)
+        ms = {s.key(): max(layer_timing.FLOOR_MS, t - times[0]) for s, t in zip(unique, times[1:])}
+        return LatencyTable(ms, threads, fp32.measured_on, engine, times[0], fp32.node_ms, fp32.device)
+
+    def time_networks(self, models: Sequence[bytes], threads: int) -> List[float]:
+        return layer_timing.time_networks(models, threads, self.rounds, self.runs)
+
+
+def quantize_qdq(model: bytes, batches: int = 8) -> bytes:
+    """``model`` with static QDQ int8 (per-channel symmetric int8 weights, uint8 activations: what
+    ``export --quantize int8`` ships), calibrated on random inputs (latency does not depend on them)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    feeds = [layer_timing._input_feeds(session) for _ in range(batches)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = iter(feeds)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune-int8-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        source.write_bytes(model)  # our own fresh temporary folder: nothing else can be there
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        extra_options={"WeightSymmetric": True})
+        return onnx.load(str(target)).SerializeToString()
+
+
+def network_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` exported to ONNX (TorchScript exporter, eval mode, BatchNorm folded) for timing."""
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17, do_constant_folding=True,
+                              input_names=["input"])
+    finally:
+        model.train(was_training)
+    return buffer.getvalue()
+
+
+def count_nodes(model: bytes) -> int:
+    """Nodes of an exported graph that a table does not time but onnxruntime runs (activations, adds,
+    pooling): what ``node_ms`` is paid for. Layers are in the table; Identity and reshapes cost nothing."""
+    import onnx
+
+    graph = onnx.load_from_string(model).graph
+    return sum(node.op_type not in LAYER_OPS + FREE_OPS for node in graph.node)
 
 
 def step_of(g: Group, multiple: int) -> int:
@@ -75,6 +176,16 @@ class LatencyModel:
         self.table: Optional[LatencyTable] = None
         self.touching: List[List[_Layer]] = [[l for l in self.layers if i in l.inputs or i in l.outputs]
                                              for i in range(len(self.groups))]
+        self._template, self._example = template, example
+        self._nodes: Optional[int] = None
+
+    @property
+    def nodes(self) -> int:
+        """Nodes besides the layers in the template's graph (channel pruning never changes it; a
+        network with blocks removed counts its own with ``count_nodes`` and passes ``nodes=``)."""
+        if self._nodes is None:
+            self._nodes = count_nodes(network_onnx(self._template, self._example))
+        return self._nodes
 
     def shapes_needed(self) -> List[LayerShape]:
         """Every layer shape any allowed combination of group widths produces (the table to measure)."""
@@ -109,11 +220,17 @@ class LatencyModel:
         assert self.table is not None, "LatencyModel.use(table) first"
         return self.table.ms[layer.shape(removed).key()]
 
-    def predict(self, widths: Mapping[str, int]) -> float:
-        """Milliseconds of the Conv/Linear layers with each group at ``widths[root]`` channels (the
-        rest of the graph, BatchNorm folded into convs, activations, adds, is not counted)."""
+    def layers_ms(self, widths: Mapping[str, int]) -> float:
+        """Milliseconds of the Conv/Linear layers alone with each group at ``widths[root]`` channels."""
         removed = [g.size - widths[g.root] for g in self.groups]
         return sum(self.layer_ms(layer, removed) for layer in self.layers)
+
+    def predict(self, widths: Mapping[str, int], nodes: Optional[int] = None) -> float:
+        """Predicted milliseconds of the whole network at ``widths``: one call's fixed cost, the layers,
+        and ``node_ms`` for every other node (``nodes``: default the template's count)."""
+        assert self.table is not None, "LatencyModel.use(table) first"
+        count = self.nodes if nodes is None and self.table.node_ms else (nodes or 0)
+        return self.table.call_ms + self.layers_ms(widths) + self.table.node_ms * count
 
 
 def _removals(ratios: Mapping[int, float], ladders: Sequence[Sequence[int]], groups: Sequence[Group]) -> Set[int]:
