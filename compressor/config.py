@@ -76,9 +76,11 @@ class PruneConfig:
     target_macs: Optional[float] = field(default=None, metadata=_help(
         "channels only: fraction of multiply-accumulates to remove in the end, in (0, 1); when given "
         "it replaces --target-sparsity (which, for channels, counts all parameters removed)"))
-    channel_multiple: int = field(default=8, metadata=_help(
+    channel_multiple: Optional[int] = field(default=None, metadata=_help(
         "channels only: kept channel counts are rounded to multiples of this (CPU kernels work in "
-        "blocks of 8/16 channels); 1 = exact"))
+        "blocks of 8/16 channels); 1 = exact. Default: the multiple this machine's onnxruntime "
+        "kernels run fastest with, measured once (a few seconds) and cached in ~/.cache/edgeprune "
+        "(with --latency-on, that device's); give it for a run that must repeat exactly anywhere"))
     min_channels: Optional[int] = field(default=None, metadata=_help(
         "channels only: the narrowest a layer may get (default: --channel-multiple); below the "
         "multiple it allows one narrower width, e.g. --channel-multiple 16 --min-channels 8 keeps "
@@ -121,6 +123,11 @@ class PruneConfig:
             object.__setattr__(self, "lr_drops", tuple(int(e) for e in self.lr_drops))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"--lr-drops must be comma separated epochs, got {self.lr_drops!r}") from error
+        if isinstance(self.channel_multiple, str):
+            try:
+                object.__setattr__(self, "channel_multiple", int(self.channel_multiple))
+            except ValueError as error:
+                raise ConfigError(f"--channel-multiple must be an integer, got {self.channel_multiple!r}") from error
         if isinstance(self.min_channels, str):
             try:
                 object.__setattr__(self, "min_channels", int(self.min_channels))
@@ -186,10 +193,12 @@ class PruneConfig:
                                   "that a dense runtime skips)")
             if not 0.0 < self.target_macs < 1.0:
                 raise ConfigError(f"target MACs must be in (0, 1), got {self.target_macs}")
+        if self.channel_multiple is not None and not 1 <= self.channel_multiple <= 1024:
+            raise ConfigError(f"--channel-multiple must be in [1, 1024], got {self.channel_multiple}")
+        if self.min_channels is not None and self.channel_multiple is None:
+            raise ConfigError("--min-channels needs --channel-multiple (the default rounding chooses both)")
         if self.min_channels is not None and not 1 <= self.min_channels <= self.channel_multiple:
             raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
-        if self.channel_multiple < 1:
-            raise ConfigError(f"--channel-multiple must be at least 1, got {self.channel_multiple}")
         if self.allocate not in ALLOCATIONS:
             raise ConfigError(f"unknown --allocate {self.allocate!r}; choose from {', '.join(ALLOCATIONS)}")
         if self.allocate != "global" and self.structure != "channels":

@@ -134,6 +134,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         run = RunDir(root, writer=ranks.is_main)
         _prepare(run, record, resume, ranks)
         if channels:
+            channels.attach_rounding(run.root, ranks.is_main, ranks.barrier)
             channels.attach_table(run.root, ranks.is_main, ranks.barrier)
         stack.enter_context(_deterministic(torch_device))
         progress = progress and ranks.is_main

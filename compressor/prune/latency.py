@@ -293,3 +293,102 @@ def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
         padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
     return LayerShape("conv", module.in_channels, module.out_channels, tuple(spatial), tuple(module.kernel_size),
                       tuple(module.stride), tuple(padding) * 2, tuple(module.dilation), module.groups)
+
+
+# --- the default rounding: the channel multiple this machine's kernels want ----------------------------
+# Measured once per machine (a few seconds) and cached; ``--channel-multiple N`` skips it (a run that
+# must repeat exactly anywhere gives it). The layer-by-layer table misleads here: a layer alone pays
+# onnxruntime's layout changes into and out of its blocked kernels, a chain of layers pays them once;
+# so the profile times a chain of 3x3 convs at each width, as they run inside a network.
+
+PROFILE_WIDTHS = tuple(range(8, 65, 8))
+PROFILE_SPATIALS = (16, 32)  # a CIFAR network's middle stages; an ImageNet one's 14x14-56x56 ones
+PROFILE_DEPTH = 4
+MULTIPLES = (8, 16, 32)
+MARGIN = 0.03  # a width must be this much faster than the next wider allowed one to be worth keeping
+CACHE_FORMAT = "edgeprune-rounding"
+
+
+def chain_onnx(width: int, spatial: int, depth: int = PROFILE_DEPTH) -> bytes:
+    """``depth`` 3x3 convs (+ReLU) of ``width`` channels in a row: the width inside a network."""
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    nodes, inits, name = [], [], "X"
+    for i in range(depth):
+        w = numpy_helper.from_array(rng.standard_normal((width, width, 3, 3)).astype(np.float32) * 0.05, f"W{i}")
+        b = numpy_helper.from_array(np.zeros(width, np.float32), f"B{i}")
+        inits += [w, b]
+        nodes += [helper.make_node("Conv", [name, f"W{i}", f"B{i}"], [f"c{i}"], kernel_shape=[3, 3], pads=[1] * 4),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        name = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", TensorProto.FLOAT,
+                                                                             [1, width, spatial, spatial])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def choose_rounding(ms: Mapping[int, float]) -> Tuple[int, Optional[int]]:
+    """(multiple, min_channels) from chain times per width: the finest multiple whose every width is
+    faster than the next wider one (by ``MARGIN``), so no chosen width runs as slowly as a wider one;
+    one narrower width below it (half the multiple) when that is faster than the multiple itself."""
+    widths = sorted(ms)
+    for multiple in MULTIPLES:
+        allowed = [w for w in widths if w % multiple == 0]
+        if len(allowed) >= 2 and all(ms[a] < (1.0 - MARGIN) * ms[b] for a, b in zip(allowed, allowed[1:])):
+            break
+    else:
+        multiple = MULTIPLES[-1]
+    half = multiple // 2
+    if half in ms and multiple in ms and half >= 8 and ms[half] < (1.0 - MARGIN) * ms[multiple]:
+        return multiple, half
+    return multiple, None
+
+
+def width_profile(source: LatencySource, threads: int) -> Dict[int, float]:
+    """Chain time per width, summed over ``PROFILE_SPATIALS`` (each size scaled to its widest chain, so
+    both weigh alike), timed through ``source`` in one interleaved session."""
+    models = [chain_onnx(w, size) for size in PROFILE_SPATIALS for w in PROFILE_WIDTHS]
+    times = source.time_networks(models, threads)
+    count = len(PROFILE_WIDTHS)
+    per_size = [times[i * count:(i + 1) * count] for i in range(len(PROFILE_SPATIALS))]
+    return {w: sum(t[i] / t[-1] for t in per_size) for i, w in enumerate(PROFILE_WIDTHS)}
+
+
+def _cache_path() -> Path:
+    import os
+
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgeprune" / "rounding.json"
+
+
+def machine_rounding(source: Optional[LatencySource] = None, threads: int = 1) -> Dict[str, object]:
+    """This machine's default rounding ``{"multiple", "min_channels", "ms", "device"}``: read from the
+    user cache (keyed by the machine's fingerprint and threads), else measured and cached."""
+    from edge_runtime.safe_io import atomic_write_text, read_bounded
+    import json
+
+    device = layer_timing.fingerprint(threads)
+    path = _cache_path()
+    try:
+        cached = json.loads(read_bounded(path, 1 << 20).decode("utf-8"))
+        entry = cached["entries"][device] if cached.get("format") == CACHE_FORMAT else None
+        if entry is not None and entry["multiple"] in MULTIPLES:
+            return entry
+    except Exception:  # absent, unreadable or malformed: measure again (a cache is never trusted blindly)
+        cached = {"format": CACHE_FORMAT, "entries": {}}
+    ms = width_profile(source or LocalLatency(rounds=3, runs=10), threads)
+    multiple, min_channels = choose_rounding(ms)
+    entry = {"multiple": multiple, "min_channels": min_channels, "ms": {str(w): t for w, t in ms.items()},
+             "device": device}
+    try:
+        entries = cached.get("entries") if isinstance(cached.get("entries"), dict) else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, "entries": {**entries, device: entry}},
+                                           indent=1) + "\n")
+    except OSError:
+        pass  # a read-only home: measured again next time
+    return entry

@@ -32,15 +32,17 @@ from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
 from compressor.prune.criteria import ChannelCriterion
 from compressor.errors import ConfigError, StructureError
-from compressor.prune.latency import (RUN_DIR_NAME, LatencyModel, LatencySource, LocalLatency, network_onnx,
-                                      quantize_qdq)
+from compressor.prune.latency import (MULTIPLES, RUN_DIR_NAME, LatencyModel, LatencySource, LocalLatency,
+                                      machine_rounding, network_onnx, quantize_qdq)
 from edge_runtime.errors import ModelDirError
 from edge_runtime.layer_timing import LatencyTableError, read_table
 from edge_runtime.safe_io import atomic_write_text, read_bounded
 
 log = logging.getLogger("compressor")
+ROUNDING_NAME = "rounding.json"  # the default rounding a run measured, so --resume rounds the same
 TIMES_NAME = "latency_measured.json"  # whole-network times the run planned with, so --resume plans the same
-MAX_TRIES = 4  # candidate networks timed per last level before settling for the round's plan
+MAX_TRIES = 8  # candidate networks timed per last level (a bisection: 8 narrow hundreds of plans well)
+FILL_STEPS = 3  # notches the last level may add to the plan before the target to land closer to it
 FLAT = 0.9  # a table predicting the narrowest network's layers at over 90% of the dense ones' is flat
 
 
@@ -67,8 +69,10 @@ class ChannelLevels:
         self.groups = find_groups(self.template, self.example, config.exclude)
         self.dense_params, self.dense_macs = params_and_macs(self.template, self.example)
         self.metric, self.target = _target(config)
-        self.timed = self.metric in ("speedup", "latency")  # met as measured: candidates are timed
         self.source: LatencySource = source or LocalLatency()
+        self.rounding = self._default_rounding() if config.channel_multiple is None else \
+            {"multiple": config.channel_multiple, "min_channels": config.min_channels}
+        self.timed = self.metric in ("speedup", "latency")  # met as measured: candidates are timed
         self.engine = "ort-int8" if config.quantize == "int8" else "ort"
         self._cache: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], float] = {}
         self._times: Dict[str, List[float]] = {}  # widths key -> [dense ms, plan ms], timed side by side
@@ -144,7 +148,32 @@ class ChannelLevels:
 
     @property
     def _rounding(self) -> Tuple[int, Optional[int]]:
-        return self.config.channel_multiple, self.config.min_channels
+        return int(self.rounding["multiple"]), self.rounding["min_channels"]
+
+    def _default_rounding(self) -> Dict[str, Any]:
+        """No --channel-multiple: the one this machine's kernels want (``machine_rounding``, cached)."""
+        entry = machine_rounding(self.source, self.config.latency_threads)
+        log.info(f"channel rounding: multiple {entry['multiple']}"
+                 + (f", narrowest {entry['min_channels']}" if entry["min_channels"] else "")
+                 + f" (measured on {self.source.describe()}; --channel-multiple N fixes it)")
+        return entry
+
+    def attach_rounding(self, root: Path, is_writer: bool, barrier=lambda: None) -> None:
+        """The default rounding a run started with, kept as ``root/rounding.json``: a resumed run (on
+        any machine) rounds as the interrupted one did. An explicit --channel-multiple needs no file."""
+        if self.config.channel_multiple is not None:
+            return
+        path = Path(root) / ROUNDING_NAME
+        if not path.is_file() and is_writer:
+            atomic_write_text(path, json.dumps(self.rounding, indent=1) + "\n")
+        barrier()
+        stored = _read_rounding(path)
+        if (stored["multiple"], stored["min_channels"]) != self._rounding:
+            self.rounding = stored
+            if self.latency is not None:  # the stored table was measured for the stored rounding's ladders
+                table = self.latency.table
+                self.latency = LatencyModel(self.template, self.example, self.groups, *self._rounding)
+                self.latency.table = table
 
     def dense_plan(self) -> ChannelPlan:
         return full_plan(self.groups)
@@ -254,40 +283,47 @@ class ChannelLevels:
         return self.removed(plan) >= self.target
 
     def _closest(self, ranking, n: int, value: Callable[[ChannelPlan], float], goal: float) -> ChannelPlan:
-        """``ranking.plan(n)`` (the first plan whose ``value`` reaches ``goal``), or, when one notch of a
-        single group from ``plan(n - 1)`` reaches it with less to spare, that plan: rounding one
+        """``ranking.plan(n)`` (the first plan whose ``value`` reaches ``goal``), or a plan closer to the
+        goal built from ``plan(n - 1)`` one group notch at a time (``FILL_STEPS`` at most): rounding one
         wide group a notch can remove several percent at once, another group's notch less."""
         best = ranking.plan(n)
-        if n == 0:
-            return best
-        before = ranking.plan(n - 1)
-        for g in self.groups:
-            notched = _one_notch(ranking, before, g)
-            if notched is not None and goal <= value(notched) < value(best):
-                best = notched
+        plan = ranking.plan(n - 1) if n > 0 else None
+        for _ in range(FILL_STEPS if plan is not None else 0):
+            notched = [p for p in (_one_notch(ranking, plan, g) for g in self.groups) if p is not None]
+            values = [value(p) for p in notched]
+            reaching = [(v, i) for i, v in enumerate(values) if goal <= v < value(best)]
+            if reaching:
+                return notched[min(reaching)[1]]
+            short = [(v, i) for i, v in enumerate(values) if v < goal]
+            if not short:
+                break
+            plan = notched[max(short)[1]]  # the notch that gets nearest without reaching: fill on from it
         return best
 
     def _timed_last(self, ranking, round_plan: Optional[ChannelPlan]) -> ChannelPlan:
-        """The last level of a timed target: the smallest plan predicted to reach it, with the
-        prediction corrected by measured / predicted of the last network timed, until one measures at
-        the target (at most ``MAX_TRIES``); else the round's plan (measured past it) or the narrowest."""
+        """The last level of a timed target: a bisection over the ranking's plans steered by the
+        prediction, corrected by measured / predicted of the last network timed: the smallest plan
+        measured at the target among at most ``MAX_TRIES`` timed (else the round's plan, measured
+        past it, or the narrowest)."""
         goal, correction = self._goal(), 1.0
+        low, high = -1, ranking.units + 1  # plan(low) measured short of the goal, plan(high) reaching it
         if round_plan is not None:
             correction = self.measured(round_plan) / self._score(round_plan)
-        tried: List[Tuple[int, ChannelPlan]] = []
-        low = 0
         for _ in range(MAX_TRIES):
-            n = smallest(ranking.units, lambda k: k >= low and self._score(ranking.plan(k)) * correction >= goal)
-            if n is None:
+            n = smallest(ranking.units, lambda k: k > low and self._score(ranking.plan(k)) * correction >= goal)
+            if n is None or n >= high:
+                n = (low + high) // 2 if high - low > 1 and high <= ranking.units else None
+            if n is None or n <= low or n >= high:
                 break
-            plan = self._closest(ranking, n, lambda p: self._score(p) * correction, goal)
+            plan = ranking.plan(n)
             measured = self.measured(plan)
+            correction = measured / self._score(plan)
             if measured >= goal:
-                tried.append((n, plan))
-                break
-            correction, low = measured / self._score(plan), n + 1
-        if tried:
-            return tried[-1][1]
+                high = n
+            else:
+                low = n
+        if high <= ranking.units:
+            return ranking.plan(high)
         if round_plan is not None:
             return round_plan
         narrowest = ranking.plan(ranking.units)
@@ -337,7 +373,7 @@ class ChannelLevels:
         uniform = {g.root: torch.zeros(g.size) for g in self.groups}
         narrowest = self._ranking(self.dense_plan(), uniform)
         plan = narrowest.plan(narrowest.units)
-        floor = self.config.min_channels or self.config.channel_multiple
+        floor = self._rounding[1] or self._rounding[0]
         if self.metric == "speedup":
             return (f"--target-speedup {self.target:g} is out of reach: with every prunable group "
                     f"down to {floor} channels the table predicts {self._score(plan):.2f}x; lower the target, "
@@ -391,3 +427,15 @@ def _read_times(path: Path) -> Dict[str, List[float]]:
         return {k: [float(t) for t in v] for k, v in networks.items()}
     except (OSError, ModelDirError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
         raise LatencyTableError(f"{path}: not this run's network times ({str(error)[:80]})") from None
+
+
+def _read_rounding(path: Path) -> Dict[str, Any]:
+    """RUN_DIR/rounding.json, checked (a RUN_DIR may come from elsewhere)."""
+    try:
+        data = json.loads(read_bounded(path, 1 << 20).decode("utf-8"))
+        multiple, narrowest = data["multiple"], data["min_channels"]
+        if multiple not in MULTIPLES or not (narrowest is None or narrowest in (multiple // 2,)):
+            raise ValueError("unknown rounding")
+        return {"multiple": multiple, "min_channels": narrowest}
+    except (OSError, ModelDirError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise LatencyTableError(f"{path}: not this run's rounding ({str(error)[:80]})") from None
