@@ -76,9 +76,11 @@ class PruneConfig:
     target_macs: Optional[float] = field(default=None, metadata=_help(
         "channels only: fraction of multiply-accumulates to remove in the end, in (0, 1); when given "
         "it replaces --target-sparsity (which, for channels, counts all parameters removed)"))
-    channel_multiple: int = field(default=8, metadata=_help(
+    channel_multiple: Optional[int] = field(default=None, metadata=_help(
         "channels only: kept channel counts are rounded to multiples of this (CPU kernels work in "
-        "blocks of 8/16 channels); 1 = exact"))
+        "blocks of 8/16 channels); 1 = exact. Default: the multiple this machine's onnxruntime "
+        "kernels run fastest with, measured once (a few seconds) and cached in ~/.cache/edgeprune "
+        "(with --latency-on, that device's); give it for a run that must repeat exactly anywhere"))
     min_channels: Optional[int] = field(default=None, metadata=_help(
         "channels only: the narrowest a layer may get (default: --channel-multiple); below the "
         "multiple it allows one narrower width, e.g. --channel-multiple 16 --min-channels 8 keeps "
@@ -95,9 +97,12 @@ class PruneConfig:
     target_speedup: Optional[float] = field(default=None, metadata=_help(
         "--allocate latency/global-table only: prune until the latency table predicts this speed-up over the dense "
         "model (e.g. 1.8); replaces --target-sparsity and --target-macs"))
+    target_latency: Optional[float] = field(default=None, metadata=_help(
+        "--allocate latency/global-table only: prune until the network measures at most this many "
+        "milliseconds (batch 1) where the latency is measured; replaces the other targets"))
     quantize: Optional[str] = field(default=None, metadata=_help(
         "the engine the pruned model will be exported for: int8 plans widths from int8 (static QDQ) "
-        "times (export it with --quantize int8); none or default: fp32"))
+        "times and times candidates quantized (export it with --quantize int8); default fp32"))
     latency_threads: int = field(default=1, metadata=_help(
         "intra-op threads the model will run with: latency tables and network timings use this many"))
     latency_table: Optional[str] = field(default=None, metadata=_help(
@@ -118,6 +123,11 @@ class PruneConfig:
             object.__setattr__(self, "lr_drops", tuple(int(e) for e in self.lr_drops))
         except (TypeError, ValueError) as error:
             raise ConfigError(f"--lr-drops must be comma separated epochs, got {self.lr_drops!r}") from error
+        if isinstance(self.channel_multiple, str):
+            try:
+                object.__setattr__(self, "channel_multiple", int(self.channel_multiple))
+            except ValueError as error:
+                raise ConfigError(f"--channel-multiple must be an integer, got {self.channel_multiple!r}") from error
         if isinstance(self.min_channels, str):
             try:
                 object.__setattr__(self, "min_channels", int(self.min_channels))
@@ -128,6 +138,11 @@ class PruneConfig:
                 object.__setattr__(self, "target_speedup", float(self.target_speedup))
             except ValueError as error:
                 raise ConfigError(f"--target-speedup must be a number > 1, got {self.target_speedup!r}") from error
+        if isinstance(self.target_latency, str):
+            try:
+                object.__setattr__(self, "target_latency", float(self.target_latency))
+            except ValueError as error:
+                raise ConfigError(f"--target-latency must be milliseconds > 0, got {self.target_latency!r}") from error
         if isinstance(self.target_macs, str):  # the CLI hands optional numbers over as text
             try:
                 object.__setattr__(self, "target_macs", float(self.target_macs))
@@ -169,14 +184,6 @@ class PruneConfig:
         self._validate_structure()
         self._validate_latency()
 
-    def _validate_latency(self) -> None:
-        if self.quantize == "none":  # the CLI's spelling of the default
-            object.__setattr__(self, "quantize", None)
-        if self.quantize not in (None, "int8"):
-            raise ConfigError(f"--quantize {self.quantize!r}: plan for int8 or none (fp32)")
-        if not 1 <= self.latency_threads <= 64:
-            raise ConfigError(f"--latency-threads must be in [1, 64], got {self.latency_threads}")
-
     def _validate_structure(self) -> None:
         if self.structure not in STRUCTURES:
             raise ConfigError(f"unknown structure {self.structure!r}; choose from {', '.join(STRUCTURES)}")
@@ -186,10 +193,12 @@ class PruneConfig:
                                   "that a dense runtime skips)")
             if not 0.0 < self.target_macs < 1.0:
                 raise ConfigError(f"target MACs must be in (0, 1), got {self.target_macs}")
+        if self.channel_multiple is not None and not 1 <= self.channel_multiple <= 1024:
+            raise ConfigError(f"--channel-multiple must be in [1, 1024], got {self.channel_multiple}")
+        if self.min_channels is not None and self.channel_multiple is None:
+            raise ConfigError("--min-channels needs --channel-multiple (the default rounding chooses both)")
         if self.min_channels is not None and not 1 <= self.min_channels <= self.channel_multiple:
             raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
-        if self.channel_multiple < 1:
-            raise ConfigError(f"--channel-multiple must be at least 1, got {self.channel_multiple}")
         if self.allocate not in ALLOCATIONS:
             raise ConfigError(f"unknown --allocate {self.allocate!r}; choose from {', '.join(ALLOCATIONS)}")
         if self.allocate != "global" and self.structure != "channels":
@@ -204,6 +213,23 @@ class PruneConfig:
                 raise ConfigError("give --target-speedup or --target-macs, not both")
             if not 1.0 < self.target_speedup <= 1000.0:
                 raise ConfigError(f"--target-speedup must be in (1, 1000], got {self.target_speedup}")
+
+    def _validate_latency(self) -> None:
+        if self.quantize == "none":  # the CLI's (and bench's) spelling of the default
+            object.__setattr__(self, "quantize", None)
+        if self.quantize not in (None, "int8"):
+            raise ConfigError(f"--quantize {self.quantize!r}: plan for int8 or leave it out (fp32)")
+        if not 1 <= self.latency_threads <= 64:
+            raise ConfigError(f"--latency-threads must be in [1, 64], got {self.latency_threads}")
+        if self.target_latency is None:
+            return
+        if self.allocate == "global":
+            raise ConfigError("--target-latency needs --allocate latency or global-table (the latency is "
+                              "predicted from the latency table)")
+        if self.target_macs is not None or self.target_speedup is not None:
+            raise ConfigError("give one of --target-latency, --target-speedup, --target-macs")
+        if not 0.0 < self.target_latency < 1e6:
+            raise ConfigError(f"--target-latency must be milliseconds in (0, 1e6), got {self.target_latency}")
 
     def to_dict(self) -> Dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""

@@ -137,6 +137,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         if resume:
             run.remove_stale_temp_files()
         if channels:
+            channels.attach_rounding(run.root, ranks.is_main, ranks.barrier)
             channels.attach_table(run.root, ranks.is_main, ranks.barrier)
         stack.enter_context(_deterministic(torch_device))
         progress = progress and ranks.is_main
@@ -253,7 +254,12 @@ class _Job:
         previous = checkpoints.load(source)
         current = channels_plan(previous, channels)
         model = channels.build(current, previous["model"], str(source)).to(self.device)
-        kept, last = channels.next_plan(model, current)
+        started = self.run.checkpoint_path(method, level)
+        if started.is_file():  # an interrupted level keeps the plan it started with (timings may differ now)
+            saved = checkpoints.load(started)
+            kept, last = channels_plan(saved, channels), bool(saved.get("last", False))
+        else:
+            kept, last = channels.next_plan(model, current)
         if plan.rewind_weights:  # the rewind snapshot, sliced to the surviving channels
             rewind = checkpoints.load(self.run.rewind_path)
             model = channels.build(kept, rewind["model"], str(self.run.rewind_path), state_is_dense=True)

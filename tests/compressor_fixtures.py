@@ -51,7 +51,7 @@ def tiny_config(**overrides: Any) -> PruneConfig:
 
 
 def run_tiny(out: Optional[Path], model_name: str = "digits-mlp", resume: bool = False,
-             epoch_callback=None, **overrides: Any) -> CompressResult:
+             epoch_callback=None, latency_source=None, **overrides: Any) -> CompressResult:
     """A real compression run on the digits, built exactly as the CLI builds it."""
     config = tiny_config(**overrides)
     torch.manual_seed(config.seed)
@@ -59,7 +59,8 @@ def run_tiny(out: Optional[Path], model_name: str = "digits-mlp", resume: bool =
     train_loader, test_loader = load_data("digits", input_shape_of(model), config.batch_size, config.seed)
     with one_thread():
         return compress(model, train_loader, test_loader, config, out=out, resume=resume, device="cpu",
-                        model_name=model_name, data_name="digits", epoch_callback=epoch_callback)
+                        model_name=model_name, data_name="digits", epoch_callback=epoch_callback,
+                        latency_source=latency_source)
 
 
 TEMP_ROOT = Path(tempfile.mkdtemp(prefix="edgeprune-compressor-tests-"))

@@ -58,13 +58,15 @@ def test_int8_variant_of_a_real_run_keeps_accuracy_and_zeros(tmp_path: Path, mod
 @pytest.mark.slow
 def test_max_drop_refuses_a_variant_that_loses_too_much(tmp_path: Path) -> None:
     out = tmp_path / "m"
-    code, _, stderr = cli(["export", str(tiny_run("digits-mlp")), "--out", str(out), "--layout", "external"])
+    code, _, stderr = cli(["export", str(tiny_run("digits-mlp")), "--out", str(out), "--layout", "external",
+         "--quantize", "none"])
     assert code == 0, stderr
     before = json.loads((out / "manifest.json").read_text())
     measured = add_int8_variant(out, data_spec="digits", input_shape=(64,))[0].accuracy
     assert measured is not None
     out2 = tmp_path / "m2"
-    cli(["export", str(tiny_run("digits-mlp")), "--out", str(out2), "--layout", "external"])
+    cli(["export", str(tiny_run("digits-mlp")), "--out", str(out2), "--layout", "external",
+         "--quantize", "none"])
     # a dense reference one point above what int8 reaches: a drop of 1 point > --max-drop 0.5
     result, = add_int8_variant(out2, data_spec="digits", input_shape=(64,), reference_accuracy=measured + 0.01,
                                max_drop=0.5)
@@ -82,7 +84,8 @@ def test_max_drop_refuses_a_variant_that_loses_too_much(tmp_path: Path) -> None:
     assert code == 0 and "int8 variant model.int8.onnx" in stdout, stderr
     # within the limit it ships
     out3 = tmp_path / "m3"
-    cli(["export", str(tiny_run("digits-mlp")), "--out", str(out3), "--layout", "external"])
+    cli(["export", str(tiny_run("digits-mlp")), "--out", str(out3), "--layout", "external",
+         "--quantize", "none"])
     result, = add_int8_variant(out3, data_spec="digits", input_shape=(64,), reference_accuracy=measured + 0.001,
                                max_drop=0.5)
     assert result.shipped and (out3 / "model.int8.onnx").is_file()

@@ -102,8 +102,8 @@ def _next_step(index: int, g: Group, keep: int, ladder_units: Sequence[int], rem
                latency: LatencyModel) -> Optional[Tuple[int, float]]:
     """``g``'s next step down and the milliseconds it saves: the widest narrower width that saves at
     least ``MIN_SAVING`` of its layers' time (so 64 -> 56, which saves nothing where 16 channels are
-    computed at once, is skipped for 64 -> 48, but no step jumps further than it must); the
-    narrowest width, saving nothing, when none does. None at the floor."""
+    computed at once, is skipped for 64 -> 48, but no step jumps further than it must); the next
+    width, saving nothing, when none does (such steps come last). None at the floor."""
     lower = [u for u in ladder_units if u < keep]
     if not lower:
         return None
@@ -115,7 +115,7 @@ def _next_step(index: int, g: Group, keep: int, ladder_units: Sequence[int], rem
         saved = now - sum(latency.layer_ms(layer, after) for layer in layers)
         if saved > MIN_SAVING * now:
             return units, saved
-    return lower[-1], 0.0
+    return lower[0], 0.0  # one notch: a flat table must not send a group to its floor in one move
 
 
 class TableRounding(Ranking):

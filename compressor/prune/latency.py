@@ -3,14 +3,24 @@
 ``LatencyModel`` knows the template's Conv/Linear layers and how each one's input and output widths
 follow the coupled channel groups (Torch-Pruning's dependency graph); with a ``LatencyTable``
 (``edge_runtime.layer_timing``: the format, and the measuring that runs on the device) it predicts the
-milliseconds of any plan. ``python3 -m compressor.latency_shapes --model NAME --shapes-out FILE`` lists the
+milliseconds of any plan: ``call_ms + sum(layer ms) + node_ms * nodes``, the table's fixed cost of one
+call and of every node the network runs besides its layers (counted in the exported ONNX graph: fewer
+when blocks are removed). ``python3 -m compressor.latency_shapes --model NAME --shapes-out FILE`` lists the
 shapes a model needs, to measure on a device; ``--out FILE`` measures them here.
+
+Where the table and the network disagree (a layer alone pays layout changes a chain of layers shares),
+the planner times whole candidate networks through a ``LatencySource``: ``LocalLatency`` on this
+machine, or a remote one the ``edgeprune`` front hands over (``--latency-on``).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import tempfile
+import warnings
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 
 import torch
@@ -20,6 +30,12 @@ from compressor.errors import ConfigError
 from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
 from edge_runtime import layer_timing
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape, check_for_planning
+
+RUN_DIR_NAME = "latency_table.json"  # the table a run planned from, kept so --resume plans the same
+MAX_SHAPES = 5000  # a table this large takes minutes to measure: the multiple is too fine for this model
+LAYER_OPS = ("Conv", "Gemm", "MatMul")  # the nodes a table times; every other node costs node_ms
+FREE_OPS = ("Identity", "Constant", "Flatten", "Reshape", "Squeeze", "Unsqueeze")  # no work in onnxruntime
+
 
 class LatencySource(Protocol):
     """Where latency is measured: the machine the model will run on (``LocalLatency``: this one)."""
@@ -35,7 +51,8 @@ class LatencySource(Protocol):
 
 
 class LocalLatency:
-    """Measures on this machine, in-process (``edge_runtime.layer_timing``)."""
+    """Measures on this machine, in-process (``edge_runtime.layer_timing``: one-layer models of either
+    engine are written there; whole int8 networks are quantized by the planner, ``quantize_qdq``)."""
 
     def __init__(self, rounds: int = 5, runs: int = 20) -> None:
         self.rounds, self.runs = rounds, runs
@@ -50,8 +67,55 @@ class LocalLatency:
         return layer_timing.time_networks(models, threads, self.rounds, self.runs)
 
 
-RUN_DIR_NAME = "latency_table.json"  # the table a run planned from, kept so --resume plans the same
-MAX_SHAPES = 5000  # a table this large takes minutes to measure: the multiple is too fine for this model
+def quantize_qdq(model: bytes, batches: int = 8) -> bytes:
+    """``model`` with static QDQ int8 (per-channel symmetric int8 weights, uint8 activations: what
+    ``export --quantize int8`` ships), calibrated on random inputs (latency does not depend on them)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    feeds = [layer_timing._random_feed(session) for _ in range(batches)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = iter(feeds)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune-int8-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        source.write_bytes(model)  # our own fresh temporary folder: nothing else can be there
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        extra_options={"WeightSymmetric": True})
+        return onnx.load(str(target)).SerializeToString()
+
+
+def network_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
+    """``model`` exported to ONNX (TorchScript exporter, eval mode, BatchNorm folded) for timing."""
+    was_training = model.training
+    model.eval()
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17, do_constant_folding=True,
+                              input_names=["input"])
+    finally:
+        model.train(was_training)
+    return buffer.getvalue()
+
+
+def count_nodes(model: bytes) -> int:
+    """Nodes of an exported graph that a table does not time but onnxruntime runs (activations, adds,
+    pooling): what ``node_ms`` is paid for. Layers are in the table; Identity and reshapes cost nothing."""
+    import onnx
+
+    graph = onnx.load_from_string(model).graph
+    return sum(node.op_type not in LAYER_OPS + FREE_OPS for node in graph.node)
 
 
 def step_of(g: Group, multiple: int) -> int:
@@ -106,6 +170,16 @@ class LatencyModel:
         self.table: Optional[LatencyTable] = None
         self.touching: List[List[_Layer]] = [[l for l in self.layers if i in l.inputs or i in l.outputs]
                                              for i in range(len(self.groups))]
+        self._template, self._example = template, example
+        self._nodes: Optional[int] = None
+
+    @property
+    def nodes(self) -> int:
+        """Nodes besides the layers in the template's graph (channel pruning never changes it; a
+        network with blocks removed counts its own with ``count_nodes`` and passes ``nodes=``)."""
+        if self._nodes is None:
+            self._nodes = count_nodes(network_onnx(self._template, self._example))
+        return self._nodes
 
     def shapes_needed(self) -> List[LayerShape]:
         """Every layer shape any allowed combination of group widths produces (the table to measure)."""
@@ -143,11 +217,17 @@ class LatencyModel:
         assert self.table is not None, "LatencyModel.use(table) first"
         return self.table.ms[layer.shape(removed).key()]
 
-    def predict(self, widths: Mapping[str, int]) -> float:
-        """Milliseconds of the Conv/Linear layers with each group at ``widths[root]`` channels (the
-        rest of the graph, BatchNorm folded into convs, activations, adds, is not counted)."""
+    def layers_ms(self, widths: Mapping[str, int]) -> float:
+        """Milliseconds of the Conv/Linear layers alone with each group at ``widths[root]`` channels."""
         removed = [g.size - widths[g.root] for g in self.groups]
         return sum(self.layer_ms(layer, removed) for layer in self.layers)
+
+    def predict(self, widths: Mapping[str, int], nodes: Optional[int] = None) -> float:
+        """Predicted milliseconds of the whole network at ``widths``: one call's fixed cost, the layers,
+        and ``node_ms`` for every other node (``nodes``: default the template's count)."""
+        assert self.table is not None, "LatencyModel.use(table) first"
+        count = self.nodes if nodes is None and self.table.node_ms else (nodes or 0)
+        return self.table.call_ms + self.layers_ms(widths) + self.table.node_ms * count
 
 
 def _removals(ratios: Mapping[int, float], ladders: Sequence[Sequence[int]], groups: Sequence[Group]) -> Set[int]:
@@ -210,3 +290,15 @@ def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
         padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(module.kernel_size, module.dilation))
     return LayerShape("conv", module.in_channels, module.out_channels, tuple(spatial), tuple(module.kernel_size),
                       tuple(module.stride), tuple(padding) * 2, tuple(module.dilation), module.groups)
+
+
+# --- the default rounding ---------------------------------------------------------------------------
+# With no --channel-multiple, kept widths are multiples of 16 with 8 as the narrowest. Measured on resnet20
+# (onnxruntime, batch 1, 1 thread, 128x128, same run): multiples of 8 picked 8/16/24/40/48 at 57% MACs
+# removed and ran at efficiency 0.60 (speed-up / MAC ratio), multiples of 16 picked 16/32 at 50% and ran at
+# 0.82; Torch-Pruning's round_to 16 0.83. onnxruntime's x86 kernels block 8 or 16 floats; a Pi's NEON
+# blocks 4, so every multiple of 16 is whole blocks there too. A timed table of one-layer models or of
+# conv chains did not reproduce the slow 24/40/48 (a layer alone pays layout changes a network shares),
+# so the default is this fixed rule, identical everywhere (runs repeat), and --allocate global-table or
+# latency with --latency-on plans from the device's own times instead.
+DEFAULT_ROUNDING = {"multiple": 16, "min_channels": 8}

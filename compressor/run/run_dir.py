@@ -198,9 +198,12 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     """
     record = {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
     # --structure channels levels also carry the smaller network's size and each layer's width.
-    record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths", "predicted_speedup")
-                   if key in final})
+    record.update({key: final[key] for key in STRUCTURED_FIGURES if key in final})
     return record
+
+
+STRUCTURED_FIGURES = ("params", "macs", "macs_removed", "widths", "predicted_speedup", "predicted_ms",
+                      "measured_ms", "measured_dense_ms", "measured_speedup")
 
 
 def _finite_or_none(value: Any) -> Any:

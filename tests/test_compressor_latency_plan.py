@@ -1,0 +1,141 @@
+"""Planning with latency: the predictor's fixed costs, timed targets met as measured (through a stub
+device whose network times are known), MAC targets not overshot, untrustworthy tables refused or warned,
+the default rounding chosen from a profile, and a resumed plan read back rather than re-timed."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Sequence
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from compressor.config import PruneConfig
+from compressor.prune.channels import example_input, find_groups
+from compressor.prune.criteria import criterion_named
+from compressor.prune.latency import LatencyModel, count_nodes, network_onnx
+from compressor.prune.levels import TIMES_NAME, ChannelLevels
+from compressor.train.models import build_model, input_shape_of
+from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape
+
+
+def _macs_like(shape: LayerShape) -> float:
+    area = int(np.prod(shape.spatial)) if shape.spatial else 1
+    return 1e-6 * shape.cin * shape.cout * area + 1e-3
+
+
+class StubDevice:
+    """A LatencySource whose times are arithmetic: tables from ``ms``, a network's time from its
+    weights' sizes (not what the table predicts: the planner must correct itself by measuring)."""
+
+    def __init__(self, ms=_macs_like, call_ms: float = 0.05, node_ms: float = 0.002) -> None:
+        self.ms, self.call_ms, self.node_ms, self.timed = ms, call_ms, node_ms, 0
+
+    def describe(self) -> str:
+        return "a stub device"
+
+    def table(self, shapes: Sequence[LayerShape], engine: str, threads: int) -> LatencyTable:
+        return LatencyTable({s.key(): self.ms(s) for s in shapes}, threads, "stub", engine, self.call_ms, self.node_ms)
+
+    def time_networks(self, models: Sequence[bytes], threads: int) -> List[float]:
+        self.timed += len(models)
+        return [0.1 + 2e-5 * sum(numpy_helper.to_array(t).size for t in onnx.load_from_string(m).graph.initializer)
+                for m in models]
+
+
+class NoDevice(StubDevice):
+    def time_networks(self, models, threads):
+        raise AssertionError("a resumed run must not time networks again")
+
+
+def _levels(tmp_path: Path, source, **config) -> ChannelLevels:
+    torch.manual_seed(0)
+    model = build_model(config.pop("model", "resnet20"))
+    levels = ChannelLevels(model, input_shape_of(model), PruneConfig(structure="channels", one_shot=True,
+                                                                     channel_multiple=8, **config),
+                           criterion_named(None, "channels"), source)
+    levels.attach_rounding(tmp_path, True)
+    levels.attach_table(tmp_path, True)
+    return levels
+
+
+def test_the_predictor_adds_one_calls_and_every_nodes_fixed_cost() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    example = example_input(input_shape_of(model))
+    groups = find_groups(model, example)
+    latency = LatencyModel(model, example, groups, 8)
+    ops = [n.op_type for n in onnx.load_from_string(network_onnx(model, example)).graph.node]
+    # 19 Relu, 9 Add, 1 GlobalAveragePool; Conv/Gemm are the table's, Identity/Flatten cost nothing
+    assert count_nodes(network_onnx(model, example)) == 29 == len([o for o in ops if o in ("Relu", "Add",
+                                                                                            "GlobalAveragePool")])
+    table = StubDevice(ms=lambda s: 1.0, call_ms=0.5, node_ms=0.01).table(latency.shapes_needed(), "ort", 1)
+    latency.use(table, "stub")
+    dense = {g.root: g.size for g in groups}
+    assert latency.predict(dense) == pytest.approx(0.5 + 1.0 * len(latency.layers) + 0.01 * 29)
+    assert latency.predict(dense, nodes=10) == pytest.approx(0.5 + 1.0 * len(latency.layers) + 0.1)
+
+
+@pytest.mark.parametrize("allocate", ["global", "latency"])
+def test_a_mac_target_is_not_overshot_even_with_a_flat_table(tmp_path: Path, allocate: str, caplog) -> None:
+    flat = StubDevice(ms=lambda s: 1.0)
+    with caplog.at_level(logging.WARNING, logger="compressor"):
+        levels = _levels(tmp_path, flat, allocate=allocate, target_macs=0.5)
+    assert allocate == "global" or "nearly flat" in caplog.text
+    model = levels.build(levels.dense_plan(), None, "")
+    plan, last = levels.next_plan(model, levels.dense_plan())
+    # one notch of one group is the granularity: a few percent of resnet20's MACs, never a round's 20%
+    assert last and 0.5 <= levels.removed(plan) < 0.55, levels.removed(plan)
+
+
+def test_an_inverted_table_is_refused_in_one_line(tmp_path: Path) -> None:
+    inverted = StubDevice(ms=lambda s: 1.0 / _macs_like(s))
+    with pytest.raises(LatencyTableError, match="slower than the dense one") as error:
+        _levels(tmp_path, inverted, allocate="latency", target_macs=0.5)
+    assert "\n" not in str(error.value)
+
+
+def test_target_speedup_is_met_as_measured_and_a_resumed_run_replans_from_the_stored_times(tmp_path: Path) -> None:
+    device = StubDevice()
+    levels = _levels(tmp_path, device, allocate="latency", target_speedup=2.0)
+    model = levels.build(levels.dense_plan(), None, "")
+    plan, last = levels.next_plan(model, levels.dense_plan())
+    assert last and device.timed >= 2
+    figures = levels.describe(levels.build(plan, None, ""))
+    assert figures["measured_speedup"] >= 2.0 and figures["predicted_ms"] > 0
+    assert figures["measured_speedup"] < 2.0 * 1.25  # stops near the target, not a round past it
+    assert (tmp_path / TIMES_NAME).is_file()
+    again = _levels(tmp_path, NoDevice(), allocate="latency", target_speedup=2.0)
+    assert again.next_plan(model, again.dense_plan()) == (plan, True)
+
+
+def test_target_latency_is_milliseconds_as_measured(tmp_path: Path) -> None:
+    device = StubDevice()
+    dense_ms = device.time_networks([network_onnx(build_model("resnet20").eval(),
+                                                  example_input((3, 32, 32)))], 1)[0]
+    levels = _levels(tmp_path, device, allocate="latency", target_latency=dense_ms / 1.8)
+    plan, _ = levels.next_plan(levels.build(levels.dense_plan(), None, ""), levels.dense_plan())
+    assert levels.describe(levels.build(plan, None, ""))["measured_ms"] <= dense_ms / 1.8
+
+
+def test_the_default_rounding_is_16_with_8_narrowest_and_a_run_keeps_its_own(tmp_path: Path) -> None:
+    """No --channel-multiple: multiples of 16, 8 as the narrowest (DEFAULT_ROUNDING); the rounding a run
+    started with is kept in RUN_DIR/rounding.json and wins on --resume, should the default change."""
+    import json
+
+    torch.manual_seed(0)
+    model = build_model("digits-cnn")
+    config = PruneConfig(structure="channels", target_macs=0.5)
+    levels = ChannelLevels(model, input_shape_of(model), config, criterion_named(None, "channels"), StubDevice())
+    assert levels._rounding == (16, 8)
+    (tmp_path / "run").mkdir()
+    levels.attach_rounding(tmp_path / "run", True)
+    assert json.loads((tmp_path / "run" / "rounding.json").read_text()) == {"multiple": 16, "min_channels": 8}
+    (tmp_path / "run" / "rounding.json").write_text(json.dumps({"multiple": 8, "min_channels": None}))
+    resumed = ChannelLevels(model, input_shape_of(model), config, criterion_named(None, "channels"), StubDevice())
+    resumed.attach_rounding(tmp_path / "run", True)
+    assert resumed._rounding == (8, None)
