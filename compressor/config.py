@@ -78,9 +78,8 @@ class PruneConfig:
         "it replaces --target-sparsity (which, for channels, counts all parameters removed)"))
     channel_multiple: Optional[int] = field(default=None, metadata=_help(
         "channels only: kept channel counts are rounded to multiples of this (CPU kernels work in "
-        "blocks of 8/16 channels); 1 = exact. Default: the multiple this machine's onnxruntime "
-        "kernels run fastest with, measured once (a few seconds) and cached in ~/.cache/edgeprune "
-        "(with --latency-on, that device's); give it for a run that must repeat exactly anywhere"))
+        "blocks of 8/16 channels); 1 = exact. Default: multiples of 16 with 8 as the narrowest "
+        "(measured on resnet20: 0.82 of the MAC ratio as speed-up, against 0.60 for multiples of 8)"))
     min_channels: Optional[int] = field(default=None, metadata=_help(
         "channels only: the narrowest a layer may get (default: --channel-multiple); below the "
         "multiple it allows one narrower width, e.g. --channel-multiple 16 --min-channels 8 keeps "
