@@ -110,3 +110,33 @@ def test_bench_json_names_engine_variant_and_its_accuracy() -> None:
     int8 = next(v for v in manifest["variants"] if v["name"] == "int8")
     assert report["engine"] == "ort-int8"
     assert report["variant"] == {"name": "int8", "accuracy": int8["accuracy"], "size": int8["size"]}
+
+
+def _weight_steps(name: str) -> list:
+    """The native program's weight steps (forced CSR kernels) of a fixture MODEL_DIR."""
+    session = InferenceSession(model_dir(name), kernels="sparse", threads=1)
+    return [step for step in session._program.steps if step.weight]
+
+
+def test_an_int8_export_builds_the_same_native_program_as_the_plain_one() -> None:
+    # the same pruned model exported plain and with --quantize int8 (both compact): int8-stored weights are
+    # dequantized at load, and must become the same CSR kernels -- not plain dense ops (issue 19's slowdown)
+    plain, int8 = _weight_steps("digits-mlp-compact"), _weight_steps("digits-mlp-int8-compact")
+    assert len(plain) == 3
+    assert [(s.op_type, s.weight, s.kernel_kind, type(s.kernel)) for s in int8] == \
+        [(s.op_type, s.weight, s.kernel_kind, type(s.kernel)) for s in plain]
+    for ours, theirs in zip(int8, plain):
+        a, b = ours.kernel.matrix, theirs.kernel.matrix
+        for matrix in (a, b):
+            assert (matrix.data.dtype, matrix.indices.dtype, matrix.indptr.dtype) == (np.float32, np.int32, np.int32)
+            assert all(x.flags.c_contiguous for x in (matrix.data, matrix.indices, matrix.indptr))
+            assert matrix.has_sorted_indices
+        assert a.shape == b.shape and np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)
+        # values: the plain ones, up to half a quantization step (scale <= max|w| / 127)
+        assert np.max(np.abs(a.data - b.data)) <= np.max(np.abs(b.data)) / 254 * 1.001
+
+
+def test_every_conv_and_gemm_of_a_quantized_cnn_runs_a_weight_kernel() -> None:
+    steps = InferenceSession(model_dir("digits-cnn-int8-compact"), kernels="sparse", threads=1)._program.steps
+    layers = [step for step in steps if step.op_type in ("Conv", "Gemm", "MatMul")]
+    assert layers and all(step.weight and step.kernel_kind == "sparse" for step in layers)
