@@ -142,12 +142,29 @@ class InferenceSession:
         else:
             key = plans.plan_key(self.manifest, self.threads)
             cached = None if retune else plans.load_cached(self.model_dir, key)
-            self.plan = cached or self._tune()
-            self.plan["cached"] = cached is not None
-            if cached is None:
-                where = plans.save(self.model_dir, key, {k: v for k, v in self.plan.items() if k != "cached"})
-                self.plan["cache_path"] = str(where) if where else None
+            ignored = self._cached_plan_fails(cached) if cached is not None else None
+            if cached is not None and ignored is None:
+                self.plan["cached"] = True
+                return
+            self.plan = self._tune()
+            if ignored:
+                self.plan["ignored_cached_plan"] = ignored
+            where = plans.save(self.model_dir, key, {k: v for k, v in self.plan.items() if k != "cached"})
+            self.plan.update(cached=False, cache_path=str(where) if where else None)
             self._apply_plan()
+
+    def _cached_plan_fails(self, cached: Dict[str, Any]) -> Optional[str]:
+        """Apply a cached plan; None when it loaded, else why not. plans.json is only a cache, and it may
+        be stale (another export in the same folder) or planted (it travels with the MODEL_DIR): a plan
+        naming a variant the model lacks, or an engine that cannot load it, means retuning, never exit 2.
+        The model's own faults are found again by tuning, which raises them."""
+        self.plan = cached
+        try:
+            self._apply_plan()
+            return None
+        except (EdgeRuntimeError, *MODEL_FAILURES) as error:
+            self._program, self._ort, self._variant_ort = None, None, None
+            return _describe(error)
 
     def _apply_plan(self) -> None:
         if self.plan.get("engine") in variants.ENGINES:

@@ -140,3 +140,34 @@ def test_every_conv_and_gemm_of_a_quantized_cnn_runs_a_weight_kernel() -> None:
     steps = InferenceSession(model_dir("digits-cnn-int8-compact"), kernels="sparse", threads=1)._program.steps
     layers = [step for step in steps if step.op_type in ("Conv", "Gemm", "MatMul")]
     assert layers and all(step.weight and step.kernel_kind == "sparse" for step in layers)
+
+
+def _plant_plan(target: Path, plan: dict, threads: int = 1) -> None:
+    """Write ``plan`` into target/plans.json under the key this device and thread count look up."""
+    from edge_runtime.model_dir import read_manifest
+    from edge_runtime.plan import plan_key
+
+    key = plan_key(read_manifest(target), threads)
+    (target / "plans.json").write_text(json.dumps({key: plan}))
+
+
+@pytest.mark.parametrize("name, plan", [
+    ("digits-mlp-compact", {"engine": "ort-int8", "layers": {}}),     # a variant the model does not have
+    ("cumsum", {"engine": "native", "layers": {}}),                   # native cannot run this model
+])
+def test_a_cached_plan_that_does_not_fit_the_model_is_retuned(tmp_path: Path, name: str, plan: dict) -> None:
+    target = copy_model_dir(name, tmp_path)
+    _plant_plan(target, plan)
+    session = InferenceSession(target, kernels="auto", threads=1)
+    assert not session.plan["cached"] and session.plan["ignored_cached_plan"]
+    assert session.engine in ("native", "ort") and session.engine != plan["engine"]
+    x = example_input(name)
+    assert np.max(np.abs(session.run(None, {"input": x})[0] - torch_output(name))) <= 1e-4
+    # the retuned plan replaced the bad one: the next load uses it
+    assert InferenceSession(target, kernels="auto", threads=1).plan["cached"]
+    _plant_plan(target, plan)
+    np.save(tmp_path / "x.npy", x)
+    for command in (["run", "--input", str(tmp_path / "x.npy")], ["check"],
+                    ["bench", "--iters", "2", "--warmup", "0", "--min-seconds", "0"]):
+        done = edge_runtime(command[0], str(target), "--threads", "1", *command[1:])
+        assert done.returncode == 0, (command, done.stderr)
