@@ -61,6 +61,9 @@ class ArrayWeights:
     def dense(self, name: str) -> np.ndarray:
         return self.arrays[name]
 
+    def nonzeros(self, name: str) -> int:
+        return int(np.count_nonzero(self.arrays[name]))
+
     def close(self) -> None:
         """Nothing to release (``Weights`` closes its npz)."""
 
@@ -265,6 +268,15 @@ def compile_nodes(nodes: Sequence[Dict[str, Any]], input_names: Sequence[str], o
     outputs = list(output_names)
     return Program(list(input_names), outputs, constants, steps, layers,
                    _free_lists(steps, set(outputs) | set(constants)))
+
+
+def check_supported(manifest: Dict[str, Any], weights: Any) -> None:
+    """Raise UnsupportedOpError (naming the op) when the native program cannot run a MODEL_DIR's graph,
+    without building anything: the checks ``compile_graph`` starts with."""
+    nodes = manifest["graph"]
+    needed = set(manifest["outputs"]) | {name for node in nodes for name in node["inputs"] if name}
+    for node in nodes:
+        _check_node(node, weights, needed, int(manifest.get("opset") or DEFAULT_OPSET))
 
 
 def compile_graph(manifest: Dict[str, Any], weights: Any, choose: Callable[[str], str],

@@ -17,9 +17,11 @@ from edge_runtime.errors import ModelDirError
 
 
 def open_ort(path: Path, threads: int, feeds: Optional[Dict[str, np.ndarray]] = None,
-             log_level: int = 4) -> Any:
+             log_level: int = 4, data: Optional[bytes] = None) -> Any:
     """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads, ``feeds`` supplying the
-    file's placeholder initializers. ModelDirError when onnxruntime is missing or refuses the file."""
+    file's placeholder initializers. ``data``: the file's bytes as this load read and checked them
+    (onnxruntime then parses those, not the file again; only for a file without external data beyond
+    ``feeds``). ModelDirError when onnxruntime is missing or refuses the file."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -33,7 +35,8 @@ def open_ort(path: Path, threads: int, feeds: Optional[Dict[str, np.ndarray]] = 
     if arrays:
         options.add_external_initializers(list(arrays), values)
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        source = data if data is not None else str(path)
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own untyped errors for bad files
         raise ModelDirError(f"onnxruntime cannot load {path}: {error}") from None
     # onnxruntime may compute straight from the fed buffers: they must live as long as the session.

@@ -21,13 +21,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from edge_runtime import onnx_file
+from edge_runtime import cost, onnx_file
 from edge_runtime import plan as plans
 from edge_runtime import variants
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
-from edge_runtime.graph import Program, compile_graph
-from edge_runtime.model_dir import Weights, read_manifest, verify_files
-from edge_runtime.model_format import FORMAT_VERSION_COMPACT, max_model_bytes
+from edge_runtime.graph import Program, check_supported, compile_graph
+from edge_runtime.model_dir import FolderFiles, Weights, read_manifest
+from edge_runtime.model_format import FORMAT_VERSION_COMPACT, ONNX_FILE, max_model_bytes
 from edge_runtime.onnx_check import check_model
 from edge_runtime.ort_session import open_ort
 
@@ -81,12 +81,14 @@ class InferenceSession:
         # a plain .onnx file (see onnx_file.py): its own checks replace the MODEL_DIR's manifest and hashes
         self.plain_onnx = onnx_file.is_onnx_file(self.model_dir)
         self._onnx_path = self.model_dir if self.plain_onnx else self.model_dir / "model.onnx"
+        files = None
         if self.plain_onnx:
             self.manifest, plain_weights = onnx_file.load_onnx_file(self.model_dir)
         else:
             self.manifest = read_manifest(self.model_dir)
-        if verify and not self.plain_onnx:
-            verify_files(self.model_dir, self.manifest)
+            files = FolderFiles(self.model_dir, self.manifest, verify)
+            if verify:
+                files.verify_all()  # each file read and hashed once: every reader below gets these bytes
         self.kernels = kernels
         self.plan: Dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
@@ -94,7 +96,7 @@ class InferenceSession:
         self._variant_ort = None  # a variant's onnxruntime session timed by _tune, kept if it wins
         self._program: Optional[Program] = None
         try:
-            self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest)
+            self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest, files)
             try:
                 if not self.plain_onnx:
                     check_model(self.model_dir, self.manifest, self._weights)  # before any engine reads a byte
@@ -193,6 +195,11 @@ class InferenceSession:
                                 # not part of the cache key, but it shapes the dense timings: keep a record
                                 "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS")}
         try:
+            check_supported(self.manifest, self._weights)
+            skipped = self._native_cannot_win()
+            if skipped:
+                plan.update(engine="ort", layers={}, skipped={"native": skipped})
+                return self._tune_variants(plan, feed, {})
             stored = lambda w: "sparse" if self._weights.is_sparse(w) else "dense"
             program = compile_graph(self.manifest, self._weights, stored, self._pool, self.threads)
         except UnsupportedOpError as error:
@@ -217,6 +224,18 @@ class InferenceSession:
             plan["native_ms"] = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")["native"]
             return plan
         return self._tune_variants(plan, feed, candidates)
+
+    def _native_cannot_win(self) -> Optional[str]:
+        """Why the native program need not be timed (cost.py: it cannot beat onnxruntime on this model),
+        or None. Only when onnxruntime loads the model: without it, native is all there is."""
+        bound = cost.native_gain_bound(self.manifest, self._weights)
+        if bound >= cost.WORTH_TIMING:
+            return None
+        try:
+            self._ort = self._ort or self._ort_session()
+        except ModelDirError:
+            return None
+        return f"cost model: at most {bound:.2f}x onnxruntime (MACs vs non-zeros), below {cost.WORTH_TIMING}"
 
     def _tune_variants(self, plan: Dict[str, Any], feed: Dict[str, np.ndarray],
                        candidates: Dict[str, Any]) -> Dict[str, Any]:
@@ -276,7 +295,11 @@ class InferenceSession:
     def _ort_session(self):
         """onnxruntime on model.onnx; a compact (format 3) MODEL_DIR's weights are fed from weights.npz."""
         compact = not self.plain_onnx and self.manifest["format_version"] >= FORMAT_VERSION_COMPACT
-        return open_ort(self._onnx_path, self.threads, self._weights.fed() if compact else None)
+        if not compact:  # formats 1-2: onnxruntime reads the weights from weights.npz by path
+            return open_ort(self._onnx_path, self.threads)
+        # the checked bytes of model.onnx (placeholders only), and the weights as arrays viewed in the
+        # checked weights.npz where they are stored dense float32: nothing is read or copied twice
+        return open_ort(self._onnx_path, self.threads, self._weights.fed(), data=self._weights.files.read(ONNX_FILE))
 
     # -- onnxruntime-style API -----------------------------------------------------------------------
     @property
