@@ -122,19 +122,20 @@ def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np
     in ``[0, cols)``. Returns int32."""
     if deltas.dtype != np.uint8:
         raise ModelDirError(f"{where}: invalid CSR arrays (delta indices must be uint8, not {deltas.dtype})")
-    gaps = deltas.astype(np.int64)
-    counts = np.diff(indptr.astype(np.int64))
-    starts = indptr[:-1].astype(np.int64)
-    first = np.zeros(gaps.size, bool)
-    first[starts[counts > 0]] = True
-    if np.any(gaps[~first] < 1):
+    if deltas.size == 0:
+        return np.zeros(0, np.int32)
+    counts = np.diff(indptr)
+    starts = indptr[:-1][counts > 0]  # each non-empty row's first entry: its gap is the column itself
+    if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[starts] == 0):
         raise ModelDirError(f"{where}: invalid CSR arrays (a delta of 0 repeats a column)")
-    total = np.cumsum(gaps)
-    before = np.where(starts > 0, total[np.maximum(starts - 1, 0)] if total.size else 0, 0)
-    indices = total - np.repeat(before, counts)
-    if indices.size and int(indices.max()) >= cols:
+    wide = np.int32 if deltas.size * 255 <= _INT32_MAX else np.int64
+    last = np.add.reduceat(deltas, starts, dtype=wide)  # each row's last column: gaps are >= 0, so its largest
+    if int(last.max()) >= cols:
         raise ModelDirError(f"{where}: invalid CSR arrays (a column index is outside [0, {cols}))")
-    return indices.astype(np.int32)
+    # one running sum over every row: at each row's start, take back the previous row's last column
+    gaps = deltas.astype(wide)
+    gaps[starts[1:]] -= last[:-1]
+    return np.cumsum(gaps, dtype=wide).astype(np.int32, copy=False)
 
 
 class Weights:
