@@ -21,7 +21,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from edge_runtime import cost, onnx_file
+from edge_runtime import cost, onnx_file, partition
 from edge_runtime import plan as plans
 from edge_runtime import variants
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
@@ -30,8 +30,10 @@ from edge_runtime.model_dir import FolderFiles, Weights, read_manifest
 from edge_runtime.model_format import FORMAT_VERSION_COMPACT, ONNX_FILE, max_model_bytes
 from edge_runtime.onnx_check import check_model
 from edge_runtime.ort_session import open_ort
+from edge_runtime.partition import SplitProgram
 
-KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES)
+KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES, "split")
+SPLIT = "split"  # per-part engines (partition.py): the conv stem in onnxruntime, the sparse head native
 # What numpy raises when a graph's attributes or shapes are nonsense (a hostile or broken model): the
 # user sees one line naming the model, not a traceback. InputError (a ValueError) is re-raised first.
 MODEL_FAILURES = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, AttributeError)
@@ -94,6 +96,7 @@ class InferenceSession:
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._ort = None
         self._variant_ort = None  # a variant's onnxruntime session timed by _tune, kept if it wins
+        self._split_candidate: Optional[SplitProgram] = None  # the split timed by _tune, kept if it wins
         self._program: Optional[Program] = None
         try:
             self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest, files)
@@ -127,6 +130,14 @@ class InferenceSession:
         elif kernels in variants.ENGINES:
             self._ort = variants.open_session(self.model_dir, self.manifest, kernels, self.threads, self._weights)
             self.plan = {"engine": kernels}
+        elif kernels == SPLIT:
+            stored = lambda w: "sparse" if self._weights.is_sparse(w) else "dense"
+            self._program = self._split_program(stored)
+            if self._program is None:
+                raise ModelDirError(f"{self.model_dir}: the model has no place to split into a convolutional "
+                                    "part and a matrix part (kernels='split')")
+            self.plan = {"engine": SPLIT, "cut": self._program.cut.tensor,
+                         "layers": {s.weight: s.kernel_kind for s in self._program.steps if s.weight}}
         elif kernels in ("sparse", "dense"):
             kind = "dense" if kernels == "dense" else self._sparse_kind()
             self._program = compile_graph(self.manifest, self._weights, lambda _: kind, self._pool, self.threads)
@@ -169,6 +180,7 @@ class InferenceSession:
             return _describe(error)
 
     def _apply_plan(self) -> None:
+        split, self._split_candidate = self._split_candidate, None  # kept only if the plan runs it
         if self.plan.get("engine") in variants.ENGINES:
             self._program = None
             self._ort = self._variant_ort or variants.open_session(self.model_dir, self.manifest,
@@ -183,7 +195,14 @@ class InferenceSession:
         self._ort = None  # never hold onnxruntime's dense copy of the weights beside our own
         layer_kinds = self.plan.get("layers", {})
         default = lambda w: layer_kinds.get(w) or ("sparse" if self._weights.is_sparse(w) else "dense")
-        if self._program is None or any(s.kernel_kind != default(s.weight) for s in self._program.steps if s.weight):
+        if self.plan.get("engine") == SPLIT:
+            self._program = split if split is not None and split.cut.tensor == self.plan.get("cut") \
+                else self._split_program(default)
+            if self._program is None or self._program.cut.tensor != self.plan.get("cut"):
+                raise ModelDirError(f"{self.model_dir}: the plan's split at {self.plan.get('cut')!r} does not fit")
+            return
+        if self._program is None or isinstance(self._program, SplitProgram) or any(
+                s.kernel_kind != default(s.weight) for s in self._program.steps if s.weight):
             self._program = compile_graph(self.manifest, self._weights, default, self._pool, self.threads)
 
     def _tune(self) -> Dict[str, Any]:
@@ -215,6 +234,10 @@ class InferenceSession:
         program = self._bound(feed)
         candidates = {"native": lambda: program.run(sample)}
         plan.update(layers=layers, layer_ms=timings, engine="native")
+        split = self._split_candidate = self._split_program(lambda w: layers[w])
+        if split is not None:
+            candidates[SPLIT] = lambda: split.run(feed)
+            plan["cut"] = split.cut.tensor
         try:
             self._ort = self._ort_session()
             candidates["ort"] = lambda: self._ort.run(None, feed)
@@ -224,6 +247,20 @@ class InferenceSession:
             plan["native_ms"] = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")["native"]
             return plan
         return self._tune_variants(plan, feed, candidates)
+
+    def _split_program(self, choose) -> Optional[SplitProgram]:
+        """The model split into an onnxruntime part and a native part (partition.py), or None where it
+        has no place to split or onnxruntime cannot load the first part."""
+        cut = None if self.plain_onnx else partition.find_cut(self.manifest, self._weights)
+        if cut is None:
+            return None
+        open_prefix = lambda data, feeds: open_ort(self._onnx_path, self.threads, feeds, data=data)
+        try:
+            program, _ = partition.build(self.manifest, self._weights, cut, choose, self._pool, self.threads,
+                                         open_prefix, self._weights.files.read(ONNX_FILE))
+        except ModelDirError:  # no onnxruntime, or it refuses the part: the whole-model engines remain
+            return None
+        return program
 
     def _native_cannot_win(self) -> Optional[str]:
         """Why the native program need not be timed (cost.py: it cannot beat onnxruntime on this model),
@@ -257,8 +294,13 @@ class InferenceSession:
         if len(candidates) < 2:
             return plan
         measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")
+        whole = {engine: ms for engine, ms in measured.items() if engine != SPLIT}
         plan.update(native_ms=measured.get("native"), ort_ms=measured.get("ort"),
-                    engine_ms=measured, **variants.choose(measured, plans.NATIVE_MARGIN))
+                    engine_ms=measured, **variants.choose(whole, plans.NATIVE_MARGIN))
+        if SPLIT in measured and measured[SPLIT] * plans.NATIVE_MARGIN <= min(whole.values()):
+            plan["engine"] = SPLIT  # it beats every whole-model engine by the margin native needs to
+        elif "cut" in plan:
+            del plan["cut"]
         return plan
 
     def _sample_feed(self) -> Dict[str, np.ndarray]:
@@ -306,6 +348,8 @@ class InferenceSession:
     def engine(self) -> str:
         """"native" (numpy/scipy kernels), "ort" (whole model in onnxruntime) or a variant's engine
         ("ort-int8")."""
+        if isinstance(self._program, SplitProgram):
+            return SPLIT
         if self._ort is None or self._program is not None:
             return "native"
         return self.plan["engine"] if self.plan.get("engine") in variants.ENGINES else "ort"
