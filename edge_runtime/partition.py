@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 
 from edge_runtime import cost
+from edge_runtime.errors import ModelDirError
 from edge_runtime.graph import Program, compile_nodes, is_weight_node
 from edge_runtime.model_format import FORMAT_VERSION_COMPACT
 from edge_runtime.onnx_embed import _field, _rewrite
@@ -100,7 +101,11 @@ class SplitProgram:
         self.constants = native.constants
 
     def run(self, feed: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        middle, = self.session.run([self.cut.tensor], dict(feed))
+        try:
+            middle, = self.session.run([self.cut.tensor], dict(feed))
+        except Exception as error:  # onnxruntime's errors are untyped; the model was checked at load
+            raise ModelDirError(f"onnxruntime failed to run the first part of the model: "
+                                f"{' '.join(str(error).split())[:200]}") from None
         return self.native.run({self.cut.tensor: middle})
 
 

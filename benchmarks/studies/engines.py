@@ -11,6 +11,10 @@ weights) on the unpruned model, and ``edge_runtime.InferenceSession(kernels="aut
 model's plain (compact fp32) export: p50 and p90 per call, and the engine ``auto`` chose. ``vs best``
 is the faster dense engine's p50 divided by auto's (the issue's goal: at least 0.95 on every row).
 
+Then a conv stem (32/64/64 on 3×8×8) + 4096→3072→3072→10 head pruned to 98%: the whole-model engines
+(onnxruntime fp32 and int8, native sparse), the per-part split (partition.py: stem in onnxruntime, head
+native) and ``auto`` (goal: ≥ 1.3× the best whole-model engine).
+
 Then the load times of a mobilenet_v2-shaped net (3×224×224, 50% pruned; the hand-built network of
 depthwise_runtime.py, no torchvision needed): onnxruntime's session creation on the same model as one
 plain ONNX file, ``auto``'s first load (no cached plan: tuning included) and its cached load (goals:
@@ -144,6 +148,57 @@ def _mlp_line(row: Dict[str, Any]) -> str:
     return f"| {row['hidden']} | {row['sparsity']:.0%} | {row['threads']} | {cells} | {row['engine']} | {row['vs_best']:.2f}× |"
 
 
+def stem_head(sparsity: float) -> Any:
+    """A conv stem 32/64/64 on 3×8×8 and a 4096→3072→3072→10 head, the head pruned to ``sparsity``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    conv = lambda cin, cout: [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]  # noqa: E731
+    model = nn.Sequential(*conv(3, 32), *conv(32, 64), *conv(64, 64), nn.Flatten(), nn.Linear(4096, 3072),
+                          nn.ReLU(), nn.Linear(3072, 3072), nn.ReLU(), nn.Linear(3072, 10)).eval()
+    model.input_shape = (3, 8, 8)
+    head = [m.weight for m in model if isinstance(m, nn.Linear)]
+    threshold = torch.cat([w.detach().abs().flatten() for w in head]).kthvalue(
+        int(sparsity * sum(w.numel() for w in head))).values
+    with torch.no_grad():
+        for w in head:
+            w.mul_((w.abs() > threshold).to(w.dtype))
+    return model
+
+
+def stem_rows(threads: List[int], rounds: int, calls: int, root: Path, sparsity: float = 0.98) -> List[Dict[str, Any]]:
+    """The conv stem + wide head: every whole-model engine, the split (partition.py) and auto."""
+    from edge_runtime import InferenceSession
+
+    pair = export_pair(stem_head(sparsity), root, "stem-head")
+    int8 = quantize(pair["onnx"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    rows = []
+    for count in threads:
+        fp32, q8 = ort_session(pair["onnx"], count), ort_session(int8, count)
+        ours = {kernels: InferenceSession(pair["dir"], kernels=kernels, threads=count)
+                for kernels in ("sparse", "split", "auto")}
+        name = ours["auto"].get_inputs()[0].name
+        engines = {"ort fp32": lambda: fp32.run(None, {fp32.get_inputs()[0].name: x}),
+                   "ort int8": lambda: q8.run(None, {q8.get_inputs()[0].name: x})}
+        engines.update({f"{k}": (lambda s=s: s.run(None, {name: x})) for k, s in ours.items()})
+        measured = latencies(engines, rounds, calls)
+        best_whole = min(measured[k]["p50"] for k in ("ort fp32", "ort int8", "sparse"))
+        rows.append({"sparsity": sparsity, "threads": count, "ms": measured, "engine": ours["auto"].engine,
+                     "split_vs_best_whole": best_whole / measured["split"]["p50"],
+                     "auto_vs_best_whole": best_whole / measured["auto"]["p50"]})
+        print(_stem_line(rows[-1]), flush=True)
+    return rows
+
+
+def _stem_line(row: Dict[str, Any]) -> str:
+    ms = row["ms"]
+    cells = " | ".join(f"{ms[k]['p50']:.3f} / {ms[k]['p90']:.3f}" for k in ("ort fp32", "ort int8", "sparse", "split", "auto"))
+    return (f"| {row['sparsity']:.0%} | {row['threads']} | {cells} | {row['engine']} | "
+            f"{row['split_vs_best_whole']:.2f}× | {row['auto_vs_best_whole']:.2f}× |")
+
+
 def load_times(root: Path, tries: int) -> Dict[str, Any]:
     """Fastest of ``tries`` loads each: onnxruntime on the plain file, auto tuning, auto with a cached plan."""
     from benchmarks.studies.depthwise_runtime import mobilenet_like
@@ -204,13 +259,17 @@ def main(argv: List[str] | None = None) -> int:
         print("| hidden | sparsity | threads | ort fp32 p50 / p90 ms | ort int8 p50 / p90 ms | auto p50 / p90 ms "
               "| auto engine | vs best |\n|---:|---:|---:|---|---|---|---|---:|", flush=True)
         rows = mlp_rows(hidden, sparsity, threads, args.rounds, args.calls, Path(scratch))
+        print("\n| conv stem + 4096→3072→3072→10 head | threads | ort fp32 p50 / p90 ms | ort int8 | native (sparse) "
+              "| split | auto | auto engine | split vs best whole | auto vs best whole |\n"
+              "|---:|---:|---|---|---|---|---|---|---:|---:|", flush=True)
+        stem = stem_rows(threads, args.rounds, args.calls, Path(scratch))
         load = None if args.no_load else load_times(Path(scratch), args.load_tries)
     if load:
         print("\n| mobilenet_v2 224² load | seconds | × onnxruntime |\n|---|---:|---:|")
         for name, seconds in load["seconds"].items():
             print(f"| {name} | {seconds:.3f} | {load['ratio'][name]:.2f}× |")
         print(f"auto runs it in: {load['engine']}" + (f" ({load['skipped']['native']})" if load["skipped"] else ""))
-    Path(args.json).write_text(json.dumps({"mlp": rows, "load": load}, indent=1) + "\n")
+    Path(args.json).write_text(json.dumps({"mlp": rows, "stem_head": stem, "load": load}, indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0
 
