@@ -4,8 +4,10 @@
     y, = sess.run(None, {sess.get_inputs()[0].name: x})
 
 ``kernels``: "auto" (measure once per device, cached), "sparse", "dense", "ort" (stock
-onnxruntime on model.onnx, the baseline), or "ort-int8" (onnxruntime on the int8 variant, see
-variants.py); "auto" measures every engine the MODEL_DIR holds. ``threads`` sets onnxruntime's
+onnxruntime on model.onnx, the baseline), "ort-int8" (onnxruntime on the int8 variant, see
+variants.py), or "split" (a conv stem in onnxruntime, the matrix layers after it native: see
+partition.py); "auto" measures every engine the MODEL_DIR holds, except a native program that the
+cost model (cost.py) shows cannot beat onnxruntime. ``threads`` sets onnxruntime's
 intra-op threads and the CSR row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS /
 OMP_NUM_THREADS when numpy is first imported (the ``edge-runtime`` CLI sets them from ``--threads``).
 """
@@ -346,8 +348,8 @@ class InferenceSession:
     # -- onnxruntime-style API -----------------------------------------------------------------------
     @property
     def engine(self) -> str:
-        """"native" (numpy/scipy kernels), "ort" (whole model in onnxruntime) or a variant's engine
-        ("ort-int8")."""
+        """"native" (numpy/scipy kernels), "ort" (whole model in onnxruntime), a variant's engine
+        ("ort-int8") or "split" (per-part engines)."""
         if isinstance(self._program, SplitProgram):
             return SPLIT
         if self._ort is None or self._program is not None:
