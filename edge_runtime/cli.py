@@ -37,9 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("model_dir", type=Path, metavar="MODEL_DIR|MODEL.onnx")
         sub.add_argument("--threads", type=int, help="threads for kernels and onnxruntime (default: all cores)")
         if kernels:
-            sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort", "ort-int8"), default="auto",
+            sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort", "ort-int8", "split"), default="auto",
                              help="auto: measured per device (cached); ort: stock onnxruntime on model.onnx; "
-                                  "ort-int8: onnxruntime on the int8 variant (export --quantize int8)")
+                                  "ort-int8: onnxruntime on the int8 variant (export --quantize int8); "
+                                  "split: a conv stem in onnxruntime, the matrix layers after it native")
         return sub
 
     run = command("run", "run the model on input arrays and print or save the outputs")

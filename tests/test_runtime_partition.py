@@ -72,3 +72,19 @@ def test_a_cached_split_plan_loads_the_split_and_a_wrong_cut_is_retuned(tmp_path
     _plant(target, {"engine": "split", "cut": "no-such-tensor", "layers": {}})
     retuned = InferenceSession(target, kernels="auto", threads=1)
     assert not retuned.plan["cached"] and "does not fit" in retuned.plan["ignored_cached_plan"]
+
+
+def test_the_cli_checks_a_split_model_and_refuses_one_without_a_cut_in_one_line() -> None:
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    check = lambda name: subprocess.run([sys.executable, "-m", "edge_runtime", "check", str(model_dir(name)),  # noqa: E731
+                                         "--kernels", "split", "--threads", "1"],
+                                        capture_output=True, text=True, env=env, timeout=120)
+    assert check("resnet20-compact").returncode == 0
+    refused = check("digits-mlp-compact")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "no place to split" in refused.stderr
