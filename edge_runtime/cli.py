@@ -37,9 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("model_dir", type=Path, metavar="MODEL_DIR|MODEL.onnx")
         sub.add_argument("--threads", type=int, help="threads for kernels and onnxruntime (default: all cores)")
         if kernels:
-            sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort", "ort-int8"), default="auto",
+            sub.add_argument("--kernels", choices=("auto", "sparse", "dense", "ort", "ort-int8", "split"), default="auto",
                              help="auto: measured per device (cached); ort: stock onnxruntime on model.onnx; "
-                                  "ort-int8: onnxruntime on the int8 variant (export --quantize int8)")
+                                  "ort-int8: onnxruntime on the int8 variant (export --quantize int8); "
+                                  "split: a conv stem in onnxruntime, the matrix layers after it native")
         return sub
 
     run = command("run", "run the model on input arrays and print or save the outputs")
@@ -302,11 +303,18 @@ def _info(args: argparse.Namespace) -> int:
         timed = ", ".join(f"{engine} {_ms(ms)}" for engine, ms in (cached.get("engine_ms") or {}).items()
                           if isinstance(ms, (int, float)))
         print(f"plan ({threads} threads): engine {cached.get('engine')}"
-              + (" (the whole model runs in onnxruntime)" if cached.get("engine") != "native" else "")
+              + _where_it_runs(cached, " (", ")")
               + "; " + (timed or f"native {_ms(cached.get('native_ms'))}, onnxruntime {_ms(cached.get('ort_ms'))}"))
     else:
         print(f"plan ({threads} threads): not tuned on this device yet (edge-runtime tune)")
     return 0
+
+
+def _where_it_runs(plan: Dict[str, Any], before: str, after: str = "") -> str:
+    """What a plan's engine means, for engines other than native."""
+    if plan.get("engine") == "split":
+        return f"{before}onnxruntime up to {plan.get('cut')}, native kernels after it{after}"
+    return f"{before}the whole model runs in onnxruntime{after}" if plan.get("engine") != "native" else ""
 
 
 def _ms(value: Optional[float]) -> str:
@@ -391,7 +399,7 @@ def _tune(args: argparse.Namespace) -> int:
         counts = {}
         for kind in plan.get("layers", {}).values():
             counts[kind] = counts.get(kind, 0) + 1
-        whole = " — the whole model runs in onnxruntime" if plan["engine"] != "native" else ""
+        whole = _where_it_runs(plan, " — ")
         print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']}{whole} "
               f"(variant {session.variant['name']}), "
               f"layers {', '.join(f'{n} {kind}' for kind, n in counts.items()) or '-'}; measured "

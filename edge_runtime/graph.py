@@ -29,6 +29,15 @@ WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_WEIGHTS = ("float32", "float16")  # what the kernels compute with (float16 is widened at load)
 
 
+def computes_in_float(info: Mapping[str, Any]) -> bool:
+    """Whether a weight reaches the kernels as float32: stored float32/float16, or int8 with a scale
+    (a compact MODEL_DIR's ``--quantize int8`` weight, dequantized at load by ``Weights``). Judging by
+    the stored dtype alone turned every int8-stored layer into a plain dense op: the int8 export's
+    native program then ran no CSR kernel at all (issue 19's 3.3× slowdown)."""
+    dtype = info.get("dtype", "float32")
+    return dtype in FLOAT_WEIGHTS or (dtype == "int8" and "scale" in info)
+
+
 class ArrayWeights:
     """Tensors held in memory, with the interface of ``model_dir.Weights``: a node list's
     initializers. ``sparse`` names the ones handed out as CSR (stored sparse, as a MODEL_DIR would)."""
@@ -52,6 +61,9 @@ class ArrayWeights:
     def dense(self, name: str) -> np.ndarray:
         return self.arrays[name]
 
+    def nonzeros(self, name: str) -> int:
+        return int(np.count_nonzero(self.arrays[name]))
+
     def close(self) -> None:
         """Nothing to release (``Weights`` closes its npz)."""
 
@@ -67,6 +79,7 @@ class Step:
     run: Callable[[List[Optional[np.ndarray]]], Any]
     weight: Optional[str] = None       # for weight steps: the weight tensor (the plan's key)
     kernel_kind: Optional[str] = None
+    kernel: Any = None                 # for weight steps: the kernel (kernels.py) that holds the weight
 
     @property
     def output(self) -> str:
@@ -139,7 +152,7 @@ def is_weight_node(node: Dict[str, Any], weights: Any) -> bool:
     if op not in WEIGHT_OPS or len(inputs) < 2 or inputs[1] not in weights.tensors or inputs[0] in weights.tensors:
         return False
     info = weights.info(inputs[1])
-    if info.get("dtype", "float32") not in FLOAT_WEIGHTS:
+    if not computes_in_float(info):
         return False
     rank = len(info["shape"])
     bias_ok = len(inputs) < 3 or not inputs[2] or inputs[2] in weights.tensors
@@ -246,14 +259,24 @@ def compile_nodes(nodes: Sequence[Dict[str, Any]], input_names: Sequence[str], o
         if is_weight:
             layer = WeightLayer(node, weights)
             kind = choose(layer.weight)
-            run = layer.make_run(layer.kernels(kind, pool, threads), layer.bias(constants))
-            steps.append(Step(node["op_type"], name, node["inputs"][:1], outputs, run, layer.weight, kind))
+            kernel = layer.kernels(kind, pool, threads)
+            run = layer.make_run(kernel, layer.bias(constants))
+            steps.append(Step(node["op_type"], name, node["inputs"][:1], outputs, run, layer.weight, kind, kernel))
             layers[name] = layer
         else:
             steps.append(_op_step(node, name, opset, outputs))
     outputs = list(output_names)
     return Program(list(input_names), outputs, constants, steps, layers,
                    _free_lists(steps, set(outputs) | set(constants)))
+
+
+def check_supported(manifest: Dict[str, Any], weights: Any) -> None:
+    """Raise UnsupportedOpError (naming the op) when the native program cannot run a MODEL_DIR's graph,
+    without building anything: the checks ``compile_graph`` starts with."""
+    nodes = manifest["graph"]
+    needed = set(manifest["outputs"]) | {name for node in nodes for name in node["inputs"] if name}
+    for node in nodes:
+        _check_node(node, weights, needed, int(manifest.get("opset") or DEFAULT_OPSET))
 
 
 def compile_graph(manifest: Dict[str, Any], weights: Any, choose: Callable[[str], str],

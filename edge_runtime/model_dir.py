@@ -10,21 +10,73 @@ The format itself (names, versions, manifest schema, sha256) is defined in ``mod
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import scipy.sparse as sp
 
 from edge_runtime.errors import ModelDirError
-from edge_runtime.model_format import (FORMAT, MANIFEST_FILE, SUPPORTED_VERSIONS, WEIGHTS_FILE,
-                                       max_model_bytes, read_manifest, sha256_of, verify_files)
+from edge_runtime.model_format import (FORMAT, MANIFEST_FILE, SUPPORTED_VERSIONS, WEIGHTS_FILE, inside,
+                                       listed_files, max_model_bytes, open_regular, read_manifest, sha256_of,
+                                       verify_files)
 from edge_runtime.npz_reader import NpzArchive
 
 __all__ = ["FORMAT", "MANIFEST_FILE", "SUPPORTED_VERSIONS", "read_manifest", "sha256_of", "verify_files",
-           "check_csr", "Weights", "read_sample"]
+           "check_csr", "FolderFiles", "Weights", "read_sample"]
 
 _INT32_MAX = np.iinfo(np.int32).max
+
+
+class FolderFiles:
+    """The files of one load of a MODEL_DIR, each read once, and checked against its sha256 once.
+
+    Every reader of the load (the npz reader, the model.onnx checks, onnxruntime itself) gets these
+    bytes: a file is neither hashed and then read again (twice the I/O, and a window in which it could
+    change between the check and the use) nor read once per reader. The bytes are immutable, so the
+    arrays viewed in them are read-only: whatever is fed from them cannot be altered in place.
+    """
+
+    def __init__(self, model_dir: Path, manifest: Mapping[str, Any], verify: bool = True) -> None:
+        self.model_dir = Path(model_dir)
+        self.listed = listed_files(manifest, str(self.model_dir / MANIFEST_FILE))
+        self.verify = verify
+        self._bytes: Dict[str, bytes] = {}
+
+    def read(self, name: str) -> bytes:
+        """The file's bytes (bounded, a regular file inside MODEL_DIR), checked on first read."""
+        if name not in self._bytes:
+            self._bytes[name] = self._read_checked(name)
+        return self._bytes[name]
+
+    def _read_checked(self, name: str) -> bytes:
+        path = inside(self.model_dir, name)
+        # an npz holds the tensors plus its zip and npy headers: allow those beyond the tensor bound
+        limit = 2 * max_model_bytes() + (1 << 20)
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit:
+                raise ModelDirError(f"{path}: larger than {limit:,} bytes (EDGEPRUNE_MAX_MODEL_BYTES)")
+            data = handle.read(size + 1)
+        if len(data) != size:
+            raise ModelDirError(f"{path}: changed size while it was read")
+        if self.verify and hashlib.sha256(data).hexdigest() != self.listed.get(name):
+            raise ModelDirError(f"{self.model_dir}: {name} fails its sha256 check (corrupt or modified)")
+        return data
+
+    def verify_all(self) -> None:
+        """Read and check every file the manifest lists (a bad file fails the load, used or not)."""
+        for name in self.listed:
+            self.read(name)
+
+    def forget(self, name: str) -> None:
+        """Drop one file's bytes (arrays viewed in them keep what they need alive)."""
+        self._bytes.pop(name, None)
+
+    def release(self) -> None:
+        self._bytes.clear()
 
 
 def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
@@ -70,31 +122,38 @@ def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np
     in ``[0, cols)``. Returns int32."""
     if deltas.dtype != np.uint8:
         raise ModelDirError(f"{where}: invalid CSR arrays (delta indices must be uint8, not {deltas.dtype})")
-    gaps = deltas.astype(np.int64)
-    counts = np.diff(indptr.astype(np.int64))
-    starts = indptr[:-1].astype(np.int64)
-    first = np.zeros(gaps.size, bool)
-    first[starts[counts > 0]] = True
-    if np.any(gaps[~first] < 1):
+    if deltas.size == 0:
+        return np.zeros(0, np.int32)
+    counts = np.diff(indptr)
+    starts = indptr[:-1][counts > 0]  # each non-empty row's first entry: its gap is the column itself
+    if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[starts] == 0):
         raise ModelDirError(f"{where}: invalid CSR arrays (a delta of 0 repeats a column)")
-    total = np.cumsum(gaps)
-    before = np.where(starts > 0, total[np.maximum(starts - 1, 0)] if total.size else 0, 0)
-    indices = total - np.repeat(before, counts)
-    if indices.size and int(indices.max()) >= cols:
+    wide = np.int32 if deltas.size * 255 <= _INT32_MAX else np.int64
+    last = np.add.reduceat(deltas, starts, dtype=wide)  # each row's last column: gaps are >= 0, so its largest
+    if int(last.max()) >= cols:
         raise ModelDirError(f"{where}: invalid CSR arrays (a column index is outside [0, {cols}))")
-    return indices.astype(np.int32)
+    # one running sum over every row: at each row's start, take back the previous row's last column
+    gaps = deltas.astype(wide)
+    gaps[starts[1:]] -= last[:-1]
+    return np.cumsum(gaps, dtype=wide).astype(np.int32, copy=False)
 
 
 class Weights:
     """The tensors of weights.npz, decoded on demand into dense arrays or CSR matrices."""
 
-    def __init__(self, model_dir: Path, manifest: Dict[str, Any]) -> None:
+    def __init__(self, model_dir: Path, manifest: Dict[str, Any], files: Optional[FolderFiles] = None) -> None:
         self.path = Path(model_dir) / WEIGHTS_FILE
         self.tensors: Dict[str, Dict[str, Any]] = manifest["tensors"]
-        self.archive = NpzArchive(self.path, max_model_bytes())
+        self.files = files
+        self.archive = NpzArchive(self.path, max_model_bytes(), files.read(WEIGHTS_FILE) if files else None)
+        # each stored tensor validated once per load: check_all, the kernels and onnxruntime's feeds share it
+        self._checked: Dict[str, Any] = {}
 
     def close(self) -> None:
         self.archive.close()
+        self._checked.clear()
+        if self.files is not None:
+            self.files.release()
 
     def _member(self, key: str) -> np.ndarray:
         return self.archive.read(key)
@@ -118,6 +177,12 @@ class Weights:
         return self.info(name)["dtype"] == "int8" and "scale" in self.info(name)
 
     def _stored_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = ("csr", name)
+        if key not in self._checked:
+            self._checked[key] = self._read_csr(name)
+        return self._checked[key]
+
+    def _read_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, cols = self.matrix_shape(name)
         where = f"{self.path}: {name!r}"
         indices = self._member(f"{name}.indices")
@@ -127,6 +192,11 @@ class Weights:
             return data, undelta(where, indices, indptr, cols), indptr
         return check_csr(where, self._member(f"{name}.data"), indices, self._member(f"{name}.indptr"), rows, cols,
                          int8=self.is_int8(name))
+
+    def nonzeros(self, name: str) -> int:
+        """How many of the tensor's stored values are not zero (for the tuner's cost model)."""
+        values = self._stored_csr(name)[0] if self.is_sparse(name) else self._dense_stored(name)
+        return int(np.count_nonzero(values))
 
     def scale(self, name: str) -> np.ndarray:
         """An int8 tensor's scales as float32 ``[rows, 1]`` (axis 0: one per row) or ``[1, 1]`` (one)."""
@@ -159,6 +229,12 @@ class Weights:
         return sp.csr_matrix(self.csr_arrays(name), shape=(rows, cols))
 
     def _dense_stored(self, name: str) -> np.ndarray:
+        key = ("dense", name)
+        if key not in self._checked:
+            self._checked[key] = self._read_dense(name)
+        return self._checked[key]
+
+    def _read_dense(self, name: str) -> np.ndarray:
         info = self.info(name)
         shape = tuple(int(d) for d in info["shape"])
         array = self._member(name)

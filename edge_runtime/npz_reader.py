@@ -11,13 +11,15 @@ from its offset. The same offsets are what model.onnx's external data must point
 from __future__ import annotations
 
 import ast
+import io
 import math
 import os
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -29,6 +31,9 @@ _NPY_MAGIC = b"\x93NUMPY"
 MAX_NPY_HEADER = 1 << 16
 MAX_MEMBERS = 1 << 16
 DTYPE_KINDS = "fiub"  # float, signed, unsigned, bool: nothing with objects or pointers
+# the header numpy itself writes; anything else goes through the general (slower) literal parser
+_CANONICAL_HEADER = re.compile(r"\{'descr': '([<|][fiub][0-9]{1,2})', 'fortran_order': False, "
+                               r"'shape': \(((?:[0-9]{1,13}, )*[0-9]{1,13},?|)\), \} *\n?")
 
 
 @dataclass(frozen=True)
@@ -42,13 +47,17 @@ class Member:
 
 
 class NpzArchive:
-    """The members of an uncompressed .npz, checked; ``read(key)`` returns one array."""
+    """The members of an uncompressed .npz, checked; ``read(key)`` returns one array.
 
-    def __init__(self, path: Path, limit: int) -> None:
+    With ``data`` (the file's bytes, already read and hashed: model_dir.FolderFiles) the archive is
+    parsed from memory and ``read`` returns read-only views of those bytes, no copy."""
+
+    def __init__(self, path: Path, limit: int, data: Optional[bytes] = None) -> None:
         self.path = Path(path)
-        self._file = open_regular(self.path)
+        self._data = data
+        self._file = io.BytesIO(data) if data is not None else open_regular(self.path)
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            self.size = len(data) if data is not None else os.fstat(self._file.fileno()).st_size
             self.members = self._scan(limit)
         except BaseException:
             self._file.close()
@@ -114,11 +123,17 @@ class NpzArchive:
         length = struct.unpack(size_format, prefix[8:fixed])[0]
         if fixed + length > len(prefix):
             raise self._error(f"member {name!r} has a .npy header longer than its data allows")
+        text = prefix[fixed:fixed + length].decode("latin1")
+        canonical = _CANONICAL_HEADER.fullmatch(text)
         try:
-            header = ast.literal_eval(prefix[fixed:fixed + length].decode("latin1"))
-            dtype = np.dtype(header["descr"]) if isinstance(header["descr"], str) else None
-            shape = tuple(header["shape"])
-            fortran = header["fortran_order"]
+            if canonical:  # numpy's own header: read without compiling it (hundreds of members per model)
+                dtype, fortran = np.dtype(canonical[1]), False
+                shape = tuple(int(d) for d in canonical[2].split(",") if d.strip())
+            else:
+                header = ast.literal_eval(text)
+                dtype = np.dtype(header["descr"]) if isinstance(header["descr"], str) else None
+                shape = tuple(header["shape"])
+                fortran = header["fortran_order"]
         except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError):
             raise self._error(f"member {name!r} has a malformed .npy header") from None
         if dtype is None or dtype.kind not in DTYPE_KINDS or dtype.byteorder == ">" or fortran is not False:
@@ -133,6 +148,8 @@ class NpzArchive:
         member = self.members.get(key)
         if member is None:
             raise self._error(f"member {key!r} is missing")
+        if self._data is not None:
+            return np.frombuffer(self._data, member.dtype, math.prod(member.shape), member.offset).reshape(member.shape)
         array = np.empty(member.shape, dtype=member.dtype)
         if member.nbytes == 0:
             return array

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 
 from edge_runtime.errors import ModelDirError
-from edge_runtime.model_dir import Weights
+from edge_runtime.model_dir import FolderFiles, Weights
 from edge_runtime.model_format import (FED_LOCATION, FORMAT_VERSION_COMPACT, ONNX_FILE, WEIGHTS_FILE, max_model_bytes,
                                        open_regular)
 from edge_runtime.npz_reader import Member
@@ -44,9 +44,11 @@ FLOAT, INT8 = 1, 3  # TensorProto.data_type
 MAX_ATTRIBUTE_VALUES = 1 << 16
 
 
-def read_model(model_dir: Path, name: str = ONNX_FILE) -> Model:
+def read_model(model_dir: Path, name: str = ONNX_FILE, files: Optional[FolderFiles] = None) -> Model:
     """Decode model.onnx (or another ONNX file the manifest lists: a regular file inside MODEL_DIR, of
-    bounded size)."""
+    bounded size); with ``files``, the bytes this load already read and hashed."""
+    if files is not None:
+        return onnx_wire.parse_model(files.read(name))
     path = Path(model_dir) / name
     with open_regular(path) as handle:
         data = handle.read(max_model_bytes() + 1)
@@ -57,7 +59,7 @@ def read_model(model_dir: Path, name: str = ONNX_FILE) -> Model:
 
 def check_model(model_dir: Path, manifest: Mapping[str, Any], weights: Weights) -> Model:
     """Refuse a model.onnx that reads outside its tensors' bytes or differs from the manifest's graph."""
-    model = read_model(model_dir)
+    model = read_model(model_dir, files=weights.files)
     where = f"{Path(model_dir) / ONNX_FILE}"
     _check_initializers(model, manifest, weights, where)
     _check_graph(model, manifest, where)
@@ -304,7 +306,7 @@ def check_variant(model_dir: Path, manifest: Mapping[str, Any], entry: Mapping[s
     initializer) equals the scale the fp32 engines dequantize with, so both compute from one set of
     numbers. Returns the feeds ``{initializer: {"tensor", "transpose", "scale"}}``."""
     where = f"{Path(model_dir) / entry['file']}"
-    model = read_model(model_dir, entry["file"])
+    model = read_model(model_dir, entry["file"], weights.files if weights is not None else None)
     feeds = entry.get("feeds") or {}
     tensors = manifest["tensors"]
     if not isinstance(feeds, dict) or not all(

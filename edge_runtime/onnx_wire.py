@@ -115,6 +115,8 @@ class Model:
 
 
 def _varint(buf: memoryview, pos: int) -> Tuple[int, int]:
+    if pos < len(buf) and buf[pos] < 0x80:  # most varints (keys, small lengths) are one byte
+        return buf[pos], pos + 1
     result = shift = 0
     for index in range(10):
         if pos + index >= len(buf):

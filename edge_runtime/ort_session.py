@@ -17,10 +17,11 @@ from edge_runtime.errors import ModelDirError
 
 
 def open_ort(source: Union[Path, bytes], threads: int, feeds: Optional[Dict[str, np.ndarray]] = None,
-             log_level: int = 4, where: Optional[str] = None) -> Any:
+             log_level: int = 4, where: Optional[str] = None, data: Optional[bytes] = None) -> Any:
     """An onnxruntime CPU session on ``source`` (a path, or a model's bytes named ``where`` in messages)
     with ``threads`` intra-op threads, ``feeds`` supplying the file's placeholder (or external)
-    initializers. ModelDirError when onnxruntime is missing or refuses the file."""
+    initializers. ``data``: a path's bytes as this load read and checked them (onnxruntime then parses
+    those, not the file again). ModelDirError when onnxruntime is missing or refuses the file."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -33,7 +34,7 @@ def open_ort(source: Union[Path, bytes], threads: int, feeds: Optional[Dict[str,
     values = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays.values()]
     if arrays:
         options.add_external_initializers(list(arrays), values)
-    model = source if isinstance(source, bytes) else str(source)
+    model = data if data is not None else source if isinstance(source, bytes) else str(source)
     try:
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime raises its own untyped errors for bad files

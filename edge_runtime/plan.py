@@ -126,7 +126,9 @@ def load_cached(model_dir: Path, key: str) -> Optional[Dict[str, Any]]:
 def _is_plan(plan: Any) -> bool:
     """A cached plan names an engine and a known kernel kind per layer (anything else is ignored)."""
     layers = plan.get("layers", {}) if isinstance(plan, dict) else None
-    return (isinstance(plan, dict) and plan.get("engine") in ("native", "ort", *VARIANT_ENGINES)
+    if isinstance(plan, dict) and plan.get("engine") == "split" and not isinstance(plan.get("cut"), str):
+        return False  # per-part engines (partition.py) name the tensor where the model is cut
+    return (isinstance(plan, dict) and plan.get("engine") in ("native", "ort", "split", *VARIANT_ENGINES)
             and isinstance(layers, dict)
             and all(isinstance(k, str) and v in KINDS for k, v in layers.items()))
 

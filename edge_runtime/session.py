@@ -13,8 +13,10 @@ script written for ``CUDAExecutionProvider`` still runs, on the CPU); ``provider
 onnxruntime's do (``run_options`` is accepted and not read).
 
 ``kernels``: "auto" (measure once per device, cached), "sparse", "dense", "ort" (stock
-onnxruntime on model.onnx, the baseline), or "ort-int8" (onnxruntime on the int8 variant, see
-variants.py); "auto" measures every engine the MODEL_DIR holds. ``threads`` sets onnxruntime's
+onnxruntime on model.onnx, the baseline), "ort-int8" (onnxruntime on the int8 variant, see
+variants.py), or "split" (a conv stem in onnxruntime, the matrix layers after it native: see
+partition.py); "auto" measures every engine the MODEL_DIR holds, except a native program that the
+cost model (cost.py) shows cannot beat onnxruntime. ``threads`` sets onnxruntime's
 intra-op threads and the CSR row-block thread pool; numpy's BLAS reads OPENBLAS_NUM_THREADS /
 OMP_NUM_THREADS when numpy is first imported (the ``edge-runtime`` CLI sets them from ``--threads``).
 """
@@ -31,17 +33,19 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from edge_runtime import onnx_file
+from edge_runtime import cost, onnx_file, partition
 from edge_runtime import plan as plans
 from edge_runtime import variants
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
-from edge_runtime.graph import Program, compile_graph
-from edge_runtime.model_dir import Weights, read_manifest, verify_files
-from edge_runtime.model_format import FORMAT_VERSION_COMPACT, max_model_bytes
+from edge_runtime.graph import Program, check_supported, compile_graph
+from edge_runtime.model_dir import FolderFiles, Weights, read_manifest
+from edge_runtime.model_format import FORMAT_VERSION_COMPACT, ONNX_FILE, max_model_bytes
 from edge_runtime.onnx_check import check_model
 from edge_runtime.ort_session import open_ort
+from edge_runtime.partition import SplitProgram
 
-KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES)
+KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES, "split")
+SPLIT = "split"  # per-part engines (partition.py): the conv stem in onnxruntime, the sparse head native
 # What numpy raises when a graph's attributes or shapes are nonsense (a hostile or broken model): the
 # user sees one line naming the model, not a traceback. InputError (a ValueError) is re-raised first.
 MODEL_FAILURES = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, AttributeError)
@@ -142,21 +146,24 @@ class InferenceSession:
         self.threads = int(threads or threads_of(sess_options) or os.cpu_count() or 1)
         # a plain .onnx file (see onnx_file.py): its own checks replace the MODEL_DIR's manifest and hashes
         self.plain_onnx = from_bytes or onnx_file.is_onnx_file(self.model_dir)
+        files = None
         if self.plain_onnx:
             self.manifest, plain_weights = onnx_file.load_onnx_file(path_or_bytes if from_bytes else self.model_dir)
         else:
             self._onnx_path = self.model_dir / "model.onnx"
             self.manifest = read_manifest(self.model_dir)
-        if verify and not self.plain_onnx:
-            verify_files(self.model_dir, self.manifest)
+            files = FolderFiles(self.model_dir, self.manifest, verify)
+            if verify:
+                files.verify_all()  # each file read and hashed once: every reader below gets these bytes
         self.kernels = kernels
         self.plan: Dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._ort = None
         self._variant_ort = None  # a variant's onnxruntime session timed by _tune, kept if it wins
+        self._split_candidate: Optional[SplitProgram] = None  # the split timed by _tune, kept if it wins
         self._program: Optional[Program] = None
         try:
-            self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest)
+            self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest, files)
             try:
                 if not self.plain_onnx:  # before any engine reads a byte
                     model = check_model(self.model_dir, self.manifest, self._weights)
@@ -189,6 +196,14 @@ class InferenceSession:
             self._ort = variants.open_session(self.model_dir or self.where, self.manifest, kernels, self.threads,
                                               self._weights)
             self.plan = {"engine": kernels}
+        elif kernels == SPLIT:
+            stored = lambda w: "sparse" if self._weights.is_sparse(w) else "dense"
+            self._program = self._split_program(stored)
+            if self._program is None:
+                raise ModelDirError(f"{self.model_dir}: the model has no place to split into a convolutional "
+                                    "part and a matrix part (kernels='split')")
+            self.plan = {"engine": SPLIT, "cut": self._program.cut.tensor,
+                         "layers": {s.weight: s.kernel_kind for s in self._program.steps if s.weight}}
         elif kernels in ("sparse", "dense"):
             kind = "dense" if kernels == "dense" else self._sparse_kind()
             self._program = compile_graph(self.manifest, self._weights, lambda _: kind, self._pool, self.threads)
@@ -206,14 +221,32 @@ class InferenceSession:
         else:
             key = plans.plan_key(self.manifest, self.threads)
             cached = None if retune else plans.load_cached(self.model_dir, key)
-            self.plan = cached or self._tune()
-            self.plan["cached"] = cached is not None
-            if cached is None:
-                where = plans.save(self.model_dir, key, {k: v for k, v in self.plan.items() if k != "cached"})
-                self.plan["cache_path"] = str(where) if where else None
+            ignored = self._cached_plan_fails(cached) if cached is not None else None
+            if cached is not None and ignored is None:
+                self.plan["cached"] = True
+                return
+            self.plan = self._tune()
+            if ignored:
+                self.plan["ignored_cached_plan"] = ignored
+            where = plans.save(self.model_dir, key, {k: v for k, v in self.plan.items() if k != "cached"})
+            self.plan.update(cached=False, cache_path=str(where) if where else None)
             self._apply_plan()
 
+    def _cached_plan_fails(self, cached: Dict[str, Any]) -> Optional[str]:
+        """Apply a cached plan; None when it loaded, else why not. plans.json is only a cache, and it may
+        be stale (another export in the same folder) or planted (it travels with the MODEL_DIR): a plan
+        naming a variant the model lacks, or an engine that cannot load it, means retuning, never exit 2.
+        The model's own faults are found again by tuning, which raises them."""
+        self.plan = cached
+        try:
+            self._apply_plan()
+            return None
+        except (EdgeRuntimeError, *MODEL_FAILURES) as error:
+            self._program, self._ort, self._variant_ort = None, None, None
+            return _describe(error)
+
     def _apply_plan(self) -> None:
+        split, self._split_candidate = self._split_candidate, None  # kept only if the plan runs it
         if self.plan.get("engine") in variants.ENGINES:
             self._program = None
             self._ort = self._variant_ort or variants.open_session(self.model_dir, self.manifest,
@@ -228,7 +261,14 @@ class InferenceSession:
         self._ort = None  # never hold onnxruntime's dense copy of the weights beside our own
         layer_kinds = self.plan.get("layers", {})
         default = lambda w: layer_kinds.get(w) or ("sparse" if self._weights.is_sparse(w) else "dense")
-        if self._program is None or any(s.kernel_kind != default(s.weight) for s in self._program.steps if s.weight):
+        if self.plan.get("engine") == SPLIT:
+            self._program = split if split is not None and split.cut.tensor == self.plan.get("cut") \
+                else self._split_program(default)
+            if self._program is None or self._program.cut.tensor != self.plan.get("cut"):
+                raise ModelDirError(f"{self.model_dir}: the plan's split at {self.plan.get('cut')!r} does not fit")
+            return
+        if self._program is None or isinstance(self._program, SplitProgram) or any(
+                s.kernel_kind != default(s.weight) for s in self._program.steps if s.weight):
             self._program = compile_graph(self.manifest, self._weights, default, self._pool, self.threads)
 
     def _tune(self) -> Dict[str, Any]:
@@ -240,6 +280,11 @@ class InferenceSession:
                                 # not part of the cache key, but it shapes the dense timings: keep a record
                                 "blas_threads_env": os.environ.get("OPENBLAS_NUM_THREADS")}
         try:
+            check_supported(self.manifest, self._weights)
+            skipped = self._native_cannot_win()
+            if skipped:
+                plan.update(engine="ort", layers={}, skipped={"native": skipped})
+                return self._tune_variants(plan, feed, {})
             stored = lambda w: "sparse" if self._weights.is_sparse(w) else "dense"
             program = compile_graph(self.manifest, self._weights, stored, self._pool, self.threads)
         except UnsupportedOpError as error:
@@ -255,6 +300,10 @@ class InferenceSession:
         program = self._bound(feed)
         candidates = {"native": lambda: program.run(sample)}
         plan.update(layers=layers, layer_ms=timings, engine="native")
+        split = self._split_candidate = self._split_program(lambda w: layers[w])
+        if split is not None:
+            candidates[SPLIT] = lambda: split.run(feed)
+            plan["cut"] = split.cut.tensor
         try:
             self._ort = self._ort_session()
             candidates["ort"] = lambda: self._ort.run(None, feed)
@@ -264,6 +313,32 @@ class InferenceSession:
             plan["native_ms"] = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")["native"]
             return plan
         return self._tune_variants(plan, feed, candidates)
+
+    def _split_program(self, choose) -> Optional[SplitProgram]:
+        """The model split into an onnxruntime part and a native part (partition.py), or None where it
+        has no place to split or onnxruntime cannot load the first part."""
+        cut = None if self.plain_onnx else partition.find_cut(self.manifest, self._weights)
+        if cut is None:
+            return None
+        open_prefix = lambda data, feeds: open_ort(self._onnx_path, self.threads, feeds, data=data)
+        try:
+            program, _ = partition.build(self.manifest, self._weights, cut, choose, self._pool, self.threads,
+                                         open_prefix, self._weights.files.read(ONNX_FILE))
+        except ModelDirError:  # no onnxruntime, or it refuses the part: the whole-model engines remain
+            return None
+        return program
+
+    def _native_cannot_win(self) -> Optional[str]:
+        """Why the native program need not be timed (cost.py: it cannot beat onnxruntime on this model),
+        or None. Only when onnxruntime loads the model: without it, native is all there is."""
+        bound = cost.native_gain_bound(self.manifest, self._weights)
+        if bound >= cost.WORTH_TIMING:
+            return None
+        try:
+            self._ort = self._ort or self._ort_session()
+        except ModelDirError:
+            return None
+        return f"cost model: at most {bound:.2f}x onnxruntime (MACs vs non-zeros), below {cost.WORTH_TIMING}"
 
     def _tune_variants(self, plan: Dict[str, Any], feed: Dict[str, np.ndarray],
                        candidates: Dict[str, Any]) -> Dict[str, Any]:
@@ -285,8 +360,13 @@ class InferenceSession:
         if len(candidates) < 2:
             return plan
         measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")
+        whole = {engine: ms for engine, ms in measured.items() if engine != SPLIT}
         plan.update(native_ms=measured.get("native"), ort_ms=measured.get("ort"),
-                    engine_ms=measured, **variants.choose(measured, plans.NATIVE_MARGIN))
+                    engine_ms=measured, **variants.choose(whole, plans.NATIVE_MARGIN))
+        if SPLIT in measured and measured[SPLIT] * plans.NATIVE_MARGIN <= min(whole.values()):
+            plan["engine"] = SPLIT  # it beats every whole-model engine by the margin native needs to
+        elif "cut" in plan:
+            del plan["cut"]
         return plan
 
     def _sample_feed(self) -> Dict[str, np.ndarray]:
@@ -325,8 +405,11 @@ class InferenceSession:
         A plain file: onnxruntime loads the bytes that were checked, its external data fed as arrays."""
         if self.plain_onnx:
             return open_ort(self._weights.source, self.threads, self._weights.fed(), where=self.where)
-        compact = self.manifest["format_version"] >= FORMAT_VERSION_COMPACT
-        return open_ort(self._onnx_path, self.threads, self._weights.fed() if compact else None)
+        if self.manifest["format_version"] < FORMAT_VERSION_COMPACT:  # formats 1-2: weights read by path
+            return open_ort(self._onnx_path, self.threads)
+        # the checked bytes of model.onnx (placeholders only), and the weights as arrays viewed in the
+        # checked weights.npz where they are stored dense float32: nothing is read or copied twice
+        return open_ort(self._onnx_path, self.threads, self._weights.fed(), data=self._weights.files.read(ONNX_FILE))
 
     # -- onnxruntime-style API -----------------------------------------------------------------------
     @property
@@ -347,8 +430,10 @@ class InferenceSession:
 
     @property
     def engine(self) -> str:
-        """"native" (numpy/scipy kernels), "ort" (whole model in onnxruntime) or a variant's engine
-        ("ort-int8")."""
+        """"native" (numpy/scipy kernels), "ort" (whole model in onnxruntime), a variant's engine
+        ("ort-int8") or "split" (per-part engines)."""
+        if isinstance(self._program, SplitProgram):
+            return SPLIT
         if self._ort is None or self._program is not None:
             return "native"
         return self.plan["engine"] if self.plan.get("engine") in variants.ENGINES else "ort"

@@ -82,7 +82,9 @@ def open_session(model_dir: Path, manifest: Dict[str, Any], engine: str, threads
     for name, feed in feeds.items():
         values = weights.quantized(feed["tensor"])
         arrays[name] = np.ascontiguousarray(values.T if feed.get("transpose") else values)
-    return open_ort(Path(model_dir) / entry["file"], threads, arrays, log_level=3)
+    files = getattr(weights, "files", None)  # the bytes check_variant just parsed: onnxruntime parses the same
+    return open_ort(Path(model_dir) / entry["file"], threads, arrays, log_level=3,
+                    data=files.read(entry["file"]) if files is not None else None)
 
 
 def choose(measured: Dict[str, float], margin: float) -> Dict[str, Any]:

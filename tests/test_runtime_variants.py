@@ -57,7 +57,9 @@ def test_auto_picks_one_of_the_three_engines_and_caches_it(tmp_path: Path, name:
     first = InferenceSession(target, kernels="auto", threads=1)
     plan = first.plan
     assert not plan["cached"]
-    assert set(plan["engine_ms"]) == {"native", "ort", "ort-int8"}  # all three were measured
+    # all three were measured, or native skipped by the cost model (a CNN: convolutions run best in onnxruntime)
+    assert set(plan["engine_ms"]) | set(plan.get("skipped", {})) == {"native", "ort", "ort-int8"}
+    assert ("native" in plan.get("skipped", {})) == name.startswith("digits-cnn")
     assert plan["engine"] in plan["engine_ms"]
     assert first.engine == plan["engine"]
     assert first.variant["name"] == ("int8" if plan["engine"] == "ort-int8" else "fp32")
@@ -110,3 +112,64 @@ def test_bench_json_names_engine_variant_and_its_accuracy() -> None:
     int8 = next(v for v in manifest["variants"] if v["name"] == "int8")
     assert report["engine"] == "ort-int8"
     assert report["variant"] == {"name": "int8", "accuracy": int8["accuracy"], "size": int8["size"]}
+
+
+def _weight_steps(name: str) -> list:
+    """The native program's weight steps (forced CSR kernels) of a fixture MODEL_DIR."""
+    session = InferenceSession(model_dir(name), kernels="sparse", threads=1)
+    return [step for step in session._program.steps if step.weight]
+
+
+def test_an_int8_export_builds_the_same_native_program_as_the_plain_one() -> None:
+    # the same pruned model exported plain and with --quantize int8 (both compact): int8-stored weights are
+    # dequantized at load, and must become the same CSR kernels -- not plain dense ops (issue 19's slowdown)
+    plain, int8 = _weight_steps("digits-mlp-compact"), _weight_steps("digits-mlp-int8-compact")
+    assert len(plain) == 3
+    assert [(s.op_type, s.weight, s.kernel_kind, type(s.kernel)) for s in int8] == \
+        [(s.op_type, s.weight, s.kernel_kind, type(s.kernel)) for s in plain]
+    for ours, theirs in zip(int8, plain):
+        a, b = ours.kernel.matrix, theirs.kernel.matrix
+        for matrix in (a, b):
+            assert (matrix.data.dtype, matrix.indices.dtype, matrix.indptr.dtype) == (np.float32, np.int32, np.int32)
+            assert all(x.flags.c_contiguous for x in (matrix.data, matrix.indices, matrix.indptr))
+            assert matrix.has_sorted_indices
+        assert a.shape == b.shape and np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)
+        # values: the plain ones, up to half a quantization step (scale <= max|w| / 127)
+        assert np.max(np.abs(a.data - b.data)) <= np.max(np.abs(b.data)) / 254 * 1.001
+
+
+def test_every_conv_and_gemm_of_a_quantized_cnn_runs_a_weight_kernel() -> None:
+    steps = InferenceSession(model_dir("digits-cnn-int8-compact"), kernels="sparse", threads=1)._program.steps
+    layers = [step for step in steps if step.op_type in ("Conv", "Gemm", "MatMul")]
+    assert layers and all(step.weight and step.kernel_kind == "sparse" for step in layers)
+
+
+def _plant_plan(target: Path, plan: dict, threads: int = 1) -> None:
+    """Write ``plan`` into target/plans.json under the key this device and thread count look up."""
+    from edge_runtime.model_dir import read_manifest
+    from edge_runtime.plan import plan_key
+
+    key = plan_key(read_manifest(target), threads)
+    (target / "plans.json").write_text(json.dumps({key: plan}))
+
+
+@pytest.mark.parametrize("name, plan", [
+    ("digits-mlp-compact", {"engine": "ort-int8", "layers": {}}),     # a variant the model does not have
+    ("cumsum", {"engine": "native", "layers": {}}),                   # native cannot run this model
+])
+def test_a_cached_plan_that_does_not_fit_the_model_is_retuned(tmp_path: Path, name: str, plan: dict) -> None:
+    target = copy_model_dir(name, tmp_path)
+    _plant_plan(target, plan)
+    session = InferenceSession(target, kernels="auto", threads=1)
+    assert not session.plan["cached"] and session.plan["ignored_cached_plan"]
+    assert session.engine in ("native", "ort") and session.engine != plan["engine"]
+    x = example_input(name)
+    assert np.max(np.abs(session.run(None, {"input": x})[0] - torch_output(name))) <= 1e-4
+    # the retuned plan replaced the bad one: the next load uses it
+    assert InferenceSession(target, kernels="auto", threads=1).plan["cached"]
+    _plant_plan(target, plan)
+    np.save(tmp_path / "x.npy", x)
+    for command in (["run", "--input", str(tmp_path / "x.npy")], ["check"],
+                    ["bench", "--iters", "2", "--warmup", "0", "--min-seconds", "0"]):
+        done = edge_runtime(command[0], str(target), "--threads", "1", *command[1:])
+        assert done.returncode == 0, (command, done.stderr)
