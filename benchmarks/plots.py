@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 from compressor import plotting
+from edge_runtime.safe_io import atomic_write_bytes
 
 Row = Dict[str, object]
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
@@ -84,7 +85,7 @@ def plot_latency_vs_sparsity(table: Sequence[Row], path: Path) -> None:
     ax.set_title("Latency against sparsity" + (" (labels: the engine auto ran)" if labels else ""))
     ax.grid(True, alpha=0.3)
     plotting.legend_outside(ax)
-    Path(path).write_bytes(plotting.png(fig))
+    atomic_write_bytes(path, plotting.png(fig))
 
 
 def _level_marks(rows: Sequence[Row]) -> List[Tuple[float, str]]:
@@ -156,7 +157,7 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
         ax.grid(True, alpha=0.3)
     _legend_right(right, left)
     fig.suptitle("Accuracy against latency and size (labels: level)")
-    Path(path).write_bytes(plotting.png(fig))
+    atomic_write_bytes(path, plotting.png(fig))
 
 
 def _group(rows: Sequence[Row], key) -> Dict[object, List[Row]]:

@@ -1,6 +1,6 @@
 """results.json: every raw figure of a sweep, rewritten atomically as each configuration finishes.
 
-Written after every result (temp file + ``os.replace``), so a sweep that is interrupted, or a
+Written after every result (an exclusive temp file + a rename), so a sweep that is interrupted, or a
 workstation that loses power, leaves a complete, valid results.json with everything measured so far.
 Several hosts report from their own threads; one lock serialises the writes.
 """
@@ -8,14 +8,13 @@ Several hosts report from their own threads; one lock serialises the writes.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from benchmarks.errors import ResultsError
+from edge_runtime.safe_io import atomic_write_text
 
 FORMAT = "edgeprune-bench"
 FORMAT_VERSION = 1
@@ -27,19 +26,11 @@ def now() -> str:
 
 
 def write_json_atomically(path: Path, data: object) -> None:
-    """Write ``data`` as JSON to ``path`` through a temp file in the same directory and a rename."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0o022)  # read it (by setting and restoring it): mkstemp's 0600 would ignore it
-    os.umask(umask)
-    os.fchmod(handle, 0o666 & ~umask)  # results are for sharing, like any file the user writes
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=1, sort_keys=False)
-            out.write("\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as JSON to ``path`` through ``safe_io.atomic_writer``: an exclusive, no-follow temp
+    file beside it (mode 0666 less the umask: results are for sharing), renamed over a ``path`` that is
+    not a link; a failed write leaves no temp file."""
+    text = json.dumps(data, indent=1, sort_keys=False) + "\n"
+    atomic_write_text(path, text)
 
 
 def load_results(path: Path) -> Dict[str, object]:

@@ -33,6 +33,7 @@ from compressor.optimizers import build_optimizer
 from compressor.pipeline import compress
 from compressor.pruning import global_magnitude_prune, prunable_parameters
 from compressor.training import train_epoch
+from edge_runtime.safe_io import atomic_write_text
 
 QUICK_EPOCHS = {"digits-mlp": 10, "digits-cnn": 3}
 
@@ -134,7 +135,7 @@ def main(argv: List[str] | None = None) -> int:
             overhead = masking_overhead(model_name, args.target, args.repeats)
             results["models"][model_name] = {"epochs": epochs, **summary, "overhead": overhead}
             print_table(model_name, epochs, seeds, summary, overhead)
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")  # after each model: partial results survive
+            atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")  # after each model: partial results survive
     print(f"\nJSON: {args.json}")
     return 0
 

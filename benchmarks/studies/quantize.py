@@ -33,6 +33,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
 
 from benchmarks.studies.runtime import bench, prune_layerwise  # noqa: E402  (after the path fix for script use)
+from edge_runtime.safe_io import atomic_write_text
 
 SPARSITIES = (0.0, 0.9, 0.95, 0.98)
 BASELINES = ("ort", "ort-int8")   # on the dense model
@@ -253,7 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.sparsities = [0.0, *args.sparsities]  # the dense model is every row's reference
     args.min_seconds, args.iters, args.rounds = (0.2, 20, 2) if args.quick else (0.5, 50, 3)
     results = run(args)
-    args.out.write_text(json.dumps(results, indent=1))
+    atomic_write_text(args.out, json.dumps(results, indent=1))
     print(tables(results))
     print(size_tables(results))
     print(f"\nwrote {args.out}")

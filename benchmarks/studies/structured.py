@@ -39,6 +39,7 @@ from compressor.data import TensorLoader, load_data
 from compressor.errors import CompressorError
 from compressor.models import build_model, input_shape_of
 from compressor.pipeline import compress
+from edge_runtime.safe_io import atomic_write_text
 
 LEVELS = (0.3, 0.5, 0.7)
 SIZES = {"resnet20": ((3, 32, 32), (3, 128, 128)), "digits-cnn": ((1, 8, 8), (1, 64, 64))}
@@ -109,7 +110,7 @@ def shared_table(model_name: str, multiple: int, min_channels: int | None, scrat
     from compressor.latency_table import model_shapes, measure
 
     path = scratch / f"{model_name}-{multiple}-{min_channels}-table.json"
-    path.write_text(measure(model_shapes(model_name, multiple, min_channels, ())).to_json())
+    atomic_write_text(path, measure(model_shapes(model_name, multiple, min_channels, ())).to_json())
     return path
 
 
@@ -318,15 +319,15 @@ def main(argv: List[str] | None = None) -> int:
                 levels = prune_levels(model_name, args.epochs, args.channel_multiple, Path(scratch), args.min_channels,
                                       allocations, table, [float(x) for x in args.speedups.split(",") if x])
                 results["models"][model_name] = latency_table(model_name, levels, args.rounds, args.runs)
-                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+                atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
         if args.search_widths is not None:
             table = shared_table("resnet20", 8, None, Path(scratch))
             results["width_search"] = search_widths(table, args.search_widths, args.search_top, args.rounds, args.runs)
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
         if args.compare_methods:
             seeds = [int(s) for s in args.method_seeds.split(",") if s]
             results["methods"] = compare_methods(seeds, args.method_epochs, args.method_target, Path(scratch))
-            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")
     print(f"\nJSON: {args.json}")
     return 0
 

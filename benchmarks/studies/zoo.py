@@ -40,6 +40,7 @@ from compressor.batches import call_model, pick_output
 from compressor.config import PruneConfig
 from compressor.export import export_model
 from compressor.pipeline import compress
+from edge_runtime.safe_io import atomic_write_text
 
 Builder = Callable[[int], Tuple[torch.nn.Module, Callable[[int, torch.Generator], Any]]]
 CLASSES = 10
@@ -244,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{name}: {rows[-1]}", file=sys.stderr)
     print(_table(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 
