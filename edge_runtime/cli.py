@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from edge_runtime import __version__
 from edge_runtime import onnx_file
+from edge_runtime.device import check_threads
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError
 
 # OSError: a MODEL_DIR file that vanished or cannot be read (e.g. `info` on an incomplete copy).
@@ -75,8 +76,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # one line says what that did to the output; numpy's per-line RuntimeWarnings would only add noise.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     if args.threads is not None:
-        if args.threads < 1:
-            print("edge-runtime: error: --threads must be at least 1", file=sys.stderr)
+        try:
+            check_threads(args.threads)
+        except EdgeRuntimeError as error:
+            print(f"edge-runtime {args.command}: error: --{error}", file=sys.stderr)
             return 2
         for name in BLAS_ENV:  # read by the BLAS when numpy loads, which has not happened yet
             os.environ.setdefault(name, str(args.threads))

@@ -24,6 +24,7 @@ import numpy as np
 from edge_runtime import onnx_file
 from edge_runtime import plan as plans
 from edge_runtime import variants
+from edge_runtime.device import check_threads
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
 from edge_runtime.graph import Program, compile_graph
 from edge_runtime.model_dir import Weights, read_manifest, verify_files
@@ -74,8 +75,7 @@ class InferenceSession:
                  verify: bool = True, retune: bool = False) -> None:
         if kernels not in KERNEL_CHOICES:
             raise EdgeRuntimeError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
-        if threads is not None and threads < 1:
-            raise EdgeRuntimeError(f"threads must be at least 1, got {threads}")
+        check_threads(threads)
         self.model_dir = Path(model_dir)
         self.threads = int(threads or os.cpu_count() or 1)
         # a plain .onnx file (see onnx_file.py): its own checks replace the MODEL_DIR's manifest and hashes
