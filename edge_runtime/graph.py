@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import scipy.sparse as sp
 
+from edge_runtime.allocation import check_op
 from edge_runtime.conv import conv_forward, conv_kernel
 from edge_runtime.errors import UnsupportedOpError
 from edge_runtime.kernels import make_kernel
@@ -117,8 +118,13 @@ class WeightLayer:
     def make_run(self, kernel: Any, bias: Optional[np.ndarray]) -> Callable:
         """The step function for this layer with this kernel."""
         if self.op == "Conv":
-            attrs, shape = self.attrs, self.shape
-            return lambda values: conv_forward(values[0], kernel, bias, attrs, shape)
+            attrs, shape, name = self.attrs, self.shape, self.node.get("name") or self.weight
+            weight = np.broadcast_to(np.zeros((), np.float32), shape)  # its shape for the size check, no bytes
+
+            def conv(values: List[Optional[np.ndarray]]) -> np.ndarray:
+                check_op("Conv", name, [values[0], weight], attrs)  # im2col columns grow with the input
+                return conv_forward(values[0], kernel, bias, attrs, shape)
+            return conv
         if self.op == "Gemm":
             def gemm(values: List[Optional[np.ndarray]]) -> np.ndarray:
                 y = kernel.rows(values[0])
@@ -209,6 +215,7 @@ def _op_step(node: Dict[str, Any], name: str, opset: int, outputs: List[str]) ->
         for value in values:  # strings, objects, bfloat16...: said, not computed wrongly
             if value is not None and not is_native(value.dtype):
                 raise UnsupportedOpError(op, f"input of dtype {value.dtype}")
+        check_op(op, name, values, attrs)  # sizes that depend on input values or the batch
         return fn(values, attrs)
     return Step(op, name, list(node["inputs"]), outputs, run)
 

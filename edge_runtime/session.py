@@ -24,12 +24,15 @@ import numpy as np
 from edge_runtime import onnx_file
 from edge_runtime import plan as plans
 from edge_runtime import variants
+from edge_runtime.allocation import check_graph
 from edge_runtime.device import check_threads
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
 from edge_runtime.graph import Program, compile_graph
 from edge_runtime.model_dir import Weights, read_manifest, verify_files
 from edge_runtime.model_format import FORMAT_VERSION_COMPACT, max_model_bytes
 from edge_runtime.onnx_check import check_model
+from edge_runtime.ops import OPS
+from edge_runtime.ops.base import DEFAULT_OPSET
 from edge_runtime.ort_session import open_ort
 
 KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES)
@@ -98,6 +101,7 @@ class InferenceSession:
             try:
                 if not self.plain_onnx:
                     check_model(self.model_dir, self.manifest, self._weights)  # before any engine reads a byte
+                self._check_allocations()  # every engine: a graph that asks for too much is refused first
                 self._load_checked(kernels, retune)
             finally:
                 self._weights.close()
@@ -106,6 +110,11 @@ class InferenceSession:
             raise
 
     # -- loading -----------------------------------------------------------------------------------
+    def _check_allocations(self) -> None:
+        """Refuse a graph whose intermediates exceed EDGEPRUNE_MAX_MODEL_BYTES at batch 1 (see allocation.py)."""
+        opset = int(self.manifest.get("opset") or DEFAULT_OPSET)
+        check_graph(self.manifest["graph"], self._input_specs(), self._weights, opset, str(self.model_dir), OPS)
+
     def _sparse_kind(self) -> str:
         return "sparse-mt" if self.threads > 1 else "sparse"
 
