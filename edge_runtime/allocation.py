@@ -374,7 +374,8 @@ def _propagate(walk: _Walk, node: Mapping[str, Any], attrs: Attrs, shape: Shape,
         except Exception:  # noqa: BLE001  (a malformed node fails the same way when the model runs)
             result = None
         result = result[0] if isinstance(result, tuple) else result
-        if isinstance(result, np.ndarray) and result.size <= FOLD_ELEMENTS:
+        result = None if result is None else np.asarray(result)  # as the executor keeps it (np.take: a scalar)
+        if result is not None and result.dtype != object and result.size <= FOLD_ELEMENTS:
             walk.values[out], walk.shapes[out], walk.dtypes[out] = result, result.shape, result.dtype
             return
     if shape is None and op in SAME_SHAPE_OPS and shapes:
