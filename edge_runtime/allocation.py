@@ -293,19 +293,34 @@ def refuse(where: str, node: str, op: str, nbytes: int, when: str) -> ModelDirEr
                          f"{max_model_bytes():,} (EDGEPRUNE_MAX_MODEL_BYTES)")
 
 
+VALUE_DRIVEN = frozenset({"ConstantOfShape", "Expand", "Tile", "Range", "OneHot", "TopK", "Pad", "Resize",
+                          "Upsample"})  # their output size comes from input values, not only shapes
+
+
 def check_op(op: str, name: str, values: Sequence[Optional[np.ndarray]], attrs: Mapping[str, Any],
              where: str = "the model") -> None:
     """Run time, native executor: refuse an op whose output would exceed the limit, before it is made."""
-    if op not in ESTIMATES:
-        return
-    if op in BROADCAST_OPS:  # the common case, kept cheap: equal shapes cannot grow
-        first = values[0].shape if values and values[0] is not None else None
-        if all(v is None or v.shape == first for v in values):
-            return
     shapes = [None if v is None else v.shape for v in values]
     _, nbytes = estimate(op, shapes, values, attrs, [None if v is None else v.dtype for v in values])
     if nbytes > max_model_bytes():
         raise refuse(where, name, op, nbytes, "while running")
+
+
+def op_guard(op: str, name: str, attrs: Mapping[str, Any]) -> Optional[Callable[[Sequence[Any]], None]]:
+    """``check_op`` for one node, or None when its op cannot grow past its inputs. An op sized by its
+    input shapes alone is checked once per shape (runs repeat the same shapes: no cost per call)."""
+    if op not in ESTIMATES:
+        return None
+    if op in VALUE_DRIVEN:
+        return lambda values: check_op(op, name, values, attrs)
+    passed: set = set()
+
+    def guard(values: Sequence[Optional[np.ndarray]]) -> None:
+        shapes = tuple(None if v is None else v.shape for v in values)
+        if shapes not in passed:
+            check_op(op, name, values, attrs)
+            passed.add(shapes)  # the limit is read once per shape: set it before loading
+    return guard
 
 
 class _Walk:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import scipy.sparse as sp
 
-from edge_runtime.allocation import check_op
+from edge_runtime.allocation import op_guard
 from edge_runtime.conv import conv_forward, conv_kernel
 from edge_runtime.errors import UnsupportedOpError
 from edge_runtime.kernels import make_kernel
@@ -120,9 +120,10 @@ class WeightLayer:
         if self.op == "Conv":
             attrs, shape, name = self.attrs, self.shape, self.node.get("name") or self.weight
             weight = np.broadcast_to(np.zeros((), np.float32), shape)  # its shape for the size check, no bytes
+            guard = op_guard("Conv", name, attrs)
 
             def conv(values: List[Optional[np.ndarray]]) -> np.ndarray:
-                check_op("Conv", name, [values[0], weight], attrs)  # im2col columns grow with the input
+                guard([values[0], weight])  # im2col columns grow with the input
                 return conv_forward(values[0], kernel, bias, attrs, shape)
             return conv
         if self.op == "Gemm":
@@ -210,12 +211,14 @@ def _op_step(node: Dict[str, Any], name: str, opset: int, outputs: List[str]) ->
     op = node["op_type"]
     fn = OPS[op]
     attrs = Attrs(node.get("attributes") or {}, op, opset, len(node["outputs"]), [bool(o) for o in outputs])
+    guard = op_guard(op, name, attrs)
 
     def run(values: List[Optional[np.ndarray]]) -> Any:
         for value in values:  # strings, objects, bfloat16...: said, not computed wrongly
             if value is not None and not is_native(value.dtype):
                 raise UnsupportedOpError(op, f"input of dtype {value.dtype}")
-        check_op(op, name, values, attrs)  # sizes that depend on input values or the batch
+        if guard is not None:  # sizes that depend on input values or the batch
+            guard(values)
         return fn(values, attrs)
     return Step(op, name, list(node["inputs"]), outputs, run)
 
