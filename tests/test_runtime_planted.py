@@ -20,7 +20,7 @@ from tests.hostile_model_dirs import REPO, assert_one_line_error, cli
 from tests.runtime_fixtures import copy_model_dir, example_input
 
 VICTIM_TEXT = "precious\n"
-PLANTED = 5000  # links at .plans.json.PID.tmp for the next PIDs: the temp name the runtime used before
+PLANTED = 5000  # links at .NAME.PID.tmp for the next PIDs: the temp names the runtime used before
 
 
 def _home(tmp_path: Path) -> dict:
@@ -31,10 +31,18 @@ def _home(tmp_path: Path) -> dict:
 
 
 def _plant_pid_links(folder: Path, victim: Path) -> None:
-    """Symlinks to ``victim`` at every old-style temp name a process started from here could use."""
+    """Symlinks to ``victim`` at every old-style temp name a process started from here could use: the
+    whole pid range for plans.json when it is the usual 32768 (pids wrap), and the next pids for outputs."""
+    try:
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        pid_max = 1 << 22
     first = os.getpid()
+    whole = range(1, pid_max + 1) if pid_max <= 1 << 16 else range(max(first - 100, 1), first + PLANTED)
+    for pid in whole:
+        (folder / f".plans.json.{pid}.tmp").symlink_to(victim)
     for pid in range(max(first - 100, 1), first + PLANTED):
-        for name in (f".plans.json.{pid}.tmp", f".y.npy.{pid}.tmp.npy", f".y.npz.{pid}.tmp.npz", f".out.onnx.{pid}.tmp"):
+        for name in (f".y.npy.{pid}.tmp.npy", f".y.npz.{pid}.tmp.npz"):
             (folder / name).symlink_to(victim)
 
 
