@@ -44,7 +44,7 @@ from tests.hostile_model_dirs import REPO, rehash
 from tests.runtime_fixtures import model_dir
 
 LONG_RUN = "EDGEPRUNE_FUZZ_EXAMPLES" in os.environ
-EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "300"))  # CI: 300 + 120 + 30 examples, ~10 s idle
+EXAMPLES = int(os.environ.get("EDGEPRUNE_FUZZ_EXAMPLES", "200"))  # CI: 200 + 80 + 20 examples, ~10 s idle
 PLAIN_EXAMPLES = max(EXAMPLES * 2 // 5, 1)
 PLANS_EXAMPLES = max(EXAMPLES // 10, 1)
 ADDRESS_SPACE = 3 << 30          # the worker's RLIMIT_AS: numpy + scipy + onnxruntime reserve ~2.3 GB
