@@ -51,7 +51,10 @@ def elements(shape: Shape) -> int:
 
 
 def _ints(value: Optional[np.ndarray]) -> Optional[List[int]]:
-    if value is None or value.size > FOLD_ELEMENTS or value.dtype.kind not in "iub":
+    """A shape/count tensor's values as the ops read them (``int()`` of each: floats too), or None."""
+    if value is None or value.size > FOLD_ELEMENTS or value.dtype.kind not in "iubf":
+        return None
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
         return None
     return [int(v) for v in value.reshape(-1)]
 
@@ -383,7 +386,8 @@ def _propagate(walk: _Walk, node: Mapping[str, Any], attrs: Attrs, shape: Shape,
     if op == "Shape" and shapes and shapes[0] is not None:
         values = [np.broadcast_to(np.zeros((), np.int8), _dims(shapes[0]))]  # its shape, no bytes
     known = op in run_ops and all(v is not None for v, n in zip(values, node["inputs"]) if n)
-    if known and (shape is None or elements(shape) <= FOLD_ELEMENTS):
+    small = elements(shape) <= FOLD_ELEMENTS if shape is not None else op not in ESTIMATES
+    if known and small:  # an op that could grow is computed only when its estimate says it stays small
         try:
             result = run_ops[op](values, attrs)
         except Exception:  # noqa: BLE001  (a malformed node fails the same way when the model runs)

@@ -113,7 +113,10 @@ class InferenceSession:
     def _check_allocations(self) -> None:
         """Refuse a graph whose intermediates exceed EDGEPRUNE_MAX_MODEL_BYTES at batch 1 (see allocation.py)."""
         opset = int(self.manifest.get("opset") or DEFAULT_OPSET)
-        check_graph(self.manifest["graph"], self._input_specs(), self._weights, opset, str(self.model_dir), OPS)
+        try:
+            check_graph(self.manifest["graph"], self._input_specs(), self._weights, opset, str(self.model_dir), OPS)
+        except MODEL_FAILURES as error:  # a graph too malformed to walk: said in one line, as at load
+            raise ModelDirError(f"{self.model_dir}: the model cannot be loaded ({_describe(error)})") from None
 
     def _sparse_kind(self) -> str:
         return "sparse-mt" if self.threads > 1 else "sparse"

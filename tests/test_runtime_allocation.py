@@ -159,3 +159,9 @@ def test_estimates_match_the_real_output(op: str, inputs: list, attributes: dict
     out = OPS[op](inputs, attrs)
     out = out[0] if isinstance(out, tuple) else out
     assert shape == out.shape and nbytes >= out.nbytes
+
+
+def test_a_float_shape_is_read_as_the_op_reads_it() -> None:
+    """The ops take int() of each value: a float shape tensor must be sized the same way, not skipped."""
+    shape, nbytes = estimate("ConstantOfShape", [(1,)], [np.array([HUGE], np.float32)], Attrs({}, "ConstantOfShape"))
+    assert shape == (HUGE,) and nbytes == 4 * HUGE
