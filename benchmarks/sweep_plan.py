@@ -141,6 +141,9 @@ def parse_kernels(text: str) -> List[str]:
     return list(dict.fromkeys(kernels))
 
 
+MAX_THREADS = 1024  # the workstation cannot know a device's cores; no device this project targets has more
+
+
 def parse_threads(text: str) -> List[int]:
     """``1,4`` → [1, 4]; BenchError unless every entry is a positive integer."""
     try:
@@ -149,6 +152,8 @@ def parse_threads(text: str) -> List[int]:
         raise BenchError(f"--threads: expected positive integers like 1,4, got {text!r}") from None
     if not threads or min(threads) < 1:
         raise BenchError(f"--threads: expected positive integers like 1,4, got {text!r}")
+    if max(threads) > MAX_THREADS:  # each device also refuses more than 4 threads per core
+        raise BenchError(f"--threads: at most {MAX_THREADS}, got {max(threads)}")
     return list(dict.fromkeys(threads))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from edge_runtime import __version__
 from edge_runtime import onnx_file
+from edge_runtime.device import check_threads
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError
 
 # OSError: a MODEL_DIR file that vanished or cannot be read (e.g. `info` on an incomplete copy).
@@ -76,8 +77,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # one line says what that did to the output; numpy's per-line RuntimeWarnings would only add noise.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     if args.threads is not None:
-        if args.threads < 1:
-            print("edge-runtime: error: --threads must be at least 1", file=sys.stderr)
+        try:
+            check_threads(args.threads)
+        except EdgeRuntimeError as error:
+            print(f"edge-runtime {args.command}: error: --{error}", file=sys.stderr)
             return 2
         for name in BLAS_ENV:  # read by the BLAS when numpy loads, which has not happened yet
             os.environ.setdefault(name, str(args.threads))
@@ -162,13 +165,15 @@ def _input_feed(values: Sequence[str], names: Sequence[str]) -> Dict[str, Any]:
 
 
 def _write_atomic(path: Path, save: Any) -> None:
-    """Write through a temporary file and a rename, so a half-written output is never left behind."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    """``save(handle)`` into ``path`` through ``safe_io.atomic_writer``: never half a file, never through a
+    planted link, and no temp file left behind when the write fails (a full disk, a read-only folder)."""
+    from edge_runtime.safe_io import atomic_writer
+
     try:
-        save(temp)
-        os.replace(temp, path)
+        with atomic_writer(path) as handle:
+            save(handle)
     except OSError as error:
-        raise InputError(f"cannot write {path} ({error})") from None
+        raise InputError(f"cannot write {path} ({error.strerror or error})") from None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -181,12 +186,12 @@ def _run(args: argparse.Namespace) -> int:
     outputs = session.run(None, feed)
     names = session.manifest["outputs"]
     if args.output is not None:
-        _write_atomic(args.output, lambda temp: np.save(temp, outputs[0]))
+        _write_atomic(args.output, lambda handle: np.save(handle, outputs[0]))
         print(f"wrote {args.output}: shape {list(outputs[0].shape)}")
     if args.out is not None:
         if args.out.suffix != ".npz":
             raise InputError(f"--out {args.out}: give a .npz file name")
-        _write_atomic(args.out, lambda temp: np.savez(temp, **dict(zip(names, outputs))))
+        _write_atomic(args.out, lambda handle: np.savez(handle, **dict(zip(names, outputs))))
         print(f"wrote {args.out}: {', '.join(names)}")
     for name, value in zip(names, outputs):
         if args.print:
@@ -344,17 +349,35 @@ def _to_onnx(args: argparse.Namespace) -> int:
         raise EdgeRuntimeError(f"{args.model_dir} is already a plain ONNX file")
     if args.out.exists() and not args.force:
         raise EdgeRuntimeError(f"{args.out} exists (use --force to replace it)")
+    _refuse_model_dir_file(args.out, args.model_dir)
     data = model_dir_to_onnx(args.model_dir, args.variant)
-    temp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, args.out)
-    finally:
-        if temp.exists():
-            temp.unlink()
+    _write_atomic(args.out, lambda handle: handle.write(data))
     print(f"wrote {args.out}: {human_bytes(len(data))}, the {args.variant} model of {args.model_dir} "
           f"with every weight inline{_stock_check(args)}")
     return 0
+
+
+def _refuse_model_dir_file(out: Path, model_dir: Path) -> None:
+    """OUT must not be a file of a MODEL_DIR (this one or another): ``--force`` would break its sha256s.
+
+    A file is a MODEL_DIR's when the manifest.json of a folder above it lists it (or it is that manifest).
+    """
+    from edge_runtime.model_format import MANIFEST_FILE, listed_files, read_manifest
+
+    target = out.parent.resolve() / out.name
+    for folder in target.parents:
+        if not (folder / MANIFEST_FILE).is_file():
+            continue
+        name = target.relative_to(folder).as_posix()
+        try:
+            names = set(listed_files(read_manifest(folder), str(folder / MANIFEST_FILE)))
+        except (EdgeRuntimeError, OSError):  # unreadable: still never the files every MODEL_DIR has
+            names = {"model.onnx", "weights.npz"}
+        if name in names | {MANIFEST_FILE}:
+            which = "this" if folder == Path(model_dir).resolve() else "the"
+            raise EdgeRuntimeError(f"{out} is part of {which} MODEL_DIR {folder} (listed in its manifest); "
+                                   "write the ONNX file elsewhere")
+        return
 
 
 def _stock_check(args: argparse.Namespace) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import scipy.sparse as sp
 
+from edge_runtime.allocation import op_guard
 from edge_runtime.conv import conv_forward, conv_kernel
 from edge_runtime.errors import UnsupportedOpError
 from edge_runtime.kernels import make_kernel
@@ -130,8 +131,14 @@ class WeightLayer:
     def make_run(self, kernel: Any, bias: Optional[np.ndarray]) -> Callable:
         """The step function for this layer with this kernel."""
         if self.op == "Conv":
-            attrs, shape = self.attrs, self.shape
-            return lambda values: conv_forward(values[0], kernel, bias, attrs, shape)
+            attrs, shape, name = self.attrs, self.shape, self.node.get("name") or self.weight
+            weight = np.broadcast_to(np.zeros((), np.float32), shape)  # its shape for the size check, no bytes
+            guard = op_guard("Conv", name, attrs)
+
+            def conv(values: List[Optional[np.ndarray]]) -> np.ndarray:
+                guard([values[0], weight])  # im2col columns grow with the input
+                return conv_forward(values[0], kernel, bias, attrs, shape)
+            return conv
         if self.op == "Gemm":
             def gemm(values: List[Optional[np.ndarray]]) -> np.ndarray:
                 y = kernel.rows(values[0])
@@ -217,11 +224,14 @@ def _op_step(node: Dict[str, Any], name: str, opset: int, outputs: List[str]) ->
     op = node["op_type"]
     fn = OPS[op]
     attrs = Attrs(node.get("attributes") or {}, op, opset, len(node["outputs"]), [bool(o) for o in outputs])
+    guard = op_guard(op, name, attrs)
 
     def run(values: List[Optional[np.ndarray]]) -> Any:
         for value in values:  # strings, objects, bfloat16...: said, not computed wrongly
             if value is not None and not is_native(value.dtype):
                 raise UnsupportedOpError(op, f"input of dtype {value.dtype}")
+        if guard is not None:  # sizes that depend on input values or the batch
+            guard(values)
         return fn(values, attrs)
     return Step(op, name, list(node["inputs"]), outputs, run)
 

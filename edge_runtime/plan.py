@@ -23,7 +23,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.kernels import KINDS
 from edge_runtime.variants import ENGINES as VARIANT_ENGINES
 from edge_runtime.model_format import PLANS_FILE as PLAN_FILE
-from edge_runtime.model_format import open_regular
+from edge_runtime.safe_io import atomic_write_text, read_bounded
 
 MAX_PLANS_BYTES = 16 << 20
 ROUND_SECONDS = 0.02   # each timing round runs a candidate for at least this long (and twice) ...
@@ -110,15 +110,25 @@ def _cache_paths(model_dir: Path):
     return [Path(model_dir) / PLAN_FILE, Path.home() / ".cache" / "edge-runtime" / PLAN_FILE]
 
 
+def read_plans(path: Path) -> Dict[str, Any]:
+    """The plans in one cache file, or {} when there is none or it is no plan cache.
+
+    The one reader of plans.json (loading and saving alike): it sits in a MODEL_DIR that may come from
+    elsewhere, so only a regular file of at most MAX_PLANS_BYTES is read -- a FIFO, a link to
+    /dev/zero or a 4 GiB file is no cache, never a hang or a huge read.
+    """
+    try:
+        plans = json.loads(read_bounded(path, MAX_PLANS_BYTES))
+    except (EdgeRuntimeError, OSError, ValueError, RecursionError):
+        return {}
+    return plans if isinstance(plans, dict) else {}
+
+
 def load_cached(model_dir: Path, key: str) -> Optional[Dict[str, Any]]:
     """A cached plan for ``key``, or None (a corrupt cache file is ignored: it is only a cache)."""
     for path in _cache_paths(model_dir):
-        try:  # plans.json sits in a MODEL_DIR that may come from elsewhere: a regular file, bounded
-            with open_regular(path) as handle:
-                plans = json.loads(handle.read(MAX_PLANS_BYTES))
-        except (EdgeRuntimeError, OSError, ValueError, RecursionError):
-            continue
-        if isinstance(plans, dict) and _is_plan(plans.get(key)):
+        plans = read_plans(path)
+        if _is_plan(plans.get(key)):
             return plans[key]
     return None
 
@@ -134,19 +144,18 @@ def _is_plan(plan: Any) -> bool:
 
 
 def save(model_dir: Path, key: str, plan: Dict[str, Any]) -> Optional[Path]:
-    """Store the plan in the first writable cache location (atomically); returns where, or None."""
+    """Store the plan in the first writable cache location; returns where, or None.
+
+    Written through ``safe_io.atomic_write_text`` (an exclusive, no-follow temp file renamed over a
+    plans.json that is not a link), so a MODEL_DIR with links planted at temp names or at plans.json
+    itself cannot make the runtime write outside it; a failed write leaves no temp file behind.
+    """
     for path in _cache_paths(model_dir):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                plans = json.loads(path.read_text())
-                plans = plans if isinstance(plans, dict) else {}
-            except (OSError, ValueError):
-                plans = {}
+            plans = read_plans(path)
             plans[key] = plan
-            temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temp.write_text(json.dumps(plans, indent=1) + "\n")
-            os.replace(temp, path)
+            atomic_write_text(path, json.dumps(plans, indent=1) + "\n")
             return path
         except OSError:
             continue

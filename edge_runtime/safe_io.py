@@ -85,6 +85,13 @@ def _refuse_link(path: Path) -> None:
         raise OSError(f"{path} is a symbolic link; refusing to replace it")
 
 
+def _refuse_folder(path: Path) -> None:
+    """A write target must name a file: ``.``, ``/``, ``..`` or an existing folder is said, not a
+    ValueError from ``with_name`` or a rename that fails after the temp file was written."""
+    if path.name in ("", ".", "..") or (path.is_dir() and not path.is_symlink()):
+        raise OSError(f"{path} is a folder, not a file name")
+
+
 @contextlib.contextmanager
 def atomic_writer(path: PathLike) -> Iterator[BinaryIO]:
     """``with atomic_writer(p) as f: f.write(...)``: ``p`` gets all of it or keeps what it had.
@@ -95,6 +102,7 @@ def atomic_writer(path: PathLike) -> Iterator[BinaryIO]:
     needed: write to the handle.
     """
     path = Path(path)
+    _refuse_folder(path)
     _refuse_link(path)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = create_exclusive(temp)

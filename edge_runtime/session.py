@@ -36,11 +36,15 @@ import numpy as np
 from edge_runtime import cost, onnx_file, partition
 from edge_runtime import plan as plans
 from edge_runtime import variants
+from edge_runtime.allocation import check_graph
+from edge_runtime.device import check_threads
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError, UnsupportedOpError
 from edge_runtime.graph import Program, check_supported, compile_graph
 from edge_runtime.model_dir import FolderFiles, Weights, read_manifest
 from edge_runtime.model_format import FORMAT_VERSION_COMPACT, ONNX_FILE, max_model_bytes
 from edge_runtime.onnx_check import check_model
+from edge_runtime.ops import OPS
+from edge_runtime.ops.base import DEFAULT_OPSET
 from edge_runtime.ort_session import open_ort
 from edge_runtime.partition import SplitProgram
 
@@ -138,8 +142,8 @@ class InferenceSession:
                  retune: bool = False) -> None:
         if kernels not in KERNEL_CHOICES:
             raise EdgeRuntimeError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
-        if threads is not None and threads < 1:
-            raise EdgeRuntimeError(f"threads must be at least 1, got {threads}")
+        check_threads(threads)
+        check_threads(threads_of(sess_options))  # intra_op_num_threads is bounded alike
         check_providers(providers)  # provider_options belong to the providers: nothing to read for the CPU
         from_bytes = isinstance(path_or_bytes, (bytes, bytearray, memoryview))
         self.model_dir = None if from_bytes else Path(path_or_bytes)
@@ -168,6 +172,7 @@ class InferenceSession:
                 if not self.plain_onnx:  # before any engine reads a byte
                     model = check_model(self.model_dir, self.manifest, self._weights)
                     self.manifest["meta"] = {**model.meta, "custom_metadata_map": dict(model.metadata_props)}
+                self._check_allocations()  # every engine: a graph that asks for too much is refused first
                 self._load_checked(kernels, retune)
             finally:
                 self._weights.close()
@@ -176,6 +181,14 @@ class InferenceSession:
             raise
 
     # -- loading -----------------------------------------------------------------------------------
+    def _check_allocations(self) -> None:
+        """Refuse a graph whose intermediates exceed EDGEPRUNE_MAX_MODEL_BYTES at batch 1 (see allocation.py)."""
+        opset = int(self.manifest.get("opset") or DEFAULT_OPSET)
+        try:
+            check_graph(self.manifest["graph"], self._input_specs(), self._weights, opset, str(self.model_dir), OPS)
+        except MODEL_FAILURES as error:  # a graph too malformed to walk: said in one line, as at load
+            raise ModelDirError(f"{self.model_dir}: the model cannot be loaded ({_describe(error)})") from None
+
     def _sparse_kind(self) -> str:
         return "sparse-mt" if self.threads > 1 else "sparse"
 

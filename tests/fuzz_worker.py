@@ -1,7 +1,8 @@
 """Child process of the MODEL_DIR fuzz test: runs ``edge-runtime check`` in-process on each folder it is
 sent, under an address-space limit, and reports how each ended.
 
-Protocol (one JSON object per line): stdin ``{"dir": PATH, "kernels": K}``; stdout
+Protocol (one JSON object per line): stdin ``{"dir": PATH, "kernels": K}`` (PATH: a MODEL_DIR or a plain
+.onnx file); stdout
 ``{"rc": N, "stderr": TEXT}`` or ``{"exception": "Type: message"}`` when something escaped the CLI's
 error handling (a bug: the fuzz test fails on it). A crash (SIGSEGV, abort) shows as this process
 dying; the parent restarts it. On EOF it prints ``{"peak_rss_mb": VmHWM}``.
@@ -55,7 +56,13 @@ def main() -> None:
     import edge_runtime.cli  # noqa: F401  (import once, before the first request)
     import numpy  # noqa: F401
     import onnxruntime  # noqa: F401
+    from edge_runtime import plan
 
+    measure = plan.compare
+    # `auto` retunes whenever a fuzzed plans.json is refused: the engines are still all run, but timed
+    # in one short round (robustness is under test here, not which engine wins)
+    plan.compare = lambda candidates, *args, **kwargs: measure(candidates, rounds=1, round_seconds=0.0005,
+                                                                statistic=kwargs.get("statistic", "min"))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         print(json.dumps(_one(json.loads(line))), flush=True)

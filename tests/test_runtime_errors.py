@@ -145,3 +145,32 @@ def test_clip_without_bounds_is_the_identity() -> None:
     x = np.array([-3.0, 0.5, 7.0], np.float32)
     assert np.array_equal(OPS["Clip"]([x], {}), x)  # numpy < 2.1 refuses np.clip(x, None, None)
     assert np.array_equal(OPS["Clip"]([x, np.float32(0), None], {}), np.array([0, 0.5, 7], np.float32))
+
+
+@pytest.mark.parametrize("threads", ["100000", "5000", "0", "-3"])
+def test_thread_counts_beyond_the_machine_are_one_line(tmp_path: Path, threads: str) -> None:
+    """Issue 20: --kernels ort --threads 100000 crashed onnxruntime (SIGSEGV); 5000 hung it for a minute."""
+    import os
+
+    from edge_runtime.device import max_threads
+    from edge_runtime.errors import EdgeRuntimeError
+
+    target = copy_model_dir("digits-mlp", tmp_path)
+    np.save(tmp_path / "x.npy", example_input("digits-mlp")[:1])
+    needle = "more than" if int(threads) > 0 else "at least 1"
+    for args in (["check", str(target), "--kernels", "ort"], ["tune", str(target)], ["info", str(target)],
+                 ["run", str(target), "--input", str(tmp_path / "x.npy")]):
+        assert_one_line_error(cli(*args, "--threads", threads), needle)
+    with pytest.raises(EdgeRuntimeError, match=needle):  # before anything loads
+        InferenceSession(target, kernels="ort", threads=int(threads))
+    assert max_threads() == 4 * (os.cpu_count() or 1)
+    InferenceSession(target, kernels="ort", threads=max_threads()).close()  # the bound itself is allowed
+
+
+def test_sweep_threads_are_bounded() -> None:
+    from benchmarks.errors import BenchError
+    from benchmarks.sweep_plan import MAX_THREADS, parse_threads
+
+    assert parse_threads("1,4") == [1, 4]
+    with pytest.raises(BenchError, match="at most"):
+        parse_threads(f"1,{MAX_THREADS + 1}")
