@@ -37,7 +37,8 @@ from compressor.prune.mask import Mask
 from compressor.train.methods import RetrainPlan, any_rewinds_weights, dense_plan, method_named
 from compressor.train.models import input_shape_of
 from compressor.train.optimizers import build_optimizer
-from compressor.prune.weights import keep_counts, layer_sparsities, prunable_parameters, weight_sparsity
+from compressor.prune.weights import (dense_leftovers, keep_counts, layer_sparsities, model_sparsity,
+                                      prunable_parameters, weight_sparsity)
 from compressor.run.report import warn_thin_layers, write_metrics, write_report
 from compressor.run.run_dir import CONFIG, RunDir, collect_metrics, model_fields
 from compressor.train.training import evaluate, require_finite, train, zero_pruned
@@ -112,6 +113,9 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     if pretrained is not None:  # before RUN_DIR is touched: a checkpoint that does not fit writes nothing
         checkpoints.load_into(model, pretrained, "--pretrained")
     params = prunable_parameters(model, config.exclude)  # also checks --exclude's names
+    leftovers = None if config.structure == "channels" else dense_leftovers(model, params)
+    if leftovers and ranks.is_main:
+        log.warning(leftovers)
     shape = input_shape_of(model) or _peek_input_shape(test_loader)
     channels = _channel_levels(model, shape, config, criterion)  # traced before RUN_DIR is touched
     counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
@@ -314,18 +318,23 @@ class _Job:
             "model": _cpu_state(self.model), "mask": mask.state_dict(), "level": level,
             "method": method, "sparsity": weight_sparsity(self.params), "accuracy": accuracy, "loss": loss,
             "epochs": epochs, "seconds": seconds + time.perf_counter() - began, "lrs": lrs,
+            "sparsity_all": model_sparsity(self.model),  # beside the prunable weights' own, named so
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
             "world_size": self.ranks.world_size, "mask_sha256": mask_checksums, **self.extra,
         }
         if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
             final.update(self.channels.describe(self.model))
             final["layers"] = final["widths"]
+            del final["sparsity_all"]  # a smaller network: "sparsity" already counts all its parameters
         self.run.save(final, self.run.final_path(method, level))
         self.run.remove(self.run.checkpoint_path(method, level))
         if self.run.writer:
             write_metrics(self.run, collect_metrics(self.run, self.records))
             accuracy_text = "no accuracy" if accuracy != accuracy else f"accuracy {accuracy:.2%}"
-            log.info(f"{'dense' if level == 0 else f'{method} level {level}'} done: sparsity {final['sparsity']:.2%}, "
+            sparsity = f"sparsity {final['sparsity']:.2%}" + (
+                "" if self.channels is not None else
+                f" of the prunable weights ({final['sparsity_all']:.2%} of all parameters)")
+            log.info(f"{'dense' if level == 0 else f'{method} level {level}'} done: {sparsity}, "
                      f"{accuracy_text}, loss {loss:.4f}, {epochs} epochs in {final['seconds']:.0f} s")
             if self.channels is None:  # structured levels' "layers" are widths, never nearly empty
                 warn_thin_layers(method, level, final["layers"], self.warned)

@@ -106,6 +106,34 @@ def two_inputs() -> nn.Module:
     return TwoInputs()
 
 
+class GRUClassifier(nn.Module):
+    """A user's text classifier: token ids → Embedding → 2-layer bidirectional GRU → Linear (last step)."""
+
+    def __init__(self, cell: str = "GRU") -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.rnn = getattr(nn, cell)(16, 24, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(48, CLASSES)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.rnn(self.embed(input_ids))
+        return self.fc(hidden[:, -1])
+
+
+def gru_classifier() -> nn.Module:
+    return GRUClassifier("GRU")
+
+
+def lstm_classifier() -> nn.Module:
+    return GRUClassifier("LSTM")
+
+
+def ids_data():
+    """(train, test): random token id sequences [8, SEQ] (int64) as one positional input."""
+    make = lambda batch, g: torch.randint(0, VOCAB, (batch, SEQ), generator=g)
+    return _batches(make, 4, 8, 0), _batches(make, 1, 8, 1)
+
+
 def _batches(make_inputs, count: int, batch: int, seed: int) -> List[Tuple[Any, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [(make_inputs(batch, generator), torch.randint(0, CLASSES, (batch,), generator=generator))

@@ -20,7 +20,10 @@ from onnx import helper, numpy_helper
 from compressor.errors import ExportError
 
 OPSET = 17
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers whose weight is pruned and may be stored as CSR
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers the native kernels run with a CSR or dense weight
+RNN_OPS = ("GRU", "LSTM", "RNN")  # W (input 1) and R (input 2) are the pruned weight_ih / weight_hh
+# ops whose weights are pruned and may be stored as CSR (onnxruntime gets them dense at load)
+STORED_WEIGHT_OPS = (*WEIGHT_OPS, "Gather", *RNN_OPS)
 
 
 def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = None,
@@ -224,6 +227,13 @@ def rename_tensors(graph: onnx.GraphProto) -> None:
         taken.add(candidate)
 
     for index, node in enumerate(graph.node):
+        if node.op_type in RNN_OPS:  # one node per layer of the module: /rnn/GRU, /rnn/GRU_1
+            layer = _safe(layer_name(node.name, "rnn")) + "." + _safe(node.name.rsplit("/", 1)[-1].lower())
+            for role, name in zip(("ih.weight", "hh.weight", "bias"), node.input[1:4]):
+                if name in init_names:
+                    claim(name, f"{layer}.{role}")
+        elif node.op_type == "Gather" and node.input[0] in init_names and _is_float_matrix(graph, node.input[0]):
+            claim(node.input[0], f"{_safe(layer_name(node.name, f'gather{index}'))}.weight")  # an Embedding
         if node.op_type in WEIGHT_OPS:
             layer = _safe(layer_name(node.name, f"{node.op_type.lower()}{index}"))
             roles = ("input", "weight", "bias")
@@ -242,16 +252,26 @@ def rename_tensors(graph: onnx.GraphProto) -> None:
                 node.input[i] = mapping[name]
 
 
+def _is_float_matrix(graph: onnx.GraphProto, name: str) -> bool:
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    return tensor is not None and len(tensor.dims) >= 2 and tensor.data_type == onnx.TensorProto.FLOAT
+
+
 def weight_inputs(graph: onnx.GraphProto) -> Dict[str, Tuple[str, str]]:
-    """The prunable weights: initializer name → (layer name, op type) for Conv/Gemm/MatMul."""
+    """The prunable weights: initializer name → (layer name, op type) for Conv/Gemm/MatMul, an
+    Embedding's Gather table and an RNN/GRU/LSTM's W and R."""
     init_names = {t.name for t in graph.initializer}
     found: Dict[str, Tuple[str, str]] = {}
     for node in graph.node:
-        if node.op_type not in WEIGHT_OPS:
+        if node.op_type not in STORED_WEIGHT_OPS:
             continue
         candidates: Sequence[str] = node.input[1:2]
         if node.op_type == "MatMul" and node.input[1] not in init_names:
             candidates = node.input[0:1]
+        elif node.op_type == "Gather":
+            candidates = node.input[0:1]
+        elif node.op_type in RNN_OPS:
+            candidates = node.input[1:3]
         for name in candidates:
             if name in init_names and name.endswith(".weight"):
                 found[name] = (name[: -len(".weight")], node.op_type)

@@ -158,6 +158,8 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     """
     record = {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
     # --structure channels levels also carry the smaller network's size and each layer's width.
+    if "sparsity_all" in final:  # zeros among all parameters, beside "sparsity" (the prunable weights')
+        record["sparsity_all"] = _finite_or_none(final["sparsity_all"])
     record.update({key: final[key] for key in ("params", "macs", "macs_removed", "widths", "predicted_speedup")
                    if key in final})
     return record
