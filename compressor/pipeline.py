@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from compressor import checkpoints
 from compressor.prune.levels import ChannelLevels
-from compressor.prune.channels import decode, encode
-from compressor.train.batches import Task
+from compressor.prune.channels import decode, encode, first_example
+from compressor.train.batches import Task, split_batch
 from compressor.config import PruneConfig
 from compressor.train.devices import resolve_device
 from compressor.train.distributed import Distributed, current, require_shared
@@ -117,13 +117,14 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     if leftovers and ranks.is_main:
         log.warning(leftovers)
     shape = input_shape_of(model) or _peek_input_shape(test_loader)
-    channels = _channel_levels(model, shape, config, criterion)  # traced before RUN_DIR is touched
-    counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
-                                             config.target_sparsity, config.one_shot)
     model.to(torch_device)
     task = Task(config.loss, config.output, loss_fn)  # how a batch feeds the model; one probe per loader
     task.probe(model, train_loader, torch_device, "training data")
     task.probe(model, test_loader, torch_device, "test data")
+    # traced on a real batch (after the probes: a batch that does not fit is the probe's one line)
+    channels = _channel_levels(model, shape, config, criterion, test_loader)  # before RUN_DIR is touched
+    counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
+                                             config.target_sparsity, config.one_shot)
     params = prunable_parameters(model, config.exclude)  # the parameters as they live on the device
     trainable = ranks.wrap(model)  # DistributedDataParallel under torchrun; shares model's parameters
     record = {**model_fields(model_name or type(model).__name__), "data": data_name,
@@ -166,14 +167,15 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
 
 
 def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
-                    criterion: Any) -> Optional[ChannelLevels]:
-    """The structured side of the run (None for --structure weights); traces the model now, so an
-    untraceable model is refused before anything is written or trained."""
+                    criterion: Any, test_loader: Iterable) -> Optional[ChannelLevels]:
+    """The structured side of the run (None for --structure weights); traces the model now, on the first
+    example of the test data (token ids, several or keyword inputs as they come), so an untraceable
+    model is refused before anything is written or trained."""
     if config.structure != "channels":
         return None
-    if not shape:
-        raise ConfigError("--structure channels needs the model's input shape (model.input_shape)")
-    return ChannelLevels(model, shape, config, criterion)
+    inputs, _ = split_batch(next(iter(test_loader)))  # the probe has read one already
+    example = first_example(inputs)
+    return ChannelLevels(model, shape, config, criterion, example=example)
 
 
 def channels_plan(final: Dict[str, Any], channels: ChannelLevels) -> Dict[str, List[int]]:
@@ -211,8 +213,9 @@ class _Job:
         if self.run.final_path(DENSE, 0).is_file():
             return
         mask = Mask.ones_like(self.params).to(self.device)
-        if self.channels is not None:
-            self.extra = {"channels": encode(self.channels.dense_plan()), "last": False}
+        if self.channels is not None:  # the example it traced with: readers rebuild the levels with it
+            self.extra = {"channels": encode(self.channels.dense_plan()), "last": False,
+                          "example": self.channels.example}
         if pretrained is not None:  # already loaded into the model by compress()
             began = time.perf_counter()
             self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[])
@@ -257,7 +260,7 @@ class _Job:
         else:
             model = channels.shrink_to(model, current, kept)
         self._use(model.to(self.device))
-        self.extra = {"channels": encode(kept), "last": last}
+        self.extra = {"channels": encode(kept), "last": last, "example": channels.example}
         self._train(method, level, plan, Mask({}))
         return last
 

@@ -8,10 +8,12 @@ The node list can then be written to manifest.json for a device that has no ``on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -38,7 +40,7 @@ def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = No
     """
     import torch  # the workstation side only; keeps this module importable for inspection
 
-    from compressor.train.batches import flat_outputs, pick_output
+    from compressor.train.batches import pick_output
 
     args = tuple(inputs.values()) if positional else ()
     kwargs = {} if positional else dict(inputs)
@@ -51,20 +53,55 @@ def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = No
     except Exception as error:  # the user's model does not take these inputs, or returns no tensor
         raise ExportError(f"the model cannot run on the example inputs: {type(error).__name__}: "
                           f"{str(error).strip()[:300]}") from error
-    output_names = [name for name, _ in flat_outputs(produced)]
-    axes = {name: {0: "batch"} for name in [*inputs, *output_names]}
+    axes = {name: {0: "batch"} for name in [*inputs, chosen]}
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _only_output(model, output), _no_cache(model):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, args, buffer, kwargs=kwargs or None, dynamo=False, opset_version=OPSET,
-                              input_names=list(inputs), output_names=output_names,
+                              input_names=list(inputs), output_names=[chosen],
                               dynamic_axes=axes, do_constant_folding=True)
         except Exception as error:  # an op torch cannot export is the user's model's limitation
             raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
     exported = onnx.load_from_string(buffer.getvalue())
     keep_only_output(exported.graph, chosen)
     return exported, chosen
+
+
+@contextlib.contextmanager
+def _only_output(model: Any, output: Optional[str]) -> Iterator[None]:
+    """While exporting, ``model``'s forward returns only the chosen output tensor: the rest of a tuple,
+    dict or ModelOutput (a Hugging Face cache object, hidden states) is never traced. The instance's
+    forward is wrapped rather than the module, so layer scopes and weight names stay the model's own."""
+    from compressor.train.batches import pick_output
+
+    original = model.forward
+
+    @functools.wraps(original)  # the signature stays the forward's: keyword inputs keep their order
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return pick_output(original(*args, **kwargs), output)[1]
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward  # the class's forward again
+
+
+@contextlib.contextmanager
+def _no_cache(model: Any) -> Iterator[None]:
+    """A Hugging Face model exports with ``config.use_cache = False``: a key/value cache (DynamicCache,
+    EncoderDecoderCache) is generation state, not an output an edge model returns, and no exporter
+    takes it. The caller's setting is restored afterwards."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if before:
+            config.use_cache = before
 
 
 def keep_only_output(graph: onnx.GraphProto, name: str) -> None:
