@@ -121,6 +121,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     task = Task(config.loss, config.output, loss_fn)  # how a batch feeds the model; one probe per loader
     task.probe(model, train_loader, torch_device, "training data")
     task.probe(model, test_loader, torch_device, "test data")
+    if ranks.is_main:
+        _warn_unless_exportable(model, test_loader, config.output)
     # traced on a real batch (after the probes: a batch that does not fit is the probe's one line)
     channels = _channel_levels(model, shape, config, criterion, test_loader)  # before RUN_DIR is touched
     counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
@@ -176,6 +178,22 @@ def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: 
     inputs, _ = split_batch(next(iter(test_loader)))  # the probe has read one already
     example = first_example(inputs)
     return ChannelLevels(model, shape, config, criterion, example=example)
+
+
+def _warn_unless_exportable(model: nn.Module, test_loader: Iterable, output: Optional[str]) -> None:
+    """One warning line before training when torch cannot export the model to ONNX on a real batch, so
+    the user can stop before paying for training a model `edgeprune export` will refuse. A warning, not
+    a refusal: the compressed PyTorch model is still worth having."""
+    from compressor.errors import ExportError
+    from compressor.export.model_dir import check_exportable
+
+    inputs, _ = split_batch(next(iter(test_loader)))
+    try:
+        check_exportable(model, first_example(inputs), output)
+    except ExportError as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:240]
+        log.warning(f"warning: this model cannot be exported to ONNX ({reason}); `edgeprune export` "
+                    "will refuse the compressed model: stop now (Ctrl-C) and fix the model first")
 
 
 def channels_plan(final: Dict[str, Any], channels: ChannelLevels) -> Dict[str, List[int]]:
