@@ -67,3 +67,37 @@ def test_hugging_face_decoders_compress_then_export(tmp_path: Path, caplog: pyte
     got = session.run(None, {k: v.numpy() for k, v in inputs.items() if k in
                              {i.name for i in session.get_inputs()}})[0]
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def _cli(*argv) -> int:
+    from edgeprune.cli import main
+
+    return main([str(a) for a in argv])
+
+
+def test_a_run_exports_at_the_resolution_the_device_runs(tmp_path: Path) -> None:
+    """A CNN trained on 8×8 images exported at 1×32×32 with --input-shape (RUN_DIR + --input-shape)."""
+    zoo = Path(zoo_models.__file__)
+    run_dir = tmp_path / "run"
+    assert _cli("compress", "--model", f"{zoo}:pooled_cnn", "--data", f"{zoo}:random_digits", "--epochs", 1,
+                "--target-sparsity", 0.5, "--one-shot", "--lr", 0.01, "--out", run_dir) == 0
+    assert _cli("export", run_dir, "--out", tmp_path / "m", "--model", f"{zoo}:pooled_cnn",
+                "--input-shape", "1,32,32") == 0
+    import json
+
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["input"]["shape"] == ["batch", 1, 32, 32]
+    session = InferenceSession(tmp_path / "m", kernels="auto", threads=1)
+    assert session.run(None, {session.get_inputs()[0].name: np.zeros((2, 1, 32, 32), np.float32)})[0].shape == (2, 10)
+
+
+def test_a_token_model_exported_without_its_data_is_told_to_pass_data(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    zoo = Path(zoo_models.__file__)
+    run_dir = tmp_path / "run"
+    assert _cli("compress", "--model", f"{zoo}:gru_classifier", "--data", f"{zoo}:ids_data", "--epochs", 1,
+                "--target-sparsity", 0.5, "--one-shot", "--lr", 0.01, "--out", run_dir) == 0
+    capsys.readouterr()
+    assert _cli("export", run_dir, "--out", tmp_path / "m", "--model", f"{zoo}:gru_classifier") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--data {zoo}:ids_data" in err and "Traceback" not in err

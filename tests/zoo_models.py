@@ -155,6 +155,12 @@ class PlainCNN(nn.Module):
         return self.fc(x.reshape(-1, 8 * 8 * 8))
 
 
+def pooled_cnn() -> nn.Module:
+    """A CNN with global pooling: trained on 1×8×8, it runs at any resolution (export --input-shape)."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
 def plain_cnn() -> nn.Module:
     return PlainCNN()
 
