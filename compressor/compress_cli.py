@@ -162,10 +162,13 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
     structured = config.structure == "channels"
-    print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}" + ("     params  MACs removed" if structured else ""))
+    # unstructured: the prunable weights' sparsity (the target's) and the zeros among all parameters
+    print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}" + (
+        "     params  MACs removed" if structured else "  sparsity of all parameters"))
     for method, levels in result.metrics["methods"].items():
         for entry in levels:  # accuracy is null under a regression loss: printed "nan%"
-            extra = f" {entry['params']:>10,} {entry['macs_removed']:>13.2%}" if structured else ""
+            extra = f" {entry['params']:>10,} {entry['macs_removed']:>13.2%}" if structured else (
+                f" {entry['sparsity_all']:>27.2%}" if entry.get("sparsity_all") is not None else "")
             print(f"{method:<14} {entry['level']:>5} {entry['sparsity']:>9.2%} {float('nan') if entry['accuracy'] is None else entry['accuracy']:>9.2%}{extra}")
     print(f"results: {args.out}/metrics.json, report.md, sparsity_accuracy.png")
     return 0

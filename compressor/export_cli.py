@@ -49,7 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(name only one you trust; default: the run's built-in data, else --sample or noise)")
     parser.add_argument("--checkpoint", type=Path, help="with --model: a state_dict or edgeprune checkpoint (.pt)")
     parser.add_argument("--input-shape", type=_shape, help="one example's shape without batch, e.g. 3,32,32 "
-                        "(default: the model's input_shape)")
+                        "(default: the model's input_shape, or the run's); with a RUN_DIR: export at another "
+                        "size than trained, e.g. 3,128,128 for a CNN trained at 32x32")
     parser.add_argument("--output", metavar="NAME", help="the model output to export when it returns a tuple, "
                         "dict or ModelOutput: a key or position (default: the run's --output, else logits, "
                         "else the first tensor)")
@@ -96,14 +97,15 @@ def run(args: argparse.Namespace) -> int:
     if args.run_dir is None and args.model is None:
         raise ConfigError("give either a RUN_DIR or --model (with --checkpoint)")
     if args.run_dir is not None:
-        if args.checkpoint or args.input_shape:
-            raise ConfigError("--checkpoint/--input-shape go with --model alone, not with a RUN_DIR")
+        if args.checkpoint:
+            raise ConfigError("--checkpoint goes with --model alone, not with a RUN_DIR")
     elif args.data is not None:
         raise ConfigError("--data names a RUN_DIR's data factory; with --model alone give --sample")
     if args.run_dir is not None:
         result = export_run_dir(args.run_dir, args.out, method=args.method, level=args.level,
                                 max_drop=args.max_drop, values_dtype=dtype, output=args.output, sample=sample,
-                                force=args.force, model=args.model, data=args.data, layout=layout)
+                                force=args.force, model=args.model, data=args.data, layout=layout,
+                                input_shape=args.input_shape)
     else:
         if args.method or args.level is not None or args.max_drop is not None:
             raise ConfigError("--method/--level/--max-drop select a level of a RUN_DIR; not with --model")

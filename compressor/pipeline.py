@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 from compressor import checkpoints
 from compressor.prune.levels import ChannelLevels
-from compressor.prune.channels import decode, encode
+from compressor.prune.channels import decode, encode, first_example
 from compressor.prune.latency import LatencySource
-from compressor.train.batches import Task
+from compressor.train.batches import Task, split_batch
 from compressor.config import PruneConfig
 from compressor.train.devices import resolve_device
 from compressor.train.distributed import Distributed, current, require_shared
@@ -38,7 +38,8 @@ from compressor.prune.mask import Mask
 from compressor.train.methods import RetrainPlan, any_rewinds_weights, dense_plan, method_named
 from compressor.train.models import input_shape_of
 from compressor.train.optimizers import build_optimizer
-from compressor.prune.weights import keep_counts, layer_sparsities, prunable_parameters, weight_sparsity
+from compressor.prune.weights import (dense_leftovers, keep_counts, layer_sparsities, model_sparsity,
+                                      prunable_parameters, weight_sparsity)
 from compressor.run.report import warn_thin_layers, write_metrics, write_report
 from compressor.run.run_dir import CONFIG, RunDir, collect_metrics, model_fields
 from compressor.train.training import evaluate, require_finite, train, zero_pruned
@@ -116,14 +117,20 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     if pretrained is not None:  # before RUN_DIR is touched: a checkpoint that does not fit writes nothing
         checkpoints.load_into(model, pretrained, "--pretrained")
     params = prunable_parameters(model, config.exclude)  # also checks --exclude's names
+    leftovers = None if config.structure == "channels" else dense_leftovers(model, params)
+    if leftovers and ranks.is_main:
+        log.warning(leftovers)
     shape = input_shape_of(model) or _peek_input_shape(test_loader)
-    channels = _channel_levels(model, shape, config, criterion, latency_source)  # traced before RUN_DIR is touched
-    counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
-                                             config.target_sparsity, config.one_shot)
     model.to(torch_device)
     task = Task(config.loss, config.output, loss_fn)  # how a batch feeds the model; one probe per loader
     task.probe(model, train_loader, torch_device, "training data")
     task.probe(model, test_loader, torch_device, "test data")
+    if ranks.is_main:
+        _warn_unless_exportable(model, test_loader, config.output)
+    # traced on a real batch (after the probes: a batch that does not fit is the probe's one line)
+    channels = _channel_levels(model, shape, config, criterion, test_loader, latency_source)  # before RUN_DIR is touched
+    counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
+                                             config.target_sparsity, config.one_shot)
     params = prunable_parameters(model, config.exclude)  # the parameters as they live on the device
     trainable = ranks.wrap(model)  # DistributedDataParallel under torchrun; shares model's parameters
     record = {**model_fields(model_name or type(model).__name__), "data": data_name,
@@ -170,14 +177,32 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
 
 
 def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
-                    criterion: Any, source: Optional[LatencySource] = None) -> Optional[ChannelLevels]:
-    """The structured side of the run (None for --structure weights); traces the model now, so an
-    untraceable model is refused before anything is written or trained."""
+                    criterion: Any, test_loader: Iterable,
+                    source: Optional[LatencySource] = None) -> Optional[ChannelLevels]:
+    """The structured side of the run (None for --structure weights); traces the model now, on the first
+    example of the test data (token ids, several or keyword inputs as they come), so an untraceable
+    model is refused before anything is written or trained."""
     if config.structure != "channels":
         return None
-    if not shape:
-        raise ConfigError("--structure channels needs the model's input shape (model.input_shape)")
-    return ChannelLevels(model, shape, config, criterion, source)
+    inputs, _ = split_batch(next(iter(test_loader)))  # the probe has read one already
+    example = first_example(inputs)
+    return ChannelLevels(model, shape, config, criterion, source, example=example)
+
+
+def _warn_unless_exportable(model: nn.Module, test_loader: Iterable, output: Optional[str]) -> None:
+    """One warning line before training when torch cannot export the model to ONNX on a real batch, so
+    the user can stop before paying for training a model `edgeprune export` will refuse. A warning, not
+    a refusal: the compressed PyTorch model is still worth having."""
+    from compressor.errors import ExportError
+    from compressor.export.model_dir import check_exportable
+
+    inputs, _ = split_batch(next(iter(test_loader)))
+    try:
+        check_exportable(model, first_example(inputs), output)
+    except ExportError as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:240]
+        log.warning(f"warning: this model cannot be exported to ONNX ({reason}); `edgeprune export` "
+                    "will refuse the compressed model: stop now (Ctrl-C) and fix the model first")
 
 
 def channels_plan(final: Dict[str, Any], channels: ChannelLevels) -> Dict[str, List[int]]:
@@ -215,8 +240,9 @@ class _Job:
         if self.run.final_path(DENSE, 0).is_file():
             return
         mask = Mask.ones_like(self.params).to(self.device)
-        if self.channels is not None:
-            self.extra = {"channels": encode(self.channels.dense_plan()), "last": False}
+        if self.channels is not None:  # the example it traced with: readers rebuild the levels with it
+            self.extra = {"channels": encode(self.channels.dense_plan()), "last": False,
+                          "example": self.channels.example}
         if pretrained is not None:  # already loaded into the model by compress()
             began = time.perf_counter()
             self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[])
@@ -266,7 +292,7 @@ class _Job:
         else:
             model = channels.shrink_to(model, current, kept)
         self._use(model.to(self.device))
-        self.extra = {"channels": encode(kept), "last": last}
+        self.extra = {"channels": encode(kept), "last": last, "example": channels.example}
         self._train(method, level, plan, Mask({}))
         return last
 
@@ -327,18 +353,23 @@ class _Job:
             "model": _cpu_state(self.model), "mask": mask.state_dict(), "level": level,
             "method": method, "sparsity": weight_sparsity(self.params), "accuracy": accuracy, "loss": loss,
             "epochs": epochs, "seconds": seconds + time.perf_counter() - began, "lrs": lrs,
+            "sparsity_all": model_sparsity(self.model),  # beside the prunable weights' own, named so
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
             "world_size": self.ranks.world_size, "mask_sha256": mask_checksums, **self.extra,
         }
         if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
             final.update(self.channels.describe(self.model))
             final["layers"] = final["widths"]
+            del final["sparsity_all"]  # a smaller network: "sparsity" already counts all its parameters
         self.run.save(final, self.run.final_path(method, level))
         self.run.remove(self.run.checkpoint_path(method, level))
         if self.run.writer:
             write_metrics(self.run, collect_metrics(self.run, self.records))
             accuracy_text = "no accuracy" if accuracy != accuracy else f"accuracy {accuracy:.2%}"
-            log.info(f"{'dense' if level == 0 else f'{method} level {level}'} done: sparsity {final['sparsity']:.2%}, "
+            sparsity = f"sparsity {final['sparsity']:.2%}" + (
+                "" if self.channels is not None else
+                f" of the prunable weights ({final['sparsity_all']:.2%} of all parameters)")
+            log.info(f"{'dense' if level == 0 else f'{method} level {level}'} done: {sparsity}, "
                      f"{accuracy_text}, loss {loss:.4f}, {epochs} epochs in {final['seconds']:.0f} s")
             if self.channels is None:  # structured levels' "layers" are widths, never nearly empty
                 warn_thin_layers(method, level, final["layers"], self.warned)

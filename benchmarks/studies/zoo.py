@@ -3,8 +3,9 @@
     python3 benchmarks/studies/zoo.py                                   # every model importable here
     python3 benchmarks/studies/zoo.py --models resnet18,mobilenet_v2 --size 64 --json zoo.json
 
-Each model (random weights: nothing is downloaded) is compressed for one epoch on small random data to
-50% sparsity (one shot), exported as a MODEL_DIR, then opened in ``edge_runtime`` with each kernels
+Each model (random weights: nothing is downloaded) is compressed for one epoch on small random data,
+unstructured to 50% sparsity and structured (``--structure both``, the default) to 20% of the
+parameters removed (one shot), exported as a MODEL_DIR, then opened in ``edge_runtime`` with each kernels
 choice. Printed per model: whether each stage worked (or the one-line reason it did not), the largest
 difference from PyTorch over every engine that ran, the p50 latency at batch 1 of the native engine
 (best of sparse/dense kernels) and of onnxruntime (1 thread each), and the first-load time of
@@ -47,8 +48,12 @@ CLASSES = 10
 TORCHVISION = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1",
                "mnasnet0_5")
 TIMM = ("ghostnet_050", "mobilevit_xxs", "vit_tiny_patch16_224")
-HF = ("hf-bert", "hf-distilbert", "hf-vit")
-OWN = ("user-cnn", "resnet20")
+# Hugging Face models from tiny configs (tests/zoo_models.py): name -> data factory there
+HF = {"hf-bert": "text_data", "hf-distilbert": "text_data", "hf-vit": "image_data", "hf-gpt2": "text_data",
+      "hf-bart": "eos_text_data", "hf-t5": "t5_text_data", "hf-wav2vec2": "audio_data",
+      "hf-whisper_encoder": "mel_data", "hf-convnext": "image_data", "hf-levit": "levit_image_data"}
+# built in code: a user CNN, a global-pooling CNN, the GRU/LSTM text classifiers, the registry's resnet20
+OWN = ("user-cnn", "pooled-cnn", "gru-classifier", "lstm-classifier", "resnet20")
 
 
 def _images(channels: int, size: int) -> Callable[[int, torch.Generator], torch.Tensor]:
@@ -77,18 +82,30 @@ def _hf(name: str) -> Builder:
         from tests import zoo_models
 
         model = getattr(zoo_models, name[len("hf-"):])()
-        if name == "hf-vit":
-            return model, lambda batch, g: {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
-        return model, lambda batch, g: zoo_models._text(batch, g)
+        return model, _from_factory(getattr(zoo_models, HF[name]))
     return build
+
+
+def _from_factory(factory: Callable) -> Callable[[int, torch.Generator], Any]:
+    """``make(batch, generator)`` drawing examples from a zoo_models data factory's training batches."""
+    pool = [inputs for inputs, _ in factory()[0]]
+
+    def make(batch: int, generator: torch.Generator) -> Any:
+        inputs = pool[int(torch.randint(0, len(pool), (1,), generator=generator))]
+        if isinstance(inputs, dict):
+            return {k: v[:batch] for k, v in inputs.items()}
+        return inputs[:batch]
+    return make
 
 
 def _own(name: str) -> Builder:
     def build(size: int):
-        if name == "user-cnn":
-            from tests import zoo_models
+        from tests import zoo_models
 
-            return zoo_models.user_cnn(), _images(1, 8)
+        if name in ("user-cnn", "pooled-cnn"):
+            return getattr(zoo_models, name.replace("-", "_"))(), _images(1, 8)
+        if name in ("gru-classifier", "lstm-classifier"):
+            return getattr(zoo_models, name.replace("-", "_"))(), _from_factory(zoo_models.ids_data)
         from compressor.train.models import build_model
 
         return build_model(name), _images(3, 32)
@@ -101,6 +118,7 @@ BUILDERS: Dict[str, Builder] = {
 }
 PACKAGE = {**{n: "torchvision" for n in TORCHVISION}, **{n: "timm" for n in TIMM},
            **{n: "transformers" for n in HF}}
+TARGETS = {"weights": 0.5, "channels": 0.2}  # channels: a fifth of the parameters (attention stays whole)
 
 
 def _one_line(error: BaseException) -> str:
@@ -138,12 +156,13 @@ def _p50_ms(fn: Callable[[], Any], seconds: float, min_runs: int = 10) -> float:
     return statistics.median(times)
 
 
-def run_model(name: str, size: int, work: Path, seconds: float) -> Dict[str, Any]:
-    """Compress, export and run one model; every stage records ok or its one-line failure."""
+def run_model(name: str, size: int, work: Path, seconds: float, structure: str = "weights") -> Dict[str, Any]:
+    """Compress (``structure``: weights or channels), export and run one model; every stage records ok
+    or its one-line failure."""
     from edge_runtime import InferenceSession
     from edge_runtime.errors import UnsupportedOpError
 
-    row: Dict[str, Any] = {"model": name}
+    row: Dict[str, Any] = {"model": name, "structure": structure}
     torch.manual_seed(0)
     try:
         model, make = BUILDERS[name](size)
@@ -154,11 +173,13 @@ def run_model(name: str, size: int, work: Path, seconds: float) -> Dict[str, Any
     row["params"] = sum(p.numel() for p in model.parameters())
     with torch.no_grad():  # labels in the model's own class count (the tiny HF heads have 3)
         classes = int(pick_output(call_model(model.eval(), make(2, torch.Generator().manual_seed(9))))[1].shape[-1])
-    config = PruneConfig(epochs=1, target_sparsity=0.5, one_shot=True, lr=0.01, batch_size=8)
+    config = PruneConfig(epochs=1, target_sparsity=TARGETS[structure], one_shot=True, lr=0.01, batch_size=8,
+                         structure=structure)
     began = time.perf_counter()
     try:
-        compress(model, _batches(make, 2, 8, 0, classes), _batches(make, 1, 8, 1, classes), config,
-                 out=work / "run")
+        result = compress(model, _batches(make, 2, 8, 0, classes), _batches(make, 1, 8, 1, classes), config,
+                          out=work / "run")
+        model = result.model  # structured: a new, smaller module
         row["compress"] = f"ok {time.perf_counter() - began:.1f}s"
     except Exception as error:
         return {**row, "compress": _one_line(error)}
@@ -216,13 +237,13 @@ def _error(row: Dict[str, Any]) -> str:
 
 
 def _table(rows: List[Dict[str, Any]]) -> str:
-    head = ("| model | params | compress | export | runtime | max error vs PyTorch | native ms | onnxruntime ms "
-            "| first load (auto) |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | structure | params | compress | export | runtime | max error vs PyTorch | native ms "
+            "| onnxruntime ms | first load (auto) |")
+    lines = [head, "|" + "---|" * 10]
     show = lambda v, fmt="{}": "—" if v is None else fmt.format(v)
     for r in rows:
         load = f"{r['first_load_s']} s → {r['auto_engine']}" if "first_load_s" in r else "—"
-        lines.append(f"| {r['model']} | {show(r.get('params'), '{:,}')} | {r.get('compress', '—')} | "
+        lines.append(f"| {r['model']} | {r.get('structure', 'weights')} | {show(r.get('params'), '{:,}')} | {r.get('compress', '—')} | "
                      f"{r.get('export', '—')} | {r.get('runtime', '—')} | {_error(r)} | "
                      f"{show(r.get('native_ms'))} | {show(r.get('ort_ms'))} | {load} |")
     return "\n".join(lines)
@@ -234,15 +255,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=64, help="image side for torchvision/timm models")
     parser.add_argument("--seconds", type=float, default=0.5, help="latency measuring time per engine")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--structure", choices=("weights", "channels", "both"), default="both",
+                        help="unstructured (weights), structured (channels) or both (default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     for name in args.models.split(","):
         if name not in BUILDERS:
             parser.error(f"unknown model {name!r}; known: {', '.join(BUILDERS)}")
-        with tempfile.TemporaryDirectory() as work:
-            rows.append(run_model(name, args.size, Path(work), args.seconds))
-        print(f"{name}: {rows[-1]}", file=sys.stderr)
+        for structure in (("weights", "channels") if args.structure == "both" else (args.structure,)):
+            with tempfile.TemporaryDirectory() as work:
+                rows.append(run_model(name, args.size, Path(work), args.seconds, structure))
+            print(f"{name}: {rows[-1]}", file=sys.stderr)
     print(_table(rows))
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")

@@ -77,14 +77,15 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
                    level: Optional[int] = None, max_drop: Optional[float] = None,
                    values_dtype: str = "float32", output: Optional[str] = None, sample: Any = None,
                    force: bool = False, model: Optional[str] = None, data: Optional[str] = None,
-                   layout: str = "compact") -> ExportResult:
+                   layout: str = "compact", input_shape: Optional[Sequence[int]] = None) -> ExportResult:
     """Export one level of a RUN_DIR (see :func:`pick_level`) to ``out_dir``.
 
     ``model`` (a built-in name or ``file.py:factory``) builds the network; a run made with a factory
     needs it, since reading a run never runs a file the run names (``run_dir.load_level``). The
     example inputs come from ``sample``, else the data factory the user names in ``data``, else the
     run's built-in test data, else seeded noise of the run's input shape; ``output`` defaults to the
-    run's own ``--output``.
+    run's own ``--output``. ``input_shape`` exports at another input size than the run's (a CNN trained
+    at 32×32 run at 128×128 on the device): the example is then seeded noise of that shape.
     """
     from compressor.errors import CompressorError
     from compressor.run.run_dir import CONFIG, list_levels, load_level, read_json
@@ -97,17 +98,33 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
         raise
     except CompressorError as error:
         raise ExportError(str(error)) from error
-    shape = loaded.input_shape
-    example = sample if sample is not None else _real_sample(data or config.get("data"), shape, trusted=data is not None)
+    shape = tuple(input_shape) if input_shape else loaded.input_shape
+    example = sample
+    if example is None and not (input_shape and tuple(input_shape) != tuple(loaded.input_shape or ())):
+        example = _real_sample(data or config.get("data"), shape, trusted=data is not None)
+    factory = _data_factory(config.get("data")) if example is None and data is None else None
+    hint = f"--data {factory} (the run's data factory; name only one you trust) or " if factory else ""
     if not shape and example is None:
         raise ExportError(f"{run_dir}: the run records no input shape and its data cannot be loaded here; "
-                          "give example inputs (--sample inputs.npz)")
+                          f"give example inputs: {hint}--sample inputs.npz")
     source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
               "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config)}
-    result = export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
-                          output=output or config.get("output"), accuracy=loaded.accuracy,
-                          sparsity=loaded.sparsity, source=source, force=force, layout=layout)
+    try:
+        result = export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
+                              output=output or config.get("output"), accuracy=loaded.accuracy,
+                              sparsity=loaded.sparsity, source=source, force=force, layout=layout)
+    except ExportError as error:
+        if example is None and hint and "cannot run on the example inputs" in str(error):
+            # seeded float noise fed a model that wants other inputs (token ids): the fix is real data
+            raise ExportError(f"{error}; the example was float noise of shape {list(shape)}: give real inputs "
+                              f"with {hint}--sample inputs.npz") from error
+        raise
     return replace(result, picked=_why_picked(chosen, level, max_drop))
+
+
+def _data_factory(spec: Optional[str]) -> Optional[str]:
+    """The run's data spec when it is a factory file (``file.py:factory``), which export never runs unasked."""
+    return spec if spec and ".py:" in spec else None
 
 
 def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float]) -> str:

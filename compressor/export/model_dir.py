@@ -326,6 +326,19 @@ def export_model(model: Any, out_dir: Path | str, *, input_shape: Optional[Seque
     return ExportResult(out_dir, size, dense_onnx_bytes, manifest["sparsity"], torch_diff, layers)
 
 
+def check_exportable(model: Any, sample: Any, output: Optional[str] = None) -> None:
+    """Export a copy of ``model`` to ONNX in memory on ``sample`` (batch first: a tensor, tuple or dict),
+    as :func:`export_model` will (no files, no onnxruntime); ExportError when torch cannot. A run checks
+    this before training, so a model that can never be exported is known before training is paid for."""
+    import copy
+
+    from compressor.export import onnx_graph
+
+    clone = copy.deepcopy(model).float().cpu().eval()
+    feed, positional = _example_feed(clone, sample, (), 0)
+    onnx_graph.torch_to_onnx(clone, _torch_feed(_batch_of(feed, 2)), output, positional)
+
+
 def _torch_feed(feed: Dict[str, np.ndarray]) -> Dict[str, Any]:
     import torch
 

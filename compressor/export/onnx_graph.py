@@ -8,10 +8,12 @@ The node list can then be written to manifest.json for a device that has no ``on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import re
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -20,7 +22,10 @@ from onnx import helper, numpy_helper
 from compressor.errors import ExportError
 
 OPSET = 17
-WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers whose weight is pruned and may be stored as CSR
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers the native kernels run with a CSR or dense weight
+RNN_OPS = ("GRU", "LSTM", "RNN")  # W (input 1) and R (input 2) are the pruned weight_ih / weight_hh
+# ops whose weights are pruned and may be stored as CSR (onnxruntime gets them dense at load)
+STORED_WEIGHT_OPS = (*WEIGHT_OPS, "Gather", *RNN_OPS)
 
 
 def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = None,
@@ -35,7 +40,7 @@ def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = No
     """
     import torch  # the workstation side only; keeps this module importable for inspection
 
-    from compressor.train.batches import flat_outputs, pick_output
+    from compressor.train.batches import pick_output
 
     args = tuple(inputs.values()) if positional else ()
     kwargs = {} if positional else dict(inputs)
@@ -48,20 +53,55 @@ def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = No
     except Exception as error:  # the user's model does not take these inputs, or returns no tensor
         raise ExportError(f"the model cannot run on the example inputs: {type(error).__name__}: "
                           f"{str(error).strip()[:300]}") from error
-    output_names = [name for name, _ in flat_outputs(produced)]
-    axes = {name: {0: "batch"} for name in [*inputs, *output_names]}
+    axes = {name: {0: "batch"} for name in [*inputs, chosen]}
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _only_output(model, output), _no_cache(model):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, args, buffer, kwargs=kwargs or None, dynamo=False, opset_version=OPSET,
-                              input_names=list(inputs), output_names=output_names,
+                              input_names=list(inputs), output_names=[chosen],
                               dynamic_axes=axes, do_constant_folding=True)
         except Exception as error:  # an op torch cannot export is the user's model's limitation
             raise ExportError(f"torch.onnx.export failed: {type(error).__name__}: {error}") from error
     exported = onnx.load_from_string(buffer.getvalue())
     keep_only_output(exported.graph, chosen)
     return exported, chosen
+
+
+@contextlib.contextmanager
+def _only_output(model: Any, output: Optional[str]) -> Iterator[None]:
+    """While exporting, ``model``'s forward returns only the chosen output tensor: the rest of a tuple,
+    dict or ModelOutput (a Hugging Face cache object, hidden states) is never traced. The instance's
+    forward is wrapped rather than the module, so layer scopes and weight names stay the model's own."""
+    from compressor.train.batches import pick_output
+
+    original = model.forward
+
+    @functools.wraps(original)  # the signature stays the forward's: keyword inputs keep their order
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return pick_output(original(*args, **kwargs), output)[1]
+
+    model.forward = forward
+    try:
+        yield
+    finally:
+        del model.forward  # the class's forward again
+
+
+@contextlib.contextmanager
+def _no_cache(model: Any) -> Iterator[None]:
+    """A Hugging Face model exports with ``config.use_cache = False``: a key/value cache (DynamicCache,
+    EncoderDecoderCache) is generation state, not an output an edge model returns, and no exporter
+    takes it. The caller's setting is restored afterwards."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if before:
+            config.use_cache = before
 
 
 def keep_only_output(graph: onnx.GraphProto, name: str) -> None:
@@ -224,6 +264,13 @@ def rename_tensors(graph: onnx.GraphProto) -> None:
         taken.add(candidate)
 
     for index, node in enumerate(graph.node):
+        if node.op_type in RNN_OPS:  # one node per layer of the module: /rnn/GRU, /rnn/GRU_1
+            layer = _safe(layer_name(node.name, "rnn")) + "." + _safe(node.name.rsplit("/", 1)[-1].lower())
+            for role, name in zip(("ih.weight", "hh.weight", "bias"), node.input[1:4]):
+                if name in init_names:
+                    claim(name, f"{layer}.{role}")
+        elif node.op_type == "Gather" and node.input[0] in init_names and _is_float_matrix(graph, node.input[0]):
+            claim(node.input[0], f"{_safe(layer_name(node.name, f'gather{index}'))}.weight")  # an Embedding
         if node.op_type in WEIGHT_OPS:
             layer = _safe(layer_name(node.name, f"{node.op_type.lower()}{index}"))
             roles = ("input", "weight", "bias")
@@ -242,16 +289,26 @@ def rename_tensors(graph: onnx.GraphProto) -> None:
                 node.input[i] = mapping[name]
 
 
+def _is_float_matrix(graph: onnx.GraphProto, name: str) -> bool:
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    return tensor is not None and len(tensor.dims) >= 2 and tensor.data_type == onnx.TensorProto.FLOAT
+
+
 def weight_inputs(graph: onnx.GraphProto) -> Dict[str, Tuple[str, str]]:
-    """The prunable weights: initializer name → (layer name, op type) for Conv/Gemm/MatMul."""
+    """The prunable weights: initializer name → (layer name, op type) for Conv/Gemm/MatMul, an
+    Embedding's Gather table and an RNN/GRU/LSTM's W and R."""
     init_names = {t.name for t in graph.initializer}
     found: Dict[str, Tuple[str, str]] = {}
     for node in graph.node:
-        if node.op_type not in WEIGHT_OPS:
+        if node.op_type not in STORED_WEIGHT_OPS:
             continue
         candidates: Sequence[str] = node.input[1:2]
         if node.op_type == "MatMul" and node.input[1] not in init_names:
             candidates = node.input[0:1]
+        elif node.op_type == "Gather":
+            candidates = node.input[0:1]
+        elif node.op_type in RNN_OPS:
+            candidates = node.input[1:3]
         for name in candidates:
             if name in init_names and name.endswith(".weight"):
                 found[name] = (name[: -len(".weight")], node.op_type)

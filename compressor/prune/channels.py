@@ -19,11 +19,13 @@ or its current width if that is smaller) — so no layer ever disappears.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -53,11 +55,56 @@ def _tp():
     return torch_pruning
 
 
+# What a model is traced with: one example's inputs, batch first, as a batch gives them — a tensor
+# (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``: Hugging Face's input_ids, ...).
+Example = Any
+
+
 def example_input(input_shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
-    """One seeded example for tracing (its own generator: the global RNG stays untouched)."""
+    """One seeded float example of ``input_shape`` for tracing, for a model with no data at hand (its own
+    generator: the global RNG stays untouched). A run traces a real batch instead (:func:`first_example`)."""
     generator = torch.Generator().manual_seed(0)
     example = torch.randn((1, *input_shape), generator=generator)
     return example.to(device) if device is not None else example
+
+
+def first_example(inputs: Example) -> Example:
+    """The first example of a batch's inputs (tensor, tuple/list or dict), detached on the CPU: what a
+    run traces with, so integer token ids and several or keyword inputs trace as they train."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1].detach().cpu()
+    if isinstance(inputs, Mapping):
+        return {str(key): first_example(value) for key, value in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return tuple(first_example(value) for value in inputs)
+    raise StructureError(f"--structure channels: batch inputs of type {type(inputs).__name__} are not tensors")
+
+
+def is_example(value: Any) -> bool:
+    """Whether ``value`` is an example (tensors in a tensor, tuple or dict), e.g. as read from final.pt."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, Mapping):
+        return bool(value) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
+
+
+def _to(example: Example, device: torch.device) -> Example:
+    if isinstance(example, torch.Tensor):
+        return example.to(device)
+    if isinstance(example, Mapping):
+        return {key: value.to(device) for key, value in example.items()}
+    return tuple(value.to(device) for value in example)
+
+
+def call_example(model: nn.Module, example: Example) -> Any:
+    """``model`` on ``example`` (moved to the model's device), called as the batch says."""
+    example = _to(example, _device_of(model))
+    if isinstance(example, Mapping):
+        return model(**example)
+    if isinstance(example, tuple):
+        return model(*example)
+    return model(example)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -65,18 +112,61 @@ def _device_of(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def trace(model: nn.Module, example: torch.Tensor):
-    """Torch-Pruning's dependency graph of ``model``; ``StructureError`` naming the layer or op when the
-    model cannot be traced. Traced in eval mode so BatchNorm statistics are not touched."""
+def _layer_types(graph) -> Callable[[nn.Module], bool]:
+    """Whether Torch-Pruning follows a module as a layer of its own (Conv, Linear, norms, Embedding, ...)
+    rather than as a container of ops; ``graph`` is an empty DependencyGraph (its registered pruners)."""
     tp = _tp()
+
+    def is_layer(module: nn.Module) -> bool:
+        kind = tp.ops.module2type(module)
+        return kind in graph.REGISTERED_PRUNERS and kind != tp.ops.OPTYPE.ELEMENTWISE
+    return is_layer
+
+
+def _unwrapped(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> List[Tuple[nn.Parameter, int]]:
+    """The bare ``nn.Parameter``s no Torch-Pruning layer owns (ConvNeXt's layer scale, LeViT's attention
+    biases, ViT's position table), each with the dimension that follows the channels: a vector's only
+    one, else the last that is not 1 (channels last, as these tables are laid out)."""
+    owned = {id(p) for m in model.modules() if is_layer(m) for p in m.parameters(recurse=False)}
+    found = []
+    for param in model.parameters():
+        sizes = [i for i, size in enumerate(param.shape) if size > 1]
+        if id(param) not in owned and sizes:
+            found.append((param, sizes[-1]))
+    return found
+
+
+def _output_tensors(output: Any) -> List[torch.Tensor]:
+    """Every tensor in a model's output (tensor, tuple/list, dict, ModelOutput); a Hugging Face cache
+    object or any other non-tensor is left out, as Torch-Pruning follows tensors only."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for value in output.values() for t in _output_tensors(value)]
+    if isinstance(output, (tuple, list)):
+        return [t for value in output for t in _output_tensors(value)]
+    return []
+
+
+def _traced_outputs(model: nn.Module, example: Example) -> List[torch.Tensor]:
+    return _output_tensors(call_example(model, example))
+
+
+def trace(model: nn.Module, example: Example):
+    """Torch-Pruning's dependency graph of ``model`` on ``example``; ``StructureError`` naming the layer or
+    op when the model cannot be traced. Traced in eval mode so BatchNorm statistics are not touched."""
+    tp = _tp()
+    graph = tp.DependencyGraph()
+    is_layer = _layer_types(graph)
     called: List[nn.Module] = []
     hooks = [m.register_forward_hook(lambda module, _i, _o: called.append(module))
-             for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+             for m in model.modules() if is_layer(m) and any(True for _ in m.parameters(recurse=False))]
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():  # the graph is read from autograd: callers may be under no_grad
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.to(_device_of(model)))
+            graph.build_dependency(model, example_inputs=example, forward_fn=_traced_outputs,
+                                   unwrapped_parameters=_unwrapped(model, is_layer), verbose=False)
     except Exception as error:  # the user's forward or an op Torch-Pruning cannot follow
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise StructureError(f"--structure channels: tracing the model failed ({type(error).__name__}: "
@@ -87,7 +177,8 @@ def trace(model: nn.Module, example: torch.Tensor):
         model.train(was_training)
     names = {module: name for name, module in model.named_modules()}
     for module in called:
-        if module not in graph.module2node:
+        frozen = not any(p.requires_grad for p in module.parameters(recurse=False))  # a fixed table
+        if module not in graph.module2node and not frozen:
             raise StructureError(
                 f"--structure channels: layer {names.get(module, type(module).__name__)!r} "
                 f"({type(module).__name__}) is not on the autograd path to the output (an op such as "
@@ -138,7 +229,7 @@ def _blocks(graph, group) -> int:
     return blocks
 
 
-def find_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[str] = ()) -> List[Group]:
+def find_groups(model: nn.Module, example: Example, exclude: Sequence[str] = ()) -> List[Group]:
     """The prunable channel groups of ``model`` (dense), in a deterministic order."""
     graph = trace(model, example)
     names = {module: name for name, module in model.named_modules()}
@@ -155,10 +246,43 @@ def find_groups(model: nn.Module, example: torch.Tensor, exclude: Sequence[str] 
         if any(_reaches_output(graph, m) for m in outs if m in graph.module2node):
             continue  # the classifier's outputs (and anything tied to them) are the model's contract
         groups.append(Group(names[root], _out_channels(root), _blocks(graph, group)))
+    groups = _removable(model, example, groups)
     if not groups:
         raise StructureError("--structure channels: the model has no prunable channel group "
                              "(every Conv/Linear feeds the output or is excluded)")
     return groups
+
+
+def _remove_one_unit(model: nn.Module, example: Example, groups: Sequence[Group]) -> bool:
+    """Whether ``model`` (a copy: it is pruned) still runs after one channel (one per block) of each of
+    ``groups`` is removed. Torch-Pruning does not know every coupling: attention reshapes a projection's
+    channels into heads (``view(B, T, heads, -1)``), a weight-normed conv cannot be re-registered."""
+    model.eval()  # BatchNorm on one example fails in training mode
+    try:
+        graph = trace(model, example)
+        modules = dict(model.named_modules())
+        for g in groups:
+            units = g.size // g.blocks
+            if units > 1:
+                _full_group(graph, modules[g.root], [b * units for b in range(g.blocks)]).prune(record_history=False)
+        with torch.no_grad():
+            call_example(model, example)
+        return True
+    except Exception:  # any failure means: this group is not removable as Torch-Pruning sees it
+        return False
+
+
+def _removable(model: nn.Module, example: Example, groups: List[Group]) -> List[Group]:
+    """The groups whose channels can really be removed: all of them when removing a channel of every
+    group at once runs (one trace), else each is tried alone; the others stay whole (like --exclude)."""
+    if not groups or _remove_one_unit(copy_model(model), example, groups):
+        return groups
+    kept = [g for g in groups if _remove_one_unit(copy_model(model), example, [g])]
+    left = [g.root for g in groups if g not in kept]
+    logging.getLogger("compressor").info(
+        f"--structure channels: {len(left)} channel group(s) stay whole: removing a channel breaks the model "
+        f"(attention heads, a parametrized layer): {', '.join(left[:4])}{', ...' if len(left) > 4 else ''}")
+    return kept
 
 
 def full_plan(groups: Sequence[Group]) -> ChannelPlan:
@@ -168,13 +292,12 @@ def full_plan(groups: Sequence[Group]) -> ChannelPlan:
 
 @torch.no_grad()
 def shrink(model: nn.Module, current: Mapping[str, Sequence[int]], new: Mapping[str, Sequence[int]],
-           example: torch.Tensor) -> nn.Module:
+           example: Example) -> nn.Module:
     """Remove, in place, the channels that ``current`` keeps and ``new`` does not (both in dense
     indices); returns ``model``. Each group's removal is checked with a forward pass, so a graph that
     Torch-Pruning misreads fails here naming the group's root layer."""
     modules = dict(model.named_modules())
     graph = None
-    device = _device_of(model)
     was_training = model.training
     model.eval()
     try:
@@ -185,9 +308,9 @@ def shrink(model: nn.Module, current: Mapping[str, Sequence[int]], new: Mapping[
                 continue
             if graph is None:
                 graph = trace(model, example)
-            _full_group(graph, modules[root], removed).prune(record_history=False)
             try:
-                model(example.to(device))
+                _full_group(graph, modules[root], removed).prune(record_history=False)
+                call_example(model, example)
             except Exception as error:
                 raise StructureError(f"--structure channels: removing channels of layer {root!r} breaks the "
                                      f"model ({type(error).__name__}: {str(error)[:160]}); --exclude {root} "
@@ -199,7 +322,7 @@ def shrink(model: nn.Module, current: Mapping[str, Sequence[int]], new: Mapping[
 
 @torch.no_grad()
 def group_scores(model: nn.Module, groups: Sequence[Group], plan: Mapping[str, Sequence[int]],
-                 criterion: ChannelCriterion, example: torch.Tensor) -> Dict[str, torch.Tensor]:
+                 criterion: ChannelCriterion, example: Example) -> Dict[str, torch.Tensor]:
     """Per group, one score per current channel: the criterion's layer scores averaged over every
     Conv/Linear whose output channels the group removes (a residual stage's convs vote together)."""
     graph = trace(model, example)
@@ -345,9 +468,10 @@ def widths(model: nn.Module) -> Dict[str, int]:
     return {name: _out_channels(m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
 
 
-def params_and_macs(model: nn.Module, example: torch.Tensor) -> Tuple[int, int]:
+def params_and_macs(model: nn.Module, example: Example) -> Tuple[int, int]:
     """Parameters and multiply-accumulates of one forward pass at batch 1 (Torch-Pruning's counter)."""
-    macs, params = _tp().utils.count_ops_and_params(model, example.to(_device_of(model)))
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a warning for keyword-only inputs
+        macs, params = _tp().utils.count_ops_and_params(model, _to(example, _device_of(model)))
     return int(params), int(macs)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from compressor.errors import ConfigError
-from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
+from compressor.prune.channels import PRUNABLE, Example, Group, _full_group, _is_depthwise, call_example, trace
 from edge_runtime import layer_timing
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape, check_for_planning
 
@@ -162,7 +162,7 @@ class _Layer:
 class LatencyModel:
     """Predicted onnxruntime latency of the template shrunk to any group widths (see the module doc)."""
 
-    def __init__(self, template: nn.Module, example: torch.Tensor, groups: Sequence[Group], multiple: int,
+    def __init__(self, template: nn.Module, example: Example, groups: Sequence[Group], multiple: int,
                  min_channels: Optional[int] = None) -> None:
         self.groups, self.multiple = list(groups), multiple
         self.narrowest = min_channels or multiple
@@ -239,7 +239,7 @@ def _removals(ratios: Mapping[int, float], ladders: Sequence[Sequence[int]], gro
     return totals
 
 
-def _layers(template: nn.Module, example: torch.Tensor, groups: Sequence[Group]) -> List[_Layer]:
+def _layers(template: nn.Module, example: Example, groups: Sequence[Group]) -> List[_Layer]:
     """The template's Conv/Linear layers on the forward path, with their dense shapes and ratios."""
     graph = trace(template, example)
     modules = dict(template.named_modules())
@@ -260,7 +260,7 @@ def _layers(template: nn.Module, example: torch.Tensor, groups: Sequence[Group])
     return [layers[n] for n in modules if n in layers]
 
 
-def _input_sizes(model: nn.Module, example: torch.Tensor) -> Dict[str, Tuple[int, ...]]:
+def _input_sizes(model: nn.Module, example: Example) -> Dict[str, Tuple[int, ...]]:
     """Each Conv/Linear's input size after the channel axis (Linear: the dims before features)."""
     sizes: Dict[str, Tuple[int, ...]] = {}
     hooks = []
@@ -274,7 +274,7 @@ def _input_sizes(model: nn.Module, example: torch.Tensor) -> Dict[str, Tuple[int
     model.eval()
     try:
         with torch.no_grad():
-            model(example)
+            call_example(model, example)
     finally:
         for hook in hooks:
             hook.remove()

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from compressor import checkpoints
-from compressor.prune.channels import (ChannelPlan, Group, Ranking, channel_count, copy_model, example_input,
-                                       find_groups, full_plan, group_scores, params_and_macs, shrink, smallest,
-                                       widths)
+from compressor.prune.channels import (ChannelPlan, Example, Group, Ranking, channel_count, copy_model,
+                                       example_input, find_groups, full_plan, group_scores, params_and_macs, shrink,
+                                       smallest, widths)
 from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
 from compressor.prune.criteria import ChannelCriterion
@@ -61,10 +61,16 @@ def _target(config: PruneConfig) -> Tuple[str, float]:
 class ChannelLevels:
     """The structured side of one run (see the module docstring)."""
 
-    def __init__(self, template: nn.Module, input_shape: Sequence[int], config: PruneConfig,
-                 criterion: ChannelCriterion, source: Optional[LatencySource] = None) -> None:
+    def __init__(self, template: nn.Module, input_shape: Optional[Sequence[int]], config: PruneConfig,
+                 criterion: ChannelCriterion, source: Optional[LatencySource] = None,
+                 example: Optional[Example] = None) -> None:
+        """Traces ``template`` on ``example`` (one example of the data; default: seeded noise of
+        ``input_shape``); ``source`` measures latency (default: this machine)."""
         self.template = copy_model(template).cpu()
-        self.example = example_input(input_shape)
+        if example is None and not input_shape:
+            raise ConfigError("--structure channels needs example inputs: data to trace with, or the model's "
+                              "input shape (model.input_shape)")
+        self.example = example if example is not None else example_input(input_shape)
         self.config, self.criterion = config, criterion
         self.groups = find_groups(self.template, self.example, config.exclude)
         self.dense_params, self.dense_macs = params_and_macs(self.template, self.example)

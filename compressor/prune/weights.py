@@ -1,7 +1,11 @@
 """Global magnitude pruning: which weights are prunable, how many survive each round, the new mask.
 
-Prunable: the ``weight`` of every ``Conv*d`` and ``Linear`` module (first conv, 1×1 shortcuts and
-the classifier included); biases and BatchNorm never. One threshold over all layers: the surviving
+Prunable: every weight *matrix* a user would expect to shrink (:func:`prunable_parameters`): the
+``weight`` of every Conv, Linear and Embedding (first conv, 1×1 shortcuts, the classifier, Hugging
+Face's ``Conv1D`` included), every ``weight_ih_l*``/``weight_hh_l*`` of an RNN/GRU/LSTM (all layers
+and directions) and ``nn.MultiheadAttention``'s ``in_proj_weight`` (or ``q/k/v_proj_weight``; its
+``out_proj`` is a Linear); biases, norms, layer scales and bare 2-D parameters (position embeddings,
+attention biases) never — those are reported as left dense (:func:`dense_leftovers`). One threshold over all layers: the surviving
 magnitudes are sorted once, so layers end at different sparsities (Renda et al. 2020; OpenLTH's
 ``sparse_global``). A per-layer floor keeps global pruning from removing a whole layer by accident
 (a layer whose weights are all small would otherwise go first and cut the network): each layer keeps
@@ -12,7 +16,8 @@ the round's density, so it never conflicts with the target: 0 is pure global pru
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+import re
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -20,28 +25,64 @@ from torch import nn
 from compressor.errors import ConfigError
 from compressor.prune.mask import Mask
 
-_PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# A module's own parameters that are weight matrices: ``weight`` (Conv, Linear, Embedding, HF Conv1D,
+# Bilinear), an RNN's ``weight_ih_l0``/``weight_hh_l1_reverse``, MultiheadAttention's ``in_proj_weight``.
+_WEIGHT_NAME = re.compile(r"weight|weight_(ih|hh)_l\d+(_reverse)?|(in|q|k|v)_proj_weight")
+# Left-dense tensors are warned about when together they hold at least this share of the parameters.
+DENSE_WARN_SHARE = 0.05
+
+
+def _weight_matrices(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """Every weight matrix (>= 2 dims) owned by a module, by its full parameter name; a tied one (GPT-2's
+    ``lm_head.weight`` is ``wte.weight``) once, under the name ``named_parameters`` gives it."""
+    found: Dict[str, nn.Parameter] = {}
+    seen = set()
+    for module_name, module in model.named_modules():
+        for own, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2 and _WEIGHT_NAME.fullmatch(own) and id(param) not in seen:
+                seen.add(id(param))
+                found[f"{module_name}.{own}" if module_name else own] = param
+    return found
+
+
+def _excluded(name: str, exclude: Sequence[str]) -> Optional[str]:
+    """The ``exclude`` entry that names ``name``: the parameter itself or a module holding it."""
+    return next((e for e in exclude if name == e or name.startswith(f"{e}.")), None)
 
 
 def prunable_parameters(model: nn.Module, exclude: Sequence[str] = ()) -> Dict[str, nn.Parameter]:
-    """``{parameter name: weight}`` of the Conv/Linear layers not named in ``exclude``.
+    """``{parameter name: weight}`` of every weight matrix (see the module docstring) not in ``exclude``.
 
-    ``exclude`` holds module names (``fc``, ``net.4``) or their weight names (``fc.weight``); a name
-    that matches no prunable layer is an error, so a typo never silently prunes a layer.
+    ``exclude`` holds module names (``fc``, ``net.4``, ``gru``: all of its weights) or parameter names
+    (``fc.weight``, ``gru.weight_hh_l0``); a name that matches no prunable weight is an error, so a
+    typo never silently prunes a layer.
     """
-    found: Dict[str, nn.Parameter] = {}
-    for module_name, module in model.named_modules():
-        if isinstance(module, _PRUNABLE_TYPES) and isinstance(getattr(module, "weight", None), nn.Parameter):
-            found[f"{module_name}.weight" if module_name else "weight"] = module.weight
-    wanted = {name if name.endswith(".weight") else f"{name}.weight" for name in exclude}
-    unknown = sorted(wanted - set(found))
+    found = _weight_matrices(model)
+    unknown = [e for e in exclude if not any(_excluded(name, [e]) for name in found)]
     if unknown:
-        choices = ", ".join(n[: -len(".weight")] for n in found)
-        raise ConfigError(f"--exclude: no prunable layer named {unknown[0][: -len('.weight')]!r}; layers: {choices}")
-    chosen = {name: p for name, p in found.items() if name not in wanted}
+        choices = ", ".join(n[: -len(".weight")] if n.endswith(".weight") else n for n in found)
+        raise ConfigError(f"--exclude: no prunable layer named {unknown[0]!r}; layers: {choices}")
+    chosen = {name: p for name, p in found.items() if _excluded(name, exclude) is None}
     if not chosen:
-        raise ConfigError("the model has no prunable (Conv/Linear) weights left to prune")
+        raise ConfigError("the model has no prunable (Conv/Linear/Embedding/RNN) weights left to prune")
     return chosen
+
+
+def dense_leftovers(model: nn.Module, prunable: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """One warning line naming the large tensors left dense (not prunable, not excluded by the user),
+    when together they hold at least :data:`DENSE_WARN_SHARE` of the parameters; else None. Pruning
+    the rest to the target then leaves the whole model visibly less sparse, so the user hears why."""
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    matrices = _weight_matrices(model)
+    left = {n: p.numel() for n, p in params.items() if n not in prunable and n not in matrices and p.dim() >= 2}
+    share = sum(left.values()) / max(total, 1)
+    if not left or share < DENSE_WARN_SHARE:
+        return None
+    biggest = sorted(left.items(), key=lambda item: -item[1])[:3]
+    named = ", ".join(f"{n} ({size:,})" for n, size in biggest) + (", ..." if len(left) > 3 else "")
+    return (f"warning: {share:.1%} of the parameters are in tensors that are not weight matrices and stay dense: "
+            f"{named}; --target-sparsity counts the prunable weights only")
 
 
 def keep_counts(total: int, prune_fraction: float, target_sparsity: float, one_shot: bool) -> List[int]:
@@ -133,3 +174,9 @@ def weight_sparsity(params: Dict[str, torch.Tensor]) -> float:
 def layer_sparsities(params: Dict[str, torch.Tensor]) -> Dict[str, float]:
     """Per-layer fraction of exactly-zero weights (global pruning leaves them unequal)."""
     return {name: float((p == 0).sum()) / p.numel() for name, p in params.items()}
+
+
+@torch.no_grad()
+def model_sparsity(model: nn.Module) -> float:
+    """Fraction of exactly-zero entries among all of the model's parameters (biases, norms included)."""
+    return weight_sparsity(dict(model.named_parameters()))

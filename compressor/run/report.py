@@ -37,12 +37,14 @@ def _accuracy_cells(entry: Dict[str, Any], dense: float) -> str:
 
 
 def markdown_table(metrics: Dict[str, Any]) -> str:
-    """One row per (method, level): sparsity, compression, accuracy and its change from dense."""
+    """One row per (method, level): sparsity of the prunable weights (what --target-sparsity counts) and
+    the compression it gives them, the zeros among all parameters, accuracy and its change from dense."""
     lines = [
         f"# {metrics['model']} on {metrics['data']}",
         "",
-        "| method | level | sparsity | compression | accuracy | Δ vs dense | loss | epochs | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | level | sparsity (prunable weights) | compression | sparsity (all parameters) | accuracy | "
+        "Δ vs dense | loss | epochs | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if _structured(metrics):
         return _channels_table(metrics, lines[:2])
@@ -53,7 +55,7 @@ def markdown_table(metrics: Dict[str, Any]) -> str:
             compression = f"{1.0 / density:.1f}×" if density > 0 else "∞"
             lines.append(
                 f"| {method} | {entry['level']} | {entry['sparsity']:.2%} | {compression} | "
-                f"{_accuracy_cells(entry, dense)} | {_number(entry['loss'], '.4f')} | "
+                f"{_number(entry.get('sparsity_all'), '.2%')} | {_accuracy_cells(entry, dense)} | {_number(entry['loss'], '.4f')} | "
                 f"{entry['epochs']} | {_number(entry['seconds'], '.1f')} |"
             )
     return "\n".join(lines) + "\n"

@@ -198,6 +198,8 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     """
     record = {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
     # --structure channels levels also carry the smaller network's size and each layer's width.
+    if "sparsity_all" in final:  # zeros among all parameters, beside "sparsity" (the prunable weights')
+        record["sparsity_all"] = _finite_or_none(final["sparsity_all"])
     record.update({key: final[key] for key in STRUCTURED_FIGURES if key in final})
     return record
 
@@ -368,11 +370,14 @@ def _build_trusted(recorded: str, recorded_sha: Optional[str]) -> nn.Module:
     return build_model(recorded, expect_sha256=recorded_sha)
 def _shrunken(model: nn.Module, final: Dict[str, Any], config: Dict[str, Any], path: Path) -> nn.Module:
     """The dense ``model`` with the channels that ``final``'s plan drops removed (deterministically)."""
-    from compressor.prune.channels import decode, example_input, find_groups, full_plan, shrink
+    from compressor.prune.channels import decode, example_input, find_groups, full_plan, is_example, shrink
 
-    shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
-    if not shape:
-        raise RunDirError(f"{path}: a structured level needs the run's input shape, which it does not record")
-    example = example_input(shape)
+    example = final.get("example")  # what the run traced with (one example of its data)
+    if not is_example(example):  # runs before the example was stored: seeded noise of the input shape
+        shape = input_shape_of(model) or (tuple(config["input_shape"]) if config.get("input_shape") else None)
+        if not shape:
+            raise RunDirError(f"{path}: a structured level needs the run's example inputs or input shape, "
+                              "which it does not record")
+        example = example_input(shape)
     groups = find_groups(model, example, tuple(config.get("exclude") or ()))
     return shrink(model, full_plan(groups), decode(final["channels"], groups, str(path)), example)
