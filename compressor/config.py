@@ -23,6 +23,9 @@ METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
 STRUCTURES = ("weights", "channels")
 ALLOCATIONS = ("global", "latency", "global-table")  # compressor.prune.allocation implements them
+# The default rounding of kept channel counts (compressor.prune.latency explains the measurement behind it).
+DEFAULT_CHANNEL_MULTIPLE = 16
+DEFAULT_MIN_CHANNELS = 8
 LOSS_NAMES = ("cross-entropy", "mse", "l1")  # compressor.train.batches.LOSSES implements them
 
 
@@ -194,9 +197,8 @@ class PruneConfig:
                 raise ConfigError(f"target MACs must be in (0, 1), got {self.target_macs}")
         if self.channel_multiple is not None and not 1 <= self.channel_multiple <= 1024:
             raise ConfigError(f"--channel-multiple must be in [1, 1024], got {self.channel_multiple}")
-        if self.min_channels is not None and self.channel_multiple is None:
-            raise ConfigError("--min-channels needs --channel-multiple (the default rounding chooses both)")
-        if self.min_channels is not None and not 1 <= self.min_channels <= self.channel_multiple:
+        multiple = self.channel_multiple or DEFAULT_CHANNEL_MULTIPLE
+        if self.min_channels is not None and not 1 <= self.min_channels <= multiple:
             raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
         if self.allocate not in ALLOCATIONS:
             raise ConfigError(f"unknown --allocate {self.allocate!r}; choose from {', '.join(ALLOCATIONS)}")

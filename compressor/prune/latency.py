@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Protocol, Sequence, Set, Tuple
 import torch
 from torch import nn
 
+from compressor.config import DEFAULT_CHANNEL_MULTIPLE, DEFAULT_MIN_CHANNELS
 from compressor.errors import ConfigError
 from compressor.prune.channels import PRUNABLE, Example, Group, _full_group, _is_depthwise, call_example, trace
 from edge_runtime import layer_timing
@@ -301,4 +302,4 @@ def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
 # conv chains did not reproduce the slow 24/40/48 (a layer alone pays layout changes a network shares),
 # so the default is this fixed rule, identical everywhere (runs repeat), and --allocate global-table or
 # latency with --latency-on plans from the device's own times instead.
-DEFAULT_ROUNDING = {"multiple": 16, "min_channels": 8}
+DEFAULT_ROUNDING = {"multiple": DEFAULT_CHANNEL_MULTIPLE, "min_channels": DEFAULT_MIN_CHANNELS}

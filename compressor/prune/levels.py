@@ -157,8 +157,9 @@ class ChannelLevels:
         return int(self.rounding["multiple"]), self.rounding["min_channels"]
 
     def _default_rounding(self) -> Dict[str, Any]:
-        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 as the narrowest; see there)."""
-        return dict(DEFAULT_ROUNDING)
+        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 as the narrowest; see there),
+        with the narrowest width the user asked for, if any."""
+        return {**DEFAULT_ROUNDING, "min_channels": self.config.min_channels or DEFAULT_ROUNDING["min_channels"]}
 
     def attach_rounding(self, root: Path, is_writer: bool, barrier=lambda: None) -> None:
         """The default rounding a run started with, kept as ``root/rounding.json``: a resumed run (on
