@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from compressor.run import plotting
 from edge_runtime.safe_io import atomic_write_bytes
+from edge_runtime.wording import counted
 
 Row = Dict[str, object]
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
@@ -43,7 +44,7 @@ def _latency_label(row: Row, varying: Sequence[str]) -> str:
     if "host" in varying:
         parts.append(str(row["host"]))
     if "threads" in varying:
-        parts.append(f"{row['threads']} thread(s)")
+        parts.append(counted(int(row['threads']), "thread"))
     return " · ".join(parts)
 
 
@@ -150,7 +151,7 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
         plotting.accuracy_axis(left, [_accuracy(r) for r in ok], dense, max_drop)
         for ax, placed in labels.items():
             plotting.place_labels(ax, placed)
-    left.set_xlabel("p50 latency (ms), fastest kernels" + (f", {first_threads} thread(s)" if ok else ""))
+    left.set_xlabel("p50 latency (ms), fastest kernels" + (f", {counted(first_threads, 'thread')}" if ok else ""))
     right.set_xlabel("size on disk (KiB)")
     left.set_ylabel("accuracy (%)")
     for ax in (left, right):

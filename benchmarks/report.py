@@ -214,7 +214,9 @@ def render_markdown(data: Dict[str, object], table: Sequence[Dict[str, object]])
               f"cooldown {settings.get('cooldown_s')} s, timeout {settings.get('timeout_s')} s per configuration, "
               "each in its own process. "
               f"Speed-up: p50 of stock onnxruntime (kernels=ort) on the least sparse model of the same "
-              f"architecture ({ref}) on the same host at the same thread count, divided by this row's p50.", "",
+              f"architecture ({ref}) on the same host at the same thread count, divided by this row's p50. "
+              "Throughput: timed runs per second of running (runs ÷ their wall time, as onnxruntime_perf_test "
+              "counts it).", "",
               results_table(table, len(hosts) > 1), ""]
     if len(hosts) > 1:
         parts += ["## Side by side (p50 ms)", "", fleet_table(table, hosts), ""]
