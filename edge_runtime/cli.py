@@ -280,7 +280,7 @@ def _info_plain(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from edge_runtime import plan as plans
-    from edge_runtime.model_format import shipped_bytes
+    from edge_runtime.model_format import shipped_bytes, structured_summary
     from edge_runtime.model_dir import read_manifest
     from edge_runtime.onnx_file import is_onnx_file
 
@@ -292,7 +292,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"input  {spec['name']} {spec['shape']} {spec['dtype']};  outputs {', '.join(manifest['outputs'])}")
     accuracy = manifest.get("accuracy")
     dense_onnx = manifest.get("sizes", {}).get("dense_onnx", 0)
-    print(f"sparsity {manifest.get('sparsity', 0):.1%}   accuracy "
+    removed = structured_summary(manifest.get("source"), manifest.get("sparsity") or 0.0)
+    # a structured model is a smaller dense network: what was removed, not zeros it does not hold
+    print((f"structured: {removed}" if removed else f"sparsity {manifest.get('sparsity', 0):.1%}") + "   accuracy "
           f"{f'{accuracy:.2%}' if accuracy is not None else '-'}"
           f"   size {human_bytes(shipped_bytes(args.model_dir, manifest))}"
           + (f" (dense ONNX {human_bytes(dense_onnx)})" if dense_onnx else ""))
