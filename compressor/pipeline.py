@@ -145,6 +145,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
                    ranks.shard(test_loader, train=False), config, torch_device, progress, epoch_callback, ranks,
                    trainable, task)
         job.counts, job.criterion, job.channels = counts, criterion, channels
+        job.test_examples = _example_count(test_loader)  # the whole test set, before any sharding
         bar = stack.enter_context(tqdm(total=1 + len(config.methods) * len(counts) if counts else None,
                                        desc="levels", disable=not progress))
         job.dense(pretrained)
@@ -208,6 +209,7 @@ class _Job:
         self.counts: List[int] = []  # weights: surviving weights after each round (compress() sets these)
         self.criterion: Any = None
         self.channels: Optional[ChannelLevels] = None  # channels: the structured side of the run
+        self.test_examples: Optional[int] = None  # the whole test set's size (compress() sets it)
         self.extra: Dict[str, Any] = {}  # what this level's checkpoints and final.pt add (its channel plan)
 
     def dense(self, pretrained: Optional[Dict[str, torch.Tensor]]) -> None:
@@ -330,6 +332,8 @@ class _Job:
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
             "world_size": self.ranks.world_size, "mask_sha256": mask_checksums, **self.extra,
         }
+        if self.test_examples and self.task.has_accuracy:  # how far one example moves the accuracy
+            final["test_examples"] = self.test_examples
         if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
             final.update(self.channels.describe(self.model))
             final["layers"] = final["widths"]
@@ -374,6 +378,15 @@ def _seed_everything(seed: int, generators: List[torch.Generator]) -> None:
     np.random.seed(seed)
     for generator in generators:
         generator.manual_seed(seed)
+
+
+def _example_count(loader: Iterable) -> Optional[int]:
+    """How many examples the test loader holds (its dataset's length), or None when it cannot say."""
+    try:
+        count = len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):
+        return None
+    return count if isinstance(count, int) and count > 0 else None
 
 
 def _peek_input_shape(loader: Iterable) -> Optional[Tuple[int, ...]]:

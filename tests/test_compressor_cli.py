@@ -108,8 +108,11 @@ def test_results_files_follow_the_run_dir_contract():
     for levels in metrics["methods"].values():
         assert [e["level"] for e in levels] == [0, 1, 2, 3, 4]
         for entry in levels:
-            assert set(entry) == {"level", "sparsity", "accuracy", "loss", "epochs", "seconds"}
+            assert set(entry) == {"level", "sparsity", "accuracy", "loss", "epochs", "seconds", "test_examples"}
             assert 0.0 <= entry["accuracy"] <= 1.0
+            # the accuracy's resolution: a whole number of the test set's examples
+            assert entry["test_examples"] > 100
+            assert entry["accuracy"] * entry["test_examples"] == pytest.approx(round(entry["accuracy"] * entry["test_examples"]))
     assert metrics["methods"]["lr-rewind"][0] == metrics["methods"]["finetune"][0]  # one shared dense level
     config = json.loads((run / "config.json").read_text())
     assert config["methods"] == ["lr-rewind", "finetune", "weight-rewind"] and config["epochs"] == 3

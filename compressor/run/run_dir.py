@@ -199,6 +199,8 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     record = {key: _finite_or_none(final[key]) for key in ("level", "sparsity", "accuracy", "loss", "epochs", "seconds")}
     # --structure channels levels also carry the smaller network's size and each layer's width.
     record.update({key: final[key] for key in STRUCTURED_FIGURES if key in final})
+    if isinstance(final.get("test_examples"), int):  # the accuracy's resolution: 1 example = 100/N points
+        record["test_examples"] = final["test_examples"]
     return record
 
 
