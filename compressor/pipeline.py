@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 import tempfile
 import time
 import zlib
@@ -71,7 +72,7 @@ class CompressResult:
 def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, config: PruneConfig,
              out: Union[str, Path, None] = None, *, resume: bool = False, device: str = "auto",
              model_name: Optional[str] = None, data_name: str = "custom",
-             pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: bool = False,
+             pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: Optional[bool] = None,
              epoch_callback: Optional[EpochCallback] = None, loss_fn: Optional[Callable] = None,
              latency_source: Optional[LatencySource] = None) -> CompressResult:
     """Iteratively prune ``model`` to ``config.target_sparsity`` and retrain it after every round.
@@ -91,7 +92,9 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         model_name, data_name: recorded in config.json/metrics.json (``model_name`` should be a
             registry name or ``file.py:factory`` so ``load_level`` can rebuild the model).
         pretrained: a trained state_dict to start from instead of dense training.
-        progress: show tqdm bars (levels and epochs) on stderr.
+        progress: tqdm bars (levels and epochs) on stderr; None (the default): bars on a terminal, else
+            one plain line per level on stderr (a notebook's log or a pipe sees the run is alive); False:
+            nothing.
         epoch_callback: called as ``(method, level, epoch)`` after each epoch's checkpoint.
         loss_fn: ``loss(output, target) -> scalar`` replacing ``config.loss`` (e.g. a data factory's).
         latency_source: where latency tables and candidate networks are timed (default: this machine,
@@ -106,6 +109,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     in-memory data (``compressor.train.data`` loaders), the batch size stays the global one, and only
     rank 0 writes ``out`` (see ``compressor.train.distributed``).
     """
+    lines = progress is None and not sys.stderr.isatty()  # a pipe or a log: plain lines, not bars
+    progress = sys.stderr.isatty() if progress is None else progress
     ranks = current(resolve_device(device))  # torchrun's process group, or this process alone
     torch_device = ranks.device
     if ranks.active and out is None:
@@ -134,6 +139,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         run = RunDir(root, writer=ranks.is_main)
         _prepare(run, record, resume, ranks)  # read-only checks first: a refused folder is never written to
         stack.enter_context(run.hold())
+        stack.enter_context(log_lines_to_stderr(lines and ranks.is_main))
         if resume:
             run.remove_stale_temp_files()
         if channels:
@@ -168,6 +174,28 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         else:
             checkpoints.load_into(model, final["model"], "the last level")
         return CompressResult(model, metrics, Path(out) if out is not None else None)
+
+
+@contextlib.contextmanager
+def log_lines_to_stderr(enabled: bool) -> Iterator[None]:
+    """While compressing, send the compressor's progress lines (logging INFO: one per level) to stderr,
+    one plain line each; afterwards the logger is as it was."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("compressor")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
@@ -381,10 +409,13 @@ def _seed_everything(seed: int, generators: List[torch.Generator]) -> None:
 
 
 def _example_count(loader: Iterable) -> Optional[int]:
-    """How many examples the test loader holds (its dataset's length), or None when it cannot say."""
+    """How many examples the test loader holds (a torch DataLoader's dataset, the in-memory
+    TensorLoader's labels), or None when it cannot say."""
+    held = getattr(loader, "dataset", None)
+    held = getattr(loader, "labels", None) if held is None else held
     try:
-        count = len(loader.dataset)  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):
+        count = len(held)  # type: ignore[arg-type]
+    except TypeError:
         return None
     return count if isinstance(count, int) and count > 0 else None
 
