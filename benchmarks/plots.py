@@ -7,7 +7,7 @@
   variant at its fastest kernels choice, at the first thread count); right, accuracy against size.
   One series per method and variant (fp32, int8), each point labelled with its level; the dense model
   under stock onnxruntime is a hollow star behind the points, its accuracy a dashed line over the
-  ``--max-drop`` band.
+  ``--max-drop`` band, the level ``export --max-drop`` picks ringed.
 
 Axis rules (plain decimals, minimum spans, legends outside the axes) live in ``compressor.run.plotting``.
 """
@@ -152,6 +152,7 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
         right.plot([r["size_bytes"] / 1024 for r in points], [_accuracy(r) for r in points], color=color,
                    marker="o", markersize=4, zorder=3)
         labels[right] += [(r["size_bytes"] / 1024, _accuracy(r), _level(r), color) for r in points]
+    _mark_picks(left, list(fastest.values()), refs, max_drop)
     if not ok:
         for ax in (left, right):
             plotting.no_data(ax, "no accuracy: the models' manifests hold none\n(a regression model, or "
@@ -171,6 +172,27 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
     _legend_right(right, left)
     fig.suptitle("Accuracy against latency and size (labels: level)")
     atomic_write_bytes(path, plotting.png(fig))
+
+
+def max_drop_picks(points: Sequence[Row], refs: Sequence[Row], max_drop: float) -> List[Row]:
+    """Per architecture with a dense model, the fp32 point ``export --max-drop`` would pick: the sparsest
+    within ``max_drop`` points of the dense accuracy (its fastest kernels' row)."""
+    picks = []
+    for family in dict.fromkeys(r["family"] for r in refs):
+        dense = _accuracy(next(r for r in refs if r["family"] == family))
+        within = [r for r in points if r["family"] == family and r["variant"] in (None, "fp32")
+                  and r["sparsity"] is not None and _accuracy(r) >= dense - max_drop]
+        if within:
+            picks.append(max(within, key=lambda r: (float(r["sparsity"]), r["level"] or 0)))
+    return picks
+
+
+def _mark_picks(ax: Any, points: Sequence[Row], refs: Sequence[Row], max_drop: float) -> None:
+    """A ring round each architecture's ``--max-drop`` pick, so the level to export stands out."""
+    for i, row in enumerate(max_drop_picks(points, refs, max_drop)):
+        ax.plot([row["p50_ms"]], [_accuracy(row)], marker="o", markersize=11, markerfacecolor="none",
+                markeredgecolor="black", linestyle="none", zorder=4,
+                label=f"export --max-drop {max_drop:g} picks" if i == 0 else None)
 
 
 def _group(rows: Sequence[Row], key) -> Dict[object, List[Row]]:

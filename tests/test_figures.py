@@ -270,3 +270,13 @@ def test_labels_of_points_on_top_of_each_other_become_one():
     assert [text for _, _, text, _ in merged] == ["L1–L3, L5", "dense", "L9"]
     assert plotting.place_labels(ax, labels) == 3
     plt.close(fig)
+
+
+def test_the_bench_plot_rings_the_level_max_drop_picks(drawn, tmp_path):
+    table = [dict(r, accuracy=0.97 - 0.0009 * r["level"]) for r in _sweep(kernels=("ort", "auto"), levels=range(14))]
+    write_plots(table, tmp_path)  # the band is 1 point: level 11 (96.01%) is the sparsest inside it
+    left = drawn[1].axes[0]
+    rings = [line for line in left.lines if line.get_marker() == "o" and line.get_markerfacecolor() == "none"]
+    assert len(rings) == 1 and "export --max-drop 1 picks" in _legend(drawn[1].axes[1])  # one legend, right
+    picked = next(r for r in table if r["level"] == 11 and r["kernels"] == "auto")
+    assert rings[0].get_xdata()[0] == picked["p50_ms"]
