@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import List, Optional
@@ -217,22 +218,30 @@ def _targets(args: argparse.Namespace, hosts: List[str]) -> list:
 
 
 class _progress_bar:
-    """A tqdm bar across the whole sweep (all hosts), safe to advance from the hosts' threads."""
+    """A tqdm bar across the whole sweep (all hosts), safe to advance from the hosts' threads; into a
+    pipe or a log (stderr not a terminal, no --progress/--no-progress), a plain line per configuration
+    instead, so a sweep of minutes is never silent."""
 
     def __init__(self, total: int, show: Optional[bool]) -> None:
         import threading
 
         from tqdm import tqdm
 
+        self._lines = show is None and not sys.stderr.isatty()
         self._bar = tqdm(total=total, unit="config", desc="bench", file=sys.stderr,
-                         disable=None if show is None else not show)
+                         disable=self._lines or (None if show is None else not show))
         self._lock = threading.Lock()
+        self._total, self._done, self._began = total, 0, time.monotonic()
 
     def __enter__(self):
         def advance(n: int) -> None:
             if n:
                 with self._lock:
                     self._bar.update(n)
+                    self._done += n
+                    if self._lines:
+                        print(f"bench: {self._done}/{self._total} configurations measured "
+                              f"({time.monotonic() - self._began:.0f} s)", file=sys.stderr, flush=True)
         return advance
 
     def __exit__(self, *exc: object) -> None:

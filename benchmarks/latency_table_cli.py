@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from benchmarks.errors import BenchError
+from edge_runtime.wording import counted
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     except (CompressorError, EdgeRuntimeError, OSError) as error:
         raise BenchError(str(error)) from None
     fresh = "measured" if getattr(source, "measured", [1]) else "from the cache"
-    print(f"{len(table.ms)} layer shapes {fresh} on {source.describe()} ({engine}, {threads} thread(s)): {args.out}")
+    print(f"{len(table.ms)} layer shapes {fresh} on {source.describe()} ({engine}, {counted(threads, 'thread')}): {args.out}")
     return 0
 
 

@@ -7,7 +7,7 @@
   variant at its fastest kernels choice, at the first thread count); right, accuracy against size.
   One series per method and variant (fp32, int8), each point labelled with its level; the dense model
   under stock onnxruntime is a hollow star behind the points, its accuracy a dashed line over the
-  ``--max-drop`` band.
+  ``--max-drop`` band, the level ``export --max-drop`` picks ringed.
 
 Axis rules (plain decimals, minimum spans, legends outside the axes) live in ``compressor.run.plotting``.
 """
@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from compressor.run import plotting
 from edge_runtime.safe_io import atomic_write_bytes
+from edge_runtime.wording import counted
 
 Row = Dict[str, object]
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
@@ -39,22 +40,28 @@ def _index(values: Sequence[object]) -> Dict[object, int]:
 
 
 def _latency_label(row: Row, varying: Sequence[str]) -> str:
+    """kernels, and the architecture, host and thread count where the sweep has several: one line
+    never joins two architectures (``bench local models/a models/b``)."""
     parts = [str(row["kernels"])]
+    if "family" in varying:
+        parts.append(str(row["family_label"]))
     if "host" in varying:
         parts.append(str(row["host"]))
     if "threads" in varying:
-        parts.append(f"{row['threads']} thread(s)")
+        parts.append(counted(int(row['threads']), "thread"))
     return " · ".join(parts)
 
 
 def plot_latency_vs_sparsity(table: Sequence[Row], path: Path) -> None:
-    """p50 latency against sparsity: colour by kernels, marker by host, line style by thread count."""
+    """p50 latency against sparsity: colour by kernels, marker by architecture (or host), line style by
+    thread count."""
     plt = plotting.pyplot()
     ok = [r for r in table if r["status"] == "ok" and r["sparsity"] is not None and r["p50_ms"]]
     measured = [r for r in ok if not r["reference_only"]]
-    varying = _varying(ok, "host", "threads")
+    varying = _varying(ok, "host", "threads", "family")
     series = _group(measured, lambda r: _latency_label(r, varying))
-    colour, marker, style = (_index([r[k] for r in ok]) for k in ("kernels", "host", "threads"))
+    shape = "family" if "family" in varying else "host"  # the marker tells architectures apart, else hosts
+    colour, marker, style = (_index([r[k] for r in ok]) for k in ("kernels", shape, "threads"))
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     labels = []
     for slot, (label, points) in enumerate(sorted(series.items())):
@@ -66,13 +73,13 @@ def plot_latency_vs_sparsity(table: Sequence[Row], path: Path) -> None:
         first = points[0]
         ax.errorbar(xs, p50, yerr=[[0.0] * len(points), spread], capsize=2, markersize=4, label=label, zorder=3,
                     color=COLOURS[colour[first["kernels"]] % len(COLOURS)],
-                    marker=MARKERS[marker[first["host"]] % len(MARKERS)],
+                    marker=MARKERS[marker[first[shape]] % len(MARKERS)],
                     linestyle=LINESTYLES[style[first["threads"]] % len(LINESTYLES)])
         engines = [r["engine"] for r in points]
         labels += [(x, y, str(e), COLOURS[colour[first["kernels"]] % len(COLOURS)])
                    for i, (x, y, e) in enumerate(zip(xs, p50, engines))  # auto's engine, where it changes
                    if first["kernels"] == "auto" and e and (i == 0 or e != engines[i - 1])]
-    for i, row in enumerate(r for r in ok if r["is_reference"]):
+    for i, row in enumerate(r for r in ok if r["is_reference"] and _is_dense(r)):
         ax.axhline(row["p50_ms"], color="0.4", linestyle=":", linewidth=1, zorder=1,
                    label="dense model, onnxruntime (kernels=ort)" if i == 0 else None)
     if measured:
@@ -82,7 +89,7 @@ def plot_latency_vs_sparsity(table: Sequence[Row], path: Path) -> None:
     else:
         plotting.no_data(ax, "no figures with a known sparsity")
     ax.set_ylabel("latency (ms): p50, bar up to p90")
-    ax.set_title("Latency against sparsity" + (" (labels: the engine auto ran)" if labels else ""))
+    plotting.title(ax, "Latency against sparsity" + (" (labels: the engine auto ran)" if labels else ""))
     ax.grid(True, alpha=0.3)
     plotting.legend_outside(ax)
     atomic_write_bytes(path, plotting.png(fig))
@@ -90,6 +97,11 @@ def plot_latency_vs_sparsity(table: Sequence[Row], path: Path) -> None:
 
 def _level_marks(rows: Sequence[Row]) -> List[Tuple[float, str]]:
     return [(r["sparsity"], "dense" if r["level"] == 0 else f"L{r['level']}") for r in rows if r["level"] is not None]
+
+
+def _is_dense(row: Row) -> bool:
+    """Whether a row's model is a dense one (level 0, or no weight pruned), not merely the least sparse."""
+    return row["level"] == 0 or (row["sparsity"] is not None and float(row["sparsity"]) < 0.005)
 
 
 def _accuracy(row: Row) -> float:
@@ -123,7 +135,8 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
     name = (lambda r: f"{_method(r)} · {r['family_label']}") if several_families else _method
     colour, marker = _index([name(r) for r in ok]), _index([r["host"] for r in ok])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    refs = [r for r in ok if r["is_reference"] and r["threads"] == first_threads]
+    # the star and band mark a dense model: an architecture whose least sparse model is itself pruned has none
+    refs = [r for r in ok if r["is_reference"] and r["threads"] == first_threads and _is_dense(r)]
     _references(left, right, refs, max_drop)
     labels: Dict[Any, list] = {left: [], right: []}
     for (series, host), points in sorted(_group(fastest.values(), lambda r: (name(r), r["host"])).items()):
@@ -139,6 +152,7 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
         right.plot([r["size_bytes"] / 1024 for r in points], [_accuracy(r) for r in points], color=color,
                    marker="o", markersize=4, zorder=3)
         labels[right] += [(r["size_bytes"] / 1024, _accuracy(r), _level(r), color) for r in points]
+    _mark_picks(left, list(fastest.values()), refs, max_drop)
     if not ok:
         for ax in (left, right):
             plotting.no_data(ax, "no accuracy: the models' manifests hold none\n(a regression model, or "
@@ -146,11 +160,11 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
     else:
         plotting.positive_axis(left, "x", [r["p50_ms"] for r in list(fastest.values()) + refs])
         plotting.positive_axis(right, "x", [r["size_bytes"] / 1024 for r in ok if r["size_bytes"]])
-        dense = _accuracy(refs[0]) if len({r["family"] for r in refs}) == 1 else None
+        dense = _accuracy(refs[0]) if refs and len({r["family"] for r in refs}) == 1 else None
         plotting.accuracy_axis(left, [_accuracy(r) for r in ok], dense, max_drop)
         for ax, placed in labels.items():
             plotting.place_labels(ax, placed)
-    left.set_xlabel("p50 latency (ms), fastest kernels" + (f", {first_threads} thread(s)" if ok else ""))
+    left.set_xlabel("p50 latency (ms), fastest kernels" + (f", {counted(first_threads, 'thread')}" if ok else ""))
     right.set_xlabel("size on disk (KiB)")
     left.set_ylabel("accuracy (%)")
     for ax in (left, right):
@@ -158,6 +172,27 @@ def plot_accuracy_tradeoff(table: Sequence[Row], path: Path,
     _legend_right(right, left)
     fig.suptitle("Accuracy against latency and size (labels: level)")
     atomic_write_bytes(path, plotting.png(fig))
+
+
+def max_drop_picks(points: Sequence[Row], refs: Sequence[Row], max_drop: float) -> List[Row]:
+    """Per architecture with a dense model, the fp32 point ``export --max-drop`` would pick: the sparsest
+    within ``max_drop`` points of the dense accuracy (its fastest kernels' row)."""
+    picks = []
+    for family in dict.fromkeys(r["family"] for r in refs):
+        dense = _accuracy(next(r for r in refs if r["family"] == family))
+        within = [r for r in points if r["family"] == family and r["variant"] in (None, "fp32")
+                  and r["sparsity"] is not None and _accuracy(r) >= dense - max_drop]
+        if within:
+            picks.append(max(within, key=lambda r: (float(r["sparsity"]), r["level"] or 0)))
+    return picks
+
+
+def _mark_picks(ax: Any, points: Sequence[Row], refs: Sequence[Row], max_drop: float) -> None:
+    """A ring round each architecture's ``--max-drop`` pick, so the level to export stands out."""
+    for i, row in enumerate(max_drop_picks(points, refs, max_drop)):
+        ax.plot([row["p50_ms"]], [_accuracy(row)], marker="o", markersize=11, markerfacecolor="none",
+                markeredgecolor="black", linestyle="none", zorder=4,
+                label=f"export --max-drop {max_drop:g} picks" if i == 0 else None)
 
 
 def _group(rows: Sequence[Row], key) -> Dict[object, List[Row]]:

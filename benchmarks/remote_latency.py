@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
+from edge_runtime.wording import counted
 from edge_runtime.layer_timing import (MAX_BYTES, LatencyTable, LatencyTableError, LayerShape, parse_network_times,
                                        parse_table)
 
@@ -70,7 +71,7 @@ class RemoteLatency:
             device.write_text(posixpath.join(work, "shapes.json"),
                               json.dumps({"shapes": [s.to_dict() for s in unique]}) + "\n")
             out = posixpath.join(work, "table.json")
-            self.log(f"{self.label}: measuring {len(unique)} layer shapes ({engine}, {threads} thread(s))")
+            self.log(f"{self.label}: measuring {len(unique)} layer shapes ({engine}, {counted(threads, 'thread')})")
             self._measure(device, self._tool("--shapes", posixpath.join(work, "shapes.json"), "--engine", engine,
                                              "--threads", str(threads), "--out", out))
             table = parse_table(self._read_json(device, out), f"{self.label}: the measured table")

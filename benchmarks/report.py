@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.device_facts import DEFAULT_TEMP_LIMIT_C, decode_throttled, host_warnings, summary_rows
-from benchmarks.sweep_plan import REFERENCE_KERNELS, reference_indices
+from benchmarks.sweep_plan import REFERENCE_KERNELS, VARIANT_KERNELS, reference_indices
 from edge_runtime.safe_io import atomic_write_text
 
 CSV_FIELDS = ["host", "model", "method", "level", "sparsity", "variant", "accuracy", "size_bytes", "kernels", "engine",
@@ -195,6 +195,20 @@ def _setting(settings: Dict[str, object], name: str) -> str:
     return "edge-runtime's default" if value is None else str(value)
 
 
+def variant_skips(data: Dict[str, object]) -> str:
+    """One line naming the models a variant kernels choice (``ort-int8``) was not run on, because their
+    MODEL_DIR has no such variant; "" when every model ran every asked choice."""
+    models = data.get("models") or []
+    lines = []
+    for kernels in [k for k in (data.get("settings") or {}).get("kernels", []) if k in VARIANT_KERNELS]:
+        ran = {r["model_index"] for r in data["results"] if r["kernels"] == kernels}
+        missing = [str(m.get("label")) for i, m in enumerate(models) if i not in ran]
+        if missing and data.get("complete"):
+            lines.append(f"{kernels} not measured for {', '.join(missing)}: no {VARIANT_KERNELS[kernels]} variant "
+                         f"in the MODEL_DIR (export --quantize {VARIANT_KERNELS[kernels]} adds one).")
+    return " ".join(lines)
+
+
 def render_markdown(data: Dict[str, object], table: Sequence[Dict[str, object]]) -> str:
     """report.md: warnings first, then devices, the results, the fleet view and the failures."""
     settings = data.get("settings") or {}
@@ -207,6 +221,9 @@ def render_markdown(data: Dict[str, object], table: Sequence[Dict[str, object]])
                   "these are the configurations measured so far.", ""]
     for warning in warnings(data):
         parts += [f"> **⚠ WARNING: {warning}**", ""]
+    skipped = variant_skips(data)
+    if skipped:
+        parts += [skipped, ""]
     parts += ["## Devices", "", devices_table(data), "", "## Results", "",
               f"kernels {','.join(settings.get('kernels', []))}; threads "
               f"{','.join(map(str, settings.get('threads', [])))}; warmup {_setting(settings, 'warmup')}, "
@@ -214,7 +231,9 @@ def render_markdown(data: Dict[str, object], table: Sequence[Dict[str, object]])
               f"cooldown {settings.get('cooldown_s')} s, timeout {settings.get('timeout_s')} s per configuration, "
               "each in its own process. "
               f"Speed-up: p50 of stock onnxruntime (kernels=ort) on the least sparse model of the same "
-              f"architecture ({ref}) on the same host at the same thread count, divided by this row's p50.", "",
+              f"architecture ({ref}) on the same host at the same thread count, divided by this row's p50. "
+              "Throughput: timed runs per second of running (runs ÷ their wall time, as onnxruntime_perf_test "
+              "counts it).", "",
               results_table(table, len(hosts) > 1), ""]
     if len(hosts) > 1:
         parts += ["## Side by side (p50 ms)", "", fleet_table(table, hosts), ""]

@@ -7,11 +7,9 @@ front imports this module to build ``--help``, and must stay fast and torch-free
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import logging
 import sys
-from typing import Any, Iterator
+from typing import Any
 
 from compressor.errors import CompressorError
 from edge_runtime.errors import EdgeRuntimeError  # a latency table's faults (edge_runtime.layer_timing)
@@ -74,28 +72,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=str, metavar=f.name.upper(), **kwargs)
 
 
-@contextlib.contextmanager
-def _log_lines_to_stderr(enabled: bool) -> Iterator[None]:
-    """While compressing, send the compressor's progress lines (logging INFO) to stderr, one plain
-    line each; afterwards the logger is as it was (the Python API stays quiet unless asked)."""
-    if not enabled:
-        yield
-        return
-    logger = logging.getLogger("compressor")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-
-
 def _epoch_lines(epochs: int, lines_per_level: int = 4):
     """An epoch callback printing about ``lines_per_level`` lines per level (for logs without a bar)."""
     every = max(1, epochs // lines_per_level)
@@ -136,7 +112,7 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     from compressor.train.data import input_shape_for, load_data_and_loss
     from compressor.train.models import build_model
     from compressor.train.distributed import is_main_process
-    from compressor.pipeline import compress
+    from compressor.pipeline import compress, log_lines_to_stderr
     import torch
 
     if args.threads is not None:
@@ -153,7 +129,7 @@ def _compress_and_report(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     # A log file or CI (no terminal, nothing asked): a line per level and a few per level's epochs.
     lines = args.progress is None and not progress and is_main_process()
-    with _log_lines_to_stderr(lines):
+    with log_lines_to_stderr(lines):
         result = compress(model, train_loader, test_loader, config, out=args.out, resume=args.resume,
                           device=args.device, model_name=args.model, data_name=args.data,
                           pretrained=pretrained, progress=progress, loss_fn=loss_fn,

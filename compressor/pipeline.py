@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 import tempfile
 import time
 import zlib
@@ -72,7 +73,7 @@ class CompressResult:
 def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, config: PruneConfig,
              out: Union[str, Path, None] = None, *, resume: bool = False, device: str = "auto",
              model_name: Optional[str] = None, data_name: str = "custom",
-             pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: bool = False,
+             pretrained: Optional[Dict[str, torch.Tensor]] = None, progress: Optional[bool] = None,
              epoch_callback: Optional[EpochCallback] = None, loss_fn: Optional[Callable] = None,
              latency_source: Optional[LatencySource] = None) -> CompressResult:
     """Iteratively prune ``model`` to ``config.target_sparsity`` and retrain it after every round.
@@ -92,7 +93,9 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         model_name, data_name: recorded in config.json/metrics.json (``model_name`` should be a
             registry name or ``file.py:factory`` so ``load_level`` can rebuild the model).
         pretrained: a trained state_dict to start from instead of dense training.
-        progress: show tqdm bars (levels and epochs) on stderr.
+        progress: tqdm bars (levels and epochs) on stderr; None (the default): bars on a terminal, else
+            one plain line per level on stderr (a notebook's log or a pipe sees the run is alive); False:
+            nothing.
         epoch_callback: called as ``(method, level, epoch)`` after each epoch's checkpoint.
         loss_fn: ``loss(output, target) -> scalar`` replacing ``config.loss`` (e.g. a data factory's).
         latency_source: where latency tables and candidate networks are timed (default: this machine,
@@ -107,6 +110,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     in-memory data (``compressor.train.data`` loaders), the batch size stays the global one, and only
     rank 0 writes ``out`` (see ``compressor.train.distributed``).
     """
+    lines = progress is None and not sys.stderr.isatty()  # a pipe or a log: plain lines, not bars
+    progress = sys.stderr.isatty() if progress is None else progress
     ranks = current(resolve_device(device))  # torchrun's process group, or this process alone
     torch_device = ranks.device
     if ranks.active and out is None:
@@ -141,6 +146,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         run = RunDir(root, writer=ranks.is_main)
         _prepare(run, record, resume, ranks)  # read-only checks first: a refused folder is never written to
         stack.enter_context(run.hold())
+        stack.enter_context(log_lines_to_stderr(lines and ranks.is_main))
         if resume:
             run.remove_stale_temp_files()
         if channels:
@@ -152,6 +158,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
                    ranks.shard(test_loader, train=False), config, torch_device, progress, epoch_callback, ranks,
                    trainable, task)
         job.counts, job.criterion, job.channels = counts, criterion, channels
+        job.test_examples = _example_count(test_loader)  # the whole test set, before any sharding
         bar = stack.enter_context(tqdm(total=1 + len(config.methods) * len(counts) if counts else None,
                                        desc="levels", disable=not progress))
         job.dense(pretrained)
@@ -174,6 +181,28 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         else:
             checkpoints.load_into(model, final["model"], "the last level")
         return CompressResult(model, metrics, Path(out) if out is not None else None)
+
+
+@contextlib.contextmanager
+def log_lines_to_stderr(enabled: bool) -> Iterator[None]:
+    """While compressing, send the compressor's progress lines (logging INFO: one per level) to stderr,
+    one plain line each; afterwards the logger is as it was."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("compressor")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
@@ -233,6 +262,7 @@ class _Job:
         self.counts: List[int] = []  # weights: surviving weights after each round (compress() sets these)
         self.criterion: Any = None
         self.channels: Optional[ChannelLevels] = None  # channels: the structured side of the run
+        self.test_examples: Optional[int] = None  # the whole test set's size (compress() sets it)
         self.extra: Dict[str, Any] = {}  # what this level's checkpoints and final.pt add (its channel plan)
 
     def dense(self, pretrained: Optional[Dict[str, torch.Tensor]]) -> None:
@@ -357,6 +387,8 @@ class _Job:
             "layers": layer_sparsities(self.params), "config": self.config.to_dict(),
             "world_size": self.ranks.world_size, "mask_sha256": mask_checksums, **self.extra,
         }
+        if self.test_examples and self.task.has_accuracy:  # how far one example moves the accuracy
+            final["test_examples"] = self.test_examples
         if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
             final.update(self.channels.describe(self.model))
             final["layers"] = final["widths"]
@@ -405,6 +437,18 @@ def _seed_everything(seed: int, generators: List[torch.Generator]) -> None:
     np.random.seed(seed)
     for generator in generators:
         generator.manual_seed(seed)
+
+
+def _example_count(loader: Iterable) -> Optional[int]:
+    """How many examples the test loader holds (a torch DataLoader's dataset, the in-memory
+    TensorLoader's labels), or None when it cannot say."""
+    held = getattr(loader, "dataset", None)
+    held = getattr(loader, "labels", None) if held is None else held
+    try:
+        count = len(held)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    return count if isinstance(count, int) and count > 0 else None
 
 
 def _peek_input_shape(loader: Iterable) -> Optional[Tuple[int, ...]]:

@@ -20,6 +20,7 @@ from edge_runtime import __version__
 from edge_runtime import onnx_file
 from edge_runtime.device import check_threads
 from edge_runtime.errors import EdgeRuntimeError, InputError, ModelDirError
+from edge_runtime.wording import counted
 
 # OSError: a MODEL_DIR file that vanished or cannot be read (e.g. `info` on an incomplete copy).
 USER_ERRORS = (EdgeRuntimeError, OSError)
@@ -279,7 +280,7 @@ def _info_plain(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from edge_runtime import plan as plans
-    from edge_runtime.model_format import shipped_bytes
+    from edge_runtime.model_format import shipped_bytes, structured_summary
     from edge_runtime.model_dir import read_manifest
     from edge_runtime.onnx_file import is_onnx_file
 
@@ -291,7 +292,9 @@ def _info(args: argparse.Namespace) -> int:
     print(f"input  {spec['name']} {spec['shape']} {spec['dtype']};  outputs {', '.join(manifest['outputs'])}")
     accuracy = manifest.get("accuracy")
     dense_onnx = manifest.get("sizes", {}).get("dense_onnx", 0)
-    print(f"sparsity {manifest.get('sparsity', 0):.1%}   accuracy "
+    removed = structured_summary(manifest.get("source"), manifest.get("sparsity") or 0.0)
+    # a structured model is a smaller dense network: what was removed, not zeros it does not hold
+    print((f"structured: {removed}" if removed else f"sparsity {manifest.get('sparsity', 0):.1%}") + "   accuracy "
           f"{f'{accuracy:.2%}' if accuracy is not None else '-'}"
           f"   size {human_bytes(shipped_bytes(args.model_dir, manifest))}"
           + (f" (dense ONNX {human_bytes(dense_onnx)})" if dense_onnx else ""))
@@ -307,11 +310,11 @@ def _info(args: argparse.Namespace) -> int:
     if cached:
         timed = ", ".join(f"{engine} {_ms(ms)}" for engine, ms in (cached.get("engine_ms") or {}).items()
                           if isinstance(ms, (int, float)))
-        print(f"plan ({threads} threads): engine {cached.get('engine')}"
+        print(f"plan ({counted(threads, 'thread')}): engine {cached.get('engine')}"
               + _where_it_runs(cached, " (", ")")
               + "; " + (timed or f"native {_ms(cached.get('native_ms'))}, onnxruntime {_ms(cached.get('ort_ms'))}"))
     else:
-        print(f"plan ({threads} threads): not tuned on this device yet (edge-runtime tune)")
+        print(f"plan ({counted(threads, 'thread')}): not tuned on this device yet (edge-runtime tune)")
     return 0
 
 
@@ -423,7 +426,7 @@ def _tune(args: argparse.Namespace) -> int:
         for kind in plan.get("layers", {}).values():
             counts[kind] = counts.get(kind, 0) + 1
         whole = _where_it_runs(plan, " — ")
-        print(f"tuned {args.model_dir} for {session.threads} threads: engine {plan['engine']}{whole} "
+        print(f"tuned {args.model_dir} for {counted(session.threads, 'thread')}: engine {plan['engine']}{whole} "
               f"(variant {session.variant['name']}), "
               f"layers {', '.join(f'{n} {kind}' for kind, n in counts.items()) or '-'}; measured "
               + ", ".join(f"{engine} {_ms(ms)}" for engine, ms in (plan.get("engine_ms") or {
@@ -450,8 +453,8 @@ def _bench(args: argparse.Namespace) -> int:
         variant = report["variant"]
         accuracy = f", accuracy {variant['accuracy']:.2%}" if isinstance(variant.get("accuracy"), float) else ""
         print(f"{args.model_dir}: kernels {report['kernels']} (engine {report['engine']}, variant "
-              f"{variant['name']}{accuracy}), {report['threads']} "
-              f"threads, batch {report['batch']}: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
+              f"{variant['name']}{accuracy}), {counted(report['threads'], 'thread')}, "
+              f"batch {report['batch']}: mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f}, "
               f"p99 {lat['p99']:.3f}; {report['throughput_per_s']:.1f}/s; load {report['load_s']:.3f} s; "
               f"peak RSS {report['peak_rss_mb']:.1f} MB; {report['iterations']} runs")
     return 0

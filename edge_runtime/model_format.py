@@ -377,3 +377,27 @@ def inside(model_dir: Path, name: str) -> Path:
     if os.path.lexists(path) and not path.parent.resolve().is_relative_to(root):
         raise ModelDirError(f"{model_dir}: {name} lies outside MODEL_DIR (through a symlink)")
     return path
+
+
+def structured_summary(source: object, params_removed: float) -> str:
+    """``params 1,234 of 5,678 (78.3% removed), MACs 80.1% removed`` for a --structure channels export
+    (its manifest's source says so: export writes ``structure`` and the params and MACs of the level and
+    of the dense level; older ones carry the family only); ``""`` for anything else."""
+    source = source if isinstance(source, dict) else {}
+    family = source.get("family")
+    if source.get("structure") != "channels" and not (isinstance(family, str) and family.startswith("channels:")):
+        return ""
+    params, dense_params, macs, dense_macs = (_count_or_none(source.get(key))
+                                              for key in ("params", "dense_params", "macs", "dense_macs"))
+    if params is not None and dense_params:
+        text = f"params {params:,} of {dense_params:,} ({1 - params / dense_params:.1%} removed)"
+    else:
+        text = f"{params_removed:.1%} of params removed"
+    if macs is not None and dense_macs:
+        text += f", MACs {1 - macs / dense_macs:.1%} removed"
+    return text
+
+
+def _count_or_none(value: Any) -> Optional[int]:
+    """A non-negative integer from a manifest (which may come from anywhere), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None

@@ -9,9 +9,11 @@ it, so the demo can never drift from what the commands do.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 from compressor.errors import CompressorError
 
@@ -36,6 +38,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true",
                         help="delete --out's previous demo and start over (default: continue it, so running "
                         "the demo again just reuses what is done)")
+    parser.add_argument("--readme-sample", type=Path, metavar="README",
+                        help="afterwards, write what the demo printed (the export line and the table) into "
+                        "README's sample block (between its demo-sample markers): the README shows a real run")
 
 
 def _levels_to_measure(run_dir: Path) -> str:
@@ -99,4 +104,59 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {model_dir}/                                  the deployable MODEL_DIR")
     print(f"  {bench_dir}/report.md and its plots            latency and memory per level")
     print(f"next: edgeprune deploy pi@HOST {model_dir}")
+    if code == 0 and args.readme_sample is not None:
+        write_readme_sample(args.readme_sample, readme_sample(out))
+        print(f"wrote the sample output into {args.readme_sample}")
     return code
+
+
+SAMPLE_START = "<!-- demo-sample: written by `edgeprune demo --readme-sample README.md`; tests compare its shape -->"
+SAMPLE_END = "<!-- /demo-sample -->"
+
+
+def readme_sample(out: Path) -> str:
+    """The demo's outcome as the README shows it: one line on the exported model, then the table the
+    bench printed (rebuilt from ``out``'s results.json and MODEL_DIR, so it is exactly the run's)."""
+    from benchmarks.report import results_table, rows
+    from edge_runtime.model_dir import read_manifest
+    from edge_runtime.model_format import shipped_bytes
+
+    manifest = read_manifest(out / "model")
+    size, dense = shipped_bytes(out / "model", manifest), manifest["sizes"]["dense_onnx"]
+    source = manifest.get("source") or {}
+    exported = (f"exported {source.get('method')} level {source.get('level')}: sparsity {manifest['sparsity']:.1%}, "
+                f"accuracy {manifest['accuracy']:.2%}, {size / 1024:.1f} KiB ({dense / size:.2f}× smaller than "
+                f"its dense ONNX file, {dense / 1024 / 1024:.2f} MiB)")
+    data = json.loads((out / "bench" / "results.json").read_text())
+    return exported + "\n\n" + results_table(rows(data), several_hosts=False)
+
+
+def readme_block(readme_text: str) -> Tuple[int, int]:
+    """Where README's sample block lies (the text between the markers); ValueError without markers."""
+    start = readme_text.index(SAMPLE_START) + len(SAMPLE_START)
+    return start, readme_text.index(SAMPLE_END, start)
+
+
+def write_readme_sample(readme: Path, sample: str) -> None:
+    """Replace README's sample block with ``sample`` (a fenced block between the markers)."""
+    from edge_runtime.safe_io import atomic_write_text
+
+    text = readme.read_text(encoding="utf-8")
+    start, end = readme_block(text)
+    atomic_write_text(readme, text[:start] + "\n```\n" + sample + "\n```\n" + text[end:])
+
+
+def sample_shape(sample: str) -> Tuple[List[str], set]:
+    """What a sample must keep from run to run: its non-table lines and each table row's cells with
+    the numbers masked (``#``, sizes ``# iB``) and words as ``w`` (engines, variants vary by machine)."""
+    def mask(cell: str) -> str:
+        cell = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "#", cell.strip())
+        cell = re.sub(r"[KM]iB", "iB", cell)
+        return cell if "#" in cell else "w"
+
+    lines = [line for line in sample.strip().splitlines() if line.strip() and line.strip() != "```"]
+    text = [mask(line) for line in lines if not line.startswith("|")]
+    table = [line for line in lines if line.startswith("|")]
+    header = table[:2]
+    rows = {tuple(mask(cell) for cell in line.strip("|").split("|")) for line in table[2:]}
+    return text + header, rows

@@ -25,6 +25,9 @@ def test_two_levels_give_every_file_with_consistent_figures(bench_cli, bench_mod
     for name in OUTPUTS:
         assert (out / name).stat().st_size > 0, name
     assert (out / "latency_vs_sparsity.png").read_bytes()[:4] == b"\x89PNG"
+    # stderr is not a terminal here: a plain line per configuration instead of a bar (or of silence)
+    assert [line.split(" (")[0] for line in err.splitlines() if line.startswith("bench: ")] == [
+        f"bench: {n}/4 configurations measured" for n in range(1, 5)]
 
     data = read_results(out)
     assert data["complete"] and not data["interrupted"] and data["warnings"] == []

@@ -33,3 +33,19 @@ def test_bench_compares_the_fp32_and_int8_variants_side_by_side(bench_cli, bench
     assert f"| {int8['size'] / 1024:.1f} KiB |" in int8_rows[0]
     fp32_rows = [line for line in report.splitlines() if line.startswith("| sparse90-int8 |") and "| ort |" in line]
     assert len(fp32_rows) == 1 and "| fp32 | ort | ort | 1 |" in fp32_rows[0]
+    # the kernels choice dropped for the model without the variant is said, not silent
+    assert "ort-int8 not measured for dense: no int8 variant" in report and "sparse90-int8:" not in report
+
+
+def test_the_report_names_models_a_variant_choice_skipped():
+    from benchmarks.report import variant_skips
+
+    data = {"settings": {"kernels": ["ort", "ort-int8"]}, "complete": True,
+            "models": [{"label": "a"}, {"label": "b"}, {"label": "c"}],
+            "results": [{"model_index": i, "kernels": "ort"} for i in range(3)]
+            + [{"model_index": 1, "kernels": "ort-int8"}]}
+    assert variant_skips(data) == ("ort-int8 not measured for a, c: no int8 variant in the MODEL_DIR "
+                                   "(export --quantize int8 adds one).")
+    data["results"] += [{"model_index": i, "kernels": "ort-int8"} for i in (0, 2)]
+    assert variant_skips(data) == ""
+    assert variant_skips(dict(data, settings={"kernels": ["ort"]})) == ""

@@ -108,8 +108,12 @@ def test_results_files_follow_the_run_dir_contract():
     for levels in metrics["methods"].values():
         assert [e["level"] for e in levels] == [0, 1, 2, 3, 4]
         for entry in levels:
-            assert set(entry) == {"level", "sparsity", "accuracy", "loss", "epochs", "seconds"}
+            # (sparsity_all joins them where all parameters' zeros are reported beside the prunable ones')
+            assert {"level", "sparsity", "accuracy", "loss", "epochs", "seconds", "test_examples"} <= set(entry)
             assert 0.0 <= entry["accuracy"] <= 1.0
+            # the accuracy's resolution: a whole number of the test set's examples
+            assert entry["test_examples"] > 100
+            assert entry["accuracy"] * entry["test_examples"] == pytest.approx(round(entry["accuracy"] * entry["test_examples"]))
     assert metrics["methods"]["lr-rewind"][0] == metrics["methods"]["finetune"][0]  # one shared dense level
     config = json.loads((run / "config.json").read_text())
     assert config["methods"] == ["lr-rewind", "finetune", "weight-rewind"] and config["epochs"] == 3
@@ -155,3 +159,20 @@ def test_help_lists_every_built_in_model():
     done = subprocess.run([sys.executable, "-m", "edgeprune", "compress", "--help"], capture_output=True,
                           text=True, timeout=60, cwd=REPO)
     assert all(name in " ".join(done.stdout.split()) for name in MODEL_NAMES)
+
+
+def test_the_python_api_says_a_line_per_level_when_stderr_is_no_terminal(capsys, tmp_path):
+    from tests.compressor_fixtures import run_tiny
+
+    run_tiny(tmp_path / "run", target_sparsity=0.2, epochs=1, lr_drops=())
+    err = capsys.readouterr().err  # pytest's capture: not a terminal, as in a notebook's log or a pipe
+    assert "dense done: sparsity 0.00%" in err and "lr-rewind level 1 done: sparsity 20.00%" in err
+    from compressor.pipeline import compress  # progress=False: quiet
+    from tests.compressor_fixtures import tiny_config
+    from compressor.train.data import load_data
+    from compressor.train.models import build_model
+
+    train, test = load_data("digits", (64,), 64, 3)
+    compress(build_model("digits-mlp"), train, test, tiny_config(target_sparsity=0.2, epochs=1, lr_drops=()),
+             device="cpu", progress=False)
+    assert "done:" not in capsys.readouterr().err

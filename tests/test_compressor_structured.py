@@ -214,7 +214,7 @@ def test_bad_structure_options_are_one_line(tmp_path: Path, args: list, needle: 
     assert not (tmp_path / "r").exists()
 
 
-def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
+def test_user_model_compress_export_and_edge_runtime(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     spec = user_model(tmp_path)
     run, model_dir, dense_dir = tmp_path / "run", tmp_path / "model", tmp_path / "dense"
     # In process, as the CLI builds it (the CLI path of a user model: the untraceable-model test).
@@ -246,6 +246,33 @@ def test_user_model_compress_export_and_edge_runtime(tmp_path: Path) -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout + proc.stderr
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert all(layer["storage"] == "dense" for layer in manifest["layers"])  # a smaller dense network
+    source = manifest["source"]
+    assert source["structure"] == "channels" and source["params"] == levels[-1]["params"]
+    assert source["dense_params"] == levels[0]["params"] and source["macs"] < source["dense_macs"]
+    info = subprocess.run([sys.executable, "-m", "edge_runtime", "info", str(model_dir)], capture_output=True,
+                          text=True, cwd=REPO, env=ENV, timeout=120)
+    # what was removed, not a sparsity the layers (all at 0.0%) do not show
+    assert f"structured: params {levels[-1]['params']:,} of {levels[0]['params']:,}" in info.stdout, info.stdout
+    assert "MACs" in info.stdout and "\nsparsity " not in info.stdout
+    from types import SimpleNamespace
+
+    from compressor.export_cli import _report
+    result = SimpleNamespace(dense_onnx_bytes=1, sparsity=manifest["sparsity"])  # "larger than its dense ONNX"
+    _report(model_dir, result, manifest)
+    out, err = capsys.readouterr()
+    assert "structured: params" in out and "smaller than dense ONNX" not in out
+    assert "CSR" not in err and "warning" not in err  # no layer is CSR: nothing to blame on it
+
+
+def test_the_structured_summary_names_what_was_removed() -> None:
+    from edge_runtime.model_format import structured_summary
+
+    figures = {"structure": "channels", "params": 250, "dense_params": 1000, "macs": 10, "dense_macs": 40}
+    assert structured_summary(figures, 0.75) == "params 250 of 1,000 (75.0% removed), MACs 75.0% removed"
+    assert structured_summary({"family": "channels:/runs/a"}, 0.54) == "54.0% of params removed"  # older export
+    assert structured_summary({"structure": "channels", "params": True, "dense_params": -1}, 0.5) == \
+        "50.0% of params removed"  # a manifest's odd values are not figures
+    assert structured_summary({"method": "lr-rewind"}, 0.9) == structured_summary("onnx", 0.0) == ""
 
 
 def test_untraceable_model_is_one_line_naming_the_layer(tmp_path: Path) -> None:

@@ -162,3 +162,121 @@ def _sweep(hosts=("pi4",), threads=(1,), kernels=("ort", "auto", "ort-int8"), le
 def test_the_bench_figures_are_drawn_for_every_kind_of_sweep(table, tmp_path):
     for path in write_plots(table, tmp_path):
         assert path.read_bytes().startswith(PNG) and path.stat().st_size > 5000, path.name
+
+
+# What the figures hold (read from the matplotlib objects, not the pixels) -------------------------------
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every figure drawn while the test runs, kept (drawn, so text positions are final) before it is saved."""
+    figures = []
+    real = plotting.png
+
+    def keep(fig):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()  # where texts sit as drawn (saving redraws at another dpi)
+        fig.kept_boxes = [{"title": ax.title.get_window_extent(renderer),
+                           "marks": [t.get_window_extent(renderer) for top in ax.child_axes
+                                     for t in [*top.get_xticklabels(), top.xaxis.label] if t.get_text()]}
+                          for ax in fig.axes]
+        figures.append(fig)
+        return real(fig)
+
+    monkeypatch.setattr(plotting, "png", keep)
+    return figures
+
+
+def _legend(ax_or_fig):
+    legends = [ax_or_fig.get_legend()] if hasattr(ax_or_fig, "get_legend") else ax_or_fig.legends
+    return [t.get_text() for legend in legends if legend for t in legend.get_texts()]
+
+
+def _top_axis(ax):
+    return next(child for child in ax.child_axes if child.get_label() == plotting.LEVEL_AXIS)
+
+
+def test_the_sparsity_label_claims_only_the_steps_the_axis_reaches(drawn):
+    plot_png(_run({"lr-rewind": _levels(8)}))  # stops at 79%
+    plot_png(_run({"lr-rewind": _levels(32)}))  # reaches 99.9%
+    short, long = (fig.axes[0].get_xlabel() for fig in drawn)
+    assert "99" not in short and "90%" not in short and "log scale" in short
+    assert "90%, 99%, 99.9% evenly spaced" in long
+
+
+def test_a_100_percent_curve_stays_off_the_frame_without_ticks_past_100(drawn):
+    plot_png(_run({"lr-rewind": _levels(6, accuracy=lambda k: 1.0 if k else 0.97)}))
+    ax = drawn[0].axes[0]
+    assert ax.get_ylim()[1] > 100
+    shown = [(t.get_position()[1], t.get_text()) for t in ax.get_yticklabels() if t.get_text()]
+    assert shown and all(float(text) <= 100 for _, text in shown) and "100" in [text for _, text in shown]
+
+
+def test_the_title_names_the_folder_and_clears_the_level_marks(drawn):
+    metrics = dict(_run({"lr-rewind": _levels(14)}), model="/home/user/models/digits-wide-mlp")
+    plot_png(metrics)
+    fig = drawn[0]
+    ax = fig.axes[0]
+    assert ax.get_title() == "digits-wide-mlp on digits"
+    assert _top_axis(ax) is not None
+    title, marks = fig.kept_boxes[0]["title"], fig.kept_boxes[0]["marks"]
+    assert marks and all(not title.overlaps(box) and title.y0 >= box.y1 for box in marks)
+    assert plotting.short_name("/home/u/nets.py:build") == "nets.py:build"
+    assert plotting.short_name("runs/a/model/") == "model" and plotting.short_name("digits") == "digits"
+
+
+def test_the_run_plot_marks_the_max_drop_pick_and_the_test_sets_resolution(drawn):
+    accuracies = [0.97, 0.968, 0.966, 0.964, 0.962, 0.96, 0.958, 0.956]  # within 1 point up to level 5
+    levels = [dict(e, test_examples=450) for e in _levels(8, accuracy=lambda k: accuracies[k])]
+    plot_png(_run({"lr-rewind": levels, "finetune": _levels(8)}))
+    legend = _legend(drawn[0].axes[0])
+    assert "export --max-drop 1 picks lr-rewind level 5" in legend
+    assert "1 test example = 0.222 points" in legend
+    plot_png(_run({"lr-rewind": _levels(4, accuracy=lambda k: None)}))  # no accuracy: nothing to pick
+    assert not any("picks" in text or "test example" in text for text in _legend(drawn[1].axes[0]))
+
+
+def _two_architectures():
+    table = []
+    for family, label, sparsity, p50 in (("[[64, 64]]", "a", 0.0, 0.05), ("[[64, 1024]]", "b", 0.9, 0.2)):
+        for kernels in ("ort", "auto"):
+            table.append(_row(model=label, family=family, family_label=label, kernels=kernels, level=None,
+                              method=None, sparsity=sparsity, accuracy=0.97, size_bytes=20000, p50_ms=p50,
+                              p90_ms=p50 * 1.1, engine="ort", is_reference=kernels == "ort"))
+    return table
+
+
+def test_models_of_two_architectures_are_never_one_curve(drawn, tmp_path):
+    write_plots(_two_architectures(), tmp_path)
+    latency, tradeoff = drawn
+    ax = latency.axes[0]
+    assert {"auto · a", "auto · b", "ort · a", "ort · b"} <= set(_legend(ax))
+    series = [line for line in ax.lines if line.get_transform() == ax.transData]
+    assert len(series) >= 4
+    for line in series:  # each series holds one architecture's point only: no line from a to b
+        assert len(set(line.get_xdata())) == 1
+    left = tradeoff.axes[0]
+    stars = [line for line in left.lines if line.get_marker() == "*"]
+    assert len(stars) == 1  # a is dense; b, 90% sparse, is its architecture's least sparse, not a dense model
+    assert [line.get_xdata()[0] for line in stars] == [0.05]
+
+
+def test_labels_of_points_on_top_of_each_other_become_one():
+    plt, fig, ax = _axes()
+    ax.set_xlim(0, 4)
+    ax.set_ylim(0, 3)
+    labels = [(2.0, 2.0, f"L{i}", "r") for i in (1, 2, 3, 5)] + [(2.0, 2.0, "dense", "b"), (1.0, 1.0, "L9", "r")]
+    merged = plotting.merge_coincident(ax, labels)
+    assert [text for _, _, text, _ in merged] == ["L1–L3, L5", "dense", "L9"]
+    assert plotting.place_labels(ax, labels) == 3
+    plt.close(fig)
+
+
+def test_the_bench_plot_rings_the_level_max_drop_picks(drawn, tmp_path):
+    table = [dict(r, accuracy=0.97 - 0.0009 * r["level"]) for r in _sweep(kernels=("ort", "auto"), levels=range(14))]
+    write_plots(table, tmp_path)  # the band is 1 point: level 11 (96.01%) is the sparsest inside it
+    left = drawn[1].axes[0]
+    rings = [line for line in left.lines if line.get_marker() == "o" and line.get_markerfacecolor() == "none"]
+    assert len(rings) == 1 and "export --max-drop 1 picks" in _legend(drawn[1].axes[1])  # one legend, right
+    picked = next(r for r in table if r["level"] == 11 and r["kernels"] == "auto")
+    assert rings[0].get_xdata()[0] == picked["p50_ms"]

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
+from edge_runtime.wording import counted
+
 REPO = Path(__file__).resolve().parents[2]
 SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
 KERNELS = ("ort", "auto", "sparse")
@@ -147,7 +149,7 @@ def tables(results: Dict[str, Any], stat: str = "p50") -> str:
         for threads in results["threads"]:
             lat = lambda row, k, key=stat: row["runs"][f"{k}/{threads}"]["latency_ms"][key]
             dense_row = next((r for r in rows if r["sparsity"] == 0), None)
-            lines += [f"\n### {name}, batch 1, {threads} thread(s), {stat} latency",
+            lines += [f"\n### {name}, batch 1, {counted(threads, 'thread')}, {stat} latency",
                       "| sparsity | ort ms | auto ms | sparse ms | auto vs ort | (min) | sparse vs ort "
                       "| auto vs dense ort | auto engine | peak RSS auto / ort MB |", "|---|---|---|---|---|---|---|---|---|---|"]
             for row in rows:

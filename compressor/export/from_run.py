@@ -108,7 +108,8 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
         raise ExportError(f"{run_dir}: the run records no input shape and its data cannot be loaded here; "
                           f"give example inputs: {hint}--sample inputs.npz")
     source = {"run_dir": str(Path(run_dir).resolve()), "model": loaded.model_name, "method": loaded.method,
-              "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config)}
+              "level": loaded.level, "data": config.get("data"), **structure_family(run_dir, config),
+              **structure_figures(run_dir, config, loaded.method, loaded.level)}
     try:
         result = export_model(loaded.model, out_dir, input_shape=shape, values_dtype=values_dtype, sample=example,
                               output=output or config.get("output"), accuracy=loaded.accuracy,
@@ -145,6 +146,24 @@ def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, s
     if config.get("structure") != "channels":
         return {}
     return {"family": f"channels:{Path(run_dir).resolve()}"}
+
+
+def structure_figures(run_dir: Path | str, config: Dict[str, Any], method: str, level: int) -> Dict[str, Any]:
+    """For a --structure channels level: ``structure``, its ``params`` and ``macs`` and the dense level's
+    (``dense_params``, ``dense_macs``), so ``info`` and export report what was removed — a smaller dense
+    network has no zeros to count. ``{}`` for an unstructured run or a metrics file without them."""
+    from compressor.run.run_dir import METRICS, RunDirError, read_json
+
+    if config.get("structure") != "channels":
+        return {}
+    try:
+        levels = {int(e["level"]): e for e in read_json(Path(run_dir) / METRICS)["methods"][method]}
+        figures = {"structure": "channels", "params": int(levels[level]["params"]),
+                   "macs": int(levels[level]["macs"]), "dense_params": int(levels[0]["params"]),
+                   "dense_macs": int(levels[0]["macs"])}
+    except (KeyError, TypeError, ValueError, AttributeError, RunDirError):  # an older run: the family alone says it
+        return {"structure": "channels"}
+    return figures
 
 
 def export_checkpoint(model_spec: str, checkpoint: Optional[Path | str], out_dir: Path | str, *,

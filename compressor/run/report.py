@@ -145,11 +145,36 @@ def plot_png(metrics: Dict[str, Any], max_drop: float = plotting.DEFAULT_MAX_DRO
         plotting.sparsity_axis(ax, [e["sparsity"] for e in entries],
                                [(e["sparsity"], str(e["level"])) for e in entries])
     _y_axis(ax, entries, scored, max_drop)
+    if scored:
+        _mark_pick(ax, methods, structured, max_drop)
+        plotting.resolution_note(ax, next((e.get("test_examples") for e in entries if e.get("test_examples")), None))
     plotting.place_labels(ax, labels)
-    ax.set_title(f"{metrics['model']} on {metrics['data']}")
+    plotting.title(ax, f"{plotting.short_name(metrics['model'])} on {plotting.short_name(metrics['data'])}")
     ax.grid(True, alpha=0.3)
     plotting.legend_outside(ax)
     return plotting.png(fig)
+
+
+def max_drop_pick(levels: List[Dict[str, Any]], max_drop: float) -> Optional[Dict[str, Any]]:
+    """The level ``edgeprune export --max-drop`` picks among one method's levels (export's rule: the
+    sparsest within ``max_drop`` points of the dense level); None without a dense accuracy."""
+    dense = next((e for e in levels if e["level"] == 0), None)
+    if dense is None or math.isnan(_accuracy(dense)):
+        return None
+    within = [e for e in levels if _accuracy(e) >= _accuracy(dense) - max_drop / 100.0]
+    return max(within, key=lambda e: (e["sparsity"], e["level"]))
+
+
+def _mark_pick(ax: Any, methods: Dict[str, List[Dict[str, Any]]], structured: bool, max_drop: float) -> None:
+    """A ring around the level export picks by default with ``--max-drop`` (the first method's)."""
+    method, levels = next(iter(methods.items()))
+    picked = max_drop_pick(levels, max_drop)
+    if picked is None:
+        return
+    x = picked["macs"] / 1e6 if structured else plotting.density(picked["sparsity"])
+    ax.plot([x], [_y_value(picked, True)], marker="o", markersize=11, markerfacecolor="none", markeredgecolor="black",
+            linestyle="none", zorder=4,
+            label=f"export --max-drop {max_drop:g} picks {method} level {picked['level']}")
 
 
 def _y_value(entry: Dict[str, Any], scored: bool) -> float:

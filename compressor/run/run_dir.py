@@ -201,6 +201,8 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
     if "sparsity_all" in final:  # zeros among all parameters, beside "sparsity" (the prunable weights')
         record["sparsity_all"] = _finite_or_none(final["sparsity_all"])
     record.update({key: final[key] for key in STRUCTURED_FIGURES if key in final})
+    if isinstance(final.get("test_examples"), int):  # the accuracy's resolution: 1 example = 100/N points
+        record["test_examples"] = final["test_examples"]
     return record
 
 
