@@ -51,8 +51,10 @@ def tiny_config(**overrides: Any) -> PruneConfig:
 
 
 def run_tiny(out: Optional[Path], model_name: str = "digits-mlp", resume: bool = False,
-             epoch_callback=None, latency_source=None, **overrides: Any) -> CompressResult:
-    """A real compression run on the digits, built exactly as the CLI builds it."""
+             epoch_callback=None, latency_source=None, progress: Optional[bool] = False,
+             **overrides: Any) -> CompressResult:
+    """A real compression run on the digits, built exactly as the CLI builds it (silent unless asked:
+    tests that read stderr must not see another run's progress lines)."""
     config = tiny_config(**overrides)
     torch.manual_seed(config.seed)
     model = build_model(model_name)
@@ -60,7 +62,7 @@ def run_tiny(out: Optional[Path], model_name: str = "digits-mlp", resume: bool =
     with one_thread():
         return compress(model, train_loader, test_loader, config, out=out, resume=resume, device="cpu",
                         model_name=model_name, data_name="digits", epoch_callback=epoch_callback,
-                        latency_source=latency_source)
+                        latency_source=latency_source, progress=progress)
 
 
 TEMP_ROOT = Path(tempfile.mkdtemp(prefix="edgeprune-compressor-tests-"))

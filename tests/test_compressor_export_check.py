@@ -38,7 +38,7 @@ def test_a_model_torch_cannot_export_is_one_warning_before_training(tmp_path: Pa
     config = PruneConfig(epochs=1, target_sparsity=0.5, one_shot=True, lr=0.01, batch_size=8)
     epochs = []
     with caplog.at_level(logging.INFO, logger="compressor"):
-        compress(Unexportable(), train, test, config, epoch_callback=lambda *a: epochs.append(a))
+        compress(Unexportable(), train, test, config, epoch_callback=lambda *a: epochs.append(a), progress=False)
     messages = [r.getMessage() for r in caplog.records]
     warned = [i for i, m in enumerate(messages) if "cannot be exported to ONNX" in m]
     assert len(warned) == 1 and "special_zeta" in messages[warned[0]] and "\n" not in messages[warned[0]]
