@@ -186,23 +186,22 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
 @contextlib.contextmanager
 def log_lines_to_stderr(enabled: bool) -> Iterator[None]:
     """While compressing, send the compressor's progress lines (logging INFO: one per level) to stderr,
-    one plain line each; afterwards the logger is as it was."""
-    if not enabled:
+    one plain line each; afterwards the logger is as it was. A program that configured logging itself
+    (a handler on this logger or the root) already decides where they go: left alone."""
+    logger = logging.getLogger("compressor")
+    if not enabled or logger.hasHandlers():
         yield
         return
-    logger = logging.getLogger("compressor")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    saved = logger.level, logger.propagate
+    saved = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+        logger.setLevel(saved)
 
 
 def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
