@@ -103,6 +103,7 @@ def _tail(module: nn.Module, drop_relu: bool = False) -> Optional[fx.GraphModule
         return None
     if any(n.op == "get_attr" for n in traced.graph.nodes):
         return None  # the tail reads a parameter or buffer of the block: not a plain identity path
+    traced.delete_all_unused_submodules()  # the branch's layers and their weights go with it
     traced.recompile()
     return traced
 
