@@ -104,8 +104,21 @@ def _tail(module: nn.Module, drop_relu: bool = False) -> Optional[fx.GraphModule
     if any(n.op == "get_attr" for n in traced.graph.nodes):
         return None  # the tail reads a parameter or buffer of the block: not a plain identity path
     traced.delete_all_unused_submodules()  # the branch's layers and their weights go with it
+    _not_in_place(traced)
     traced.recompile()
     return traced
+
+
+def _not_in_place(traced: fx.GraphModule) -> None:
+    """The tail's ReLUs made out-of-place: in the block they overwrote the add's fresh output, in the
+    tail they would overwrite the block's input, which other layers may still read."""
+    for node in traced.graph.nodes:
+        if node.op == "call_function" and node.target is torch.relu_:
+            node.target = torch.relu
+        elif node.op == "call_method" and node.target == "relu_":
+            node.target = "relu"
+        elif node.op == "call_module" and isinstance(traced.get_submodule(str(node.target)), _RELU_MODULES):
+            traced.get_submodule(str(node.target)).inplace = False
 
 
 def branch_of(module: nn.Module) -> nn.Module:
