@@ -205,7 +205,7 @@ def test_min_channels_allows_one_narrower_width_below_the_multiple() -> None:
     (["--target-macs", "0.5"], "needs --structure channels"),
     (["--structure", "channels", "--target-macs", "1.5"], "target MACs must be in (0, 1)"),
     (["--structure", "channels", "--criterion", "magnitude"], "ranks weights, not channels"),
-    (["--structure", "channels", "--min-channels", "9"], "--min-channels must be in"),
+    (["--structure", "channels", "--channel-multiple", "8", "--min-channels", "9"], "--min-channels must be in"),
     (["--structure", "layers"], "unknown structure"),
     (["--structure", "blocks"], "no removable residual block"),
 ])
