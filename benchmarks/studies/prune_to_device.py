@@ -3,7 +3,7 @@
     python3 benchmarks/studies/prune_to_device.py                     # the reduced grid (about 12 min, 2 cores)
     python3 benchmarks/studies/prune_to_device.py --cases resnet20@32 --epochs 1 --json out.json
 
-Per case (a model at one input size), from ONE dense training: the dense network; the default
+Per case (a model at one input size), from ONE dense training (``--dense-epochs``): the dense network; the default
 (``--structure channels``, global L1, the default rounding) at 50/70% MACs removed; ``--target-speedup``
 1.8/2.5/3 with ``--structure channels --allocate latency`` and ``channels,blocks``; Torch-Pruning out of
 the box (MetaPruner, global L1 magnitude, round_to 8 and 16, its pruning ratio the first of 0.25..0.45
@@ -178,7 +178,7 @@ def ours(name: str, model_name: str, shape, table: Path, train, test, epochs: in
     try:
         result = compress(model, train, test, cfg, out=scratch / name.replace(" ", "_"), device="cpu",
                           model_name=model_name if model_name == "resnet20" else None, data_name="digits",
-                          pretrained=dense_state, latency_source=LocalLatency(rounds=3, runs=10))
+                          pretrained=dense_state, latency_source=LocalLatency())
     except CompressorError as error:
         print(f"- {model_name}@{shape[1]} {name}: {error}", flush=True)
         return {"name": name, "error": str(error)}
@@ -240,22 +240,17 @@ def run_case(model_name: str, size: int, args, scratch: Path) -> Dict[str, Any]:
     template = make_model(model_name, size)
     table_model = LatencyModel(template, example, find_groups(template, example), DEFAULT_ROUNDING["multiple"],
                                DEFAULT_ROUNDING["min_channels"])
-    table = LocalLatency(rounds=3, runs=10).table(table_model.shapes_needed(), "ort", 1)
+    table = LocalLatency().table(table_model.shapes_needed(), "ort", 1)
     table_path = scratch / f"{model_name}-{size}-table.json"
     atomic_write_text(table_path, table.to_json())
     predictor = Predictor(table)
-    # the dense network: trained once (2 epochs) inside the first run, every other row starts from it
-    rows: List[Dict[str, Any]] = []
-    first = ours("default 50%", model_name, shape, table_path, train, test, args.epochs, None, scratch,
-                 structure="channels", target_macs=0.5)
-    from compressor.run.run_dir import load_level
-
-    dense_level = load_level(scratch / "default_50%", level=0)
-    dense = dense_level.model.eval()
+    # the dense network: trained once (--dense-epochs), every row starts from it
+    dense = retrain(make_model(model_name, size), train, args.dense_epochs, lr)
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
-    rows.append({"name": "dense", "model": dense, "accuracy": accuracy(dense, test)})
-    rows.append(first)
-    plan = [("default 70%", dict(structure="channels", target_macs=0.7))]
+    rows: List[Dict[str, Any]] = [{"name": "dense", "model": dense, "accuracy": accuracy(dense, test)}]
+    print(f"  dense: {rows[0]['accuracy']:.1%}", flush=True)
+    plan = [("default 50%", dict(structure="channels", target_macs=0.5))]
+    plan += [("default 70%", dict(structure="channels", target_macs=0.7))]
     plan += [(f"--target-speedup {s:g} channels", dict(structure="channels", allocate="latency", target_speedup=s))
              for s in SPEEDUPS]
     plan += [(f"--target-speedup {s:g} channels,blocks", dict(structure="channels,blocks", allocate="latency",
@@ -263,7 +258,7 @@ def run_case(model_name: str, size: int, args, scratch: Path) -> Dict[str, Any]:
     for name, config in plan:
         rows.append(ours(name, model_name, shape, table_path, train, test, args.epochs, dense_state, scratch,
                          **config))
-        print(f"  {name}: done", flush=True)
+        print(f"  {name}: {'refused' if 'error' in rows[-1] else 'done'}", flush=True)
     exclude = (lambda m: m.fc) if model_name == "resnet20" else (lambda m: m.classifier)
     for round_to in (8, 16):
         rows.append(torch_pruning_rows(dense, example, round_to, train, test, args.epochs, lr, exclude))
@@ -312,11 +307,12 @@ def figures(model_name: str, size: int, rows: List[Dict[str, Any]], predictor: P
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="resnet20@32,resnet20@128,mobilenetv2@128")
-    parser.add_argument("--epochs", type=int, default=1, help="retraining epochs per row (the dense: the same)")
+    parser.add_argument("--epochs", type=int, default=1, help="retraining epochs per row")
     parser.add_argument("--train-128", type=int, default=96, help="training examples at 128x128 (CPU budget)")
     parser.add_argument("--test-128", type=int, default=128, help="test examples at 128x128")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--dense-epochs", type=int, default=2, help="the dense network's training epochs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", default="prune_to_device.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the machine is shared

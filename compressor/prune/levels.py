@@ -274,7 +274,11 @@ class ChannelLevels:
     def shrink_to(self, model: nn.Module, current: Plan, kept: Plan) -> nn.Module:
         """``model`` (built for ``current``) with the blocks and channels ``kept`` drops removed, weights kept."""
         remove_blocks(model, self.blocks, [name for name in kept.blocks if name not in current.blocks])
-        return shrink(model, {root: current.channels[root] for root in kept.channels}, kept.channels, self.example)
+        # a removed block can take its group's root with it: the group lives on under another root, unpruned
+        # (block levels come before channel rounds), so a root ``current`` does not know is at full width
+        full = full_plan(self._depth(kept.blocks).groups)
+        now = {root: current.channels.get(root, full[root]) for root in kept.channels}
+        return shrink(model, now, kept.channels, self.example)
 
     def removed(self, plan: Plan) -> float:
         """Fraction of the dense parameters (or MACs, for --target-macs) that ``plan`` removes; for
