@@ -46,7 +46,7 @@ from compressor.prune.channels import example_input, find_groups, full_plan, par
 from compressor.prune.latency import LocalLatency, count_nodes, network_onnx  # noqa: E402
 from compressor.train.data import TensorLoader  # noqa: E402
 from compressor.train.models import build_model  # noqa: E402
-from edge_runtime.layer_timing import LatencyTable, LayerShape, measure  # noqa: E402
+from edge_runtime.layer_timing import LatencyTable, LayerShape, measure, time_networks  # noqa: E402
 from edge_runtime.safe_io import atomic_write_text  # noqa: E402
 
 SPEEDUPS = (1.8, 2.5, 3.0)
@@ -255,14 +255,18 @@ def run_case(model_name: str, size: int, args, scratch: Path) -> Dict[str, Any]:
              for s in SPEEDUPS]
     plan += [(f"--target-speedup {s:g} channels,blocks", dict(structure="channels,blocks", allocate="latency",
                                                                 target_speedup=s)) for s in SPEEDUPS]
+    plan += [(f"--target-speedup {s:g} blocks", dict(structure="blocks", target_speedup=s)) for s in SPEEDUPS]
+    only = [o for o in args.only.split(",") if o]
     for name, config in plan:
+        if only and not any(o in name for o in only):
+            continue
         rows.append(ours(name, model_name, shape, table_path, train, test, args.epochs, dense_state, scratch,
                          **config))
         print(f"  {name}: {'refused' if 'error' in rows[-1] else 'done'}", flush=True)
     exclude = (lambda m: m.fc) if model_name == "resnet20" else (lambda m: m.classifier)
-    for round_to in (8, 16):
+    for round_to in (8, 16) if not only else ():
         rows.append(torch_pruning_rows(dense, example, round_to, train, test, args.epochs, lr, exclude))
-    for scale in UNIFORM:
+    for scale in UNIFORM if not only else ():
         rows.append(uniform_row(dense, example, scale, train, test, args.epochs, lr))
     return figures(model_name, size, rows, predictor, example, args)
 
@@ -274,14 +278,15 @@ def figures(model_name: str, size: int, rows: List[Dict[str, Any]], predictor: P
     live = [r for r in rows if "model" in r]
     exported = [onnx_bytes(r["model"], shape) for r in live]
     times = {t: time_sessions(exported, shape, t, args.rounds, args.runs) for t in (1, 2)}
+    planner = [ms / 1000 for ms in time_networks(exported, 1, args.rounds, args.runs)]  # the planner's timer
     dense_params, dense_macs = params_and_macs(live[0]["model"], example)
     dense_pred = predictor.predict(live[0]["model"], example)
     out = []
     print(f"\n## {model_name} @ {size}x{size}: onnxruntime batch 1, p50 ms (speed-up vs dense), {args.epochs} "
           f"epoch(s) retraining per row\n")
-    print("| row | params | MACs | MACs removed | accuracy | predicted | 1 thread | 2 threads | efficiency | "
-          "blocks removed |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| row | params | MACs | MACs removed | accuracy | predicted | planner measured | 1 thread | 1t min-med | "
+          "2 threads | efficiency | blocks removed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for index, row in enumerate(live):
         params, macs = params_and_macs(row["model"], example)
         predicted = row.get("predicted_speedup") or dense_pred / predictor.predict(row["model"], example)
@@ -291,11 +296,14 @@ def figures(model_name: str, size: int, rows: List[Dict[str, Any]], predictor: P
                   "planned_measured_speedup": row.get("measured_speedup"),
                   "p50_ms": {f"{t}t": 1000 * times[t][index] for t in (1, 2)},
                   "speedup": {f"{t}t": speed[t] for t in (1, 2)},
+                  "speedup_min_of_round_medians_1t": planner[0] / planner[index],
                   "efficiency": speed[1] / (dense_macs / macs), "blocks_removed": row.get("blocks_removed") or []}
         out.append(record)
         print(f"| {row['name']} | {params:,} | {macs / 1e6:.2f} M | {record['macs_removed']:.1%} | "
-              f"{100 * (row.get('accuracy') or 0):.1f}% | {predicted:.2f}× | {1000 * times[1][index]:.3f} "
-              f"({speed[1]:.2f}×) | {1000 * times[2][index]:.3f} ({speed[2]:.2f}×) | {record['efficiency']:.2f} | "
+              f"{100 * (row.get('accuracy') or 0):.1f}% | {predicted:.2f}× | "
+              f"{'%.2f×' % row['measured_speedup'] if row.get('measured_speedup') else '-'} | "
+              f"{1000 * times[1][index]:.3f} ({speed[1]:.2f}×) | {planner[0] / planner[index]:.2f}× | "
+              f"{1000 * times[2][index]:.3f} ({speed[2]:.2f}×) | {record['efficiency']:.2f} | "
               f"{len(record['blocks_removed'])} |", flush=True)
     for row in rows:
         if "error" in row:
@@ -313,6 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dense-epochs", type=int, default=2, help="the dense network's training epochs")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--only", default="", help="comma separated substrings: only our rows whose name has one "
+                                                   "(and the dense), e.g. ' blocks'")
     parser.add_argument("--json", default="prune_to_device.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the machine is shared
