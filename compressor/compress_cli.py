@@ -23,6 +23,7 @@ examples:
   edgeprune compress --model resnet20 --data cifar10:~/data/cifar-10-batches-py --out runs/r20
   edgeprune compress --model my_net.py:build --data my_data.py:loaders --out runs/mine
   edgeprune compress --model resnet20 --structure channels --target-macs 0.5 --out runs/r20-ch
+  edgeprune compress --model resnet20 --structure channels,blocks --allocate latency --target-speedup 2.5 --out runs/r20-d
   edgeprune compress ... --out runs/mlp --resume        # continue a killed run
 """
 
@@ -137,7 +138,7 @@ def _compress_and_report(args: argparse.Namespace) -> int:
                           latency_source=getattr(args, "latency_source", None))
     if not is_main_process():
         return 0
-    structured = config.structure == "channels"
+    structured = config.structured
     # unstructured: the prunable weights' sparsity (the target's) and the zeros among all parameters
     print(f"{'method':<14} {'level':>5} {'sparsity':>9} {'accuracy':>9}" + (
         "     params  MACs removed" if structured else "  sparsity of all parameters"))

@@ -21,7 +21,7 @@ MODEL_NAMES = ("digits-mlp", "digits-wide-mlp", "digits-cnn", "resnet20", "resne
 
 METHODS = ("lr-rewind", "finetune", "weight-rewind")
 SCHEDULES = ("step", "cosine")
-STRUCTURES = ("weights", "channels")
+STRUCTURES = ("weights", "channels", "blocks", "channels,blocks")  # blocks: compressor.prune.blocks
 ALLOCATIONS = ("global", "latency", "global-table")  # compressor.prune.allocation implements them
 # The default rounding of kept channel counts (compressor.prune.latency explains the measurement behind it).
 DEFAULT_CHANNEL_MULTIPLE = 16
@@ -74,8 +74,14 @@ class PruneConfig:
         "weight-rewind only: the dense-training epoch whose weights surviving weights are reset to"))
     seed: int = field(default=0, metadata=_help("random seed (initialisation, shuffling, augmentation)"))
     structure: str = field(default="weights", metadata=_help(
-        "what a round removes: weights (unstructured, a sparse model) or channels (whole filters and "
-        "neurons with every coupled tensor: a smaller dense model that every runtime runs faster)"))
+        "what a round removes: weights (unstructured, a sparse model), channels (whole filters and "
+        "neurons with every coupled tensor: a smaller dense model that every runtime runs faster), blocks "
+        "(whole residual blocks with an identity shortcut, replaced by that shortcut: fewer layers, what "
+        "passes the per-layer floor at batch 1) or channels,blocks (block levels first, as many as the "
+        "channels alone cannot reach the target without, then channel rounds)"))
+    blocks_per_level: int = field(default=1, metadata=_help(
+        "blocks only: residual blocks one level removes (the weakest by --criterion block-norm); the "
+        "level that reaches the target removes only as many as it needs"))
     target_macs: Optional[float] = field(default=None, metadata=_help(
         "channels only: fraction of multiply-accumulates to remove in the end, in (0, 1); when given "
         "it replaces --target-sparsity (which, for channels, counts all parameters removed)"))
@@ -88,8 +94,9 @@ class PruneConfig:
         "multiple it allows one narrower width, e.g. --channel-multiple 16 --min-channels 8 keeps "
         "widths in 8, 16, 32, 48, ... (CPUs with 16-float vector blocks)"))
     criterion: Optional[str] = field(default=None, metadata=_help(
-        "how a round ranks what it removes: magnitude (weights), l1-norm or bn-scale (channels); "
-        "default: magnitude for weights, l1-norm for channels"))
+        "how a round ranks what it removes: magnitude (weights), l1-norm or bn-scale (channels), "
+        "block-norm (blocks: ||F(x)||/||x|| of the residual branch on the first test batch); default: "
+        "magnitude for weights, l1-norm for channels, block-norm for blocks"))
     allocate: str = field(default="global", metadata=_help(
         "channels only: how a round decides how many channels each layer keeps: global (the lowest "
         "criterion scores anywhere), latency (least importance lost per millisecond saved) or "
@@ -186,12 +193,27 @@ class PruneConfig:
         self._validate_structure()
         self._validate_latency()
 
+    @property
+    def structured(self) -> bool:
+        """Whether levels remove whole structures (channels and/or blocks) rather than single weights."""
+        return self.structure != "weights"
+
+    @property
+    def removes_channels(self) -> bool:
+        return "channels" in self.structure.split(",")
+
+    @property
+    def removes_blocks(self) -> bool:
+        return "blocks" in self.structure.split(",")
+
     def _validate_structure(self) -> None:
+        if self.structure == "blocks,channels":  # one spelling, so equal configs compare equal on --resume
+            object.__setattr__(self, "structure", "channels,blocks")
         if self.structure not in STRUCTURES:
             raise ConfigError(f"unknown structure {self.structure!r}; choose from {', '.join(STRUCTURES)}")
         if self.target_macs is not None:
-            if self.structure != "channels":
-                raise ConfigError("--target-macs needs --structure channels (unstructured zeros remove no MACs "
+            if not self.structured:
+                raise ConfigError("--target-macs needs --structure channels or blocks (unstructured zeros remove no MACs "
                                   "that a dense runtime skips)")
             if not 0.0 < self.target_macs < 1.0:
                 raise ConfigError(f"target MACs must be in (0, 1), got {self.target_macs}")
@@ -202,14 +224,16 @@ class PruneConfig:
             raise ConfigError(f"--min-channels must be in [1, --channel-multiple], got {self.min_channels}")
         if self.allocate not in ALLOCATIONS:
             raise ConfigError(f"unknown --allocate {self.allocate!r}; choose from {', '.join(ALLOCATIONS)}")
-        if self.allocate != "global" and self.structure != "channels":
+        if self.blocks_per_level < 1:
+            raise ConfigError(f"--blocks-per-level must be at least 1, got {self.blocks_per_level}")
+        if self.allocate != "global" and not self.removes_channels:
             raise ConfigError(f"--allocate {self.allocate} needs --structure channels")
-        if self.latency_table is not None and self.allocate == "global":
-            raise ConfigError("--latency-table needs --allocate latency or global-table")
+        if self.latency_table is not None and self.allocate == "global" and not self.removes_blocks:
+            raise ConfigError("--latency-table needs --allocate latency or global-table (or --structure blocks)")
         if self.target_speedup is not None:
-            if self.allocate == "global":
-                raise ConfigError("--target-speedup needs --allocate latency or global-table (the speed-up is "
-                                  "predicted from the latency table)")
+            if self.allocate == "global" and not self.removes_blocks:
+                raise ConfigError("--target-speedup needs --allocate latency or global-table, or --structure "
+                                  "blocks (the speed-up is predicted from the latency table)")
             if self.target_macs is not None:
                 raise ConfigError("give --target-speedup or --target-macs, not both")
             if not 1.0 < self.target_speedup <= 1000.0:
@@ -224,9 +248,9 @@ class PruneConfig:
             raise ConfigError(f"--latency-threads must be in [1, 64], got {self.latency_threads}")
         if self.target_latency is None:
             return
-        if self.allocate == "global":
-            raise ConfigError("--target-latency needs --allocate latency or global-table (the latency is "
-                              "predicted from the latency table)")
+        if self.allocate == "global" and not self.removes_blocks:
+            raise ConfigError("--target-latency needs --allocate latency or global-table, or --structure blocks "
+                              "(the latency is predicted from the latency table)")
         if self.target_macs is not None or self.target_speedup is not None:
             raise ConfigError("give one of --target-latency, --target-speedup, --target-macs")
         if not 0.0 < self.target_latency < 1e6:

@@ -26,15 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from compressor import checkpoints
-from compressor.prune.levels import ChannelLevels
-from compressor.prune.channels import decode, encode, first_example
+from compressor.prune.levels import ChannelLevels, Plan
+from compressor.prune.channels import first_example
 from compressor.prune.latency import LatencySource
-from compressor.train.batches import Task, split_batch
+from compressor.train.batches import Task, call_model, example_inputs, split_batch, to_device
 from compressor.config import PruneConfig
 from compressor.train.devices import resolve_device
 from compressor.train.distributed import Distributed, current, require_shared
 from compressor.errors import ConfigError
-from compressor.prune.criteria import criterion_named
+from compressor.prune.criteria import criteria_for
 from compressor.prune.mask import Mask
 from compressor.train.methods import RetrainPlan, any_rewinds_weights, dense_plan, method_named
 from compressor.train.models import input_shape_of
@@ -118,7 +118,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         raise ConfigError("a distributed run needs out=RUN_DIR, on a filesystem every process sees")
     if pretrained is not None and any_rewinds_weights(config.methods):
         raise ConfigError("weight-rewind needs the dense training's early weights; it cannot start from --pretrained")
-    criterion = criterion_named(config.criterion, config.structure)
+    criteria = criteria_for(config.criterion, config.structure)
+    criterion = criteria[config.structure.split(",")[0]]
     if pretrained is not None:  # before RUN_DIR is touched: a checkpoint that does not fit writes nothing
         checkpoints.load_into(model, pretrained, "--pretrained")
     params = prunable_parameters(model, config.exclude)  # also checks --exclude's names
@@ -133,7 +134,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
     if ranks.is_main:
         _warn_unless_exportable(model, test_loader, config.output)
     # traced on a real batch (after the probes: a batch that does not fit is the probe's one line)
-    channels = _channel_levels(model, shape, config, criterion, test_loader, latency_source)  # before RUN_DIR is touched
+    channels = _channel_levels(model, shape, config, criteria, test_loader, latency_source)  # before RUN_DIR is touched
     counts = [] if channels else keep_counts(sum(p.numel() for p in params.values()), config.prune_fraction,
                                              config.target_sparsity, config.one_shot)
     params = prunable_parameters(model, config.exclude)  # the parameters as they live on the device
@@ -152,6 +153,7 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         if channels:
             channels.attach_rounding(run.root, ranks.is_main, ranks.barrier)
             channels.attach_table(run.root, ranks.is_main, ranks.barrier)
+            channels.feed = _first_batch_feed(test_loader)
         stack.enter_context(_deterministic(torch_device))
         progress = progress and ranks.is_main
         job = _Job(run, model, {} if channels else params, ranks.shard(train_loader, train=True),
@@ -177,7 +179,8 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         write_report(run, metrics)
         final = checkpoints.load(run.final_path(config.methods[0], last_levels[config.methods[0]]))
         if channels:  # a smaller network than the one passed in: a new module
-            model = channels.build(channels_plan(final, channels), final["model"], "the last level").to(torch_device)
+            model = channels.build(channels.stored_plan(final, "the last level"), final["model"],
+                                   "the last level").to(torch_device)
         else:
             checkpoints.load_into(model, final["model"], "the last level")
         return CompressResult(model, metrics, Path(out) if out is not None else None)
@@ -205,16 +208,17 @@ def log_lines_to_stderr(enabled: bool) -> Iterator[None]:
 
 
 def _channel_levels(model: nn.Module, shape: Optional[Tuple[int, ...]], config: PruneConfig,
-                    criterion: Any, test_loader: Iterable,
+                    criteria: Dict[str, Any], test_loader: Iterable,
                     source: Optional[LatencySource] = None) -> Optional[ChannelLevels]:
     """The structured side of the run (None for --structure weights); traces the model now, on the first
     example of the test data (token ids, several or keyword inputs as they come), so an untraceable
     model is refused before anything is written or trained."""
-    if config.structure != "channels":
+    if not config.structured:
         return None
     inputs, _ = split_batch(next(iter(test_loader)))  # the probe has read one already
     example = first_example(inputs)
-    return ChannelLevels(model, shape, config, criterion, source, example=example)
+    return ChannelLevels(model, shape, config, criteria.get("channels"), source, criteria.get("blocks"),
+                         example=example)
 
 
 def _warn_unless_exportable(model: nn.Module, test_loader: Iterable, output: Optional[str]) -> None:
@@ -233,9 +237,15 @@ def _warn_unless_exportable(model: nn.Module, test_loader: Iterable, output: Opt
                     "will refuse the compressed model: stop now (Ctrl-C) and fix the model first")
 
 
-def channels_plan(final: Dict[str, Any], channels: ChannelLevels) -> Dict[str, List[int]]:
-    """The kept-channel plan stored in a level's final.pt or checkpoint.pt."""
-    return decode(final.get("channels"), channels.groups, "a level of this run")
+def _first_batch_feed(test_loader: Iterable, count: int = 128) -> Callable[[nn.Module], object]:
+    """Runs a model on the first ``count`` examples of the (unshuffled) test data: the real batch that
+    block criteria score activations on, the same in a resumed run and on every torchrun rank."""
+    inputs = example_inputs(split_batch(next(iter(test_loader)))[0], count)
+
+    def feed(model: nn.Module) -> object:
+        device = next(model.parameters()).device
+        return call_model(model, to_device(inputs, device))
+    return feed
 
 
 class _Job:
@@ -260,9 +270,10 @@ class _Job:
         self.steps_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else 1
         self.counts: List[int] = []  # weights: surviving weights after each round (compress() sets these)
         self.criterion: Any = None
-        self.channels: Optional[ChannelLevels] = None  # channels: the structured side of the run
+        self.channels: Optional[ChannelLevels] = None  # channels/blocks: the structured side of the run
+        self.plan: Optional[Plan] = None  # structured: this level's plan
         self.test_examples: Optional[int] = None  # the whole test set's size (compress() sets it)
-        self.extra: Dict[str, Any] = {}  # what this level's checkpoints and final.pt add (its channel plan)
+        self.extra: Dict[str, Any] = {}  # what this level's checkpoints and final.pt add (its plan)
 
     def dense(self, pretrained: Optional[Dict[str, torch.Tensor]]) -> None:
         """Level 0: train the dense network (saving the rewind snapshot on the way) or load it."""
@@ -270,8 +281,8 @@ class _Job:
             return
         mask = Mask.ones_like(self.params).to(self.device)
         if self.channels is not None:  # the example it traced with: readers rebuild the levels with it
-            self.extra = {"channels": encode(self.channels.dense_plan()), "last": False,
-                          "example": self.channels.example}
+            self.plan = self.channels.dense_plan()
+            self.extra = {**self.plan.stored(), "last": False, "example": self.channels.example}
         if pretrained is not None:  # already loaded into the model by compress()
             began = time.perf_counter()
             self._finish(DENSE, 0, mask, epochs=0, seconds=time.perf_counter() - began, lrs=[])
@@ -300,19 +311,19 @@ class _Job:
         return level == len(self.counts)
 
     def _channel_level(self, method: str, level: int) -> bool:
-        """Structured: remove the next round's channels physically, then retrain the smaller network."""
+        """Structured: remove the next round's channels or blocks physically, then retrain the smaller network."""
         channels, done = self.channels, self.run.final_path(method, level)
         if done.is_file():
             return bool(checkpoints.load(done).get("last", True))
         plan = method_named(method).plan(self.config, self.steps_per_epoch)
         source = self.run.final_path(method, level - 1)
         previous = checkpoints.load(source)
-        current = channels_plan(previous, channels)
+        current = channels.stored_plan(previous, str(source))
         model = channels.build(current, previous["model"], str(source)).to(self.device)
         started = self.run.checkpoint_path(method, level)
         if started.is_file():  # an interrupted level keeps the plan it started with (timings may differ now)
             saved = checkpoints.load(started)
-            kept, last = channels_plan(saved, channels), bool(saved.get("last", False))
+            kept, last = channels.stored_plan(saved, str(started)), bool(saved.get("last", False))
         else:
             kept, last = channels.next_plan(model, current)
         if plan.rewind_weights:  # the rewind snapshot, sliced to the surviving channels
@@ -321,7 +332,8 @@ class _Job:
         else:
             model = channels.shrink_to(model, current, kept)
         self._use(model.to(self.device))
-        self.extra = {"channels": encode(kept), "last": last, "example": channels.example}
+        self.plan = kept
+        self.extra = {**kept.stored(), "last": last, "example": channels.example}
         self._train(method, level, plan, Mask({}))
         return last
 
@@ -389,7 +401,7 @@ class _Job:
         if self.test_examples and self.task.has_accuracy:  # how far one example moves the accuracy
             final["test_examples"] = self.test_examples
         if self.channels is not None:  # params, MACs, widths; sparsity = fraction of the parameters removed
-            final.update(self.channels.describe(self.model))
+            final.update(self.channels.describe(self.model, self.plan))
             final["layers"] = final["widths"]
             del final["sparsity_all"]  # a smaller network: "sparsity" already counts all its parameters
         self.run.save(final, self.run.final_path(method, level))

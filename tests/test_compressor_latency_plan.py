@@ -4,6 +4,7 @@ the default rounding chosen from a profile, and a resumed plan read back rather 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Sequence
 
@@ -82,19 +83,21 @@ def test_the_predictor_adds_one_calls_and_every_nodes_fixed_cost() -> None:
 
 
 @pytest.mark.parametrize("allocate", ["global", "latency"])
-def test_a_mac_target_is_not_overshot(tmp_path: Path, allocate: str) -> None:
-    levels = _levels(tmp_path, StubDevice(), allocate=allocate, target_macs=0.5)
+def test_a_mac_target_is_not_overshot_even_with_a_flat_table(tmp_path: Path, allocate: str, caplog) -> None:
+    flat = StubDevice(ms=lambda s: 1.0)
+    if allocate == "latency":  # a table that cannot tell widths apart is refused in one line (check_for_planning)
+        with pytest.raises(LatencyTableError, match="is flat") as error:
+            _levels(tmp_path, flat, allocate=allocate, target_macs=0.5)
+        assert "\n" not in str(error.value)
+        # barely sloped (a few percent from the narrowest to the widest): planned with, one warning line
+        flat = StubDevice(ms=lambda s: 1.0 + 0.2 * _macs_like(s))
+    with caplog.at_level(logging.WARNING, logger="compressor"):
+        levels = _levels(tmp_path, flat, allocate=allocate, target_macs=0.5)
+    assert allocate == "global" or "nearly flat" in caplog.text
     model = levels.build(levels.dense_plan(), None, "")
     plan, last = levels.next_plan(model, levels.dense_plan())
     # one notch of one group is the granularity: a few percent of resnet20's MACs, never a round's 20%
     assert last and 0.5 <= levels.removed(plan) < 0.55, levels.removed(plan)
-
-
-def test_a_flat_table_is_refused_in_one_line_before_it_can_overshoot(tmp_path: Path) -> None:
-    """A flat table (every shape 1 ms) once made --allocate latency --target-macs 0.5 remove 93%."""
-    with pytest.raises(LatencyTableError, match="is flat") as error:
-        _levels(tmp_path, StubDevice(ms=lambda s: 1.0), allocate="latency", target_macs=0.5)
-    assert "\n" not in str(error.value)
 
 
 def test_an_inverted_table_is_refused_in_one_line(tmp_path: Path) -> None:

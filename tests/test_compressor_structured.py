@@ -173,7 +173,7 @@ def test_widths_round_to_the_multiple_and_never_vanish_and_exclude_keeps_layers_
 
 
 def test_rewind_snapshot_is_sliced_to_the_surviving_channels() -> None:
-    from compressor.prune.levels import ChannelLevels
+    from compressor.prune.levels import ChannelLevels, Plan
     from compressor.config import PruneConfig
     from compressor.train.models import build_model
 
@@ -181,8 +181,8 @@ def test_rewind_snapshot_is_sliced_to_the_surviving_channels() -> None:
     dense = build_model("digits-cnn")
     levels = ChannelLevels(dense, dense.input_shape, PruneConfig(structure="channels", target_macs=0.5),
                            criterion_named(None, "channels"))
-    plan = {root: kept[::2] for root, kept in levels.dense_plan().items()}  # every other channel
-    sliced = levels.build(plan, dense.state_dict(), "test", state_is_dense=True)
+    plan = {root: kept[::2] for root, kept in levels.dense_plan().channels.items()}  # every other channel
+    sliced = levels.build(Plan(plan), dense.state_dict(), "test", state_is_dense=True)
     first, second = plan["features.0"], plan["features.3"]
     torch.testing.assert_close(sliced.features[3].weight, dense.features[3].weight[second][:, first])
     torch.testing.assert_close(sliced.features[4].running_mean, dense.features[4].running_mean[second])
@@ -205,8 +205,9 @@ def test_min_channels_allows_one_narrower_width_below_the_multiple() -> None:
     (["--target-macs", "0.5"], "needs --structure channels"),
     (["--structure", "channels", "--target-macs", "1.5"], "target MACs must be in (0, 1)"),
     (["--structure", "channels", "--criterion", "magnitude"], "ranks weights, not channels"),
-    (["--structure", "channels", "--min-channels", "17"], "--min-channels must be in"),  # default multiple 16
-    (["--structure", "blocks"], "unknown structure"),
+    (["--structure", "channels", "--channel-multiple", "8", "--min-channels", "9"], "--min-channels must be in"),
+    (["--structure", "layers"], "unknown structure"),
+    (["--structure", "blocks"], "no removable residual block"),
 ])
 def test_bad_structure_options_are_one_line(tmp_path: Path, args: list, needle: str) -> None:
     code, _, stderr = cli(["compress", "--model", "digits-cnn", "--epochs", "2", "--out", str(tmp_path / "r"), *args])

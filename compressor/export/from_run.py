@@ -143,7 +143,7 @@ def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float]) ->
 def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, str]:
     """``{"family": ...}`` for a --structure channels run: its levels have different layer shapes but
     one dense reference, which is what bench's speed-ups must compare against; ``{}`` otherwise."""
-    if config.get("structure") != "channels":
+    if config.get("structure") in (None, "weights"):
         return {}
     return {"family": f"channels:{Path(run_dir).resolve()}"}
 

@@ -1,4 +1,4 @@
-"""What ``--structure channels`` adds to the pipeline: the level-to-level plans and the models they build.
+"""What ``--structure channels`` / ``blocks`` add to the pipeline: the level-to-level plans and the models they build.
 
 One object per run holds the dense template (the architecture, never pruned itself), its channel
 groups, the dense parameter and MAC counts, and the target. Each level asks it for the next plan
@@ -12,12 +12,27 @@ How many channels each group keeps is ``--allocate``'s: ``global`` ranks all cha
 saved (``channel_allocation.LatencyRanking``), predicted from a latency table that the run measures
 once (or reads from ``--latency-table``) and keeps as ``RUN_DIR/latency_table.json``: a resumed run
 reads that file back, so it plans exactly as the interrupted one did.
+
+``--target-speedup`` and ``--target-latency`` are met as measured: candidate networks are timed
+through the run's ``LatencySource`` beside the dense one (kept in ``RUN_DIR/latency_measured.json``),
+the table's prediction only steering which candidates to time.
+
+``--structure blocks`` (``compressor.prune.blocks``) removes whole residual blocks instead: a level
+removes the ``--blocks-per-level`` weakest blocks by the block criterion (``block-norm``: the branch's
+``||F(x)|| / ||x||`` on the run's first test batch), and the level that reaches the target removes only
+as many as it needs. ``channels,blocks`` starts with block levels, for as long as the channels alone
+could not reach the target from what is left, then continues with channel rounds on the shallower
+network. A *plan* (:class:`Plan`) is the kept channels of the groups of the network with its removed
+blocks gone, plus those blocks' names; every number (params, MACs, predicted and measured latency) is
+counted on the network that plan builds: each depth has its own template copy, groups and latency
+model (whose node count comes from that copy's exported graph).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -25,17 +40,19 @@ import torch
 from torch import nn
 
 from compressor import checkpoints
-from compressor.prune.channels import (ChannelPlan, Example, Group, Ranking, channel_count, copy_model,
+from compressor.prune.blocks import Block, decode_blocks, find_blocks, remove_blocks, require_blocks
+from compressor.prune.channels import (ChannelPlan, Example, Group, Ranking, call_example, channel_count, copy_model,
+                                       decode, encode,
                                        example_input, find_groups, full_plan, group_scores, params_and_macs, shrink,
                                        smallest, widths)
 from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
-from compressor.prune.criteria import ChannelCriterion
+from compressor.prune.criteria import BlockCriterion, ChannelCriterion, criterion_named
 from compressor.errors import ConfigError, StructureError
 from compressor.prune.latency import (DEFAULT_ROUNDING, RUN_DIR_NAME, LatencyModel, LatencySource, LocalLatency,
                                       network_onnx, quantize_qdq)
 from edge_runtime.errors import ModelDirError
-from edge_runtime.layer_timing import LatencyTableError, read_table
+from edge_runtime.layer_timing import LatencyTable, LatencyTableError, read_table
 from edge_runtime.safe_io import atomic_write_text, read_bounded
 
 log = logging.getLogger("compressor")
@@ -58,12 +75,38 @@ def _target(config: PruneConfig) -> Tuple[str, float]:
     return "params", float(config.target_sparsity)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One level's network: the kept channels of each group (dense indices) of the template with the
+    residual blocks ``blocks`` removed (names, in the model's order)."""
+
+    channels: ChannelPlan
+    blocks: Tuple[str, ...] = ()
+
+    def stored(self) -> Dict[str, Any]:
+        """What final.pt / checkpoint.pt hold (int64 tensors and strings: ``weights_only`` loads them)."""
+        return {"channels": encode(self.channels), "blocks_removed": list(self.blocks)}
+
+
+@dataclass
+class _Depth:
+    """The template with some blocks removed, and what planning needs of it (built once per block set)."""
+
+    template: nn.Module
+    groups: List[Group]
+    latency: Optional[LatencyModel] = None
+    plans: Dict[Any, float] = field(default_factory=dict)
+
+
+Feed = Callable[[nn.Module], object]
+
+
 class ChannelLevels:
     """The structured side of one run (see the module docstring)."""
 
     def __init__(self, template: nn.Module, input_shape: Optional[Sequence[int]], config: PruneConfig,
-                 criterion: ChannelCriterion, source: Optional[LatencySource] = None,
-                 example: Optional[Example] = None) -> None:
+                 criterion: Optional[ChannelCriterion], source: Optional[LatencySource] = None,
+                 block_criterion: Optional[BlockCriterion] = None, example: Optional[Example] = None) -> None:
         """Traces ``template`` on ``example`` (one example of the data; default: seeded noise of
         ``input_shape``); ``source`` measures latency (default: this machine)."""
         self.template = copy_model(template).cpu()
@@ -72,7 +115,13 @@ class ChannelLevels:
                               "input shape (model.input_shape)")
         self.example = example if example is not None else example_input(input_shape)
         self.config, self.criterion = config, criterion
-        self.groups = find_groups(self.template, self.example, config.exclude)
+        self.block_criterion = block_criterion or (criterion_named(None, "blocks") if config.removes_blocks else None)
+        self.blocks: List[Block] = find_blocks(self.template, self.example, config.exclude) \
+            if config.removes_blocks else []
+        if config.removes_blocks:
+            require_blocks(self.blocks)
+        # Block criteria look at activations: the pipeline sets a real batch; a seeded example otherwise.
+        self.feed: Feed = lambda model: call_example(model, self.example)
         self.dense_params, self.dense_macs = params_and_macs(self.template, self.example)
         self.metric, self.target = _target(config)
         self.source: LatencySource = source or LocalLatency()
@@ -80,14 +129,16 @@ class ChannelLevels:
             {"multiple": config.channel_multiple, "min_channels": config.min_channels}
         self.timed = self.metric in ("speedup", "latency")  # met as measured: candidates are timed
         self.engine = "ort-int8" if config.quantize == "int8" else "ort"
-        self._cache: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], float] = {}
-        self._times: Dict[str, List[float]] = {}  # widths key -> [dense ms, plan ms], timed side by side
+        self._depths: Dict[Tuple[str, ...], _Depth] = {}
+        self.table: Optional[Tuple[LatencyTable, str]] = None  # the table every depth plans from, and its source
+        self._times: Dict[str, List[float]] = {}  # plan key -> [dense ms, plan ms], timed side by side
         self._times_path: Optional[Path] = None
         self._is_writer, self._barrier = True, (lambda: None)
         self._dense_onnx: Optional[bytes] = None
-        self.latency: Optional[LatencyModel] = None
-        if config.allocate != "global" or self.timed:
-            self.latency = LatencyModel(self.template, self.example, self.groups, *self._rounding)
+        dense = self._depth(())
+        self.groups, self.latency = dense.groups, None
+        if config.allocate != "global" or self.timed or config.latency_table is not None:
+            self.latency = dense.latency = LatencyModel(self.template, self.example, self.groups, *self._rounding)
             self.latency.shapes_needed()  # a multiple too fine for this model is refused now
             # Read (or measured: about a second) before RUN_DIR is touched, so a bad table or an
             # unreachable --target-speedup writes nothing; a resumed run then uses its stored table.
@@ -98,13 +149,22 @@ class ChannelLevels:
                                 f"the table measured on {self.source.describe()}")
         self._check_reachable()
 
-    def _use_table(self, table, source: str) -> None:
-        """Plan from ``table`` after checking it is one to plan with (see :meth:`_trust`)."""
+    def _set_table(self, table: LatencyTable, source: str) -> None:
+        """Predict from ``table`` from now on, at every depth (the shallower templates' layers are the dense one's)."""
         assert self.latency is not None
         self.latency.use(table, source)
+        self.table = (table, source)
+        for key, depth in self._depths.items():
+            depth.plans.clear()  # predicted fractions from another table no longer hold
+            depth.latency = self.latency if not key else None
+
+    def _use_table(self, table: LatencyTable, source: str) -> None:
+        """Plan from ``table`` after checking it is one to plan with (see :meth:`_trust`)."""
+        self._set_table(table, source)
         if table.engine != self.engine:
             log.warning(f"{source} was measured for engine {table.engine}, the run plans for {self.engine}")
-        self._trust(source)
+        if self.groups:  # blocks alone choose no widths: a flat table does not matter to them
+            self._trust(source)
 
     def _trust(self, source: str) -> None:
         """Refuse a table that predicts the narrowest network slower than the dense one (inverted: it
@@ -129,6 +189,23 @@ class ChannelLevels:
         return {g.root: ladder(g, g.size // g.blocks, self.latency.multiple, self.latency.narrowest)[-1] * g.blocks
                 for g in self.groups}
 
+    def _depth(self, blocks: Tuple[str, ...]) -> _Depth:
+        """The template without ``blocks``, its channel groups and (with a table) its latency model."""
+        if blocks not in self._depths:
+            template = remove_blocks(copy_model(self.template), self.blocks, blocks) if blocks else self.template
+            groups = find_groups(template, self.example, self.config.exclude) if self.config.removes_channels else []
+            self._depths[blocks] = _Depth(template, groups)
+        depth = self._depths[blocks]
+        if depth.latency is None and self.table is not None:
+            table, source = self.table
+            # its own model: its layers, its groups, and its own node count (count_nodes of its graph)
+            latency = LatencyModel(depth.template, self.example, depth.groups, *self._rounding)
+            if table.missing(latency.shapes_needed()):
+                latency.use(table, source)  # raises, naming what the table lacks
+            latency.table = table  # the dense model's checks already ran on this table
+            depth.latency = latency
+        return depth
+
     def attach_table(self, root: Path, is_writer: bool, barrier=lambda: None) -> None:
         """For ``--allocate latency``: the run's table, ``root/latency_table.json``. A new run writes
         it there (``--latency-table``'s, or the one measured on this machine); a resumed run reads it back.
@@ -141,15 +218,13 @@ class ChannelLevels:
         if not path.is_file() and is_writer:
             atomic_write_text(path, self.latency.table.to_json())
         barrier()
-        self.latency.use(read_table(path, "the run's"), str(path))
-        self._cache.clear()  # predicted fractions from the table measured at start no longer hold
+        self._set_table(read_table(path, "the run's"), str(path))
         if self.timed:
             self._times_path = Path(root) / TIMES_NAME
             self._times = _read_times(self._times_path)
             if is_writer and not self._times_path.is_file():
                 self._save_times()
             barrier()
-        if self.metric in ("speedup", "latency"):
             self._check_reachable()
 
     @property
@@ -177,58 +252,79 @@ class ChannelLevels:
                 table = self.latency.table
                 self.latency = LatencyModel(self.template, self.example, self.groups, *self._rounding)
                 self.latency.table = table
+                for key, depth in self._depths.items():  # every depth's ladders change with the rounding
+                    depth.plans.clear()
+                    depth.latency = self.latency if not key else None
 
-    def dense_plan(self) -> ChannelPlan:
-        return full_plan(self.groups)
+    def dense_plan(self) -> Plan:
+        return Plan(full_plan(self.groups))
 
-    def build(self, plan: Mapping[str, Sequence[int]], state: Optional[Dict[str, torch.Tensor]], source: str,
+    def stored_plan(self, saved: Mapping[str, Any], source: str) -> Plan:
+        """The plan a level's final.pt or checkpoint.pt holds, checked against the model."""
+        blocks = decode_blocks(saved.get("blocks_removed"), self.blocks, source)
+        return Plan(decode(saved.get("channels"), self._depth(blocks).groups, source), blocks)
+
+    def build(self, plan: Plan, state: Optional[Dict[str, torch.Tensor]], source: str,
               state_is_dense: bool = False) -> nn.Module:
         """The template shrunk to ``plan`` with ``state`` loaded (a dense state is loaded first and
         sliced with the channels: weight rewinding's snapshot)."""
         model = copy_model(self.template)
         if state is not None and state_is_dense:
             checkpoints.load_into(model, state, source)
-        shrink(model, self.dense_plan(), plan, self.example)
+        remove_blocks(model, self.blocks, plan.blocks)
+        if plan.channels:
+            shrink(model, full_plan(self._depth(plan.blocks).groups), plan.channels, self.example)
         if state is not None and not state_is_dense:
             checkpoints.load_into(model, state, source)
         return model
 
-    def shrink_to(self, model: nn.Module, current: ChannelPlan, kept: ChannelPlan) -> nn.Module:
-        """``model`` (built for ``current``) with the channels ``kept`` drops removed, weights kept."""
-        return shrink(model, current, kept, self.example)
+    def shrink_to(self, model: nn.Module, current: Plan, kept: Plan) -> nn.Module:
+        """``model`` (built for ``current``) with the blocks and channels ``kept`` drops removed, weights kept."""
+        remove_blocks(model, self.blocks, [name for name in kept.blocks if name not in current.blocks])
+        # a removed block can take its group's root with it: the group lives on under another root, unpruned
+        # (block levels come before channel rounds), so a root ``current`` does not know is at full width
+        full = full_plan(self._depth(kept.blocks).groups)
+        now = {root: current.channels.get(root, full[root]) for root in kept.channels}
+        return shrink(model, now, kept.channels, self.example)
 
-    def removed(self, plan: Mapping[str, Sequence[int]]) -> float:
+    def removed(self, plan: Plan) -> float:
         """Fraction of the dense parameters (or MACs, for --target-macs) that ``plan`` removes; for
         timed targets, the fraction of the predicted latency."""
-        key = tuple((root, tuple(kept)) for root, kept in sorted(plan.items()))
-        if key not in self._cache:
+        depth = self._depth(plan.blocks)
+        key = tuple((root, tuple(kept)) for root, kept in sorted(plan.channels.items()))
+        if key not in depth.plans:
             if self.timed:
-                self._cache[key] = 1.0 - self._predicted({root: len(kept) for root, kept in plan.items()})
+                depth.plans[key] = 1.0 - self._predicted(plan)
             else:
                 params, macs = params_and_macs(self.build(plan, None, ""), self.example)
-                self._cache[key] = 1.0 - (macs / self.dense_macs if self.metric == "macs" else params / self.dense_params)
-        return self._cache[key]
+                depth.plans[key] = 1.0 - (macs / self.dense_macs if self.metric == "macs" else params / self.dense_params)
+        return depth.plans[key]
 
-    def _predicted(self, group_widths: Mapping[str, int]) -> float:
-        """Predicted latency of a network with these group widths, as a fraction of the dense one's."""
+    def _predicted_ms(self, plan: Plan) -> float:
+        """Predicted milliseconds of ``plan``'s network (its depth's layers and node count)."""
+        latency = self._depth(plan.blocks).latency
+        assert latency is not None, "a latency table first"
+        return latency.predict({root: len(kept) for root, kept in plan.channels.items()})
+
+    def _predicted(self, plan: Plan) -> float:
+        """Predicted latency of ``plan``'s network as a fraction of the dense one's."""
         assert self.latency is not None
-        return self.latency.predict(group_widths) / self.latency.predict({g.root: g.size for g in self.groups})
+        return self._predicted_ms(plan) / self.latency.predict({g.root: g.size for g in self.groups})
 
-    def _score(self, plan: Mapping[str, Sequence[int]]) -> float:
+    def _score(self, plan: Plan) -> float:
         """The predicted figure a timed target is met on, larger is better: the speed-up, or 1 / ms."""
-        assert self.latency is not None
         if self.metric == "latency":
-            return 1.0 / self.latency.predict({root: len(kept) for root, kept in plan.items()})
-        return 1.0 / self._predicted({root: len(kept) for root, kept in plan.items()})
+            return 1.0 / self._predicted_ms(plan)
+        return 1.0 / self._predicted(plan)
 
     def _goal(self) -> float:
         return 1.0 / self.target if self.metric == "latency" else self.target
 
-    def measured(self, plan: Mapping[str, Sequence[int]]) -> float:
+    def measured(self, plan: Plan) -> float:
         """``plan``'s measured figure (speed-up over the dense network timed alongside, or 1 / ms),
         timed through the run's ``LatencySource`` once and kept in RUN_DIR (so a resumed run, and every
         torchrun rank, sees the same number)."""
-        key = _widths_key(plan)
+        key = _plan_key(plan)
         if key not in self._times:
             if self._is_writer:
                 self._times[key] = self._time(plan)
@@ -239,7 +335,7 @@ class ChannelLevels:
         dense_ms, plan_ms = self._times[key]
         return 1.0 / plan_ms if self.metric == "latency" else dense_ms / plan_ms
 
-    def _time(self, plan: Mapping[str, Sequence[int]]) -> List[float]:
+    def _time(self, plan: Plan) -> List[float]:
         """[dense ms, plan ms], the two networks timed side by side (untrained: time does not depend
         on the weights), quantized first when the run plans for int8."""
         def exported(model: nn.Module) -> bytes:
@@ -259,31 +355,80 @@ class ChannelLevels:
             atomic_write_text(self._times_path, json.dumps({"format": "edgeprune-network-times", "version": 1,
                                                             "networks": self._times}, indent=1) + "\n")
 
-    def next_plan(self, model: nn.Module, current: ChannelPlan) -> Tuple[ChannelPlan, bool]:
+    def next_plan(self, model: nn.Module, current: Plan) -> Tuple[Plan, bool]:
         """The next level's plan from ``model`` (the previous level, trained) and whether it is the last."""
-        scores = group_scores(model, self.groups, current, self.criterion, self.example)
-        ranking = self._ranking(current, scores)
+        step = self._block_step(model, current) if self.blocks else None
+        if step is not None:
+            return step
+        if not self.config.removes_channels:
+            raise StructureError(self._unreachable())
+        depth = self._depth(current.blocks)
+        scores = group_scores(model, depth.groups, current.channels, self.criterion, self.example)
+        ranking = self._ranking(depth, current.channels, scores)
+        at = lambda n: Plan(ranking.plan(n), current.blocks)  # noqa: E731
         round_plan = None
         if not self.config.one_shot:
-            have = channel_count(current)
+            have = channel_count(current.channels)
             want = max(1, round(self.config.prune_fraction * have))
             n = smallest(ranking.units, lambda k: have - channel_count(ranking.plan(k)) >= want)
-            round_plan = ranking.plan(ranking.units if n is None else n)
-            if channel_count(round_plan) == have:
+            round_plan = at(ranking.units if n is None else n)
+            if channel_count(round_plan.channels) == have:
                 raise StructureError(self._unreachable())
             if not self._reaches(round_plan):
                 return round_plan, False
         if self.timed:
-            return self._timed_last(ranking, round_plan), True
-        n = smallest(ranking.units, lambda k: self.removed(ranking.plan(k)) >= self.target)
+            return self._timed_last(ranking, at, round_plan), True
+        n = smallest(ranking.units, lambda k: self.removed(at(k)) >= self.target)
         if n is None:
             raise StructureError(self._unreachable())
-        return self._closest(ranking, n, lambda plan: self.removed(plan), self.target), True
+        closest = self._closest(ranking, n, lambda kept: self.removed(Plan(kept, current.blocks)), self.target)
+        return Plan(closest, current.blocks), True
 
-    def _reaches(self, plan: ChannelPlan) -> bool:
+    def _reaches(self, plan: Plan) -> bool:
+        """Whether ``plan`` meets the target: as measured for a timed target, else as counted."""
         if self.timed:
             return self.measured(plan) >= self._goal()
         return self.removed(plan) >= self.target
+
+    def _block_step(self, model: nn.Module, current: Plan) -> Optional[Tuple[Plan, bool]]:
+        """A block level's plan, or None when this level is a channel round (blocks are done: the
+        channels alone reach the target from here, or no block is left)."""
+        remaining = [b.name for b in self.blocks if b.name not in current.blocks]
+        if not remaining or (self.config.removes_channels and self._channels_reach(current.blocks)):
+            return None
+        assert self.block_criterion is not None
+        scores = self.block_criterion.block_scores(model, remaining, self.feed)
+        ranked = sorted(remaining, key=lambda name: scores[name])  # stable: ties go in the model's order
+        most = len(ranked) if self.config.one_shot else min(self.config.blocks_per_level, len(ranked))
+        for count in range(1, most + 1):
+            plan = self._without(current, ranked[:count])
+            if self._reaches(plan):
+                return plan, True
+            if self.config.removes_channels and self._channels_reach(plan.blocks):
+                return plan, False
+        if most == len(ranked) and not self.config.removes_channels:
+            raise StructureError(self._unreachable())
+        return self._without(current, ranked[:most]), False
+
+    def _without(self, current: Plan, names: Sequence[str]) -> Plan:
+        """``current`` with the blocks ``names`` removed too (the groups inside them go with them)."""
+        gone = set(current.blocks) | set(names)
+        blocks = tuple(b.name for b in self.blocks if b.name in gone)
+        groups = self._depth(blocks).groups
+        return Plan({g.root: list(current.channels.get(g.root, range(g.size))) for g in groups}, blocks)
+
+    def _narrowest(self, blocks: Tuple[str, ...]) -> Plan:
+        """Every group of the network without ``blocks`` at its narrowest allowed width."""
+        depth = self._depth(blocks)
+        uniform = {g.root: torch.zeros(g.size) for g in depth.groups}
+        dense = full_plan(depth.groups)
+        narrowest = self._ranking(depth, dense, uniform)
+        return Plan(narrowest.plan(narrowest.units), blocks)
+
+    def _channels_reach(self, blocks: Tuple[str, ...]) -> bool:
+        """Whether channel rounds alone can reach the target on the network without ``blocks`` (its
+        narrowest network measured, for a timed target: what the last level will be held to)."""
+        return self._reaches(self._narrowest(blocks))
 
     def _closest(self, ranking, n: int, value: Callable[[ChannelPlan], float], goal: float) -> ChannelPlan:
         """``ranking.plan(n)`` (the first plan whose ``value`` reaches ``goal``), or a plan closer to the
@@ -292,7 +437,7 @@ class ChannelLevels:
         best = ranking.plan(n)
         plan = ranking.plan(n - 1) if n > 0 else None
         for _ in range(FILL_STEPS if plan is not None else 0):
-            notched = [p for p in (_one_notch(ranking, plan, g) for g in self.groups) if p is not None]
+            notched = [p for p in (_one_notch(ranking, plan, g) for g in ranking.groups) if p is not None]
             values = [value(p) for p in notched]
             reaching = [(v, i) for i, v in enumerate(values) if goal <= v < value(best)]
             if reaching:
@@ -303,22 +448,22 @@ class ChannelLevels:
             plan = notched[max(short)[1]]  # the notch that gets nearest without reaching: fill on from it
         return best
 
-    def _timed_last(self, ranking, round_plan: Optional[ChannelPlan]) -> ChannelPlan:
-        """The last level of a timed target: a bisection over the ranking's plans steered by the
-        prediction, corrected by measured / predicted of the last network timed: the smallest plan
-        measured at the target among at most ``MAX_TRIES`` timed (else the round's plan, measured
+    def _timed_last(self, ranking, at: Callable[[int], Plan], round_plan: Optional[Plan]) -> Plan:
+        """The last level of a timed target: a bisection over the ranking's plans (``at(k)``) steered
+        by the prediction, corrected by measured / predicted of the last network timed: the smallest
+        plan measured at the target among at most ``MAX_TRIES`` timed (else the round's plan, measured
         past it, or the narrowest)."""
         goal, correction = self._goal(), 1.0
-        low, high = -1, ranking.units + 1  # plan(low) measured short of the goal, plan(high) reaching it
+        low, high = -1, ranking.units + 1  # at(low) measured short of the goal, at(high) reaching it
         if round_plan is not None:
             correction = self.measured(round_plan) / self._score(round_plan)
         for _ in range(MAX_TRIES):
-            n = smallest(ranking.units, lambda k: k > low and self._score(ranking.plan(k)) * correction >= goal)
+            n = smallest(ranking.units, lambda k: k > low and self._score(at(k)) * correction >= goal)
             if n is None or n >= high:
                 n = (low + high) // 2 if high - low > 1 and high <= ranking.units else None
             if n is None or n <= low or n >= high:
                 break
-            plan = ranking.plan(n)
+            plan = at(n)
             measured = self.measured(plan)
             correction = measured / self._score(plan)
             if measured >= goal:
@@ -326,46 +471,56 @@ class ChannelLevels:
             else:
                 low = n
         if high <= ranking.units:
-            return ranking.plan(high)
+            return at(high)
         if round_plan is not None:
             return round_plan
-        narrowest = ranking.plan(ranking.units)
+        narrowest = at(ranking.units)
         if self.measured(narrowest) < goal:
             raise StructureError(self._unreachable())
         return narrowest
 
-    def _ranking(self, current: ChannelPlan, scores: Mapping[str, torch.Tensor]):
+    def _ranking(self, depth: _Depth, current: ChannelPlan, scores: Mapping[str, torch.Tensor]):
         """The ``--allocate`` choice's ranking of ``current``'s channels (``units``, ``plan(n)``)."""
         if self.config.allocate == "latency":
-            return LatencyRanking(self.groups, current, scores, self.latency)
+            return LatencyRanking(depth.groups, current, scores, depth.latency)
         if self.config.allocate == "global-table":
-            return TableRounding(self.groups, current, scores, self.latency)
-        return Ranking(self.groups, current, scores, *self._rounding)
+            return TableRounding(depth.groups, current, scores, depth.latency)
+        return Ranking(depth.groups, current, scores, *self._rounding)
 
-    def describe(self, model: nn.Module) -> Dict[str, Any]:
-        """final.pt's structured figures: params, MACs, their fractions removed, per-layer widths, and
-        with a table the predicted latency (and for timed targets the measured one, side by side with
-        the dense network's)."""
+    def describe(self, model: nn.Module, plan: Optional[Plan] = None) -> Dict[str, Any]:
+        """final.pt's structured figures: params, MACs, their fractions removed, per-layer widths, the
+        blocks removed, and with a table the predicted latency (and for timed targets the measured one,
+        side by side with the dense network's). ``plan``: the one ``model`` was built for (default: no
+        blocks removed)."""
         params, macs = params_and_macs(model, self.example)
         layer_widths = widths(model)
+        blocks = plan.blocks if plan is not None else ()
         figures = {"params": params, "macs": macs, "sparsity": 1.0 - params / self.dense_params,
-                   "macs_removed": 1.0 - macs / self.dense_macs, "widths": layer_widths, "structure": "channels"}
-        if self.latency is not None and self.latency.table is not None:  # a group's width is its root's
-            group_widths = {g.root: layer_widths[g.root] for g in self.groups}
-            figures["predicted_ms"] = self.latency.predict(group_widths)
-            figures["predicted_speedup"] = 1.0 / self._predicted(group_widths)
-            measured = self._times.get(_widths_key({root: range(w) for root, w in group_widths.items()}))
+                   "macs_removed": 1.0 - macs / self.dense_macs, "widths": layer_widths,
+                   "structure": self.config.structure, "blocks_removed": list(blocks)}
+        if self.table is not None:  # a group's width is its root's
+            shape = Plan({g.root: range(layer_widths[g.root]) for g in self._depth(blocks).groups}, blocks)
+            figures["predicted_ms"] = self._predicted_ms(shape)
+            figures["predicted_speedup"] = 1.0 / self._predicted(shape)
+            measured = self._times.get(_plan_key(shape))
             if measured is not None:
                 figures.update(measured_ms=measured[1], measured_dense_ms=measured[0],
                                measured_speedup=measured[0] / measured[1])
         return figures
 
+    def blocks_removed(self, plan: Plan) -> Dict[str, List[str]]:
+        """For latency and node counting: each block ``plan`` removes and the Conv/Linear layers that go with it."""
+        return {b.name: list(b.layers) for b in self.blocks if b.name in plan.blocks}
+
+    def _smallest(self) -> Plan:
+        """The smallest network the run may build: every removable block gone, every group at its narrowest."""
+        blocks = tuple(b.name for b in self.blocks)
+        return self._narrowest(blocks) if self.config.removes_channels else Plan({}, blocks)
+
     def _check_reachable(self) -> None:
-        """Refuse, before anything is trained, a target that even the narrowest network misses (by
-        the table; a timed target also by timing the narrowest network once)."""
-        uniform = {g.root: torch.zeros(g.size) for g in self.groups}
-        narrowest = self._ranking(self.dense_plan(), uniform)
-        plan = narrowest.plan(narrowest.units)
+        """Refuse, before anything is trained, a target that even the smallest network misses (by the
+        table, for a timed target: whole networks are timed only once levels are planned)."""
+        plan = self._smallest()
         if self.timed:
             if self._score(plan) < self._goal():
                 raise ConfigError(self._unreachable())
@@ -373,24 +528,29 @@ class ChannelLevels:
             raise ConfigError(self._unreachable())
 
     def _unreachable(self) -> str:
-        uniform = {g.root: torch.zeros(g.size) for g in self.groups}
-        narrowest = self._ranking(self.dense_plan(), uniform)
-        plan = narrowest.plan(narrowest.units)
+        plan = self._smallest()
         floor = self._rounding[1] or self._rounding[0]
+        parts = ([f"every prunable group down to {floor} channels"] if self.config.removes_channels else []) + \
+                ([f"all {len(self.blocks)} removable blocks removed"] if self.blocks else [])
+        smallest_net = " and ".join(parts)
+        hint = ", the multiple or the --exclude list" if self.config.removes_channels else \
+            " or add channels: --structure channels,blocks"
         if self.metric == "speedup":
-            return (f"--target-speedup {self.target:g} is out of reach: with every prunable group "
-                    f"down to {floor} channels the table predicts {self._score(plan):.2f}x; lower the target, "
-                    f"the multiple or the --exclude list")
+            return (f"--target-speedup {self.target:g} is out of reach: with {smallest_net} the table predicts "
+                    f"{self._score(plan):.2f}x; lower the target{hint}")
         if self.metric == "latency":
-            return (f"--target-latency {self.target:g} is out of reach: with every prunable group down to {floor} "
-                    f"channels the table predicts {1.0 / self._score(plan):.3g} ms; raise the target, lower the "
-                    f"multiple or the --exclude list")
+            return (f"--target-latency {self.target:g} is out of reach: with {smallest_net} the table predicts "
+                    f"{1.0 / self._score(plan):.3g} ms; raise the target{hint}")
         most = self.removed(plan)
         flag = "--target-macs" if self.metric == "macs" else "--target-sparsity"
-        return (f"{flag} {self.target:g} is out of reach: with every prunable group down to "
-                f"{floor} channels at most {most:.1%} of the "
-                f"{'MACs' if self.metric == 'macs' else 'parameters'} go; lower the target, the multiple "
-                f"or the --exclude list")
+        return (f"{flag} {self.target:g} is out of reach: with {smallest_net} at most {most:.1%} of the "
+                f"{'MACs' if self.metric == 'macs' else 'parameters'} go; lower the target{hint}")
+
+
+def _plan_key(plan: Plan) -> str:
+    """A plan's widths (and removed blocks) as one line: what a network's time depends on, not which channels."""
+    key = _widths_key(plan.channels)
+    return key + ("|-" + ",".join(plan.blocks) if plan.blocks else "")
 
 
 def _widths_key(plan: Mapping[str, Sequence[int]]) -> str:

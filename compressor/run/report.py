@@ -115,6 +115,8 @@ def _channels_table(metrics: Dict[str, Any], lines: List[str]) -> str:
                 f"{entry['macs']:,} | {entry['macs_removed']:.2%} | {_accuracy_cells(entry, dense)} | "
                 f"{entry['epochs']} | {_number(entry['seconds'], '.1f')} |")
             shown = " ".join(f"{name}:{width}" for name, width in entry["widths"].items())
+            if entry.get("blocks_removed"):  # --structure blocks: the residual blocks gone, not just narrower
+                shown += f" (blocks removed: {', '.join(entry['blocks_removed'])})"
             widths.append(f"- {method} level {entry['level']}: {shown}")
     return "\n".join(lines + widths) + "\n"
 

@@ -207,7 +207,7 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
 
 
 STRUCTURED_FIGURES = ("params", "macs", "macs_removed", "widths", "predicted_speedup", "predicted_ms",
-                      "measured_ms", "measured_dense_ms", "measured_speedup")
+                      "measured_ms", "measured_dense_ms", "measured_speedup", "blocks_removed")
 
 
 def _finite_or_none(value: Any) -> Any:
@@ -312,7 +312,7 @@ def load_level(run_dir: Path, method: Optional[str] = None, level: Optional[int]
     model_name = str(config.get("model"))
     final = checkpoints.load(chosen.path)  # checked before any model code runs
     model = rebuild_model(Path(run_dir), config, model, trust_factory)
-    if "channels" in final:  # a structured level: shrink the factory's dense model to the stored plan
+    if "channels" in final:  # a structured level: the factory's dense model without its blocks, shrunk to the plan
         model = _shrunken(model, final, config, chosen.path)
     checkpoints.load_into(model, final["model"], str(chosen.path))
     model.eval()
@@ -371,7 +371,9 @@ def _build_trusted(recorded: str, recorded_sha: Optional[str]) -> nn.Module:
                                     "(Python: model=...)")
     return build_model(recorded, expect_sha256=recorded_sha)
 def _shrunken(model: nn.Module, final: Dict[str, Any], config: Dict[str, Any], path: Path) -> nn.Module:
-    """The dense ``model`` with the channels that ``final``'s plan drops removed (deterministically)."""
+    """The dense ``model`` with the blocks and channels that ``final``'s plan drops removed
+    (deterministically: the same steps as the run took)."""
+    from compressor.prune.blocks import decode_blocks, find_blocks, remove_blocks
     from compressor.prune.channels import decode, example_input, find_groups, full_plan, is_example, shrink
 
     example = final.get("example")  # what the run traced with (one example of its data)
@@ -381,5 +383,11 @@ def _shrunken(model: nn.Module, final: Dict[str, Any], config: Dict[str, Any], p
             raise RunDirError(f"{path}: a structured level needs the run's example inputs or input shape, "
                               "which it does not record")
         example = example_input(shape)
-    groups = find_groups(model, example, tuple(config.get("exclude") or ()))
+    exclude = tuple(config.get("exclude") or ())
+    if final.get("blocks_removed"):
+        blocks = find_blocks(model, example, exclude)
+        remove_blocks(model, blocks, decode_blocks(final["blocks_removed"], blocks, str(path)))
+    if not final["channels"]:  # --structure blocks: no channel groups to shrink
+        return model
+    groups = find_groups(model, example, exclude)
     return shrink(model, full_plan(groups), decode(final["channels"], groups, str(path)), example)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -36,4 +36,15 @@ class ChannelCriterion(Criterion):
         """One score per output channel of ``module`` (higher = more important), normalised so
         scores of different layers can be ranked against each other. ``bn`` is the BatchNorm that
         directly follows the layer, when there is one."""
+        raise NotImplementedError
+
+
+class BlockCriterion(Criterion):
+    """Depth: scores whole residual blocks (``compressor.prune.blocks``)."""
+
+    structure = "blocks"
+
+    def block_scores(self, model: nn.Module, blocks: Sequence[str], feed: Callable[[nn.Module], object]) -> Dict[str, float]:
+        """One score per block named in ``blocks`` (higher = more important); ``feed(model)`` runs the
+        model on a real batch (the run's first test batch), for criteria that look at activations."""
         raise NotImplementedError
