@@ -21,7 +21,8 @@ from edge_runtime.safe_io import atomic_write_text
 def model_shapes(model_name: str, multiple: int, min_channels: Optional[int],
                  exclude: Sequence[str]) -> List[LayerShape]:
     """Every layer shape ``--allocate latency`` may ask about for this model (needs torch)."""
-    from compressor.prune.channels import example_input, find_groups
+    from compressor.prune.channels import find_groups
+    from compressor.prune.examples import example_input
     from compressor.prune.latency import LatencyModel
     from compressor.train.models import build_model, input_shape_of
 

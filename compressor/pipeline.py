@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from compressor import checkpoints
 from compressor.prune.levels import ChannelLevels, Plan
-from compressor.prune.channels import first_example
+from compressor.prune.examples import first_example
 from compressor.prune.latency import LatencySource
 from compressor.train.batches import Task, call_model, example_inputs, split_batch, to_device
 from compressor.config import PruneConfig

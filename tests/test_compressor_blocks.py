@@ -19,7 +19,7 @@ from torch import nn
 
 from compressor.config import PruneConfig
 from compressor.prune.blocks import PRUNABLE, find_blocks, remove_blocks, removed_layers
-from compressor.prune.channels import example_input
+from compressor.prune.examples import example_input
 from compressor.prune.latency import LatencyModel
 from compressor.prune.levels import ChannelLevels
 from compressor.train.models import build_model

@@ -18,7 +18,8 @@ import torch
 
 from compressor.prune.allocation import LatencyRanking
 from compressor.prune.latency import LatencyModel, ladder
-from compressor.prune.channels import Ranking, example_input, find_groups, full_plan
+from compressor.prune.channels import Ranking, find_groups, full_plan
+from compressor.prune.examples import example_input
 from edge_runtime.layer_timing import FORMAT, LatencyTable, LatencyTableError, LayerShape, measure, read_table
 from compressor.train.models import build_model, input_shape_of
 from tests.compressor_fixtures import (ENV, REPO, TEMP_ROOT, assert_same_channel_runs, cli, compress_killed_at,

@@ -15,7 +15,8 @@ import torch
 from onnx import numpy_helper
 
 from compressor.config import PruneConfig
-from compressor.prune.channels import example_input, find_groups
+from compressor.prune.channels import find_groups
+from compressor.prune.examples import example_input
 from compressor.prune.criteria import criterion_named
 from compressor.prune.latency import LatencyModel, count_nodes, network_onnx
 from compressor.prune.levels import TIMES_NAME, ChannelLevels

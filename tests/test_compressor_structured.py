@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.prune.channels import (Ranking, example_input, find_groups, full_plan, group_scores, shrink, widths)
+from compressor.prune.channels import Ranking, find_groups, full_plan, group_scores, shrink, widths
+from compressor.prune.examples import example_input
 from compressor.prune.criteria import criterion_named
 from compressor.errors import StructureError
 from tests.compressor_fixtures import (ENV, REPO, TEMP_ROOT, assert_same_channel_runs, cli, compress_killed_at,

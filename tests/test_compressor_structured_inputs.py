@@ -14,7 +14,8 @@ from torch import nn
 from compressor.config import PruneConfig
 from compressor.export.model_dir import export_model
 from compressor.pipeline import compress
-from compressor.prune.channels import find_groups, first_example
+from compressor.prune.channels import find_groups
+from compressor.prune.examples import first_example
 from compressor.run.run_dir import load_level
 from edge_runtime import InferenceSession
 

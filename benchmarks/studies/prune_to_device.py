@@ -42,7 +42,8 @@ from benchmarks.studies.structured import digits_as, onnx_bytes, time_sessions  
 from compressor.config import config_for  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.pipeline import compress  # noqa: E402
-from compressor.prune.channels import example_input, find_groups, full_plan, params_and_macs, shrink  # noqa: E402
+from compressor.prune.channels import find_groups, full_plan, params_and_macs, shrink  # noqa: E402
+from compressor.prune.examples import example_input  # noqa: E402
 from compressor.prune.latency import LocalLatency, count_nodes, network_onnx  # noqa: E402
 from compressor.train.data import TensorLoader  # noqa: E402
 from compressor.train.models import build_model  # noqa: E402

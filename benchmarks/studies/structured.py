@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from compressor.prune.channels import example_input
+from compressor.prune.examples import example_input
 from compressor.config import config_for
 from compressor.train.data import TensorLoader, load_data
 from compressor.errors import CompressorError

@@ -16,15 +16,17 @@ factory with :func:`remove_blocks`.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from compressor.errors import CheckpointError, StructureError
+from compressor.prune.examples import call_example
 
 # channels.PRUNABLE's layer types; not imported from there: channels imports the criteria, which import this
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -135,7 +137,21 @@ def branch_of(module: nn.Module) -> nn.Module:
     return traced
 
 
-def _calls(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Dict[str, List[Tuple]]:
+@contextlib.contextmanager
+def _hooked_eval(model: nn.Module, hooks: List[Any]) -> Iterator[None]:
+    """Run the block in eval mode without gradients; then remove ``hooks`` and restore the mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+
+
+def _calls(model: nn.Module, names: Sequence[str], example: Any) -> Dict[str, List[Tuple]]:
     """For each module in ``names``: (input shapes, output shape) of every call in one forward."""
     modules = dict(model.named_modules())
     seen: Dict[str, List[Tuple]] = {name: [] for name in names}
@@ -145,15 +161,8 @@ def _calls(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> Dic
             shapes = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else None for a in args)
             seen[name].append((shapes, bool(kwargs), tuple(out.shape) if isinstance(out, torch.Tensor) else None))
         hooks.append(modules[name].register_forward_hook(record, with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    with _hooked_eval(model, hooks):
+        call_example(model, example)  # a tensor, or several/keyword inputs as the data gives them
     return seen
 
 
@@ -274,12 +283,6 @@ def block_inputs(model: nn.Module, names: Sequence[str], feed: Feed) -> Dict[str
     seen: Dict[str, torch.Tensor] = {}
     hooks = [modules[name].register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, args[0]))
              for name in names]
-    was_training = model.training
-    model.eval()
-    try:
+    with _hooked_eval(model, hooks):
         feed(model)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
     return seen

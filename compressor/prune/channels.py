@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from compressor.prune.examples import Example, call_example, device_of, move_example
 from compressor.prune.criteria import ChannelCriterion
 from compressor.errors import CheckpointError, StructureError
 
@@ -53,63 +54,6 @@ def _tp():
 
     logging.getLogger("torch_pruning").setLevel(logging.ERROR)
     return torch_pruning
-
-
-# What a model is traced with: one example's inputs, batch first, as a batch gives them — a tensor
-# (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``: Hugging Face's input_ids, ...).
-Example = Any
-
-
-def example_input(input_shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
-    """One seeded float example of ``input_shape`` for tracing, for a model with no data at hand (its own
-    generator: the global RNG stays untouched). A run traces a real batch instead (:func:`first_example`)."""
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn((1, *input_shape), generator=generator)
-    return example.to(device) if device is not None else example
-
-
-def first_example(inputs: Example) -> Example:
-    """The first example of a batch's inputs (tensor, tuple/list or dict), detached on the CPU: what a
-    run traces with, so integer token ids and several or keyword inputs trace as they train."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:1].detach().cpu()
-    if isinstance(inputs, Mapping):
-        return {str(key): first_example(value) for key, value in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return tuple(first_example(value) for value in inputs)
-    raise StructureError(f"--structure channels: batch inputs of type {type(inputs).__name__} are not tensors")
-
-
-def is_example(value: Any) -> bool:
-    """Whether ``value`` is an example (tensors in a tensor, tuple or dict), e.g. as read from final.pt."""
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, Mapping):
-        return bool(value) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
-    return isinstance(value, (tuple, list)) and bool(value) and all(isinstance(v, torch.Tensor) for v in value)
-
-
-def _to(example: Example, device: torch.device) -> Example:
-    if isinstance(example, torch.Tensor):
-        return example.to(device)
-    if isinstance(example, Mapping):
-        return {key: value.to(device) for key, value in example.items()}
-    return tuple(value.to(device) for value in example)
-
-
-def call_example(model: nn.Module, example: Example) -> Any:
-    """``model`` on ``example`` (moved to the model's device), called as the batch says."""
-    example = _to(example, _device_of(model))
-    if isinstance(example, Mapping):
-        return model(**example)
-    if isinstance(example, tuple):
-        return model(*example)
-    return model(example)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 def _layer_types(graph) -> Callable[[nn.Module], bool]:
@@ -471,7 +415,7 @@ def widths(model: nn.Module) -> Dict[str, int]:
 def params_and_macs(model: nn.Module, example: Example) -> Tuple[int, int]:
     """Parameters and multiply-accumulates of one forward pass at batch 1 (Torch-Pruning's counter)."""
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a warning for keyword-only inputs
-        macs, params = _tp().utils.count_ops_and_params(model, _to(example, _device_of(model)))
+        macs, params = _tp().utils.count_ops_and_params(model, move_example(example, device_of(model)))
     return int(params), int(macs)
 
 

@@ -28,7 +28,8 @@ from torch import nn
 
 from compressor.config import DEFAULT_CHANNEL_MULTIPLE, DEFAULT_MIN_CHANNELS
 from compressor.errors import ConfigError
-from compressor.prune.channels import PRUNABLE, Example, Group, _full_group, _is_depthwise, call_example, trace
+from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
+from compressor.prune.examples import call_example, Example
 from edge_runtime import layer_timing
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape, check_for_planning
 

@@ -41,10 +41,10 @@ from torch import nn
 
 from compressor import checkpoints
 from compressor.prune.blocks import Block, decode_blocks, find_blocks, remove_blocks, require_blocks
-from compressor.prune.channels import (ChannelPlan, Example, Group, Ranking, call_example, channel_count, copy_model,
-                                       decode, encode,
-                                       example_input, find_groups, full_plan, group_scores, params_and_macs, shrink,
-                                       smallest, widths)
+from compressor.prune.channels import (ChannelPlan, Group, Ranking, channel_count, copy_model, decode, encode,
+                                       find_groups, full_plan, group_scores, params_and_macs, shrink, smallest,
+                                       widths)
+from compressor.prune.examples import call_example, Example, example_input
 from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
 from compressor.prune.criteria import BlockCriterion, ChannelCriterion, criterion_named

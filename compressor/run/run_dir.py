@@ -374,7 +374,8 @@ def _shrunken(model: nn.Module, final: Dict[str, Any], config: Dict[str, Any], p
     """The dense ``model`` with the blocks and channels that ``final``'s plan drops removed
     (deterministically: the same steps as the run took)."""
     from compressor.prune.blocks import decode_blocks, find_blocks, remove_blocks
-    from compressor.prune.channels import decode, example_input, find_groups, full_plan, is_example, shrink
+    from compressor.prune.channels import decode, find_groups, full_plan, shrink
+    from compressor.prune.examples import example_input, is_example
 
     example = final.get("example")  # what the run traced with (one example of its data)
     if not is_example(example):  # runs before the example was stored: seeded noise of the input shape
