@@ -186,13 +186,24 @@ def compress(model: nn.Module, train_loader: Iterable, test_loader: Iterable, co
         return CompressResult(model, metrics, Path(out) if out is not None else None)
 
 
+def _streams_to_terminal(logger: logging.Logger) -> bool:
+    """Whether a handler of ``logger`` or its ancestors already writes to stderr or stdout."""
+    while logger is not None:
+        if any(isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+               for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
 @contextlib.contextmanager
 def log_lines_to_stderr(enabled: bool) -> Iterator[None]:
     """While compressing, send the compressor's progress lines (logging INFO: one per level) to stderr,
-    one plain line each; afterwards the logger is as it was. A program that configured logging itself
-    (a handler on this logger or the root) already decides where they go: left alone."""
+    one plain line each; afterwards the logger is as it was. Records still propagate (a program's own
+    handlers, pytest's caplog see them); a program that already streams logging to the terminal
+    (``logging.basicConfig``) decides itself, so nothing is printed twice."""
     logger = logging.getLogger("compressor")
-    if not enabled or logger.hasHandlers():
+    if not enabled or _streams_to_terminal(logger):
         yield
         return
     handler = logging.StreamHandler(sys.stderr)

@@ -165,7 +165,7 @@ def test_help_lists_every_built_in_model():
 def test_the_python_api_says_a_line_per_level_when_stderr_is_no_terminal(capsys, tmp_path):
     from tests.compressor_fixtures import run_tiny
 
-    run_tiny(tmp_path / "run", target_sparsity=0.2, epochs=1, lr_drops=())
+    run_tiny(tmp_path / "run", progress=None, target_sparsity=0.2, epochs=1, lr_drops=())  # the API's default
     err = capsys.readouterr().err  # pytest's capture: not a terminal, as in a notebook's log or a pipe
     assert "dense done: sparsity 0.00%" in err and "lr-rewind level 1 done: sparsity 20.00%" in err
     from compressor.pipeline import compress  # progress=False: quiet
