@@ -43,8 +43,11 @@ def _bomb(tmp_path: Path) -> Path:
 
 def _measured(*args: str) -> subprocess.CompletedProcess:
     """``edge-runtime ARGS`` under a 1 MiB model limit; stdout's last line is the process's peak RSS (KiB)."""
-    script = ("import resource, sys; from edge_runtime.cli import main; rc = main(sys.argv[1:]); "
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's high-water mark into a child's ru_maxrss
+    # across exec (a long pytest process read 1.8 GB there); VmHWM belongs to the child's own memory map
+    script = ("import sys; from edge_runtime.cli import main; rc = main(sys.argv[1:]); "
+              "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))); "
+              "sys.exit(rc)")
     env = {**os.environ, "EDGEPRUNE_MAX_MODEL_BYTES": LIMIT, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=120)
@@ -92,7 +95,7 @@ def _ones_model_dir(tmp_path: Path) -> Path:
     import torch
     from torch import nn
 
-    from compressor.export import export_model
+    from compressor.export.model_dir import export_model
 
     class Ones(nn.Module):
         def __init__(self) -> None:

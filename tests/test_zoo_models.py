@@ -90,7 +90,9 @@ def test_compress_export_run(tmp_path: Path, model: str, data: str, flags: List[
                 "--target-sparsity", 0.5, "--one-shot", "--lr", 0.01, "--out", run_dir, *flags) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [level["level"] for level in metrics["methods"]["lr-rewind"]] == [0, 1]
-    trust = ("--model", f"{ZOO}:{model}", "--data", f"{ZOO}:{data}")  # a run never runs the files it names
+    # a run never runs the files it names; fp32 only: this compares the engines with PyTorch to 1e-4, which an
+    # int8 variant's dequantized weights (the default when data is named) would not meet
+    trust = ("--model", f"{ZOO}:{model}", "--data", f"{ZOO}:{data}", "--quantize", "none")
     assert _cli("export", run_dir, "--out", model_dir, *trust) == 0
     manifest = json.loads((model_dir / "manifest.json").read_text())
     assert abs(manifest["sparsity"] - 0.5) < 0.01
