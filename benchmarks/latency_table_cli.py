@@ -59,7 +59,7 @@ def _what_to_measure(args: argparse.Namespace) -> Tuple[List[Any], str, int]:
     """The shapes, engine and thread count ``--latency-table`` and its flags ask for."""
     from compressor.latency_shapes import model_shapes
 
-    settings: Dict[str, Any] = {"model": args.latency_table, "channel_multiple": 8, "min_channels": None,
+    settings: Dict[str, Any] = {"model": args.latency_table, "channel_multiple": None, "min_channels": None,
                                 "exclude": [], "quantize": None, "latency_threads": 1}
     if Path(args.latency_table).is_dir():
         settings.update(_run_settings(Path(args.latency_table)))

@@ -156,7 +156,8 @@ def test_table_tool_lists_shapes_then_measures_them_without_the_model(tmp_path: 
     shapes, table = tmp_path / "shapes.json", tmp_path / "table.json"
     tool = [sys.executable, "-m", "compressor.latency_shapes"]
     run = dict(cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
-    listed = subprocess.run([*tool, "--model", "digits-cnn", "--shapes-out", str(shapes)], **run)
+    listed = subprocess.run([*tool, "--model", "digits-cnn", "--channel-multiple", "8", "--shapes-out", str(shapes)],
+                            **run)
     assert listed.returncode == 0, listed.stderr
     # the device side, as a Pi's runtime venv runs it: edge_runtime, numpy, onnxruntime; no compressor, torch, onnx
     device = ("import runpy, sys; sys.path.insert(0, '.'); "
