@@ -1,7 +1,8 @@
 """Reading and writing checkpoints: atomic writes, ``weights_only`` reads, random-state capture.
 
-Every write goes to a temporary file in the same folder and is then renamed over the target
-(``os.replace`` is atomic), so a kill at any moment leaves either the old file or the new one.
+Every write goes through ``edge_runtime.safe_io.atomic_writer`` (an exclusively created temporary file
+in the same folder, renamed over the target), so a kill at any moment leaves either the old file or
+the new one.
 Every read uses ``torch.load(..., weights_only=True)``: checkpoints may come from users, and a full
 unpickle could run arbitrary code. Before that, every zip member's CRC-32 is checked: ``torch.save``
 writes one per member (tensor data included) but ``torch.load`` never verifies them, so a flipped
@@ -15,34 +16,15 @@ import collections
 import os
 import pickle
 import random
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, BinaryIO, ContextManager, Dict, Iterable, Optional
 
 import numpy as np
 import torch
 
 from compressor.errors import CheckpointError
-
-
-def _temp_beside(path: Path) -> tuple:
-    """``(fd, name)`` of a new temporary file next to ``path``, with the mode a plain ``open`` would give.
-
-    ``mkstemp`` creates files 0600 whatever the umask; a RUN_DIR is meant to be shared and read by
-    other tools and users like any other output, so the file gets ``0666 & ~umask`` as usual.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
-    return fd, tmp
-
-
-def _umask() -> int:
-    """The process umask (read by setting and restoring it: the only portable way)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+from edge_runtime.safe_io import atomic_writer
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -51,17 +33,18 @@ def atomic_save(obj: Any, path: Path) -> None:
     A write the filesystem refuses (ENOSPC, EFBIG, EIO) is a ``CheckpointError`` naming the file;
     the temporary file is removed and ``path`` keeps its previous content.
     """
-    fd, tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with _writer(path) as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
         _raise_if_write_failed(error, path)
         raise
+
+
+def _writer(path: Path) -> ContextManager[BinaryIO]:
+    """The format owner's atomic writer (exclusive temp file, fsync, rename), the folder made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_writer(path)
 
 
 def _raise_if_write_failed(error: BaseException, path: Path) -> None:
@@ -75,14 +58,11 @@ def _raise_if_write_failed(error: BaseException, path: Path) -> None:
 
 
 def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write a file atomically (temp file in the same folder + ``os.replace``)."""
-    fd, tmp = _temp_beside(path)
+    """Write a file atomically; a refused write is a ``CheckpointError`` (see ``atomic_save``)."""
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with _writer(path) as handle:
             handle.write(data)
-        os.replace(tmp, path)
     except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
         _raise_if_write_failed(error, path)
         raise
 

@@ -32,6 +32,7 @@ from compressor.config import config_for
 from compressor.pipeline import compress
 from compressor.run.run_dir import load_level
 from compressor.train.models import build_model
+from edge_runtime.safe_io import atomic_write_text
 
 METHODS = ("lr-rewind", "finetune")
 TIMED_SHAPE = (3, 32, 32)
@@ -146,7 +147,7 @@ def main(argv: List[str] | None = None) -> int:
                "blocks_removed": {f"{run['seed']}/{m}": run["metrics"]["methods"][m][-1].get("blocks_removed")
                                   for run in runs for m in METHODS}}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(Path(args.json), json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.json}", file=sys.stderr)
     return 0
 

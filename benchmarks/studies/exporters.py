@@ -24,6 +24,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from edge_runtime.safe_io import atomic_write_text
+
 MODELS: Dict[str, Callable[[], Tuple[torch.nn.Module, Dict[str, torch.Tensor]]]] = {}
 
 
@@ -171,7 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(rows[-1], file=sys.stderr)
     print(_table(rows))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n")
     return 0
 
 
