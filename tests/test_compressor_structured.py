@@ -227,7 +227,8 @@ def test_user_model_compress_export_and_edge_runtime(tmp_path: Path, capsys: pyt
     assert levels[-1]["params"] < levels[0]["params"] and "widths" in levels[-1]
     assert "MACs removed" in (run / "report.md").read_text()
     from compressor.export.from_run import export_run_dir
-    export_run_dir(run, model_dir, model=spec)  # the last level; the user names the factory they trust
+    picked = export_run_dir(run, model_dir, model=spec).picked  # the last level; the user names the factory they trust
+    assert f"(params {levels[-1]['params']:,} of {levels[0]['params']:,}" in picked and "sparsity" not in picked
     export_run_dir(run, dense_dir, level=0, model=spec)
     size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
     assert size(model_dir) < 0.8 * size(dense_dir)

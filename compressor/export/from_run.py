@@ -120,7 +120,7 @@ def export_run_dir(run_dir: Path | str, out_dir: Path | str, *, method: Optional
             raise ExportError(f"{error}; the example was float noise of shape {list(shape)}: give real inputs "
                               f"with {hint}--sample inputs.npz") from error
         raise
-    return replace(result, picked=_why_picked(chosen, level, max_drop))
+    return replace(result, picked=_why_picked(chosen, level, max_drop, source))
 
 
 def _data_factory(spec: Optional[str]) -> Optional[str]:
@@ -128,8 +128,13 @@ def _data_factory(spec: Optional[str]) -> Optional[str]:
     return spec if spec and ".py:" in spec else None
 
 
-def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float]) -> str:
-    """One line saying which level was exported and by which rule, so a default is never a surprise."""
+def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float],
+                source: Optional[Dict[str, Any]] = None) -> str:
+    """One line saying which level was exported and by which rule, so a default is never a surprise. A
+    --structure channels level says the params and MACs removed (``source``'s figures): a smaller dense
+    network has no zeros, so "sparsity" would mislead."""
+    from edge_runtime.model_format import structured_summary
+
     if level is not None:
         why = "as asked (--level)"
     elif max_drop is not None:
@@ -137,7 +142,8 @@ def _why_picked(chosen: Any, level: Optional[int], max_drop: Optional[float]) ->
     else:
         why = "the method's last level, the default (--level K or --max-drop POINTS pick another)"
     accuracy = "no accuracy" if chosen.accuracy != chosen.accuracy else f"accuracy {chosen.accuracy:.2%}"
-    return f"exported {chosen.method} level {chosen.level} (sparsity {chosen.sparsity:.1%}, {accuracy}): {why}"
+    amount = structured_summary(source, chosen.sparsity) or f"sparsity {chosen.sparsity:.1%}"
+    return f"exported {chosen.method} level {chosen.level} ({amount}, {accuracy}): {why}"
 
 
 def structure_family(run_dir: Path | str, config: Dict[str, Any]) -> Dict[str, str]:

@@ -20,6 +20,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressor.errors import ExportError
+from compressor.prune.examples import no_cache
 
 OPSET = 17
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")  # layers the native kernels run with a CSR or dense weight
@@ -55,7 +56,7 @@ def torch_to_onnx(model: Any, inputs: Dict[str, Any], output: Optional[str] = No
                           f"{str(error).strip()[:300]}") from error
     axes = {name: {0: "batch"} for name in [*inputs, chosen]}
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), _only_output(model, output), _no_cache(model):
+    with warnings.catch_warnings(), _only_output(model, output), no_cache(model):
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, args, buffer, kwargs=kwargs or None, dynamo=False, opset_version=OPSET,
@@ -86,22 +87,6 @@ def _only_output(model: Any, output: Optional[str]) -> Iterator[None]:
         yield
     finally:
         del model.forward  # the class's forward again
-
-
-@contextlib.contextmanager
-def _no_cache(model: Any) -> Iterator[None]:
-    """A Hugging Face model exports with ``config.use_cache = False``: a key/value cache (DynamicCache,
-    EncoderDecoderCache) is generation state, not an output an edge model returns, and no exporter
-    takes it. The caller's setting is restored afterwards."""
-    config = getattr(model, "config", None)
-    before = getattr(config, "use_cache", None)
-    if before:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        if before:
-            config.use_cache = before
 
 
 def keep_only_output(graph: onnx.GraphProto, name: str) -> None:

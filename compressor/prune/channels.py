@@ -30,11 +30,15 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from compressor.prune.examples import Example, call_example, device_of, move_example
+from compressor.prune import layer_pruners
+from compressor.prune.examples import Example, call_example, device_of, move_example, no_cache
 from compressor.prune.criteria import ChannelCriterion
 from compressor.errors import CheckpointError, StructureError
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# roots beyond Conv/Linear: an Embedding's dimension (tried after the others, so groups they already name
+# keep their names), and layer_pruners' layers (HF Conv1D, GRU/LSTM/RNN) found by instance
+EMBEDDING_ROOTS = (nn.Embedding,)
 ChannelPlan = Dict[str, List[int]]
 
 
@@ -62,6 +66,8 @@ def _layer_types(graph) -> Callable[[nn.Module], bool]:
     tp = _tp()
 
     def is_layer(module: nn.Module) -> bool:
+        if layer_pruners.is_extra(module):
+            return True
         kind = tp.ops.module2type(module)
         return kind in graph.REGISTERED_PRUNERS and kind != tp.ops.OPTYPE.ELEMENTWISE
     return is_layer
@@ -98,7 +104,8 @@ def _traced_outputs(model: nn.Module, example: Example) -> List[torch.Tensor]:
 
 def trace(model: nn.Module, example: Example):
     """Torch-Pruning's dependency graph of ``model`` on ``example``; ``StructureError`` naming the layer or
-    op when the model cannot be traced. Traced in eval mode so BatchNorm statistics are not touched."""
+    op when the model cannot be traced. Traced in eval mode so BatchNorm statistics are not touched, without
+    a Hugging Face key/value cache (its concatenations are generation state), each RNN as one node."""
     tp = _tp()
     graph = tp.DependencyGraph()
     is_layer = _layer_types(graph)
@@ -108,9 +115,12 @@ def trace(model: nn.Module, example: Example):
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():  # the graph is read from autograd: callers may be under no_grad
+        # the graph is read from autograd: callers may be under no_grad
+        with torch.enable_grad(), no_cache(model), layer_pruners.opaque_rnns(model):
             graph.build_dependency(model, example_inputs=example, forward_fn=_traced_outputs,
-                                   unwrapped_parameters=_unwrapped(model, is_layer), verbose=False)
+                                   unwrapped_parameters=_unwrapped(model, is_layer), verbose=False,
+                                   customized_pruners=layer_pruners.customized_pruners(model))
+        _untie_channels_last_slices(graph)
     except Exception as error:  # the user's forward or an op Torch-Pruning cannot follow
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise StructureError(f"--structure channels: tracing the model failed ({type(error).__name__}: "
@@ -131,6 +141,34 @@ def trace(model: nn.Module, example: Example):
     return graph
 
 
+def _untie_channels_last_slices(graph) -> None:
+    """Torch-Pruning takes a slice of dim 1 of a 4-D tensor for a slice of its channels (NCHW); on a
+    channels-last tensor (LeViT's ``view(B, H, W, C)[:, ::2, ::2]``) that maps removed channels through the
+    spatial stride, so the layers after it lose fewer inputs than their producers lose outputs. A slice
+    whose dimension is not the channel count of what it slices passes channels through unchanged."""
+    tp = _tp()
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    for node in list(graph.module2node.values()):
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        if node.type != tp.ops.OPTYPE.SLICE or sizes is None or not node.inputs:
+            continue
+        dim = node.module.dim
+        channels = shape_infer.infer_out_channels_recursively(graph, node.inputs[0], [0])
+        if channels is None or not 0 <= dim < len(sizes) or int(sizes[dim]) == channels:
+            continue
+        node.type = tp.ops.OPTYPE.ELEMENTWISE  # so update_index_mapping never maps it again
+        for dep in [*node.dependencies, *(d for n in node.inputs for d in n.dependencies if d.target is node)]:
+            dep.index_mapping = [None if isinstance(m, index_mapping._SliceIndexMapping) else m
+                                 for m in dep.index_mapping]
+
+
+def _absorbs(module: Any) -> bool:
+    """Whether a layer consumes its input channels (a Conv/Linear/RNN), rather than passing them on."""
+    return (isinstance(module, PRUNABLE) and not _is_depthwise(module)) or (
+        isinstance(module, nn.Module) and layer_pruners.is_extra(module))
+
+
 def _reaches_output(graph, module: nn.Module) -> bool:
     """Whether ``module``'s output channels reach the model's output without passing a layer that
     absorbs them (a Conv/Linear consumes channels; elementwise ops, BatchNorm, pooling pass them on)."""
@@ -143,7 +181,7 @@ def _reaches_output(graph, module: nn.Module) -> bool:
         if not node.outputs:
             return True
         for out in node.outputs:
-            if isinstance(out.module, PRUNABLE) and not _is_depthwise(out.module):
+            if _absorbs(out.module):
                 continue
             stack.append(out)
     return False
@@ -155,6 +193,10 @@ def _is_depthwise(module: nn.Module) -> bool:
 
 
 def _out_channels(module: nn.Module) -> int:
+    if isinstance(module, nn.Embedding):
+        return module.embedding_dim
+    if layer_pruners.is_extra(module):
+        return int(layer_pruners.out_channels(module) or 0)
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
@@ -164,12 +206,15 @@ def _full_group(graph, module: nn.Module, indices: Sequence[int]):
 
 
 def _blocks(graph, group) -> int:
-    """Channel blocks forced by grouped (not depthwise) convs in the group (MetaPruner's rule)."""
+    """Channel blocks forced by grouped (not depthwise) convs in the group (MetaPruner's rule), and by a
+    bidirectional RNN whose hidden units the group removes (each unit sits once per direction)."""
     blocks = 1
     for dep, _ in group:
         module = dep.target.module
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):
             blocks = max(blocks, module.groups)
+        if isinstance(module, nn.RNNBase) and graph.is_out_channel_pruning_fn(dep.handler):
+            blocks = max(blocks, layer_pruners.blocks(module))
     return blocks
 
 
@@ -180,7 +225,7 @@ def find_groups(model: nn.Module, example: Example, exclude: Sequence[str] = ())
     excluded = {module for name, module in model.named_modules()
                 if name in {e[: -len(".weight")] if e.endswith(".weight") else e for e in exclude}}
     groups: List[Group] = []
-    for group in graph.get_all_groups(root_module_types=PRUNABLE):
+    for group in _all_groups(graph, model):
         root = group[0].dep.target.module
         members = [dep.target.module for dep, _ in group]
         if any(m in excluded for m in members):
@@ -197,10 +242,22 @@ def find_groups(model: nn.Module, example: Example, exclude: Sequence[str] = ())
     return groups
 
 
+def _all_groups(graph, model: nn.Module) -> List[Any]:
+    """Torch-Pruning's groups rooted at Conv/Linear and layer_pruners' layers, then those rooted at an
+    Embedding no earlier group covers (an Embedding feeding a residual stream is in that stream's group)."""
+    extra = tuple({type(m) for m in model.modules() if layer_pruners.is_extra(m)})
+    first = list(graph.get_all_groups(root_module_types=PRUNABLE + extra))
+    covered = [dep.target.module for group in first for dep, _ in group
+               if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module)]
+    return first + list(graph.get_all_groups(ignored_layers=covered, root_module_types=EMBEDDING_ROOTS))
+
+
 def _remove_one_unit(model: nn.Module, example: Example, groups: Sequence[Group]) -> bool:
-    """Whether ``model`` (a copy: it is pruned) still runs after one channel (one per block) of each of
-    ``groups`` is removed. Torch-Pruning does not know every coupling: attention reshapes a projection's
-    channels into heads (``view(B, T, heads, -1)``), a weight-normed conv cannot be re-registered."""
+    """Whether ``model`` (a copy: it is pruned) still runs after two adjacent channels (per block) of each
+    of ``groups`` are removed (one, from a group of two). Torch-Pruning does not know every coupling:
+    attention reshapes a projection's channels into heads (``view(B, T, heads, -1)``), a weight-normed
+    conv cannot be re-registered; two channels, not one, so that an index mapping through a strided op,
+    which keeps every other channel, shows as a shape mismatch."""
     model.eval()  # BatchNorm on one example fails in training mode
     try:
         graph = trace(model, example)
@@ -208,7 +265,8 @@ def _remove_one_unit(model: nn.Module, example: Example, groups: Sequence[Group]
         for g in groups:
             units = g.size // g.blocks
             if units > 1:
-                _full_group(graph, modules[g.root], [b * units for b in range(g.blocks)]).prune(record_history=False)
+                removed = [b * units + k for b in range(g.blocks) for k in range(min(2, units - 1))]
+                _full_group(graph, modules[g.root], removed).prune(record_history=False)
         with torch.no_grad():
             call_example(model, example)
         return True
@@ -278,9 +336,9 @@ def group_scores(model: nn.Module, groups: Sequence[Group], plan: Mapping[str, S
         total, count = torch.zeros(width), torch.zeros(width)
         for item in _full_group(graph, modules[g.root], range(width)):
             module = item.dep.target.module
-            if not (isinstance(module, PRUNABLE) and graph.is_out_channel_pruning_fn(item.dep.handler)):
+            if not (_scored(module) and graph.is_out_channel_pruning_fn(item.dep.handler)):
                 continue
-            layer = criterion.layer_scores(module, following_bn.get(module)).cpu()
+            layer = _layer_scores(criterion, module, following_bn.get(module))
             # idxs: channels of this layer; root_idxs: the same channels counted in the root (concat offsets)
             own = torch.tensor([int(i) for i in item.idxs], dtype=torch.long)
             root = torch.tensor([int(i) for i in item.root_idxs], dtype=torch.long)
@@ -288,6 +346,26 @@ def group_scores(model: nn.Module, groups: Sequence[Group], plan: Mapping[str, S
             count.index_add_(0, root, torch.ones(len(root)))
         scores[g.root] = total / count.clamp_min(1.0)
     return scores
+
+
+def _scored(module: Any) -> bool:
+    return isinstance(module, PRUNABLE + EMBEDDING_ROOTS) or (
+        isinstance(module, nn.Module) and layer_pruners.is_extra(module))
+
+
+class _Rows:
+    """A layer's weights as one row per output channel, for criteria that read ``module.weight`` rows
+    (an Embedding's channels are its columns; an RNN unit's weights are spread over its gates)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+
+def _layer_scores(criterion: ChannelCriterion, module: nn.Module, bn: Optional[nn.Module]) -> torch.Tensor:
+    if isinstance(module, PRUNABLE):
+        return criterion.layer_scores(module, bn).cpu()
+    rows = module.weight.detach().t() if isinstance(module, nn.Embedding) else layer_pruners.channel_rows(module)
+    return criterion.layer_scores(_Rows(rows), None).cpu()  # type: ignore[arg-type]
 
 
 def _following_batchnorm(graph, model: nn.Module) -> Dict[nn.Module, nn.Module]:
@@ -408,8 +486,9 @@ def decode(stored: object, groups: Sequence[Group], source: str) -> ChannelPlan:
 
 
 def widths(model: nn.Module) -> Dict[str, int]:
-    """Output width of every Conv/Linear layer (metrics.json's per-layer widths)."""
-    return {name: _out_channels(m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    """Output width of every layer a group can be rooted at (metrics.json's per-layer widths): Conv/Linear,
+    Embedding, HF Conv1D, an RNN's hidden units × directions."""
+    return {name: _out_channels(m) for name, m in model.named_modules() if _scored(m)}
 
 
 def params_and_macs(model: nn.Module, example: Example) -> Tuple[int, int]:

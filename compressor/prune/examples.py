@@ -7,7 +7,8 @@ a run stores the one it traced with so readers rebuild its levels alike.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -69,3 +70,19 @@ def call_example(model: nn.Module, example: Example) -> Any:
 def device_of(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def no_cache(model: Any) -> Iterator[None]:
+    """A Hugging Face model runs with ``config.use_cache = False``: a key/value cache (DynamicCache,
+    EncoderDecoderCache) is generation state, not an output an edge model returns; no exporter takes it,
+    and Torch-Pruning cannot follow the concatenations that fill it. The caller's setting is restored."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "use_cache", None)
+    if before:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if before:
+            config.use_cache = before
