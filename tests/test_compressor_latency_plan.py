@@ -150,6 +150,26 @@ def test_the_default_rounding_is_16_with_8_narrowest_and_a_run_keeps_its_own(tmp
     assert resumed._rounding == (8, None)
 
 
+
+def test_planning_for_int8_rounds_to_16_at_the_narrowest_and_names_blocks_when_channels_fall_short() -> None:
+    """--quantize int8 without --channel-multiple: multiples of 16, none narrower (int8 kernels run 8
+    channels no faster than 16); the user's --min-channels still wins. resnet20's first stage is 16 wide,
+    so 70% of its MACs is out of reach for channels alone: refused in one line that names blocks."""
+    model = build_model("resnet20")
+
+    def rounding(**config):
+        return ChannelLevels(model, input_shape_of(model), PruneConfig(structure="channels", target_macs=0.5,
+                                                                       **config),
+                             criterion_named(None, "channels"), StubDevice())._rounding
+
+    assert rounding() == (16, 8) and rounding(quantize="int8") == (16, 16)
+    assert rounding(quantize="int8", min_channels=8) == (16, 8) and rounding(quantize="int8", channel_multiple=8) == (8, None)
+    with pytest.raises(Exception, match="out of reach.*16 channels.*--structure channels,blocks") as error:
+        ChannelLevels(model, input_shape_of(model), PruneConfig(structure="channels", target_macs=0.7, quantize="int8"),
+                      criterion_named(None, "channels"), StubDevice())
+    assert "\n" not in str(error.value)
+
+
 class _TwoInputs(torch.nn.Module):
     """An image through two convs, plus a side vector through a Linear: ``model(image, side)``."""
 
