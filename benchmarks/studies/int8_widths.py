@@ -83,22 +83,23 @@ def print_widths(result: Dict[str, Any]) -> None:
 
 
 # --- (b) whole networks ---------------------------------------------------------------------------------
-DEFAULT_70 = dict(structure="channels", target_macs=0.7)
-# (row name, PruneConfig overrides, engines timed); every row one-shot from the same dense weights
+LATENCY_70 = dict(target_macs=0.7, allocate="latency", quantize="int8")
+# (row name, PruneConfig overrides, engines timed); every row one-shot from the same dense weights. With
+# --quantize int8 and no --channel-multiple the rounding is int8's (16, none narrower: see table (a)).
 PLANS: Tuple[Tuple[str, Dict[str, Any], Tuple[str, ...]], ...] = (
-    ("default 70%", DEFAULT_70, ("fp32", "int8")),
-    ("--quantize int8 --allocate latency 70%", dict(structure="channels", target_macs=0.7, allocate="latency",
-                                                    quantize="int8"), ("int8",)),
-    ("--quantize int8 channels,blocks 70%", dict(structure="channels,blocks", target_macs=0.7, allocate="latency",
-                                                 quantize="int8"), ("int8",)),
-    ("--quantize int8 channels,blocks 70% min 16", dict(structure="channels,blocks", target_macs=0.7,
-                                                        allocate="latency", quantize="int8", channel_multiple=16,
-                                                        min_channels=16), ("int8",)),
-    ("--quantize int8 blocks 70%", dict(structure="blocks", target_macs=0.7, quantize="int8"), ("int8",)),
-    ("--quantize int8 --target-speedup 1.5 channels", dict(structure="channels", allocate="latency",
-                                                           target_speedup=1.5, quantize="int8"), ("int8",)),
-    ("--quantize int8 --target-speedup 1.5 channels,blocks", dict(structure="channels,blocks", allocate="latency",
-                                                                  target_speedup=1.5, quantize="int8"), ("int8",)),
+    ("default 70%", dict(structure="channels", target_macs=0.7), ("fp32", "int8")),
+    ("int8 --min-channels 8 --allocate latency 70%", dict(structure="channels", min_channels=8, **LATENCY_70),
+     ("int8",)),
+    ("int8 --allocate latency 70%", dict(structure="channels", **LATENCY_70), ("int8",)),
+    ("int8 channels,blocks 70%", dict(structure="channels,blocks", target_macs=0.7, quantize="int8"), ("int8",)),
+    ("int8 channels,blocks --allocate latency 70%", dict(structure="channels,blocks", **LATENCY_70), ("int8",)),
+    ("int8 --min-channels 8 channels,blocks --allocate latency 70%", dict(structure="channels,blocks",
+                                                                          min_channels=8, **LATENCY_70), ("int8",)),
+    ("int8 blocks 70%", dict(structure="blocks", target_macs=0.7, quantize="int8"), ("int8",)),
+    ("int8 --target-speedup 1.5 channels", dict(structure="channels", allocate="latency", target_speedup=1.5,
+                                                quantize="int8"), ("int8",)),
+    ("int8 --target-speedup 1.5 channels,blocks", dict(structure="channels,blocks", allocate="latency",
+                                                       target_speedup=1.5, quantize="int8"), ("int8",)),
 )
 
 
@@ -216,12 +217,17 @@ def run_case(model_name: str, size: int, state: Dict[str, Any], args) -> Dict[st
 
 
 def _stage_widths(layer_widths: Dict[str, int]) -> str:
-    """The distinct conv widths in the model's order, compactly (e.g. 16/8/32)."""
-    seen: List[int] = []
+    """Each residual block's widths as ``inner/out`` (resnet: ``16/16 ... 32/64``, removed blocks absent);
+    other nets: their distinct conv widths in order."""
+    pairs = [f"{w}/{layer_widths[n[:-1] + '2']}" for n, w in layer_widths.items()
+             if n.endswith("conv1") and n[:-1] + "2" in layer_widths]
+    if pairs:
+        return " ".join(pairs)
+    seen: List[str] = []
     for name, width in layer_widths.items():
-        if name not in ("fc", "classifier") and width not in seen:
-            seen.append(width)
-    return "/".join(map(str, seen))
+        if name not in ("fc", "classifier") and str(width) not in seen:
+            seen.append(str(width))
+    return "/".join(seen)
 
 
 def print_case(case: Dict[str, Any]) -> None:
@@ -260,8 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--only", default="", help="(b): comma separated substrings: only plans whose name has one")
     parser.add_argument("--json", default="int8_widths.json")
     args = parser.parse_args(argv)
+    import logging
+
     import onnxruntime
 
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer advises pre-processing on the root logger
     results: Dict[str, Any] = {"onnxruntime": onnxruntime.__version__, "device": layer_timing.device_fingerprint(),
                                "rounds": args.rounds, "runs": args.runs}
     began = time.perf_counter()
