@@ -7,27 +7,30 @@
 (a) ``widths``: one 3×3 conv (stride 1, pad 1, cin = cout = width) at each resnet20 stage's resolution,
 widths 8..64 in steps of 8, onnxruntime fp32 (``engine ort``) and static QDQ int8 (``ort-int8``: the
 one-layer models ``edge_runtime.layer_timing`` times, which onnxruntime fuses to QLinearConv), all
-sessions interleaved round by round in one process. Columns: ms (less each engine's per-call cost, as a
-latency table stores it), GMAC/s, int8/fp32. On x86 without VNNI onnxruntime's int8 conv is u8s8 MLAS
+sessions interleaved round by round in one process. Columns: ms of the calling thread's CPU time (see
+``timed``; less each engine's per-call cost, as a latency table stores it), GMAC/s, int8/fp32. On x86 without VNNI onnxruntime's int8 conv is u8s8 MLAS
 (AVX2: pairs of uint8×int8 products summed into int16); its kernels block output channels and the
 reduction differently from the fp32 ones, so the widths they run well need not be fp32's.
 
 (b) ``networks``: per case (model at one input size), side by side in one interleaved timing run: dense
 fp32 and int8, the default plan at 70% MACs removed (``--structure channels``, global L1, default
-rounding) fp32 and int8, and int8-aware plans (``--quantize int8``: widths from the int8 table, with
-``--allocate latency``; and with ``--structure channels,blocks``). Every int8 network is made the way
+rounding) fp32 and int8, and int8-aware plans (``--quantize int8``: int8's rounding, 16 the narrowest;
+widths from the int8 table with ``--allocate latency``; residual blocks with ``--structure
+channels,blocks``; timed targets, candidates timed quantized). Every int8 network is made the way
 ``export --quantize int8`` makes it (``compressor.export.quantize.quantize_int8``: static QDQ,
 per-channel, reduce_range, symmetric weights) from the export's own ONNX graph. Speed-ups are against
 dense int8 (and dense fp32). Plans come from ``ChannelLevels`` (one-shot, what ``compress`` plans) on a
 resnet20 trained ``--dense-epochs`` on the digits at 32² (latency does not depend on the weights; the
 criterion does, so the plan is a trained network's). The same weights serve 128² (the net ends in a
-global pool), so the default plan is the same network at both sizes.
+global pool), so the default plan is the same network at both sizes. ``--retrain-epochs N``: each
+pruned network retrained N epochs at 32² (SGD, prune_to_device's loop) for an fp32 accuracy column.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +51,38 @@ STAGES = {32: (32, 16, 8), 128: (128, 64, 32)}  # resnet20's three stages' resol
 ENGINES = ("ort", "ort-int8")
 
 
+# --- timing ---------------------------------------------------------------------------------------------
+# This machine is shared (load 5-9 on 2 cores while these figures were taken): wall-clock times of a
+# 20 ms network swing by 30% between rounds. With one intra-op thread onnxruntime runs every kernel on
+# the calling thread, so that thread's CPU time (time.thread_time) is the work without the time spent
+# descheduled; both are kept, wall clock being what the planner's timer (layer_timing.time_networks) sees.
+def timed(models: Sequence[bytes], rounds: int, runs: int) -> Dict[str, List[float]]:
+    """ms per model at batch 1, 1 thread: rounds interleaved over all models, the smallest per-round
+    median, of wall clock (``wall``) and of the calling thread's CPU time (``cpu``)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 1, 1, 3
+    sessions = [ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]) for model in models]
+    rng = np.random.default_rng(0)
+    feeds = [{i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(np.float32)
+              for i in session.get_inputs()} for session in sessions]
+    medians: Dict[str, List[List[float]]] = {"wall": [[] for _ in models], "cpu": [[] for _ in models]}
+    for round_ in range(rounds + 1):
+        for index, session in enumerate(sessions):
+            wall, cpu = [], []
+            for _ in range(runs if round_ else 2):  # round 0 warms up
+                began, began_cpu = time.perf_counter(), time.thread_time()
+                session.run(None, feeds[index])
+                wall.append(time.perf_counter() - began)
+                cpu.append(time.thread_time() - began_cpu)
+            if round_:
+                medians["wall"][index].append(statistics.median(wall))
+                medians["cpu"][index].append(statistics.median(cpu))
+    return {kind: [1000 * min(m) for m in values] for kind, values in medians.items()}
+
+
 # --- (a) the per-width table ----------------------------------------------------------------------------
 def conv3x3(width: int, size: int) -> LayerShape:
     return LayerShape("conv", width, width, (size, size), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
@@ -58,21 +93,24 @@ def width_table(sizes: Sequence[int], widths: Sequence[int], rounds: int, runs: 
     shapes = [conv3x3(w, s) for s in sizes for w in widths]
     overhead = layer_timing.OVERHEAD_SHAPE
     models = [layer_timing.layer_onnx(shape, engine) for engine in ENGINES for shape in [overhead, *shapes]]
-    times = layer_timing.time_networks(models, 1, rounds, runs)
+    both = timed(models, rounds, runs)
+    times = both["cpu"]
     per_engine = len(shapes) + 1
     call = {engine: times[i * per_engine] for i, engine in enumerate(ENGINES)}
     rows = []
     for index, shape in enumerate(shapes):
-        ms = {e: max(layer_timing.FLOOR_MS, times[i * per_engine + 1 + index] - call[e]) for i, e in enumerate(ENGINES)}
+        at = {e: i * per_engine + 1 + index for i, e in enumerate(ENGINES)}
+        ms = {e: max(layer_timing.FLOOR_MS, times[at[e]] - call[e]) for e in ENGINES}
         work = layer_timing.macs(shape)
         rows.append({"size": shape.spatial[0], "width": shape.cin, "macs": work, "fp32_ms": ms["ort"],
                      "int8_ms": ms["ort-int8"], "int8_over_fp32": ms["ort-int8"] / ms["ort"],
-                     "fp32_gmacs": work / ms["ort"] / 1e6, "int8_gmacs": work / ms["ort-int8"] / 1e6})
+                     "fp32_gmacs": work / ms["ort"] / 1e6, "int8_gmacs": work / ms["ort-int8"] / 1e6,
+                     "wall_ms": {e: both["wall"][at[e]] for e in ENGINES}})
     return {"call_ms": call, "rows": rows}
 
 
 def print_widths(result: Dict[str, Any]) -> None:
-    print(f"\n## (a) conv 3×3, cin = cout = width, batch 1, 1 thread; ms less the call cost "
+    print(f"\n## (a) conv 3×3, cin = cout = width, batch 1, 1 thread; thread-CPU ms less the call cost "
           f"(fp32 {result['call_ms']['ort']:.4f} ms, int8 {result['call_ms']['ort-int8']:.4f} ms)\n")
     print("| resolution | width | MMACs | fp32 ms | int8 ms | int8/fp32 | fp32 GMAC/s | int8 GMAC/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -193,9 +231,10 @@ def run_case(model_name: str, size: int, state: Dict[str, Any], args) -> Dict[st
                 networks.append(fp32 if engine == "fp32" else int8_of(fp32, shape, Path(scratch)))
                 labels.append((index, engine))
     before = load()
-    times = layer_timing.time_networks(networks, 1, args.rounds, args.runs)
+    times = timed(networks, args.rounds, args.runs)
     after = load()
-    ms = {label: t for label, t in zip(labels, times)}
+    ms = {label: t for label, t in zip(labels, times["cpu"])}
+    wall = {label: t for label, t in zip(labels, times["wall"])}
     dense_macs = params_and_macs(dense, example)[1]
     out = []
     for index, row in enumerate(rows):
@@ -207,13 +246,33 @@ def run_case(model_name: str, size: int, state: Dict[str, Any], args) -> Dict[st
         for engine in row["engines"]:
             t = ms[(index, engine)]
             out.append({"row": row["name"], "engine": engine, "params": params, "macs": work,
-                        "macs_removed": 1 - work / dense_macs, "ms": t, "vs_dense_int8": ms[(0, "int8")] / t,
+                        "macs_removed": 1 - work / dense_macs, "ms": t, "wall_ms": wall[(index, engine)],
+                        "wall_vs_dense_int8": wall[(0, "int8")] / wall[(index, engine)],
+                        "vs_dense_int8": ms[(0, "int8")] / t,
                         "vs_dense_fp32": ms[(0, "fp32")] / t, "vs_dense_same_engine": ms[(0, engine)] / t,
                         "predicted_speedup": figures.get("predicted_speedup"),
                         "measured_speedup_while_planning": figures.get("measured_speedup"),
                         "blocks_removed": figures.get("blocks_removed", []),
                         "widths": _stage_widths(widths(row["model"]))})
+    if args.retrain_epochs and size == 32:
+        accuracies = retrained_accuracy(model_name, rows, args.retrain_epochs)
+        for record in out:
+            record["accuracy"] = accuracies.get(record["row"])
     return {"model": model_name, "size": size, "load_before": before, "load_after": after, "rows": out}
+
+
+def retrained_accuracy(model_name: str, rows: List[Dict[str, Any]], epochs: int) -> Dict[str, float]:
+    """Each row's network (the dense one too) retrained ``epochs`` on the digits at 32², its fp32 test accuracy."""
+    from benchmarks.studies.prune_to_device import accuracy, data, retrain
+
+    train, test = data((3, 32, 32), None, None)
+    lr = 0.1 if model_name == "resnet20" else 0.05
+    found = {}
+    for row in rows:
+        if "model" in row:
+            print(f"  retraining {row['name']} ...", flush=True)
+            found[row["name"]] = accuracy(retrain(row["model"], train, epochs, lr), test)
+    return found
 
 
 def _stage_widths(layer_widths: Dict[str, int]) -> str:
@@ -233,17 +292,19 @@ def _stage_widths(layer_widths: Dict[str, int]) -> str:
 def print_case(case: Dict[str, Any]) -> None:
     print(f"\n## (b) {case['model']} @ {case['size']}², onnxruntime batch 1, 1 thread, p50 ms "
           f"(load {case['load_before'].split('load average:')[-1].strip()})\n")
-    print("| row | engine | MACs removed | blocks removed | widths | ms | vs dense int8 | vs dense same engine "
-          "| predicted (planner) |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|")
+    print("| row | engine | MACs removed | blocks removed | widths | CPU ms | vs dense int8 | vs dense same engine "
+          "| wall ms (vs dense int8) | predicted (planner) | measured (planner) | accuracy |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in case["rows"]:
         if "error" in row:
             print(f"| {row['row']} | refused: {row['error'][:160]} |")
             continue
-        predicted = row["predicted_speedup"]
+        predicted, planned = row["predicted_speedup"], row["measured_speedup_while_planning"]
         print(f"| {row['row']} | {row['engine']} | {row['macs_removed']:.1%} | {len(row['blocks_removed'])} | "
               f"{row['widths']} | {row['ms']:.3f} | {row['vs_dense_int8']:.2f}× | {row['vs_dense_same_engine']:.2f}× | "
-              f"{'%.2f×' % predicted if predicted else '-'} |")
+              f"{row['wall_ms']:.3f} ({row['wall_vs_dense_int8']:.2f}×) | {'%.2f×' % predicted if predicted else '-'} | "
+              f"{'%.2f×' % planned if planned else '-'} | "
+              f"{'%.1f%%' % (100 * row['accuracy']) if row.get('accuracy') is not None else '-'} |")
 
 
 def load() -> str:
@@ -263,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cases", default="resnet20@32,resnet20@128", help="(b): model@size, comma separated "
                         "(resnet20, mobilenetv2)")
     parser.add_argument("--dense-epochs", type=int, default=2, help="(b): the dense network's training epochs")
+    parser.add_argument("--retrain-epochs", type=int, default=0, help="(b), 32² cases: retrain each network this "
+                        "many epochs for an accuracy column (0: none)")
     parser.add_argument("--only", default="", help="(b): comma separated substrings: only plans whose name has one")
     parser.add_argument("--json", default="int8_widths.json")
     args = parser.parse_args(argv)
