@@ -324,12 +324,14 @@ def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
 # so the default is this fixed rule, identical everywhere (runs repeat), and --allocate global-table or
 # latency with --latency-on plans from the device's own times instead.
 DEFAULT_ROUNDING = {"multiple": DEFAULT_CHANNEL_MULTIPLE, "min_channels": DEFAULT_MIN_CHANNELS}
-# With --quantize int8 planned, multiples of 16 with 16 as the narrowest: onnxruntime's int8 conv on this
-# x86 CPU (u8s8 kernels, AVX2 without VNNI) runs a width-8 layer no faster than a width-16 one at every
-# resnet20 resolution (benchmarks/studies/int8_widths.py: 8 channels at 2.0-2.6x its fp32 time, 16..64 at
-# 0.6-1.2x; 8x8: flat from 8 to 32), so 16 -> 8 removes MACs and no time. Where the channels cannot then
-# reach a MAC target, --structure channels,blocks removes residual blocks instead (measured: 2.6x dense int8
-# at 70% MACs on resnet20 at 32x32, against 1.2-1.5x for the fp32 default's widths run in int8).
+# With --quantize int8 planned, multiples of 16 with 16 as the narrowest: onnxruntime's int8 conv on x86
+# without VNNI (u8s8 kernels) runs 8 channels at 7-14 GMAC/s against 30-78 at 16..64 (resnet20's 3x3 convs,
+# benchmarks/studies/int8_widths.py, thread CPU time): at 32x32 and below an 8-wide layer is no faster than a
+# 16-wide one, at 64-128 px 15-20% faster for a quarter of the MACs; 16 -> 8 removes MACs, not int8 time.
+# Where channels at 16 cannot reach a MAC target, --structure channels,blocks removes residual blocks
+# instead (resnet20, 70% MACs: 2.4-3.6x dense int8 at 32x32, 2.7-2.8x at 128x128, against 1.2-1.5x and
+# 1.05-1.4x for the fp32 default's widths run in int8). A table-driven plan could still use 8 where the
+# device's int8 table shows it pays: --min-channels 8.
 INT8_ROUNDING = {"multiple": DEFAULT_CHANNEL_MULTIPLE, "min_channels": DEFAULT_CHANNEL_MULTIPLE}
 
 
