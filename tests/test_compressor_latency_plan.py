@@ -148,3 +148,80 @@ def test_the_default_rounding_is_16_with_8_narrowest_and_a_run_keeps_its_own(tmp
     resumed = ChannelLevels(model, input_shape_of(model), config, criterion_named(None, "channels"), StubDevice())
     resumed.attach_rounding(tmp_path / "run", True)
     assert resumed._rounding == (8, None)
+
+
+
+def test_planning_for_int8_rounds_to_16_at_the_narrowest_and_names_blocks_when_channels_fall_short() -> None:
+    """--quantize int8 without --channel-multiple: multiples of 16, none narrower (int8 kernels run 8
+    channels no faster than 16); the user's --min-channels still wins. resnet20's first stage is 16 wide,
+    so 70% of its MACs is out of reach for channels alone: refused in one line that names blocks."""
+    model = build_model("resnet20")
+
+    def rounding(**config):
+        return ChannelLevels(model, input_shape_of(model), PruneConfig(structure="channels", target_macs=0.5,
+                                                                       **config),
+                             criterion_named(None, "channels"), StubDevice())._rounding
+
+    assert rounding() == (16, 8) and rounding(quantize="int8") == (16, 16)
+    assert rounding(quantize="int8", min_channels=8) == (16, 8) and rounding(quantize="int8", channel_multiple=8) == (8, None)
+    with pytest.raises(Exception, match="out of reach.*16 channels.*--structure channels,blocks") as error:
+        ChannelLevels(model, input_shape_of(model), PruneConfig(structure="channels", target_macs=0.7, quantize="int8"),
+                      criterion_named(None, "channels"), StubDevice())
+    assert "\n" not in str(error.value)
+
+
+class _TwoInputs(torch.nn.Module):
+    """An image through two convs, plus a side vector through a Linear: ``model(image, side)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 48, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(48, 48, 3, padding=1)
+        self.side = torch.nn.Linear(5, 48)
+        self.fc = torch.nn.Linear(48, 4)
+
+    def forward(self, image: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv2(torch.relu(self.conv1(image)))).mean((2, 3))
+        return self.fc(features + self.side(side))
+
+
+def _two_inputs(size: int = 8):
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(1, 3, size, size, generator=generator), torch.randn(1, 5, generator=generator)
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_a_several_input_example_exports_a_graph_onnxruntime_runs_with_those_inputs(form: str) -> None:
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    image, side = _two_inputs()
+    # a dict in another order than forward's parameters: names still go with their tensors
+    example = (image, side) if form == "tuple" else {"side": side, "image": image}
+    session = ort.InferenceSession(network_onnx(model, example), providers=["CPUExecutionProvider"])
+    names = ["input_0", "input_1"] if form == "tuple" else ["image", "side"]
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [(names[0], [1, 3, 8, 8]), (names[1], [1, 5])]
+    got = session.run(None, {names[0]: image.numpy(), names[1]: side.numpy()})[0]
+    np.testing.assert_allclose(got, model(image, side).detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert model.training is False
+
+
+def test_target_speedup_plans_a_two_input_model_timed_on_this_machine(tmp_path: Path) -> None:
+    """A timed target with a tuple example: the candidates are exported with both inputs and timed by
+    onnxruntime here (LocalLatency: real sessions), and the plan is met as measured."""
+    from compressor.prune.latency import LocalLatency
+
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    image, side = _two_inputs(24)
+    levels = ChannelLevels(model, None, PruneConfig(structure="channels", one_shot=True, channel_multiple=16,
+                                                    allocate="latency", target_speedup=1.2, exclude=("fc",)),
+                           criterion_named(None, "channels"), LocalLatency(rounds=2, runs=5), example=(image, side))
+    levels.attach_rounding(tmp_path, True)
+    levels.attach_table(tmp_path, True)
+    plan, last = levels.next_plan(levels.build(levels.dense_plan(), None, ""), levels.dense_plan())
+    pruned = levels.build(plan, None, "")
+    figures = levels.describe(pruned)
+    assert last and figures["macs_removed"] > 0 and figures["measured_speedup"] >= 1.2
+    assert pruned(image, side).shape == (1, 4)

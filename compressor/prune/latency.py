@@ -15,6 +15,7 @@ machine, or a remote one the ``edgeprune`` front hands over (``--latency-on``).
 
 from __future__ import annotations
 
+import inspect
 import io
 import logging
 import math
@@ -29,7 +30,7 @@ from torch import nn
 from compressor.config import DEFAULT_CHANNEL_MULTIPLE, DEFAULT_MIN_CHANNELS
 from compressor.errors import ConfigError
 from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
-from compressor.prune.examples import call_example, Example
+from compressor.prune.examples import call_example, Example, move_example
 from edge_runtime import layer_timing
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape, check_for_planning
 
@@ -96,19 +97,38 @@ def quantize_qdq(model: bytes, batches: int = 8) -> bytes:
         return onnx.load(str(target)).SerializeToString()
 
 
-def network_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
-    """``model`` exported to ONNX (TorchScript exporter, eval mode, BatchNorm folded) for timing."""
+def network_onnx(model: nn.Module, example: Example) -> bytes:
+    """``model`` exported to ONNX (TorchScript exporter, eval mode, BatchNorm folded) for timing, called
+    on ``example`` as a batch gives it (``call_example``): a tensor is the graph's input ``input``, a
+    tuple's tensors ``input_0``, ``input_1``, ... and a dict's its keys (keyword arguments). Shapes stay
+    the example's (batch 1, as the device times them)."""
+    args, kwargs, names = export_inputs(model, example)
     was_training = model.training
     model.eval()
     buffer = io.BytesIO()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17, do_constant_folding=True,
-                              input_names=["input"])
+            torch.onnx.export(model, args, buffer, kwargs=kwargs, dynamo=False, opset_version=17,
+                              do_constant_folding=True, input_names=names)
     finally:
         model.train(was_training)
     return buffer.getvalue()
+
+
+def export_inputs(model: nn.Module, example: Example) -> Tuple[Tuple[torch.Tensor, ...],
+                                                               Optional[Dict[str, torch.Tensor]], List[str]]:
+    """``torch.onnx.export``'s positional args, keyword args and graph input names for ``example``
+    (tensor, tuple or dict: see ``compressor.prune.examples``), on the CPU where the export runs."""
+    example = move_example(example, torch.device("cpu"))
+    if isinstance(example, torch.Tensor):
+        return (example,), None, ["input"]
+    if isinstance(example, Mapping):
+        # the exporter's graph inputs follow forward's parameters, not the dict: names must too
+        order = {name: i for i, name in enumerate(inspect.signature(model.forward).parameters)}
+        keys = sorted(example, key=lambda key: order.get(key, len(order)))  # stable: **kwargs keep theirs
+        return (), {key: example[key] for key in keys}, keys
+    return tuple(example), None, [f"input_{i}" for i in range(len(example))]
 
 
 def count_nodes(model: bytes) -> int:
@@ -304,3 +324,17 @@ def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
 # so the default is this fixed rule, identical everywhere (runs repeat), and --allocate global-table or
 # latency with --latency-on plans from the device's own times instead.
 DEFAULT_ROUNDING = {"multiple": DEFAULT_CHANNEL_MULTIPLE, "min_channels": DEFAULT_MIN_CHANNELS}
+# With --quantize int8 planned, multiples of 16 with 16 as the narrowest: onnxruntime's int8 conv on x86
+# without VNNI (u8s8 kernels) runs 8 channels at 7-14 GMAC/s against 30-78 at 16..64 (resnet20's 3x3 convs,
+# benchmarks/studies/int8_widths.py, thread CPU time): at 32x32 and below an 8-wide layer is no faster than a
+# 16-wide one, at 64-128 px 15-20% faster for a quarter of the MACs; 16 -> 8 removes MACs, not int8 time.
+# Where channels at 16 cannot reach a MAC target, --structure channels,blocks removes residual blocks
+# instead (resnet20, 70% MACs: 2.4-3.6x dense int8 at 32x32, 2.7-2.8x at 128x128, against 1.2-1.5x and
+# 1.05-1.4x for the fp32 default's widths run in int8). A table-driven plan could still use 8 where the
+# device's int8 table shows it pays: --min-channels 8.
+INT8_ROUNDING = {"multiple": DEFAULT_CHANNEL_MULTIPLE, "min_channels": DEFAULT_CHANNEL_MULTIPLE}
+
+
+def default_rounding(quantize: Optional[str]) -> Dict[str, int]:
+    """The rounding a run without --channel-multiple uses: ``INT8_ROUNDING`` when it plans for int8."""
+    return dict(INT8_ROUNDING if quantize == "int8" else DEFAULT_ROUNDING)

@@ -49,7 +49,7 @@ from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
 from compressor.prune.criteria import BlockCriterion, ChannelCriterion, criterion_named
 from compressor.errors import ConfigError, StructureError
-from compressor.prune.latency import (DEFAULT_ROUNDING, RUN_DIR_NAME, LatencyModel, LatencySource, LocalLatency,
+from compressor.prune.latency import (RUN_DIR_NAME, LatencyModel, LatencySource, LocalLatency, default_rounding,
                                       network_onnx, quantize_qdq)
 from edge_runtime.errors import ModelDirError
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, read_table
@@ -232,9 +232,10 @@ class ChannelLevels:
         return int(self.rounding["multiple"]), self.rounding["min_channels"]
 
     def _default_rounding(self) -> Dict[str, Any]:
-        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 as the narrowest; see there),
-        with the narrowest width the user asked for, if any."""
-        return {**DEFAULT_ROUNDING, "min_channels": self.config.min_channels or DEFAULT_ROUNDING["min_channels"]}
+        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 as the narrowest; see there), or
+        with --quantize int8 ``INT8_ROUNDING`` (16 the narrowest), with the narrowest the user asked for, if any."""
+        rounding = default_rounding(self.config.quantize)
+        return {**rounding, "min_channels": self.config.min_channels or rounding["min_channels"]}
 
     def attach_rounding(self, root: Path, is_writer: bool, barrier=lambda: None) -> None:
         """The default rounding a run started with, kept as ``root/rounding.json``: a resumed run (on
@@ -535,6 +536,8 @@ class ChannelLevels:
         smallest_net = " and ".join(parts)
         hint = ", the multiple or the --exclude list" if self.config.removes_channels else \
             " or add channels: --structure channels,blocks"
+        if self.config.removes_channels and not self.config.removes_blocks:  # e.g. int8's narrowest 16
+            hint += ", or remove residual blocks too: --structure channels,blocks"
         if self.metric == "speedup":
             return (f"--target-speedup {self.target:g} is out of reach: with {smallest_net} the table predicts "
                     f"{self._score(plan):.2f}x; lower the target{hint}")
