@@ -18,6 +18,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import scipy.sparse as sp
 
+try:  # scipy's own CSR -> dense loop, without building (and re-checking) a csr_matrix per tensor
+    from scipy.sparse._sparsetools import csr_todense as _csr_todense
+except ImportError:  # pragma: no cover - a scipy that moved it: the public (slower) path below
+    _csr_todense = None
+
 from edge_runtime.errors import ModelDirError
 from edge_runtime.model_format import (FORMAT, MANIFEST_FILE, SUPPORTED_VERSIONS, WEIGHTS_FILE, inside,
                                        listed_files, max_model_bytes, open_regular, read_manifest, sha256_of,
@@ -28,6 +33,23 @@ __all__ = ["FORMAT", "MANIFEST_FILE", "SUPPORTED_VERSIONS", "read_manifest", "sh
            "check_csr", "FolderFiles", "Weights", "read_sample"]
 
 _INT32_MAX = np.iinfo(np.int32).max
+_DTYPES: Dict[str, np.dtype] = {}  # manifest dtype name -> numpy dtype, built once (hundreds of tensors per load)
+
+
+def _dtype(name: str) -> np.dtype:
+    if name not in _DTYPES:
+        _DTYPES[name] = np.dtype(name)
+    return _DTYPES[name]
+
+
+def csr_to_dense(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``[rows, cols]`` float32 from CSR arrays that ``check_csr`` validated (float32 / int32 / int32).
+    scipy's own loop, called once: a csr_matrix would re-scan the indices for their dtype on every tensor."""
+    out = np.zeros((rows, cols), dtype=np.float32)
+    if _csr_todense is None or data.dtype != np.float32 or indices.dtype != np.int32 or indptr.dtype != np.int32:
+        return sp.csr_matrix((data, indices, indptr), shape=(rows, cols)).toarray()
+    _csr_todense(rows, cols, indptr, indices, data, out)
+    return out
 
 
 class FolderFiles:
@@ -238,7 +260,7 @@ class Weights:
         info = self.info(name)
         shape = tuple(int(d) for d in info["shape"])
         array = self._member(name)
-        if array.shape != shape or str(array.dtype) != info["dtype"]:
+        if array.shape != shape or array.dtype != _dtype(info["dtype"]):
             raise ModelDirError(f"{self.path}: {name!r} is {array.dtype}{list(array.shape)}, "
                                 f"manifest says {info['dtype']}{list(shape)}")
         return array
@@ -248,7 +270,7 @@ class Weights:
         info = self.info(name)
         shape = tuple(int(d) for d in info["shape"])
         if self.is_sparse(name):
-            return self.csr(name).toarray().reshape(shape)
+            return csr_to_dense(*self.csr_arrays(name), *self.matrix_shape(name)).reshape(shape)
         array = self._dense_stored(name)
         if self.is_int8(name):
             matrix = array.reshape(self.matrix_shape(name)).astype(np.float32) * self.scale(name)

@@ -36,6 +36,16 @@ _CANONICAL_HEADER = re.compile(r"\{'descr': '([<|][fiub][0-9]{1,2})', 'fortran_o
                                r"'shape': \(((?:[0-9]{1,13}, )*[0-9]{1,13},?|)\), \} *\n?")
 
 
+_DESCR_DTYPES: Dict[str, np.dtype] = {}  # "<f4" -> dtype: a few distinct descrs, hundreds of members
+
+
+def _npy_dtype(descr: str) -> np.dtype:
+    """The dtype of a canonical header's descr (matched by _CANONICAL_HEADER: a plain numeric type)."""
+    if descr not in _DESCR_DTYPES:
+        _DESCR_DTYPES[descr] = np.dtype(descr)
+    return _DESCR_DTYPES[descr]
+
+
 @dataclass(frozen=True)
 class Member:
     """One array of the archive: where its raw bytes are and what they are."""
@@ -95,22 +105,27 @@ class NpzArchive:
             raise self._error(f"member {name!r} is compressed; a MODEL_DIR stores every member uncompressed")
         if info.flag_bits & 0x1:
             raise self._error(f"member {name!r} is encrypted")
-        self._file.seek(info.header_offset)
-        head = self._file.read(_LOCAL_HEADER.size)
+        head = self._bytes_at(info.header_offset, _LOCAL_HEADER.size)
         if len(head) != _LOCAL_HEADER.size or head[:4] != _LOCAL_SIGNATURE:
             raise self._error(f"bad zip local header for {name!r}")
         fields = _LOCAL_HEADER.unpack(head)
         start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
         if start + info.file_size > self.size:
             raise self._error(f"member {name!r} runs past the end of the file")
-        self._file.seek(start)
-        prefix = self._file.read(min(info.file_size, MAX_NPY_HEADER + 12))
+        prefix = self._bytes_at(start, min(info.file_size, MAX_NPY_HEADER + 12))
         shape, dtype, header_len = self._npy_header(name, prefix)
         nbytes = math.prod(shape) * dtype.itemsize
         if header_len + nbytes != info.file_size:
             raise self._error(f"member {name!r} declares shape {list(shape)} of {dtype} ({nbytes:,} bytes) "
                               f"but holds {info.file_size - header_len:,} bytes")
         return Member(start + header_len, nbytes, shape, dtype)
+
+    def _bytes_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset``: sliced from the bytes in memory, else read from the file."""
+        if self._data is not None:
+            return self._data[offset:offset + size]
+        self._file.seek(offset)
+        return self._file.read(size)
 
     def _npy_header(self, name: str, prefix: bytes) -> Tuple[Tuple[int, ...], np.dtype, int]:
         """Parse a .npy header from its bytes (never from the open file: its length is checked first)."""
@@ -127,7 +142,7 @@ class NpzArchive:
         canonical = _CANONICAL_HEADER.fullmatch(text)
         try:
             if canonical:  # numpy's own header: read without compiling it (hundreds of members per model)
-                dtype, fortran = np.dtype(canonical[1]), False
+                dtype, fortran = _npy_dtype(canonical[1]), False
                 shape = tuple(int(d) for d in canonical[2].split(",") if d.strip())
             else:
                 header = ast.literal_eval(text)
