@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,14 +67,18 @@ class FolderFiles:
         self.listed = listed_files(manifest, str(self.model_dir / MANIFEST_FILE))
         self.verify = verify
         self._bytes: Dict[str, bytes] = {}
+        self._hashing: Optional[threading.Thread] = None
+        self._failed: List[str] = []  # files whose bytes (read, hashed in the background) fail their sha256
 
     def read(self, name: str) -> bytes:
-        """The file's bytes (bounded, a regular file inside MODEL_DIR), checked on first read."""
+        """The file's bytes (bounded, a regular file inside MODEL_DIR), checked on first read; after
+        ``verify_all(background=True)``, checked once ``confirm()`` returns."""
         if name not in self._bytes:
-            self._bytes[name] = self._read_checked(name)
+            self._bytes[name] = self._read_bounded(name)
+            self._check_sha256(name)
         return self._bytes[name]
 
-    def _read_checked(self, name: str) -> bytes:
+    def _read_bounded(self, name: str) -> bytes:
         path = inside(self.model_dir, name)
         # an npz holds the tensors plus its zip and npy headers: allow those beyond the tensor bound
         limit = 2 * max_model_bytes() + (1 << 20)
@@ -84,27 +89,67 @@ class FolderFiles:
             data = handle.read(size + 1)
         if len(data) != size:
             raise ModelDirError(f"{path}: changed size while it was read")
-        if self.verify and hashlib.sha256(data).hexdigest() != self.listed.get(name):
-            raise ModelDirError(f"{self.model_dir}: {name} fails its sha256 check (corrupt or modified)")
         return data
 
-    def verify_all(self) -> None:
-        """Read and check every file the manifest lists (a bad file fails the load, used or not)."""
-        for name in self.listed:
-            self.read(name)
+    def _sha256_fails(self, name: str, data: bytes) -> bool:
+        return self.verify and hashlib.sha256(data).hexdigest() != self.listed.get(name)
+
+    def _check_sha256(self, name: str) -> None:
+        if self._sha256_fails(name, self._bytes[name]):
+            raise self._sha256_error(name)
+
+    def _sha256_error(self, name: str) -> ModelDirError:
+        return ModelDirError(f"{self.model_dir}: {name} fails its sha256 check (corrupt or modified)")
+
+    def verify_all(self, background: bool = False) -> None:
+        """Read and check every file the manifest lists (a bad file fails the load, used or not).
+
+        ``background``: the files are read now and hashed in a thread (hashlib releases the GIL) while
+        the load checks what the bytes say; ``confirm()`` waits for the hashes, and must return before
+        any engine computes with the bytes. A file that fails its sha256 is still the error a load
+        reports first: the session confirms before it reports any other check's failure."""
+        if not (background and self.verify):
+            for name in self.listed:
+                self.read(name)
+            return
+        try:
+            for name in self.listed:
+                if name not in self._bytes:
+                    self._bytes[name] = self._read_bounded(name)
+        except ModelDirError:  # a file missing or too big: the files read before it are checked first
+            for name in list(self._bytes):
+                self._check_sha256(name)
+            raise
+        files = [(name, self._bytes[name]) for name in self.listed]  # the thread's own references
+        self._hashing = threading.Thread(
+            target=lambda: self._failed.extend(name for name, data in files if self._sha256_fails(name, data)),
+            name="edge-runtime-sha256", daemon=True)
+        self._hashing.start()
+
+    def confirm(self) -> None:
+        """Wait for the background hashes (``verify_all(background=True)``); ModelDirError naming the
+        first listed file that fails its sha256."""
+        if self._hashing is not None:
+            self._hashing.join()
+            self._hashing = None
+        if self._failed:
+            raise self._sha256_error(self._failed[0])
 
     def forget(self, name: str) -> None:
         """Drop one file's bytes (arrays viewed in them keep what they need alive)."""
         self._bytes.pop(name, None)
 
     def release(self) -> None:
+        if self._hashing is not None:  # never leave a thread hashing bytes nobody will use
+            self._hashing.join()
+            self._hashing = None
         self._bytes.clear()
 
 
 def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
               rows: int, cols: int, int8: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate CSR arrays completely (vectorised) and return them as float32 (int8 with ``int8``) /
-    int32 / int32.
+    int32 / int32 (values and indices are the arrays given when already of that dtype).
 
     Checked: 1-D arrays; float data (int8 for a quantized tensor); integral index arrays; as many indices as values; ``indptr`` has
     ``rows + 1`` entries, starts at 0, never decreases and ends at the number of values; every column
@@ -134,7 +179,10 @@ def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
         raise bad("indptr decreases")
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= cols):
         raise bad(f"a column index is outside [0, {cols})")
-    return (data if int8 else data.astype(np.float32)), indices.astype(np.int32), pointers.astype(np.int32)
+    # no copy where the dtype is already right: read-only views of the checked bytes (Weights.csr copies
+    # them for the native kernels, which sort indices in place)
+    return ((data if int8 else data.astype(np.float32, copy=False)), indices.astype(np.int32, copy=False),
+            pointers.astype(np.int32))
 
 
 def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np.ndarray:
@@ -157,7 +205,7 @@ def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np
     # one running sum over every row: at each row's start, take back the previous row's last column
     gaps = deltas.astype(wide)
     gaps[starts[1:]] -= last[:-1]
-    return np.cumsum(gaps, dtype=wide).astype(np.int32, copy=False)
+    return np.cumsum(gaps, dtype=wide, out=gaps).astype(np.int32, copy=False)
 
 
 class Weights:
@@ -248,7 +296,8 @@ class Weights:
         rows, cols = self.matrix_shape(name)
         if not self.is_sparse(name):
             return sp.csr_matrix(self.dense(name).reshape(rows, cols).astype(np.float32, copy=False))
-        return sp.csr_matrix(self.csr_arrays(name), shape=(rows, cols))
+        # a copy: the stored arrays are read-only views of the checked bytes, and kernels sort indices in place
+        return sp.csr_matrix(self.csr_arrays(name), shape=(rows, cols), copy=True)
 
     def _dense_stored(self, name: str) -> np.ndarray:
         key = ("dense", name)
