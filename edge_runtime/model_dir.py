@@ -147,9 +147,11 @@ class FolderFiles:
 
 
 def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
-              rows: int, cols: int, int8: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+              rows: int, cols: int, int8: bool = False,
+              int32_indices: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate CSR arrays completely (vectorised) and return them as float32 (int8 with ``int8``) /
-    int32 / int32 (values and indices are the arrays given when already of that dtype).
+    int32 / int32 (values and indices are the arrays given when already of that dtype; indices as
+    given with ``int32_indices=False``, for delta indices that ``undelta`` decodes next).
 
     Checked: 1-D arrays; float data (int8 for a quantized tensor); integral index arrays; as many indices as values; ``indptr`` has
     ``rows + 1`` entries, starts at 0, never decreases and ends at the number of values; every column
@@ -181,8 +183,8 @@ def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
         raise bad(f"a column index is outside [0, {cols})")
     # no copy where the dtype is already right: read-only views of the checked bytes (Weights.csr copies
     # them for the native kernels, which sort indices in place)
-    return ((data if int8 else data.astype(np.float32, copy=False)), indices.astype(np.int32, copy=False),
-            pointers.astype(np.int32))
+    return ((data if int8 else data.astype(np.float32, copy=False)),
+            indices.astype(np.int32, copy=False) if int32_indices else indices, pointers.astype(np.int32))
 
 
 def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np.ndarray:
@@ -199,13 +201,13 @@ def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np
     if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[starts] == 0):
         raise ModelDirError(f"{where}: invalid CSR arrays (a delta of 0 repeats a column)")
     wide = np.int32 if deltas.size * 255 <= _INT32_MAX else np.int64
-    last = np.add.reduceat(deltas, starts, dtype=wide)  # each row's last column: gaps are >= 0, so its largest
+    gaps = deltas.astype(wide)  # the one array allocated here: the result is summed in place in it
+    last = np.add.reduceat(gaps, starts)  # each row's last column: gaps are >= 0, so its largest
     if int(last.max()) >= cols:
         raise ModelDirError(f"{where}: invalid CSR arrays (a column index is outside [0, {cols}))")
     # one running sum over every row: at each row's start, take back the previous row's last column
-    gaps = deltas.astype(wide)
     gaps[starts[1:]] -= last[:-1]
-    return np.cumsum(gaps, dtype=wide, out=gaps).astype(np.int32, copy=False)
+    return np.cumsum(gaps, out=gaps).astype(np.int32, copy=False)
 
 
 class Weights:
@@ -258,7 +260,8 @@ class Weights:
         indices = self._member(f"{name}.indices")
         if self.info(name).get("indices") == "delta":
             data, _, indptr = check_csr(where, self._member(f"{name}.data"), indices, self._member(f"{name}.indptr"),
-                                        rows, max(cols, 256), int8=self.is_int8(name))  # structure; then the gaps
+                                        rows, max(cols, 256), int8=self.is_int8(name),
+                                        int32_indices=False)  # the structure; then the gaps
             return data, undelta(where, indices, indptr, cols), indptr
         return check_csr(where, self._member(f"{name}.data"), indices, self._member(f"{name}.indptr"), rows, cols,
                          int8=self.is_int8(name))
@@ -343,12 +346,12 @@ class Weights:
     def check_all(self) -> None:
         """Validate every stored array (CSR structure, shapes, dtypes, int8 scales) before any engine
         runs: an engine that never reads one (the int8 one skips the scales) must not hide a bad file."""
-        for name in self.tensors:
-            if self.is_sparse(name):
+        for name, info in self.tensors.items():
+            if info["storage"] == "csr":
                 self._stored_csr(name)
             else:
                 self._dense_stored(name)
-            if self.is_int8(name):
+            if info["dtype"] == "int8" and "scale" in info:  # is_int8
                 self.scale(name)
 
     def fed(self) -> Dict[str, np.ndarray]:

@@ -158,6 +158,15 @@ class NpzArchive:
             raise self._error(f"member {name!r} has an invalid shape {shape!r}")
         return shape, dtype, fixed + length
 
+    def raw(self, key: str) -> bytes:
+        """The member's data bytes (little-endian, C order), without its headers."""
+        member = self.members.get(key)
+        if member is None:
+            raise self._error(f"member {key!r} is missing")
+        if self._data is not None:
+            return self._data[member.offset:member.offset + member.nbytes]
+        return self.read(key).tobytes()
+
     def read(self, key: str) -> np.ndarray:
         """The member ``key`` as an array (its size was checked against the file when scanning)."""
         member = self.members.get(key)

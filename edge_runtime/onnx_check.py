@@ -261,6 +261,11 @@ def _check_inline(tensor: Tensor, member: Optional[Member], weights: Weights, ke
         raise ModelDirError(f"{where}: initializer {name!r} must be inline in model.onnx, as the manifest says")
     if DATA_TYPES.get(tensor.data_type, ("?",))[0] != member.dtype.name or tuple(tensor.dims) != member.shape:
         raise ModelDirError(f"{where}: initializer {name!r} type or shape differs from npz member {key!r}")
+    if tensor.raw_data is not None and len(tensor.raw_data) == member.nbytes:
+        # raw_data and npz members are both little-endian, of the same dtype and shape: compare the bytes
+        if tensor.raw_data != weights.archive.raw(key):
+            raise ModelDirError(f"{where}: inline initializer {name!r} differs from npz member {key!r}")
+        return
     inline = _tensor_array(tensor, where, f"initializer {name!r}", max_model_bytes())
     stored = weights.archive.read(key)
     little = stored.dtype.newbyteorder("<")
