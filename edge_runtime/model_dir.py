@@ -220,8 +220,52 @@ class Weights:
         self.archive = NpzArchive(self.path, max_model_bytes(), files.read(WEIGHTS_FILE) if files else None)
         # each stored tensor validated once per load: check_all, the kernels and onnxruntime's feeds share it
         self._checked: Dict[str, Any] = {}
+        self._decoding: Optional[threading.Thread] = None
+        self._decoded_event = threading.Event()
+        self._decoded: Dict[str, Any] = {}  # CSR arrays (or the error) from decode_sparse_ahead's thread
+        self._dense_ahead: Dict[str, np.ndarray] = {}  # and the dense forms onnxruntime is fed
+
+    def decode_sparse_ahead(self, dense_feeds: bool = False) -> None:
+        """Validate and decode every CSR tensor in a thread, while the load checks everything else: the
+        work is numpy's (delta sums, casts, bounds), which runs without the GIL. Each tensor's result, or
+        its error, is taken where the load first asks for it, so what fails, and when, is unchanged.
+        ``dense_feeds`` (onnxruntime will run the model): the thread then also makes the float CSR
+        tensors onnxruntime is fed dense, for ``fed``. Only for bytes in memory (a file's reads would
+        share its offset with this thread)."""
+        if self.files is None or self._decoding is not None:
+            return
+        names = [name for name, info in self.tensors.items() if info["storage"] == "csr"]
+        fed = [name for name in names if self.tensors[name].get("onnx") == "fed" and not self.is_int8(name)]
+        self._decoded_event = threading.Event()
+
+        def decode() -> None:
+            results: Dict[str, Any] = {}
+            try:
+                for name in names:
+                    try:
+                        results[name] = self._read_csr(name)
+                    except Exception as error:  # noqa: BLE001  (raised again where the load reads the tensor)
+                        results[name] = error
+            finally:
+                self._decoded.update(results)
+                self._decoded_event.set()
+            for name in fed if dense_feeds else ():
+                arrays = results.get(name)
+                if isinstance(arrays, tuple):  # validated: safe for scipy's loop
+                    shape = tuple(int(d) for d in self.tensors[name]["shape"])
+                    self._dense_ahead[name] = csr_to_dense(*arrays, *self.matrix_shape(name)).reshape(shape)
+        self._decoding = threading.Thread(target=decode, name="edge-runtime-csr", daemon=True)
+        self._decoding.start()
+
+    def _join_decoding(self) -> None:
+        if self._decoding is not None:
+            self._decoding.join()
+            self._decoding = None
 
     def close(self) -> None:
+        self._join_decoding()
+        self._decoded.clear()
+        self._dense_ahead.clear()
         self.archive.close()
         self._checked.clear()
         if self.files is not None:
@@ -251,7 +295,12 @@ class Weights:
     def _stored_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = ("csr", name)
         if key not in self._checked:
-            self._checked[key] = self._read_csr(name)
+            if self._decoding is not None:
+                self._decoded_event.wait()
+            decoded = self._decoded.pop(name, None)
+            if isinstance(decoded, Exception):
+                raise decoded
+            self._checked[key] = decoded if decoded is not None else self._read_csr(name)
         return self._checked[key]
 
     def _read_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -322,6 +371,10 @@ class Weights:
         info = self.info(name)
         shape = tuple(int(d) for d in info["shape"])
         if self.is_sparse(name):
+            self._join_decoding()
+            ahead = self._dense_ahead.pop(name, None)
+            if ahead is not None and ("csr", name) in self._checked:  # made from the arrays check_all took
+                return ahead
             return csr_to_dense(*self.csr_arrays(name), *self.matrix_shape(name)).reshape(shape)
         array = self._dense_stored(name)
         if self.is_int8(name):

@@ -19,7 +19,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -120,14 +120,14 @@ class NpzArchive:
                               f"but holds {info.file_size - header_len:,} bytes")
         return Member(start + header_len, nbytes, shape, dtype)
 
-    def _bytes_at(self, offset: int, size: int) -> bytes:
-        """Up to ``size`` bytes at ``offset``: sliced from the bytes in memory, else read from the file."""
+    def _bytes_at(self, offset: int, size: int) -> Union[bytes, memoryview]:
+        """Up to ``size`` bytes at ``offset``: a view of the bytes in memory (no copy), else read from the file."""
         if self._data is not None:
-            return self._data[offset:offset + size]
+            return memoryview(self._data)[offset:offset + size]
         self._file.seek(offset)
         return self._file.read(size)
 
-    def _npy_header(self, name: str, prefix: bytes) -> Tuple[Tuple[int, ...], np.dtype, int]:
+    def _npy_header(self, name: str, prefix: Union[bytes, memoryview]) -> Tuple[Tuple[int, ...], np.dtype, int]:
         """Parse a .npy header from its bytes (never from the open file: its length is checked first)."""
         if prefix[:6] != _NPY_MAGIC or len(prefix) < 10:
             raise self._error(f"member {name!r} is not a .npy array")
@@ -138,7 +138,7 @@ class NpzArchive:
         length = struct.unpack(size_format, prefix[8:fixed])[0]
         if fixed + length > len(prefix):
             raise self._error(f"member {name!r} has a .npy header longer than its data allows")
-        text = prefix[fixed:fixed + length].decode("latin1")
+        text = bytes(prefix[fixed:fixed + length]).decode("latin1")
         canonical = _CANONICAL_HEADER.fullmatch(text)
         try:
             if canonical:  # numpy's own header: read without compiling it (hundreds of members per model)

@@ -159,7 +159,7 @@ class InferenceSession:
             files = FolderFiles(self.model_dir, self.manifest, verify)
             if verify:  # each file read and hashed once (the hash in a thread, confirmed before any engine)
                 files.verify_all(background=True)
-        self.kernels = kernels
+        self.kernels, self._retune = kernels, retune
         self.plan: Dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._ort = None
@@ -184,6 +184,8 @@ class InferenceSession:
         try:
             weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest, files)
             self._weights = weights
+            if not self.plain_onnx:  # in a thread, while model.onnx is checked
+                weights.decode_sparse_ahead(dense_feeds=self._will_feed_onnxruntime())
             try:
                 if not self.plain_onnx:  # before any engine reads a byte
                     model = check_model(self.model_dir, self.manifest, weights)
@@ -196,6 +198,16 @@ class InferenceSession:
         finally:
             if files is not None:
                 files.confirm()
+
+    def _will_feed_onnxruntime(self) -> bool:
+        """Whether onnxruntime fp32 will run this MODEL_DIR, as far as known before it is checked:
+        ``kernels="ort"``, or a cached plan that says so (only a hint: what is built is still checked)."""
+        if self.kernels == "ort":
+            return True
+        if self.kernels != "auto" or self._retune:
+            return False
+        cached = plans.load_cached(self.model_dir, plans.plan_key(self.manifest, self.threads))
+        return isinstance(cached, dict) and cached.get("engine") == "ort"
 
     def _check_allocations(self) -> None:
         """Refuse a graph whose intermediates exceed EDGEPRUNE_MAX_MODEL_BYTES at batch 1 (see allocation.py)."""
