@@ -14,7 +14,7 @@ import hashlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -46,9 +46,9 @@ def _dtype(name: str) -> np.dtype:
 def csr_to_dense(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """``[rows, cols]`` float32 from CSR arrays that ``check_csr`` validated (float32 / int32 / int32).
     scipy's own loop, called once: a csr_matrix would re-scan the indices for their dtype on every tensor."""
-    out = np.zeros((rows, cols), dtype=np.float32)
     if _csr_todense is None or data.dtype != np.float32 or indices.dtype != np.int32 or indptr.dtype != np.int32:
         return sp.csr_matrix((data, indices, indptr), shape=(rows, cols)).toarray()
+    out = np.zeros((rows, cols), dtype=np.float32)
     _csr_todense(rows, cols, indptr, indices, data, out)
     return out
 
@@ -68,7 +68,7 @@ class FolderFiles:
         self.verify = verify
         self._bytes: Dict[str, bytes] = {}
         self._hashing: Optional[threading.Thread] = None
-        self._failed: List[str] = []  # files whose bytes (read, hashed in the background) fail their sha256
+        self._hashed: Dict[str, bool] = {}  # name -> passed, from the background thread
 
     def read(self, name: str) -> bytes:
         """The file's bytes (bounded, a regular file inside MODEL_DIR), checked on first read; after
@@ -121,28 +121,37 @@ class FolderFiles:
                 self._check_sha256(name)
             raise
         files = [(name, self._bytes[name]) for name in self.listed]  # the thread's own references
-        self._hashing = threading.Thread(
-            target=lambda: self._failed.extend(name for name, data in files if self._sha256_fails(name, data)),
-            name="edge-runtime-sha256", daemon=True)
+
+        def hash_all() -> None:
+            for name, data in files:
+                self._hashed[name] = not self._sha256_fails(name, data)
+        self._hashing = threading.Thread(target=hash_all, name="edge-runtime-sha256", daemon=True)
         self._hashing.start()
 
     def confirm(self) -> None:
         """Wait for the background hashes (``verify_all(background=True)``); ModelDirError naming the
-        first listed file that fails its sha256."""
-        if self._hashing is not None:
-            self._hashing.join()
-            self._hashing = None
-        if self._failed:
-            raise self._sha256_error(self._failed[0])
+        first listed file that fails its sha256 (also after ``release``)."""
+        self._finish_hashing()
+        failed = [name for name in self.listed if self._hashed.get(name) is False]
+        if failed:
+            raise self._sha256_error(failed[0])
+
+    def _finish_hashing(self) -> None:
+        """Join the hashing thread; a file it did not get to (it failed) is hashed here."""
+        if self._hashing is None:
+            return
+        self._hashing.join()
+        self._hashing = None
+        for name in self.listed:
+            if name not in self._hashed and name in self._bytes:
+                self._hashed[name] = not self._sha256_fails(name, self._bytes[name])
 
     def forget(self, name: str) -> None:
         """Drop one file's bytes (arrays viewed in them keep what they need alive)."""
         self._bytes.pop(name, None)
 
     def release(self) -> None:
-        if self._hashing is not None:  # never leave a thread hashing bytes nobody will use
-            self._hashing.join()
-            self._hashing = None
+        self._finish_hashing()  # never leave a thread hashing bytes nobody will use; confirm still answers
         self._bytes.clear()
 
 
@@ -251,9 +260,12 @@ class Weights:
                 self._decoded_event.set()
             for name in fed if dense_feeds else ():
                 arrays = results.get(name)
-                if isinstance(arrays, tuple):  # validated: safe for scipy's loop
-                    shape = tuple(int(d) for d in self.tensors[name]["shape"])
-                    self._dense_ahead[name] = csr_to_dense(*arrays, *self.matrix_shape(name)).reshape(shape)
+                try:
+                    if isinstance(arrays, tuple):  # validated: safe for scipy's loop
+                        shape = tuple(int(d) for d in self.tensors[name]["shape"])
+                        self._dense_ahead[name] = csr_to_dense(*arrays, *self.matrix_shape(name)).reshape(shape)
+                except Exception:  # noqa: BLE001  (only ahead of time: ``dense`` makes it again, and says why)
+                    return
         self._decoding = threading.Thread(target=decode, name="edge-runtime-csr", daemon=True)
         self._decoding.start()
 
