@@ -365,16 +365,35 @@ def check_graph(nodes: Sequence[Mapping[str, Any]], specs: Sequence[Mapping[str,
     ConstantOfShape. Values over FOLD_ELEMENTS are never computed here.
     """
     walk = _Walk(weights, specs)
+    limit = max_model_bytes()
     for index, node in enumerate(nodes):
         op, names = node["op_type"], [n for n in node["inputs"]]
         attrs = Attrs(node.get("attributes") or {}, op, opset, len(node["outputs"]))
-        values = [walk.value(n) if n else None for n in names]
+        values = _known_values(walk, op, names)
         shapes = [walk.shapes.get(n) if n else None for n in names]
         dtypes = [walk.dtypes.get(n) if n else None for n in names]
         shape, nbytes = estimate(op, shapes, values, attrs, dtypes)
-        if nbytes > max_model_bytes():
+        if nbytes > limit:
             raise refuse(where, node.get("name") or f"{op}_{index}", op, nbytes, "at batch 1")
         _propagate(walk, node, attrs, shape, values, shapes, dtypes, run_ops or {})
+
+
+SHAPE_ONLY_ESTIMATES = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool", "MatMul", "Gemm", "Einsum",
+                                  *BROADCAST_OPS})  # their estimates read shapes, never values
+
+
+def _known_values(walk: _Walk, op: str, names: Sequence[str]) -> List[Optional[np.ndarray]]:
+    """The inputs' values where known. An op sized by shapes alone needs them only to be computed
+    (``_propagate``: every input known), so they are looked up until the first unknown one: a Conv on
+    an activation never decodes its weight here."""
+    if op not in SHAPE_ONLY_ESTIMATES:
+        return [walk.value(n) if n else None for n in names]
+    values: List[Optional[np.ndarray]] = [None] * len(names)
+    for index, name in enumerate(names):
+        values[index] = walk.value(name) if name else None
+        if name and values[index] is None:
+            break
+    return values
 
 
 def _propagate(walk: _Walk, node: Mapping[str, Any], attrs: Attrs, shape: Shape,

@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import scipy.sparse as sp
+
+try:  # scipy's own CSR -> dense loop, without building (and re-checking) a csr_matrix per tensor
+    from scipy.sparse._sparsetools import csr_todense as _csr_todense
+except ImportError:  # pragma: no cover - a scipy that moved it: the public (slower) path below
+    _csr_todense = None
 
 from edge_runtime.errors import ModelDirError
 from edge_runtime.model_format import (FORMAT, MANIFEST_FILE, SUPPORTED_VERSIONS, WEIGHTS_FILE, inside,
@@ -28,6 +34,23 @@ __all__ = ["FORMAT", "MANIFEST_FILE", "SUPPORTED_VERSIONS", "read_manifest", "sh
            "check_csr", "FolderFiles", "Weights", "read_sample"]
 
 _INT32_MAX = np.iinfo(np.int32).max
+_DTYPES: Dict[str, np.dtype] = {}  # manifest dtype name -> numpy dtype, built once (hundreds of tensors per load)
+
+
+def _dtype(name: str) -> np.dtype:
+    if name not in _DTYPES:
+        _DTYPES[name] = np.dtype(name)
+    return _DTYPES[name]
+
+
+def csr_to_dense(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``[rows, cols]`` float32 from CSR arrays that ``check_csr`` validated (float32 / int32 / int32).
+    scipy's own loop, called once: a csr_matrix would re-scan the indices for their dtype on every tensor."""
+    if _csr_todense is None or data.dtype != np.float32 or indices.dtype != np.int32 or indptr.dtype != np.int32:
+        return sp.csr_matrix((data, indices, indptr), shape=(rows, cols)).toarray()
+    out = np.zeros((rows, cols), dtype=np.float32)
+    _csr_todense(rows, cols, indptr, indices, data, out)
+    return out
 
 
 class FolderFiles:
@@ -44,14 +67,18 @@ class FolderFiles:
         self.listed = listed_files(manifest, str(self.model_dir / MANIFEST_FILE))
         self.verify = verify
         self._bytes: Dict[str, bytes] = {}
+        self._hashing: Optional[threading.Thread] = None
+        self._hashed: Dict[str, bool] = {}  # name -> passed, from the background thread
 
     def read(self, name: str) -> bytes:
-        """The file's bytes (bounded, a regular file inside MODEL_DIR), checked on first read."""
+        """The file's bytes (bounded, a regular file inside MODEL_DIR), checked on first read; after
+        ``verify_all(background=True)``, checked once ``confirm()`` returns."""
         if name not in self._bytes:
-            self._bytes[name] = self._read_checked(name)
+            self._bytes[name] = self._read_bounded(name)
+            self._check_sha256(name)
         return self._bytes[name]
 
-    def _read_checked(self, name: str) -> bytes:
+    def _read_bounded(self, name: str) -> bytes:
         path = inside(self.model_dir, name)
         # an npz holds the tensors plus its zip and npy headers: allow those beyond the tensor bound
         limit = 2 * max_model_bytes() + (1 << 20)
@@ -62,27 +89,78 @@ class FolderFiles:
             data = handle.read(size + 1)
         if len(data) != size:
             raise ModelDirError(f"{path}: changed size while it was read")
-        if self.verify and hashlib.sha256(data).hexdigest() != self.listed.get(name):
-            raise ModelDirError(f"{self.model_dir}: {name} fails its sha256 check (corrupt or modified)")
         return data
 
-    def verify_all(self) -> None:
-        """Read and check every file the manifest lists (a bad file fails the load, used or not)."""
+    def _sha256_fails(self, name: str, data: bytes) -> bool:
+        return self.verify and hashlib.sha256(data).hexdigest() != self.listed.get(name)
+
+    def _check_sha256(self, name: str) -> None:
+        if self._sha256_fails(name, self._bytes[name]):
+            raise self._sha256_error(name)
+
+    def _sha256_error(self, name: str) -> ModelDirError:
+        return ModelDirError(f"{self.model_dir}: {name} fails its sha256 check (corrupt or modified)")
+
+    def verify_all(self, background: bool = False) -> None:
+        """Read and check every file the manifest lists (a bad file fails the load, used or not).
+
+        ``background``: the files are read now and hashed in a thread (hashlib releases the GIL) while
+        the load checks what the bytes say; ``confirm()`` waits for the hashes, and must return before
+        any engine computes with the bytes. A file that fails its sha256 is still the error a load
+        reports first: the session confirms before it reports any other check's failure."""
+        if not (background and self.verify):
+            for name in self.listed:
+                self.read(name)
+            return
+        try:
+            for name in self.listed:
+                if name not in self._bytes:
+                    self._bytes[name] = self._read_bounded(name)
+        except ModelDirError:  # a file missing or too big: the files read before it are checked first
+            for name in list(self._bytes):
+                self._check_sha256(name)
+            raise
+        files = [(name, self._bytes[name]) for name in self.listed]  # the thread's own references
+
+        def hash_all() -> None:
+            for name, data in files:
+                self._hashed[name] = not self._sha256_fails(name, data)
+        self._hashing = threading.Thread(target=hash_all, name="edge-runtime-sha256", daemon=True)
+        self._hashing.start()
+
+    def confirm(self) -> None:
+        """Wait for the background hashes (``verify_all(background=True)``); ModelDirError naming the
+        first listed file that fails its sha256 (also after ``release``)."""
+        self._finish_hashing()
+        failed = [name for name in self.listed if self._hashed.get(name) is False]
+        if failed:
+            raise self._sha256_error(failed[0])
+
+    def _finish_hashing(self) -> None:
+        """Join the hashing thread; a file it did not get to (it failed) is hashed here."""
+        if self._hashing is None:
+            return
+        self._hashing.join()
+        self._hashing = None
         for name in self.listed:
-            self.read(name)
+            if name not in self._hashed and name in self._bytes:
+                self._hashed[name] = not self._sha256_fails(name, self._bytes[name])
 
     def forget(self, name: str) -> None:
         """Drop one file's bytes (arrays viewed in them keep what they need alive)."""
         self._bytes.pop(name, None)
 
     def release(self) -> None:
+        self._finish_hashing()  # never leave a thread hashing bytes nobody will use; confirm still answers
         self._bytes.clear()
 
 
 def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
-              rows: int, cols: int, int8: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+              rows: int, cols: int, int8: bool = False,
+              int32_indices: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate CSR arrays completely (vectorised) and return them as float32 (int8 with ``int8``) /
-    int32 / int32.
+    int32 / int32 (values and indices are the arrays given when already of that dtype; indices as
+    given with ``int32_indices=False``, for delta indices that ``undelta`` decodes next).
 
     Checked: 1-D arrays; float data (int8 for a quantized tensor); integral index arrays; as many indices as values; ``indptr`` has
     ``rows + 1`` entries, starts at 0, never decreases and ends at the number of values; every column
@@ -112,7 +190,10 @@ def check_csr(where: str, data: np.ndarray, indices: np.ndarray, indptr: np.ndar
         raise bad("indptr decreases")
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= cols):
         raise bad(f"a column index is outside [0, {cols})")
-    return (data if int8 else data.astype(np.float32)), indices.astype(np.int32), pointers.astype(np.int32)
+    # no copy where the dtype is already right: read-only views of the checked bytes (Weights.csr copies
+    # them for the native kernels, which sort indices in place)
+    return ((data if int8 else data.astype(np.float32, copy=False)),
+            indices.astype(np.int32, copy=False) if int32_indices else indices, pointers.astype(np.int32))
 
 
 def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np.ndarray:
@@ -129,13 +210,13 @@ def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np
     if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[starts] == 0):
         raise ModelDirError(f"{where}: invalid CSR arrays (a delta of 0 repeats a column)")
     wide = np.int32 if deltas.size * 255 <= _INT32_MAX else np.int64
-    last = np.add.reduceat(deltas, starts, dtype=wide)  # each row's last column: gaps are >= 0, so its largest
+    gaps = deltas.astype(wide)  # the one array allocated here: the result is summed in place in it
+    last = np.add.reduceat(gaps, starts)  # each row's last column: gaps are >= 0, so its largest
     if int(last.max()) >= cols:
         raise ModelDirError(f"{where}: invalid CSR arrays (a column index is outside [0, {cols}))")
     # one running sum over every row: at each row's start, take back the previous row's last column
-    gaps = deltas.astype(wide)
     gaps[starts[1:]] -= last[:-1]
-    return np.cumsum(gaps, dtype=wide).astype(np.int32, copy=False)
+    return np.cumsum(gaps, out=gaps).astype(np.int32, copy=False)
 
 
 class Weights:
@@ -148,8 +229,55 @@ class Weights:
         self.archive = NpzArchive(self.path, max_model_bytes(), files.read(WEIGHTS_FILE) if files else None)
         # each stored tensor validated once per load: check_all, the kernels and onnxruntime's feeds share it
         self._checked: Dict[str, Any] = {}
+        self._decoding: Optional[threading.Thread] = None
+        self._decoded_event = threading.Event()
+        self._decoded: Dict[str, Any] = {}  # CSR arrays (or the error) from decode_sparse_ahead's thread
+        self._dense_ahead: Dict[str, np.ndarray] = {}  # and the dense forms onnxruntime is fed
+
+    def decode_sparse_ahead(self, dense_feeds: bool = False) -> None:
+        """Validate and decode every CSR tensor in a thread, while the load checks everything else: the
+        work is numpy's (delta sums, casts, bounds), which runs without the GIL. Each tensor's result, or
+        its error, is taken where the load first asks for it, so what fails, and when, is unchanged.
+        ``dense_feeds`` (onnxruntime will run the model): the thread then also makes the float CSR
+        tensors onnxruntime is fed dense, for ``fed``. Only for bytes in memory (a file's reads would
+        share its offset with this thread)."""
+        if self.files is None or self._decoding is not None:
+            return
+        names = [name for name, info in self.tensors.items() if info["storage"] == "csr"]
+        fed = [name for name in names if self.tensors[name].get("onnx") == "fed" and not self.is_int8(name)]
+        self._decoded_event = threading.Event()
+
+        def decode() -> None:
+            results: Dict[str, Any] = {}
+            try:
+                for name in names:
+                    try:
+                        results[name] = self._read_csr(name)
+                    except Exception as error:  # noqa: BLE001  (raised again where the load reads the tensor)
+                        results[name] = error
+            finally:
+                self._decoded.update(results)
+                self._decoded_event.set()
+            for name in fed if dense_feeds else ():
+                arrays = results.get(name)
+                try:
+                    if isinstance(arrays, tuple):  # validated: safe for scipy's loop
+                        shape = tuple(int(d) for d in self.tensors[name]["shape"])
+                        self._dense_ahead[name] = csr_to_dense(*arrays, *self.matrix_shape(name)).reshape(shape)
+                except Exception:  # noqa: BLE001  (only ahead of time: ``dense`` makes it again, and says why)
+                    return
+        self._decoding = threading.Thread(target=decode, name="edge-runtime-csr", daemon=True)
+        self._decoding.start()
+
+    def _join_decoding(self) -> None:
+        if self._decoding is not None:
+            self._decoding.join()
+            self._decoding = None
 
     def close(self) -> None:
+        self._join_decoding()
+        self._decoded.clear()
+        self._dense_ahead.clear()
         self.archive.close()
         self._checked.clear()
         if self.files is not None:
@@ -179,7 +307,12 @@ class Weights:
     def _stored_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = ("csr", name)
         if key not in self._checked:
-            self._checked[key] = self._read_csr(name)
+            if self._decoding is not None:
+                self._decoded_event.wait()
+            decoded = self._decoded.pop(name, None)
+            if isinstance(decoded, Exception):
+                raise decoded
+            self._checked[key] = decoded if decoded is not None else self._read_csr(name)
         return self._checked[key]
 
     def _read_csr(self, name: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -188,7 +321,8 @@ class Weights:
         indices = self._member(f"{name}.indices")
         if self.info(name).get("indices") == "delta":
             data, _, indptr = check_csr(where, self._member(f"{name}.data"), indices, self._member(f"{name}.indptr"),
-                                        rows, max(cols, 256), int8=self.is_int8(name))  # structure; then the gaps
+                                        rows, max(cols, 256), int8=self.is_int8(name),
+                                        int32_indices=False)  # the structure; then the gaps
             return data, undelta(where, indices, indptr, cols), indptr
         return check_csr(where, self._member(f"{name}.data"), indices, self._member(f"{name}.indptr"), rows, cols,
                          int8=self.is_int8(name))
@@ -226,7 +360,8 @@ class Weights:
         rows, cols = self.matrix_shape(name)
         if not self.is_sparse(name):
             return sp.csr_matrix(self.dense(name).reshape(rows, cols).astype(np.float32, copy=False))
-        return sp.csr_matrix(self.csr_arrays(name), shape=(rows, cols))
+        # a copy: the stored arrays are read-only views of the checked bytes, and kernels sort indices in place
+        return sp.csr_matrix(self.csr_arrays(name), shape=(rows, cols), copy=True)
 
     def _dense_stored(self, name: str) -> np.ndarray:
         key = ("dense", name)
@@ -238,7 +373,7 @@ class Weights:
         info = self.info(name)
         shape = tuple(int(d) for d in info["shape"])
         array = self._member(name)
-        if array.shape != shape or str(array.dtype) != info["dtype"]:
+        if array.shape != shape or array.dtype != _dtype(info["dtype"]):
             raise ModelDirError(f"{self.path}: {name!r} is {array.dtype}{list(array.shape)}, "
                                 f"manifest says {info['dtype']}{list(shape)}")
         return array
@@ -248,7 +383,11 @@ class Weights:
         info = self.info(name)
         shape = tuple(int(d) for d in info["shape"])
         if self.is_sparse(name):
-            return self.csr(name).toarray().reshape(shape)
+            self._join_decoding()
+            ahead = self._dense_ahead.pop(name, None)
+            if ahead is not None and ("csr", name) in self._checked:  # made from the arrays check_all took
+                return ahead
+            return csr_to_dense(*self.csr_arrays(name), *self.matrix_shape(name)).reshape(shape)
         array = self._dense_stored(name)
         if self.is_int8(name):
             matrix = array.reshape(self.matrix_shape(name)).astype(np.float32) * self.scale(name)
@@ -272,12 +411,12 @@ class Weights:
     def check_all(self) -> None:
         """Validate every stored array (CSR structure, shapes, dtypes, int8 scales) before any engine
         runs: an engine that never reads one (the int8 one skips the scales) must not hide a bad file."""
-        for name in self.tensors:
-            if self.is_sparse(name):
+        for name, info in self.tensors.items():
+            if info["storage"] == "csr":
                 self._stored_csr(name)
             else:
                 self._dense_stored(name)
-            if self.is_int8(name):
+            if info["dtype"] == "int8" and "scale" in info:  # is_int8
                 self.scale(name)
 
     def fed(self) -> Dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -34,6 +34,16 @@ DTYPE_KINDS = "fiub"  # float, signed, unsigned, bool: nothing with objects or p
 # the header numpy itself writes; anything else goes through the general (slower) literal parser
 _CANONICAL_HEADER = re.compile(r"\{'descr': '([<|][fiub][0-9]{1,2})', 'fortran_order': False, "
                                r"'shape': \(((?:[0-9]{1,13}, )*[0-9]{1,13},?|)\), \} *\n?")
+
+
+_DESCR_DTYPES: Dict[str, np.dtype] = {}  # "<f4" -> dtype: a few distinct descrs, hundreds of members
+
+
+def _npy_dtype(descr: str) -> np.dtype:
+    """The dtype of a canonical header's descr (matched by _CANONICAL_HEADER: a plain numeric type)."""
+    if descr not in _DESCR_DTYPES:
+        _DESCR_DTYPES[descr] = np.dtype(descr)
+    return _DESCR_DTYPES[descr]
 
 
 @dataclass(frozen=True)
@@ -95,16 +105,14 @@ class NpzArchive:
             raise self._error(f"member {name!r} is compressed; a MODEL_DIR stores every member uncompressed")
         if info.flag_bits & 0x1:
             raise self._error(f"member {name!r} is encrypted")
-        self._file.seek(info.header_offset)
-        head = self._file.read(_LOCAL_HEADER.size)
+        head = self._bytes_at(info.header_offset, _LOCAL_HEADER.size)
         if len(head) != _LOCAL_HEADER.size or head[:4] != _LOCAL_SIGNATURE:
             raise self._error(f"bad zip local header for {name!r}")
         fields = _LOCAL_HEADER.unpack(head)
         start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
         if start + info.file_size > self.size:
             raise self._error(f"member {name!r} runs past the end of the file")
-        self._file.seek(start)
-        prefix = self._file.read(min(info.file_size, MAX_NPY_HEADER + 12))
+        prefix = self._bytes_at(start, min(info.file_size, MAX_NPY_HEADER + 12))
         shape, dtype, header_len = self._npy_header(name, prefix)
         nbytes = math.prod(shape) * dtype.itemsize
         if header_len + nbytes != info.file_size:
@@ -112,7 +120,14 @@ class NpzArchive:
                               f"but holds {info.file_size - header_len:,} bytes")
         return Member(start + header_len, nbytes, shape, dtype)
 
-    def _npy_header(self, name: str, prefix: bytes) -> Tuple[Tuple[int, ...], np.dtype, int]:
+    def _bytes_at(self, offset: int, size: int) -> Union[bytes, memoryview]:
+        """Up to ``size`` bytes at ``offset``: a view of the bytes in memory (no copy), else read from the file."""
+        if self._data is not None:
+            return memoryview(self._data)[offset:offset + size]
+        self._file.seek(offset)
+        return self._file.read(size)
+
+    def _npy_header(self, name: str, prefix: Union[bytes, memoryview]) -> Tuple[Tuple[int, ...], np.dtype, int]:
         """Parse a .npy header from its bytes (never from the open file: its length is checked first)."""
         if prefix[:6] != _NPY_MAGIC or len(prefix) < 10:
             raise self._error(f"member {name!r} is not a .npy array")
@@ -123,11 +138,11 @@ class NpzArchive:
         length = struct.unpack(size_format, prefix[8:fixed])[0]
         if fixed + length > len(prefix):
             raise self._error(f"member {name!r} has a .npy header longer than its data allows")
-        text = prefix[fixed:fixed + length].decode("latin1")
+        text = bytes(prefix[fixed:fixed + length]).decode("latin1")
         canonical = _CANONICAL_HEADER.fullmatch(text)
         try:
             if canonical:  # numpy's own header: read without compiling it (hundreds of members per model)
-                dtype, fortran = np.dtype(canonical[1]), False
+                dtype, fortran = _npy_dtype(canonical[1]), False
                 shape = tuple(int(d) for d in canonical[2].split(",") if d.strip())
             else:
                 header = ast.literal_eval(text)
@@ -142,6 +157,15 @@ class NpzArchive:
         if len(shape) > 8 or not all(valid_dim(d) for d in shape):
             raise self._error(f"member {name!r} has an invalid shape {shape!r}")
         return shape, dtype, fixed + length
+
+    def raw(self, key: str) -> bytes:
+        """The member's data bytes (little-endian, C order), without its headers."""
+        member = self.members.get(key)
+        if member is None:
+            raise self._error(f"member {key!r} is missing")
+        if self._data is not None:
+            return self._data[member.offset:member.offset + member.nbytes]
+        return self.read(key).tobytes()
 
     def read(self, key: str) -> np.ndarray:
         """The member ``key`` as an array (its size was checked against the file when scanning)."""

@@ -25,7 +25,7 @@ that the runtime fills from weights.npz at load, and there are no sparse initial
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -37,7 +37,7 @@ from edge_runtime.model_format import (FED_LOCATION, FORMAT_VERSION_COMPACT, ONN
                                        open_regular)
 from edge_runtime.npz_reader import Member
 from edge_runtime import onnx_wire
-from edge_runtime.onnx_wire import DATA_TYPES, Attribute, Model, Tensor
+from edge_runtime.onnx_wire import DATA_TYPES, Attribute, Model, Node, Tensor
 
 EXTERNAL_KEYS = {"location", "offset", "length"}
 FLOAT, INT8 = 1, 3  # TensorProto.data_type
@@ -174,11 +174,35 @@ def _attribute_value(attribute: Attribute, where: str) -> Any:
     return {"tensor": array.tolist(), "dtype": str(array.dtype), "shape": list(array.shape)}
 
 
-def _canonical(node: Mapping[str, Any]) -> str:
-    """One node as a comparable string (JSON spells NaN the same on both sides)."""
-    return json.dumps({"op_type": node.get("op_type"), "name": node.get("name", ""), "domain": node.get("domain", ""),
-                       "inputs": node.get("inputs"), "outputs": node.get("outputs"),
-                       "attributes": node.get("attributes")}, sort_keys=True)
+def _same(mine: Any, theirs: Any) -> bool:
+    """Whether two JSON-ready values are equal as JSON spells them: the same types (1 is not 1.0 nor
+    True), floats equal with their sign (-0.0 is not 0.0) and every NaN equal to every NaN."""
+    if type(mine) is not type(theirs):
+        return False
+    if type(mine) is float:
+        return (mine == theirs and math.copysign(1.0, mine) == math.copysign(1.0, theirs)) or (
+            mine != mine and theirs != theirs)
+    if type(mine) is list:
+        return len(mine) == len(theirs) and all(map(_same, mine, theirs))
+    if type(mine) is dict:
+        return mine.keys() == theirs.keys() and all(_same(value, theirs[key]) for key, value in mine.items())
+    return mine == theirs
+
+
+def _same_node(node: Node, theirs: Any, where: str) -> bool:
+    """The decoded ``node`` is the manifest's node ``theirs``: op, name, domain, inputs, outputs and
+    every attribute (as the manifest writes it), compared field by field without re-encoding either."""
+    if not isinstance(theirs, Mapping) or (node.op_type, node.name, node.domain) != (
+            theirs.get("op_type"), theirs.get("name", ""), theirs.get("domain", "")):
+        return False
+    if not _same(node.inputs, theirs.get("inputs")) or not _same(node.outputs, theirs.get("outputs")):
+        return False
+    attributes = theirs.get("attributes")
+    if type(attributes) is not dict or len(attributes) != len(node.attributes):
+        return False
+    # a name given twice in model.onnx collapses to one manifest entry: counted apart, so never equal
+    return all(a.name in attributes and _same(_attribute_value(a, where), attributes[a.name])
+               for a in node.attributes) and len({a.name for a in node.attributes}) == len(attributes)
 
 
 def _fp16_casts(manifest: Mapping[str, Any]) -> Dict[str, str]:
@@ -196,14 +220,12 @@ def _check_graph(model: Model, manifest: Mapping[str, Any], where: str) -> None:
     if sorted((n.op_type, tuple(n.inputs), tuple(n.outputs)) for n in leading) != sorted(
             ("Cast", (source,), (name,)) for name, source in casts.items()):
         raise ModelDirError(f"{where}: its float16 Cast nodes do not match the manifest's float16 tensors")
-    derived = [{"op_type": n.op_type, "name": n.name, "domain": n.domain, "inputs": n.inputs,
-                "outputs": n.outputs, "attributes": {a.name: _attribute_value(a, where) for a in n.attributes}}
-               for n in nodes[len(casts):]]
+    derived = nodes[len(casts):]
     if len(derived) != len(manifest["graph"]):
         raise ModelDirError(f"{where}: has {len(derived)} nodes, the manifest's graph {len(manifest['graph'])}")
     for index, (mine, theirs) in enumerate(zip(derived, manifest["graph"])):
-        if _canonical(mine) != _canonical(theirs):
-            raise ModelDirError(f"{where}: node {index} ({mine['op_type']}) differs from the manifest's graph")
+        if not _same_node(mine, theirs, where):
+            raise ModelDirError(f"{where}: node {index} ({mine.op_type}) differs from the manifest's graph")
     stored = {t.name for t in model.initializers} | {s.values.name for s in model.sparse_initializers}
     inputs = [name for name in model.inputs if name not in stored]
     expected = [spec["name"] for spec in manifest.get("inputs") or [manifest["input"]]]
@@ -239,6 +261,11 @@ def _check_inline(tensor: Tensor, member: Optional[Member], weights: Weights, ke
         raise ModelDirError(f"{where}: initializer {name!r} must be inline in model.onnx, as the manifest says")
     if DATA_TYPES.get(tensor.data_type, ("?",))[0] != member.dtype.name or tuple(tensor.dims) != member.shape:
         raise ModelDirError(f"{where}: initializer {name!r} type or shape differs from npz member {key!r}")
+    if tensor.raw_data is not None and len(tensor.raw_data) == member.nbytes:
+        # raw_data and npz members are both little-endian, of the same dtype and shape: compare the bytes
+        if tensor.raw_data != weights.archive.raw(key):
+            raise ModelDirError(f"{where}: inline initializer {name!r} differs from npz member {key!r}")
+        return
     inline = _tensor_array(tensor, where, f"initializer {name!r}", max_model_bytes())
     stored = weights.archive.read(key)
     little = stored.dtype.newbyteorder("<")

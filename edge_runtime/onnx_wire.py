@@ -138,23 +138,26 @@ def _fields(buf: memoryview) -> Iterator[Tuple[int, int, Any]]:
     """(field number, wire type, value): int for varints, memoryview for the others."""
     if not isinstance(buf, memoryview):
         raise OnnxWireError("a message field has the wrong wire type")
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
+    pos, end = 0, len(buf)
+    while pos < end:
+        key = buf[pos]  # one-byte keys and lengths (nearly all of them) without a call
+        key, pos = (key, pos + 1) if key < 0x80 else _varint(buf, pos)
         number, wire = key >> 3, key & 7
         if number == 0:
             raise OnnxWireError("field number 0")
-        if wire == 0:
-            value, pos = _varint(buf, pos)
+        if wire == 2:
+            size = buf[pos] if pos < end else 0x80
+            size, pos = (size, pos + 1) if size < 0x80 else _varint(buf, pos)
+            if size > end - pos:
+                raise OnnxWireError("a field's length runs past the end of its message")
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire == 0:
+            value = buf[pos] if pos < end else 0x80
+            value, pos = (value, pos + 1) if value < 0x80 else _varint(buf, pos)
         elif wire in (1, 5):
             size = 8 if wire == 1 else 4
-            if pos + size > len(buf):
+            if pos + size > end:
                 raise OnnxWireError("truncated fixed-width field")
-            value, pos = buf[pos:pos + size], pos + size
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            if size > len(buf) - pos:
-                raise OnnxWireError("a field's length runs past the end of its message")
             value, pos = buf[pos:pos + size], pos + size
         else:
             raise OnnxWireError(f"wire type {wire} is not used by ONNX")
@@ -165,7 +168,7 @@ def _text(value: Any) -> str:
     if not isinstance(value, memoryview):
         raise OnnxWireError("a string field has the wrong wire type")
     try:
-        return bytes(value).decode("utf-8")
+        return str(value, "utf-8")
     except UnicodeDecodeError:
         raise OnnxWireError("a string is not UTF-8") from None
 
@@ -174,6 +177,9 @@ def _int(wire: int, value: Any) -> int:
     if wire != 0:
         raise OnnxWireError("an integer field has the wrong wire type")
     return value
+
+
+_UNPACKED_WIRE = {"varint": 0, "f32": 5, "f64": 1}
 
 
 def _repeated(wire: int, value: Any, kind: str, into: list) -> None:
@@ -192,10 +198,10 @@ def _repeated(wire: int, value: Any, kind: str, into: list) -> None:
             raise OnnxWireError("a packed list has a bad length")
         into.extend(v for (v,) in struct.iter_unpack(code, buf))
         return
-    expected = {"varint": 0, "f32": 5, "f64": 1}[kind]
-    if wire != expected:
+    if wire != _UNPACKED_WIRE[kind]:
         raise OnnxWireError("a repeated field has the wrong wire type")
-    into.append(_signed(value) if kind == "varint" else struct.unpack("<f" if kind == "f32" else "<d", value)[0])
+    into.append((value - (1 << 64) if value >= 1 << 63 else value) if kind == "varint"
+                else struct.unpack("<f" if kind == "f32" else "<d", value)[0])
     if len(into) > MAX_REPEATED:
         raise OnnxWireError(f"more than {MAX_REPEATED} values in one field")
 

@@ -150,16 +150,16 @@ class InferenceSession:
         self.threads = int(threads or threads_of(sess_options) or os.cpu_count() or 1)
         # a plain .onnx file (see onnx_file.py): its own checks replace the MODEL_DIR's manifest and hashes
         self.plain_onnx = from_bytes or onnx_file.is_onnx_file(self.model_dir)
-        files = None
+        files, plain_weights = None, None
         if self.plain_onnx:
             self.manifest, plain_weights = onnx_file.load_onnx_file(path_or_bytes if from_bytes else self.model_dir)
         else:
             self._onnx_path = self.model_dir / "model.onnx"
             self.manifest = read_manifest(self.model_dir)
             files = FolderFiles(self.model_dir, self.manifest, verify)
-            if verify:
-                files.verify_all()  # each file read and hashed once: every reader below gets these bytes
-        self.kernels = kernels
+            if verify:  # each file read and hashed once (the hash in a thread, confirmed before any engine)
+                files.verify_all(background=True)
+        self.kernels, self._retune = kernels, retune
         self.plan: Dict[str, Any] = {}
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._ort = None
@@ -167,12 +167,8 @@ class InferenceSession:
         self._split_candidate: Optional[SplitProgram] = None  # the split timed by _tune, kept if it wins
         self._program: Optional[Program] = None
         try:
-            self._weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest, files)
+            self._weights = self._checked_weights(files, plain_weights)
             try:
-                if not self.plain_onnx:  # before any engine reads a byte
-                    model = check_model(self.model_dir, self.manifest, self._weights)
-                    self.manifest["meta"] = {**model.meta, "custom_metadata_map": dict(model.metadata_props)}
-                self._check_allocations()  # every engine: a graph that asks for too much is refused first
                 self._load_checked(kernels, retune)
             finally:
                 self._weights.close()
@@ -181,6 +177,38 @@ class InferenceSession:
             raise
 
     # -- loading -----------------------------------------------------------------------------------
+    def _checked_weights(self, files: Optional[FolderFiles], plain_weights: Any) -> Any:
+        """The weights, once every check before any engine has passed: model.onnx against the manifest
+        and weights.npz, the graph's allocations. The files' sha256s, computed meanwhile, are confirmed
+        last, and a file that fails its own is the error reported, whatever else failed."""
+        try:
+            weights = plain_weights if self.plain_onnx else Weights(self.model_dir, self.manifest, files)
+            self._weights = weights
+            if not self.plain_onnx:  # in a thread, while model.onnx is checked
+                weights.decode_sparse_ahead(dense_feeds=self._will_feed_onnxruntime())
+            try:
+                if not self.plain_onnx:  # before any engine reads a byte
+                    model = check_model(self.model_dir, self.manifest, weights)
+                    self.manifest["meta"] = {**model.meta, "custom_metadata_map": dict(model.metadata_props)}
+                self._check_allocations()  # every engine: a graph that asks for too much is refused first
+            except BaseException:
+                weights.close()
+                raise
+            return weights
+        finally:
+            if files is not None:
+                files.confirm()
+
+    def _will_feed_onnxruntime(self) -> bool:
+        """Whether onnxruntime fp32 will run this MODEL_DIR, as far as known before it is checked:
+        ``kernels="ort"``, or a cached plan that says so (only a hint: what is built is still checked)."""
+        if self.kernels == "ort":
+            return True
+        if self.kernels != "auto" or self._retune:
+            return False
+        cached = plans.load_cached(self.model_dir, plans.plan_key(self.manifest, self.threads))
+        return isinstance(cached, dict) and cached.get("engine") == "ort"
+
     def _check_allocations(self) -> None:
         """Refuse a graph whose intermediates exceed EDGEPRUNE_MAX_MODEL_BYTES at batch 1 (see allocation.py)."""
         opset = int(self.manifest.get("opset") or DEFAULT_OPSET)
