@@ -173,3 +173,24 @@ def test_a_cached_plan_that_does_not_fit_the_model_is_retuned(tmp_path: Path, na
                     ["bench", "--iters", "2", "--warmup", "0", "--min-seconds", "0"]):
         done = edge_runtime(command[0], str(target), "--threads", "1", *command[1:])
         assert done.returncode == 0, (command, done.stderr)
+
+
+def test_the_tuner_times_every_engine_the_way_run_calls_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timing bare engines left out the cost each call pays in ``run`` (the feed check, onnxruntime's
+    call, the native outputs' dtypes), which differs by engine: the tuner must time what ``run`` does."""
+    timed: list = []
+    checked: list = []
+    run_ort, run_native, check_feed = (InferenceSession._run_ort, InferenceSession._run_native,
+                                       InferenceSession._check_feed)
+
+    def counting(kind: str, original):
+        return lambda self, engine, names, feed: timed.append((kind, id(engine))) or original(self, engine, names, feed)
+
+    monkeypatch.setattr(InferenceSession, "_run_ort", counting("onnxruntime", run_ort))
+    monkeypatch.setattr(InferenceSession, "_run_native", counting("native", run_native))
+    monkeypatch.setattr(InferenceSession, "_check_feed", lambda self, feed: checked.append(1) or check_feed(self, feed))
+    session = InferenceSession(copy_model_dir("digits-mlp-int8", tmp_path), kernels="auto", threads=1)
+    assert set(session.plan["engine_ms"]) == {"native", "ort", "ort-int8"}
+    engines = {kind: {engine for k, engine in timed if k == kind} for kind in ("onnxruntime", "native")}
+    assert len(engines["onnxruntime"]) == 2 and len(engines["native"]) == 1  # fp32 and int8 sessions; the program
+    assert len(checked) >= len(timed)  # every timed call checked its feed, as run() does
