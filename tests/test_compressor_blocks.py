@@ -227,6 +227,57 @@ def test_a_level_without_blocks_loads_and_exports_as_trained(tmp_path: Path) -> 
     assert convs == 1 + 2 * 4 + 1 - 2 * len(levels[-1]["blocks_removed"])  # stem, 4 blocks, 1 projection
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expand, 3×3 depthwise, 1×1 project; identity add at stride 1, same width."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        hidden = 2 * cin
+        self.conv = nn.Sequential(nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+                                  nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                                  nn.BatchNorm2d(hidden), nn.ReLU6(), nn.Conv2d(hidden, cout, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.identity = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.identity else self.conv(x)
+
+
+def _tiny_mobilenet() -> nn.Module:
+    """A stem, a stride-2 inverted residual (16 → 24, not removable), a removable one (24 → 24), a head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+                          _InvertedResidual(16, 24, 2), _InvertedResidual(24, 24, 1),
+                          nn.Conv2d(24, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    model.input_shape = (1, 8, 8)
+    return _random_statistics(model)
+
+
+def test_shrink_to_a_group_whose_root_went_with_a_removed_block() -> None:
+    """The 24-wide residual stream's root is the removable block's projection (``4.conv.6``): with that
+    block gone, the stream lives on under the first block's projection, which the dense plan does not
+    name. Removing the block and cutting the stream in one step keeps the stream's chosen channels and
+    equals the network built from the dense weights for that plan."""
+    dense = _tiny_mobilenet()
+    config = PruneConfig(structure="channels,blocks", target_macs=0.5, channel_multiple=8)
+    levels = ChannelLevels(dense, dense.input_shape, config, None)
+    assert "4.conv.6" in levels.dense_plan().channels and "3.conv.6" not in levels.dense_plan().channels
+    shallow = levels._without(levels.dense_plan(), ["4"])
+    assert "3.conv.6" in shallow.channels  # the stream's new root, at full width
+    kept = [0, 2, 3, 5, 8, 13, 17, 23, 1, 4, 6, 7, 9, 10, 11, 12]  # 16 of the 24, not the first 16
+    plan = type(shallow)({**shallow.channels, "3.conv.6": sorted(kept)}, shallow.blocks)
+    shrunk = levels.shrink_to(copy.deepcopy(dense), levels.dense_plan(), plan)
+    assert shrunk[3].conv[6].out_channels == 16 and shrunk[5].in_channels == 16
+    assert isinstance(shrunk[4], nn.Identity) or not any(isinstance(m, nn.Conv2d) for m in shrunk[4].modules())
+    built = levels.build(plan, dense.state_dict(), "dense", state_is_dense=True)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert shrunk.eval()(x).shape == (2, 10)
+        torch.testing.assert_close(shrunk(x), built.eval()(x))
+    torch.testing.assert_close(shrunk[3].conv[6].weight, dense[3].conv[6].weight[sorted(kept)])
+
+
 def test_no_removable_block_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     for structure in ("blocks", "channels,blocks"):
         out = tmp_path / structure

@@ -11,11 +11,16 @@ that removes ≥ 50% of the MACs); uniform width scaling (every group to 75% and
 multiples of 8, strongest L1 channels kept). Every row is retrained with the same budget (``--epochs``
 epochs; ours through compress's lr-rewind level, the others by a plain SGD loop at the preset's LR).
 
-Columns: params, MACs, MACs removed, accuracy, predicted speed-up (the run's own for timed targets;
-for other rows ``call_ms + sum(layer ms) + node_ms * nodes`` from the same table, measured here, with
-any layer shape it lacks measured too), and onnxruntime p50 at batch 1, 1 and 2 threads, every model of
-a case timed interleaved in one process (min-free: median of all timed runs after a warm-up round);
-efficiency = measured speed-up (1 thread) / (dense MACs / MACs).
+Columns: params, MACs, MACs removed, accuracy, predicted speed-up (for timed targets the run's final
+prediction, ``predicted_speedup`` in metrics.json: the table's corrected by timing the network, i.e. the
+planner's confirmed side-by-side figure; for other rows ``call_ms + sum(layer ms) + node_ms * nodes``
+from the same table, measured here, with any layer shape it lacks measured too), the table's prediction
+alone, and the measured speed-up at batch 1, 1 and 2 threads. *Measured* is exactly what the planner
+measures (``compressor.prune.latency.side_by_side``: the exported row and the exported dense network
+timed side by side, rounds interleaved, the 25th percentile of every run (robust to the shared machine's
+load; ``edge_runtime.layer_timing.NETWORK_QUANTILE``), in 3 sessions, the median pair's ratio), on the trained, exported networks (``export``'s graph), so measured / predicted is the planner's
+error as a user who times both files would see it. Efficiency = measured speed-up (1 thread) /
+(dense MACs / MACs).
 
 Data: scikit-learn's digits upsampled (nearest) to 3×H×W; at 128×128 training and test sets are cut to
 ``--train-128``/``--test-128`` examples (CPU budget; accuracy there is a sanity figure only). The
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -38,16 +44,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.studies.structured import digits_as, onnx_bytes, time_sessions  # noqa: E402
+from benchmarks.studies.structured import digits_as, onnx_bytes  # noqa: E402
 from compressor.config import config_for  # noqa: E402
 from compressor.errors import CompressorError  # noqa: E402
 from compressor.pipeline import compress  # noqa: E402
 from compressor.prune.channels import find_groups, full_plan, params_and_macs, shrink  # noqa: E402
 from compressor.prune.examples import example_input  # noqa: E402
-from compressor.prune.latency import LocalLatency, count_nodes, network_onnx  # noqa: E402
+from compressor.prune.latency import LocalLatency, count_nodes, network_onnx, side_by_side  # noqa: E402
 from compressor.train.data import TensorLoader  # noqa: E402
 from compressor.train.models import build_model  # noqa: E402
-from edge_runtime.layer_timing import LatencyTable, LayerShape, measure, time_networks  # noqa: E402
+from edge_runtime.layer_timing import LatencyTable, LayerShape, measure  # noqa: E402
 from edge_runtime.safe_io import atomic_write_text  # noqa: E402
 
 SPEEDUPS = (1.8, 2.5, 3.0)
@@ -184,8 +190,8 @@ def ours(name: str, model_name: str, shape, table: Path, train, test, epochs: in
         print(f"- {model_name}@{shape[1]} {name}: {error}", flush=True)
         return {"name": name, "error": str(error)}
     last = result.final()
-    row = {k: last.get(k) for k in ("params", "macs", "accuracy", "predicted_speedup", "measured_speedup",
-                                    "blocks_removed")}
+    row = {k: last.get(k) for k in ("params", "macs", "accuracy", "predicted_speedup", "table_speedup",
+                                    "measured_speedup", "blocks_removed")}
     row.update(name=name, model=result.model.cpu().eval(), seconds=time.perf_counter() - began)
     return row
 
@@ -274,38 +280,41 @@ def run_case(model_name: str, size: int, args, scratch: Path) -> Dict[str, Any]:
 
 def figures(model_name: str, size: int, rows: List[Dict[str, Any]], predictor: Predictor, example,
             args) -> Dict[str, Any]:
-    """Times every model of the case together, prints the table, returns the JSON rows."""
+    """Times every row beside the dense network (the planner's ``side_by_side``), prints the table,
+    returns the JSON rows."""
     shape = tuple(example.shape[1:])
     live = [r for r in rows if "model" in r]
     exported = [onnx_bytes(r["model"], shape) for r in live]
-    times = {t: time_sessions(exported, shape, t, args.rounds, args.runs) for t in (1, 2)}
-    planner = [ms / 1000 for ms in time_networks(exported, 1, args.rounds, args.runs)]  # the planner's timer
+    source = LocalLatency(args.rounds, args.runs)
+    pairs = {t: [(1.0, 1.0)] + [side_by_side(source, exported[0], model, t) for model in exported[1:]]
+             for t in (1, 2)}
     dense_params, dense_macs = params_and_macs(live[0]["model"], example)
     dense_pred = predictor.predict(live[0]["model"], example)
     out = []
-    print(f"\n## {model_name} @ {size}x{size}: onnxruntime batch 1, p50 ms (speed-up vs dense), {args.epochs} "
-          f"epoch(s) retraining per row\n")
-    print("| row | params | MACs | MACs removed | accuracy | predicted | planner measured | 1 thread | 1t min-med | "
-          "2 threads | efficiency | blocks removed |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print(f"\n## {model_name} @ {size}x{size}: onnxruntime batch 1, speed-up vs dense (side by side, ratio of "
+          f"p25 run times, median of 3 sessions), {args.epochs} epoch(s) retraining per row\n")
+    print("| row | params | MACs | MACs removed | accuracy | predicted | table | planner measured | 1 thread: ms "
+          "(speed-up) | measured / predicted | 2 threads | efficiency | blocks removed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for index, row in enumerate(live):
         params, macs = params_and_macs(row["model"], example)
-        predicted = row.get("predicted_speedup") or dense_pred / predictor.predict(row["model"], example)
-        speed = {t: times[t][0] / times[t][index] for t in (1, 2)}
+        table = row.get("table_speedup") or dense_pred / predictor.predict(row["model"], example)
+        predicted = row.get("predicted_speedup") or table
+        speed = {t: pairs[t][index][0] / pairs[t][index][1] for t in (1, 2)}
         record = {"row": row["name"], "params": params, "macs": macs, "macs_removed": 1 - macs / dense_macs,
-                  "accuracy": row.get("accuracy"), "predicted_speedup": predicted,
+                  "accuracy": row.get("accuracy"), "predicted_speedup": predicted, "table_speedup": table,
                   "planned_measured_speedup": row.get("measured_speedup"),
-                  "p50_ms": {f"{t}t": 1000 * times[t][index] for t in (1, 2)},
-                  "speedup": {f"{t}t": speed[t] for t in (1, 2)},
-                  "speedup_min_of_round_medians_1t": planner[0] / planner[index],
+                  "ms": {f"{t}t": pairs[t][index][1] for t in (1, 2) if index},
+                  "dense_ms": {f"{t}t": pairs[t][index][0] for t in (1, 2) if index},
+                  "speedup": {f"{t}t": speed[t] for t in (1, 2)}, "measured_over_predicted": speed[1] / predicted,
                   "efficiency": speed[1] / (dense_macs / macs), "blocks_removed": row.get("blocks_removed") or []}
         out.append(record)
+        ms = f"{pairs[1][index][1]:.3f} " if index else ""
         print(f"| {row['name']} | {params:,} | {macs / 1e6:.2f} M | {record['macs_removed']:.1%} | "
-              f"{100 * (row.get('accuracy') or 0):.1f}% | {predicted:.2f}× | "
+              f"{100 * (row.get('accuracy') or 0):.1f}% | {predicted:.2f}× | {table:.2f}× | "
               f"{'%.2f×' % row['measured_speedup'] if row.get('measured_speedup') else '-'} | "
-              f"{1000 * times[1][index]:.3f} ({speed[1]:.2f}×) | {planner[0] / planner[index]:.2f}× | "
-              f"{1000 * times[2][index]:.3f} ({speed[2]:.2f}×) | {record['efficiency']:.2f} | "
-              f"{len(record['blocks_removed'])} |", flush=True)
+              f"{ms}({speed[1]:.2f}×) | {speed[1] / predicted - 1:+.1%} | {speed[2]:.2f}× | "
+              f"{record['efficiency']:.2f} | {len(record['blocks_removed'])} |", flush=True)
     for row in rows:
         if "error" in row:
             print(f"| {row['name']} | refused: {row['error'][:140]} |")
@@ -330,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import onnxruntime
 
     results: Dict[str, Any] = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                               "load_before": os.getloadavg(), "cores": os.cpu_count(),
                                "epochs": args.epochs, "train_128": args.train_128, "test_128": args.test_128,
                                "rounds": args.rounds, "runs": args.runs, "cases": []}
     began = time.perf_counter()
@@ -338,6 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with tempfile.TemporaryDirectory(prefix="edgeprune-device-") as scratch:
             results["cases"].append(run_case(model_name, int(size), args, Path(scratch)))
         results["seconds"] = time.perf_counter() - began
+        results["load_after"] = os.getloadavg()
         atomic_write_text(Path(args.json), json.dumps(results, indent=1) + "\n")
     print(f"\nJSON: {args.json} ({time.perf_counter() - began:.0f} s)")
     return 0

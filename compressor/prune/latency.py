@@ -70,6 +70,29 @@ class LocalLatency:
         return layer_timing.time_networks(models, threads, self.rounds, self.runs)
 
 
+SESSIONS = 1          # sessions a candidate network is timed in while the last level searches
+CONFIRM_SESSIONS = 3  # ... and the network it ships (its recorded speed-up), and every network the study measures
+
+
+def side_by_side(source: LatencySource, dense: bytes, candidate: bytes, threads: int,
+                 sessions: int = CONFIRM_SESSIONS) -> Tuple[float, float]:
+    """(dense ms, candidate ms): the two networks timed side by side (``source.time_networks``: rounds
+    interleaved, the typical run: ``layer_timing.NETWORK_QUANTILE`` of all) in each of ``sessions``
+    separate sessions; the pair whose ratio is the median of them. One session can be off for its whole
+    life (where onnxruntime's buffers fell, a burst of load); the median pair is not. The planner's measured
+    speed-up (``measured_speedup`` and, once corrected by it, ``predicted_speedup`` in metrics.json) and
+    ``benchmarks/studies/prune_to_device.py``'s are both this: the ratio a user timing both files sees."""
+    pairs = []
+    for _ in range(max(1, sessions)):
+        times = source.time_networks([dense, candidate], threads)
+        if len(times) != 2 or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0.0 < t < 1e7
+                                      for t in times):
+            raise LatencyTableError(f"{source.describe()} returned no usable network times ({str(times)[:80]})")
+        pairs.append((float(times[0]), float(times[1])))
+    pairs.sort(key=lambda pair: pair[0] / pair[1])
+    return pairs[len(pairs) // 2]
+
+
 def quantize_qdq(model: bytes, batches: int = 8) -> bytes:
     """``model`` with static QDQ int8 (per-channel symmetric int8 weights, uint8 activations: what
     ``export --quantize int8`` ships), calibrated on random inputs (latency does not depend on them)."""

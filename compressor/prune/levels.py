@@ -49,8 +49,8 @@ from compressor.prune.allocation import LatencyRanking, TableRounding
 from compressor.config import PruneConfig
 from compressor.prune.criteria import BlockCriterion, ChannelCriterion, criterion_named
 from compressor.errors import ConfigError, StructureError
-from compressor.prune.latency import (RUN_DIR_NAME, LatencyModel, LatencySource, LocalLatency, default_rounding,
-                                      network_onnx, quantize_qdq)
+from compressor.prune.latency import (CONFIRM_SESSIONS, RUN_DIR_NAME, SESSIONS, LatencyModel, LatencySource,
+                                      LocalLatency, default_rounding, network_onnx, quantize_qdq, side_by_side)
 from edge_runtime.errors import ModelDirError
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, read_table
 from edge_runtime.safe_io import atomic_write_text, read_bounded
@@ -61,6 +61,8 @@ TIMES_NAME = "latency_measured.json"  # whole-network times the run planned with
 MAX_TRIES = 8  # candidate networks timed per last level (a bisection: 8 narrow hundreds of plans well)
 FILL_STEPS = 3  # notches the last level may add to the plan before the target to land closer to it
 FLAT = 0.9  # a table predicting the narrowest network's layers at over 90% of the dense ones' is flat
+CONFIRMED = "|confirmed"  # a plan key's suffix: its times from CONFIRM_SESSIONS sessions (a level that ships)
+CONFIRM_STEPS = 3  # plans past the search's pick a last level confirms at most, while the confirmation misses
 
 
 def _target(config: PruneConfig) -> Tuple[str, float]:
@@ -321,14 +323,16 @@ class ChannelLevels:
     def _goal(self) -> float:
         return 1.0 / self.target if self.metric == "latency" else self.target
 
-    def measured(self, plan: Plan) -> float:
+    def measured(self, plan: Plan, confirmed: bool = False) -> float:
         """``plan``'s measured figure (speed-up over the dense network timed alongside, or 1 / ms),
         timed through the run's ``LatencySource`` once and kept in RUN_DIR (so a resumed run, and every
-        torchrun rank, sees the same number)."""
-        key = _plan_key(plan)
+        torchrun rank, sees the same number). ``confirmed``: timed in ``CONFIRM_SESSIONS`` sessions (the
+        median pair), the figure a last level is shipped on and records; kept apart from the search's
+        one-session figure, so a resumed search takes the same steps."""
+        key = _plan_key(plan) + (CONFIRMED if confirmed else "")
         if key not in self._times:
             if self._is_writer:
-                self._times[key] = self._time(plan)
+                self._times[key] = self._time(plan, CONFIRM_SESSIONS if confirmed else SESSIONS)
                 self._save_times()
             self._barrier()
             if not self._is_writer:
@@ -336,20 +340,17 @@ class ChannelLevels:
         dense_ms, plan_ms = self._times[key]
         return 1.0 / plan_ms if self.metric == "latency" else dense_ms / plan_ms
 
-    def _time(self, plan: Plan) -> List[float]:
+    def _time(self, plan: Plan, sessions: int) -> List[float]:
         """[dense ms, plan ms], the two networks timed side by side (untrained: time does not depend
-        on the weights), quantized first when the run plans for int8."""
+        on the weights) in ``sessions`` sessions (``side_by_side``), quantized first when the run plans for int8."""
         def exported(model: nn.Module) -> bytes:
             data = network_onnx(model, self.example)
             return quantize_qdq(data) if self.engine == "ort-int8" else data
 
         if self._dense_onnx is None:
             self._dense_onnx = exported(copy_model(self.template))
-        times = self.source.time_networks([self._dense_onnx, exported(self.build(plan, None, ""))],
-                                          self.config.latency_threads)
-        if len(times) != 2 or not all(isinstance(t, float) and 0.0 < t < 1e7 for t in times):
-            raise LatencyTableError(f"{self.source.describe()} returned no usable network times ({str(times)[:80]})")
-        return [float(t) for t in times]
+        return list(side_by_side(self.source, self._dense_onnx, exported(self.build(plan, None, "")),
+                                 self.config.latency_threads, sessions))
 
     def _save_times(self) -> None:
         if self._times_path is not None and self._is_writer:
@@ -403,7 +404,7 @@ class ChannelLevels:
         most = len(ranked) if self.config.one_shot else min(self.config.blocks_per_level, len(ranked))
         for count in range(1, most + 1):
             plan = self._without(current, ranked[:count])
-            if self._reaches(plan):
+            if self._reaches(plan) and (not self.timed or self.measured(plan, confirmed=True) >= self._goal()):
                 return plan, True
             if self.config.removes_channels and self._channels_reach(plan.blocks):
                 return plan, False
@@ -472,13 +473,34 @@ class ChannelLevels:
             else:
                 low = n
         if high <= ranking.units:
-            return at(high)
+            return self._confirm(ranking, at, high)
         if round_plan is not None:
+            self.measured(round_plan, confirmed=True)  # the figure it records
             return round_plan
         narrowest = at(ranking.units)
         if self.measured(narrowest) < goal:
             raise StructureError(self._unreachable())
+        self.measured(narrowest, confirmed=True)  # the figure it records
         return narrowest
+
+    def _confirm(self, ranking, at: Callable[[int], Plan], n: int) -> Plan:
+        """``at(n)``, measured at the goal in one session, once its ``CONFIRM_SESSIONS`` figure reaches the
+        goal too; while that misses (the search read a lucky session), a plan further on, at most
+        ``CONFIRM_STEPS``: the first whose prediction corrected by that confirmed figure reaches the goal
+        (else the next narrower one). The level ships, and records, the confirmed figure."""
+        goal, plan = self._goal(), at(n)
+        for _ in range(CONFIRM_STEPS):
+            confirmed = self.measured(plan, confirmed=True)
+            if confirmed >= goal:
+                break
+            key, correction = _plan_key(plan), confirmed / self._score(plan)
+            further = lambda k, key=key: k > n and _plan_key(at(k)) != key  # noqa: E731
+            after = smallest(ranking.units, lambda k: further(k) and self._score(at(k)) * correction >= goal)
+            after = after if after is not None else smallest(ranking.units, further)
+            if after is None:
+                break
+            n, plan = after, at(after)
+        return plan
 
     def _ranking(self, depth: _Depth, current: ChannelPlan, scores: Mapping[str, torch.Tensor]):
         """The ``--allocate`` choice's ranking of ``current``'s channels (``units``, ``plan(n)``)."""
@@ -501,12 +523,23 @@ class ChannelLevels:
                    "structure": self.config.structure, "blocks_removed": list(blocks)}
         if self.table is not None:  # a group's width is its root's
             shape = Plan({g.root: range(layer_widths[g.root]) for g in self._depth(blocks).groups}, blocks)
-            figures["predicted_ms"] = self._predicted_ms(shape)
-            figures["predicted_speedup"] = 1.0 / self._predicted(shape)
-            measured = self._times.get(_plan_key(shape))
-            if measured is not None:
-                figures.update(measured_ms=measured[1], measured_dense_ms=measured[0],
-                               measured_speedup=measured[0] / measured[1])
+            figures.update(self._prediction(shape))
+        return figures
+
+    def _prediction(self, plan: Plan) -> Dict[str, float]:
+        """The planner's final prediction for ``plan``: the table's, corrected by the network's measured
+        time when it was timed (``predicted_*``: then the confirmed figure, or the search's one-session
+        one, which is what the correction makes of the table's prediction), the table's alone as
+        ``table_*``, and the measured times (side by side with the dense network: ``side_by_side``)."""
+        table_ms, table_speedup = self._predicted_ms(plan), 1.0 / self._predicted(plan)
+        figures = {"predicted_ms": table_ms, "predicted_speedup": table_speedup, "table_ms": table_ms,
+                   "table_speedup": table_speedup}
+        key = _plan_key(plan)
+        measured = self._times.get(key + CONFIRMED) or self._times.get(key)
+        if measured is not None:
+            dense_ms, plan_ms = measured
+            figures.update(predicted_ms=plan_ms, predicted_speedup=dense_ms / plan_ms, measured_ms=plan_ms,
+                           measured_dense_ms=dense_ms, measured_speedup=dense_ms / plan_ms)
         return figures
 
     def blocks_removed(self, plan: Plan) -> Dict[str, List[str]]:

@@ -207,7 +207,8 @@ def level_record(final: Dict[str, Any]) -> Dict[str, Any]:
 
 
 STRUCTURED_FIGURES = ("params", "macs", "macs_removed", "widths", "predicted_speedup", "predicted_ms",
-                      "measured_ms", "measured_dense_ms", "measured_speedup", "blocks_removed")
+                      "table_speedup", "table_ms", "measured_ms", "measured_dense_ms", "measured_speedup",
+                      "blocks_removed")
 
 
 def _finite_or_none(value: Any) -> Any:
