@@ -180,6 +180,7 @@ def run_model(name: str, size: int, work: Path, seconds: float, structure: str =
         result = compress(model, _batches(make, 2, 8, 0, classes), _batches(make, 1, 8, 1, classes), config,
                           out=work / "run")
         model = result.model  # structured: a new, smaller module
+        row["level_params"] = sum(p.numel() for p in model.parameters())  # structured: what is physically left
         row["compress"] = f"ok {time.perf_counter() - began:.1f}s"
     except Exception as error:
         return {**row, "compress": _one_line(error)}
@@ -237,13 +238,16 @@ def _error(row: Dict[str, Any]) -> str:
 
 
 def _table(rows: List[Dict[str, Any]]) -> str:
-    head = ("| model | structure | params | compress | export | runtime | max error vs PyTorch | native ms "
+    head = ("| model | structure | params (dense → level) | compress | export | runtime | max error vs PyTorch | native ms "
             "| onnxruntime ms | first load (auto) |")
     lines = [head, "|" + "---|" * 10]
     show = lambda v, fmt="{}": "—" if v is None else fmt.format(v)
     for r in rows:
         load = f"{r['first_load_s']} s → {r['auto_engine']}" if "first_load_s" in r else "—"
-        lines.append(f"| {r['model']} | {r.get('structure', 'weights')} | {show(r.get('params'), '{:,}')} | {r.get('compress', '—')} | "
+        params = show(r.get("params"), "{:,}")
+        if r.get("level_params") not in (None, r.get("params")):
+            params += f" → {r['level_params']:,}"
+        lines.append(f"| {r['model']} | {r.get('structure', 'weights')} | {params} | {r.get('compress', '—')} | "
                      f"{r.get('export', '—')} | {r.get('runtime', '—')} | {_error(r)} | "
                      f"{show(r.get('native_ms'))} | {show(r.get('ort_ms'))} | {load} |")
     return "\n".join(lines)

@@ -3,10 +3,11 @@
 Which tensors are coupled (BatchNorm, the next layer's inputs, every branch of a residual ``add``,
 concatenations, depthwise and grouped convs, the first Linear after a flatten) comes from
 Torch-Pruning's ``DependencyGraph`` (Fang et al., DepGraph, CVPR 2023), which traces the model's
-autograd graph; edgeprune adds the global ranking, the channel rounding and the bookkeeping.
+autograd graph; edgeprune adds the global ranking, the channel rounding and the bookkeeping, and
+(``layer_pruners``) the layers Torch-Pruning does not prune: Hugging Face's Conv1D and GRU/LSTM/RNN.
 
-A *group* is a set of coupled channels, named after its root: the Conv/Linear whose output
-channels define it. A *plan* (``ChannelPlan``) maps every root to the dense model's channel indices
+A *group* is a set of coupled channels, named after its root: the Conv/Linear (Conv1D, RNN; or an
+Embedding no other group reaches) whose output channels define it. A *plan* (``ChannelPlan``) maps every root to the dense model's channel indices
 that are kept. Plans are what a RUN_DIR stores (int64 tensors, loadable with ``weights_only``):
 rebuilding a level is "build the dense model from its factory, :func:`shrink` it to the plan, load
 its state_dict" — deterministic, so ``load_level``, export and ``--resume`` get the same network.
