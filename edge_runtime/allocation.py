@@ -47,7 +47,7 @@ def _dims(shape: Shape) -> List[int]:
 
 def elements(shape: Shape) -> int:
     """The least number of elements a tensor of ``shape`` holds."""
-    return math.prod(_dims(shape))
+    return 1 if shape is None else math.prod([max(int(d), 0) for d in shape])
 
 
 def _ints(value: Optional[np.ndarray]) -> Optional[List[int]]:

@@ -207,7 +207,7 @@ def undelta(where: str, deltas: np.ndarray, indptr: np.ndarray, cols: int) -> np
         return np.zeros(0, np.int32)
     counts = np.diff(indptr)
     starts = indptr[:-1][counts > 0]  # each non-empty row's first entry: its gap is the column itself
-    if np.count_nonzero(deltas == 0) != np.count_nonzero(deltas[starts] == 0):
+    if deltas.size - np.count_nonzero(deltas) != np.count_nonzero(deltas[starts] == 0):  # zeros: no temporary
         raise ModelDirError(f"{where}: invalid CSR arrays (a delta of 0 repeats a column)")
     wide = np.int32 if deltas.size * 255 <= _INT32_MAX else np.int64
     gaps = deltas.astype(wide)  # the one array allocated here: the result is summed in place in it

@@ -143,7 +143,8 @@ class NpzArchive:
         try:
             if canonical:  # numpy's own header: read without compiling it (hundreds of members per model)
                 dtype, fortran = _npy_dtype(canonical[1]), False
-                shape = tuple(int(d) for d in canonical[2].split(",") if d.strip())
+                dims = canonical[2].rstrip(", ")  # "3, 4" / "3," / "": digits the pattern matched
+                shape = tuple(map(int, dims.split(","))) if dims else ()
             else:
                 header = ast.literal_eval(text)
                 dtype = np.dtype(header["descr"]) if isinstance(header["descr"], str) else None

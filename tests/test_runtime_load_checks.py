@@ -92,3 +92,21 @@ def test_stored_csr_arrays_are_read_only_and_the_kernels_get_copies(tmp_path: Pa
     assert not data.flags.writeable and matrix.data.flags.writeable and matrix.indices.flags.writeable
     np.testing.assert_array_equal(weights.dense(weight).reshape(matrix.shape), matrix.toarray())
     weights.close()
+
+
+def test_the_collector_is_as_the_caller_left_it_after_a_load(tmp_path: Path) -> None:
+    import gc
+
+    folder = copy_model_dir(NAME, tmp_path / "m")
+    assert gc.isenabled()
+    InferenceSession(folder, kernels="ort", threads=1)
+    assert gc.isenabled()
+    with pytest.raises(ModelDirError):
+        InferenceSession(tmp_path / "missing", threads=1)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        InferenceSession(folder, kernels="ort", threads=1)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
