@@ -34,7 +34,8 @@ NATIVE_MARGIN = 1.05   # native must beat onnxruntime by 5% to be chosen: onnxru
                        # baseline, so a near-tie goes to it and `auto` is never slower beyond noise
 CANNOT_WIN = 2.0       # a candidate whose fastest round is this many times the leader's slowest round
                        # stops being timed: noise between rounds is tens of percent, never 2×
-TUNER = "engine-p50"   # in the cache key: plans chosen by an earlier statistic (round means) are retuned
+TUNER = "engine-p50-as-run"  # in the cache key: plans chosen by an earlier statistic (round means) or by
+                               # timing bare engines (without what run() adds to each call) are retuned
 
 
 def _round(fn: Callable[[], Any], round_seconds: float) -> list:
