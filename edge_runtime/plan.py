@@ -34,6 +34,9 @@ NATIVE_MARGIN = 1.05   # native must beat onnxruntime by 5% to be chosen: onnxru
                        # baseline, so a near-tie goes to it and `auto` is never slower beyond noise
 CANNOT_WIN = 2.0       # a candidate whose fastest round is this many times the leader's slowest round
                        # stops being timed: noise between rounds is tens of percent, never 2×
+ENGINE_DROP_AFTER = 3  # ... but an engine is judged so only after this many rounds: on a busy device one
+                       # round can be 5× slow (a burst of other work), and an engine dropped on it kept that
+                       # figure (measured: int8 timed at 10 ms for its 1.8 ms call, and native chosen)
 TUNER = "engine-p50-as-run"  # in the cache key: plans chosen by an earlier statistic (round means) or by
                                # timing bare engines (without what run() adds to each call) are retuned
 
@@ -57,7 +60,7 @@ def _median(values: list) -> float:
 
 def compare(candidates: Dict[str, Callable[[], Any]], rounds: int = ROUNDS,
             round_seconds: float = ROUND_SECONDS, statistic: str = "min",
-            give_up: Optional[float] = CANNOT_WIN) -> Dict[str, float]:
+            give_up: Optional[float] = CANNOT_WIN, drop_after: int = 1) -> Dict[str, float]:
     """Milliseconds per call of each candidate, from interleaved rounds (after a warm-up).
 
     ``min``: each candidate's best round mean -- a kernel's own speed, for the per-layer choice.
@@ -68,7 +71,8 @@ def compare(candidates: Dict[str, Callable[[], Any]], rounds: int = ROUNDS,
 
     A candidate that cannot win (see ``still_in``) is timed no further; its figure comes from the rounds
     it ran. This is what keeps tuning a model whose native program is far slower than onnxruntime short.
-    Rounds are judged by the same statistic: their mean for ``min``, their median call for ``median``.
+    Rounds are judged by the same statistic: their mean for ``min``, their median call for ``median``;
+    no candidate is dropped before ``drop_after`` rounds (ENGINE_DROP_AFTER for the whole-model choice).
     """
     if statistic not in ("min", "median"):
         raise ValueError(f"statistic must be 'min' or 'median', got {statistic!r}")
@@ -78,12 +82,13 @@ def compare(candidates: Dict[str, Callable[[], Any]], rounds: int = ROUNDS,
     calls: Dict[str, list] = {name: [] for name in candidates}
     summary = (lambda times: sum(times) / len(times)) if statistic == "min" else _median
     active = list(candidates)
-    for _ in range(rounds):
+    for done in range(1, rounds + 1):
         for name in active:
             times = [1e3 * t for t in _round(candidates[name], round_seconds)]
             per_round[name].append(summary(times))
             calls[name].extend(times)
-        active = still_in(per_round, active, give_up)
+        if done >= drop_after:
+            active = still_in(per_round, active, give_up)
         if len(active) == 1:
             break
     if statistic == "min":
