@@ -381,7 +381,8 @@ class InferenceSession:
         except ModelDirError as error:  # no onnxruntime here, or it cannot load the model: native only
             plan["reason"] = str(error)
         if "ort" not in candidates:
-            plan["native_ms"] = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")["native"]
+            plan["native_ms"] = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median",
+                                              drop_after=plans.ENGINE_DROP_AFTER)["native"]
             return plan
         return self._tune_variants(plan, feed, candidates)
 
@@ -430,7 +431,8 @@ class InferenceSession:
             self._variant_ort = session
         if len(candidates) < 2:
             return plan
-        measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median")
+        measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median",
+                                 drop_after=plans.ENGINE_DROP_AFTER)
         whole = {engine: ms for engine, ms in measured.items() if engine != SPLIT}
         plan.update(native_ms=measured.get("native"), ort_ms=measured.get("ort"),
                     engine_ms=measured, **variants.choose(whole, plans.NATIVE_MARGIN))

@@ -98,3 +98,25 @@ def test_sparse_mt_is_only_timed_when_it_could_win() -> None:
         assert ("sparse-mt" in timings["w"]) == expect_mt
         assert built["sparse-mt"] == int(expect_mt)
         assert built["dense"] == built["sparse"] == 1
+
+
+def burst_then_fast(counter: Counter, name: str, slow_calls: int, seconds: float) -> Callable[[], None]:
+    """A no-op whose first ``slow_calls`` calls (the warm-up and the first round) sleep ``seconds``: an
+    engine that a burst of other work on the device hit while its first round ran."""
+    def run(*_: Any) -> None:
+        counter[name] += 1
+        if counter[name] <= slow_calls:
+            time.sleep(seconds)
+    return run
+
+
+def test_an_engine_slowed_in_its_first_round_only_is_not_dropped_on_it() -> None:
+    # burst: 20 ms for the warm-up and its first round's two calls, no-ops after; steady: 3 ms a call.
+    # Judged after one round, burst is 2x behind and keeps its burst figure: steady would win.
+    for drop_after, winner in ((1, "steady"), (plan.ENGINE_DROP_AFTER, "burst")):
+        calls: Counter = Counter()
+        result = plan.compare({"burst": burst_then_fast(calls, "burst", 3, SLOW),
+                               "steady": counted(calls, "steady", 0.003)},
+                              rounds=plan.ENGINE_ROUNDS, round_seconds=0.01, statistic="median", drop_after=drop_after)
+        assert min(result, key=result.get) == winner, (drop_after, result)
+    assert plan.ENGINE_DROP_AFTER >= 2

@@ -198,16 +198,18 @@ def loaded(openers: Dict[str, Callable[[], Any]], x: np.ndarray) -> tuple:
 
 
 def latencies(engines: Dict[str, Callable[[], Any]], rounds: int, calls: int) -> Dict[str, Dict[str, float]]:
-    """p50/p90 milliseconds per engine over ``rounds × calls`` calls each, taken call by call in turn
-    (the order rotating each turn): a burst of other work on this shared machine lands on every engine
-    alike instead of on whichever engine's block of calls it hit."""
+    """p50/p90 milliseconds per engine over ``rounds × calls`` calls each, taken call by call in turn,
+    in a seeded random order each turn: a burst of other work on this shared machine lands on every
+    engine alike instead of on whichever engine's block of calls it hit, and no engine always runs
+    after the same other one (whose weights it would find, or not, in the caches)."""
     names = list(engines)
     times: Dict[str, List[float]] = {name: [] for name in names}
+    order = np.random.default_rng(0)
     for _ in range(3):
         for fn in engines.values():
             fn()
-    for turn in range(rounds * calls):
-        for name in names[turn % len(names):] + names[:turn % len(names)]:
+    for _ in range(rounds * calls):
+        for name in order.permutation(names):
             fn = engines[name]
             start = time.perf_counter()
             fn()
