@@ -234,7 +234,7 @@ class ChannelLevels:
         return int(self.rounding["multiple"]), self.rounding["min_channels"]
 
     def _default_rounding(self) -> Dict[str, Any]:
-        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 as the narrowest; see there),
+        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 the narrowest in 16-wide groups; see there),
         with the narrowest width the user asked for, if any."""
         return {**DEFAULT_ROUNDING, "min_channels": self.config.min_channels or DEFAULT_ROUNDING["min_channels"]}
 
@@ -562,8 +562,9 @@ class ChannelLevels:
 
     def _unreachable(self) -> str:
         plan = self._smallest()
-        floor = self._rounding[1] or self._rounding[0]
-        parts = ([f"every prunable group down to {floor} channels"] if self.config.removes_channels else []) + \
+        multiple, floor = self._rounding[0], self._rounding[1] or self._rounding[0]
+        narrowest = f"{floor} channels" + (f" ({multiple} in groups wider than {multiple})" if floor < multiple else "")
+        parts = ([f"every prunable group down to {narrowest}"] if self.config.removes_channels else []) + \
                 ([f"all {len(self.blocks)} removable blocks removed"] if self.blocks else [])
         smallest_net = " and ".join(parts)
         hint = ", the multiple or the --exclude list" if self.config.removes_channels else \
