@@ -343,13 +343,17 @@ class Ranking:
         """Units kept in ``g`` when ``removed`` of its units rank among the weakest: rounded to the
         nearest multiple of the step, never below one step, never above what it has."""
         have = len(self.current[g.root]) // g.blocks
-        if g.blocks == 1 and floor_width(g, self.multiple, self.narrowest) != self.multiple:
+        if g.blocks == 1 and self.floor(g) != self.multiple:
             return self._nearest_allowed(have, have - removed)
         step = self._step(g)
         if have <= step:
             return have
         rounded = int(math.floor((have - removed) / step + 0.5)) * step
         return min(have, max(step, rounded))
+
+    def floor(self, g: Group) -> int:
+        """The narrowest width ``g`` may keep (``floor_width``: blind to time, 8 only where 16 is all there is)."""
+        return floor_width(g, self.multiple, self.narrowest) if g.blocks == 1 else self.narrowest
 
     def _nearest_allowed(self, have: int, wanted: int) -> int:
         """Widths allowed: ``narrowest`` and the multiples of ``multiple`` (e.g. 8, 16 for a 16-wide group

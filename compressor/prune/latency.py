@@ -28,7 +28,7 @@ from torch import nn
 
 from compressor.config import DEFAULT_CHANNEL_MULTIPLE, DEFAULT_MIN_CHANNELS
 from compressor.errors import ConfigError
-from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, floor_width, trace
+from compressor.prune.channels import PRUNABLE, Group, _full_group, _is_depthwise, trace
 from compressor.prune.examples import call_example, Example
 from edge_runtime import layer_timing
 from edge_runtime.layer_timing import LatencyTable, LatencyTableError, LayerShape, check_for_planning
@@ -150,7 +150,6 @@ def step_of(g: Group, multiple: int) -> int:
 
 def ladder(g: Group, have_units: int, multiple: int, narrowest: int) -> List[int]:
     """The unit counts ``g`` may keep, widest first: what ``Ranking.keep_units`` can round to."""
-    narrowest = floor_width(g, multiple, narrowest) if g.blocks == 1 else narrowest
     if g.blocks == 1 and narrowest != multiple:
         if have_units <= narrowest:
             return [have_units]
@@ -319,8 +318,8 @@ def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
 
 
 # --- the default rounding ---------------------------------------------------------------------------
-# With no --channel-multiple, kept widths are multiples of 16, with 8 as the narrowest in groups only 16 wide
-# (channels.floor_width). Measured on resnet20 (onnxruntime, batch 1, 1 thread, 128x128, same run): multiples
+# With no --channel-multiple, kept widths are multiples of 16, with 8 as the narrowest; the global ranking
+# (blind to time) allows 8 only in groups 16 wide (channels.floor_width), a table's allocations everywhere. Measured on resnet20 (onnxruntime, batch 1, 1 thread, 128x128, same run): multiples
 # of 8 picked 8/16/24/40/48 at 57% MACs removed and ran at efficiency 0.60 (speed-up / MAC ratio), multiples
 # of 16 picked 16/32 at 50% and ran at 0.82; Torch-Pruning's round_to 16 0.83. At 70% removed, 8 allowed in
 # any group cut a 32-wide group to 8 and ran at 0.68 (MobileNetV2-shaped: 0.83); 8 only in 16-wide groups

@@ -563,7 +563,8 @@ class ChannelLevels:
     def _unreachable(self) -> str:
         plan = self._smallest()
         multiple, floor = self._rounding[0], self._rounding[1] or self._rounding[0]
-        narrowest = f"{floor} channels" + (f" ({multiple} in groups wider than {multiple})" if floor < multiple else "")
+        wide = floor < multiple and self.config.allocate == "global"  # channels.floor_width
+        narrowest = f"{floor} channels" + (f" ({multiple} in groups wider than {multiple})" if wide else "")
         parts = ([f"every prunable group down to {narrowest}"] if self.config.removes_channels else []) + \
                 ([f"all {len(self.blocks)} removable blocks removed"] if self.blocks else [])
         smallest_net = " and ".join(parts)
@@ -598,7 +599,8 @@ def _one_notch(ranking, plan: ChannelPlan, g: Group) -> Optional[ChannelPlan]:
 
     current = ranking.current[g.root]
     units_now = len(plan[g.root]) // g.blocks
-    narrowest = getattr(ranking, "narrowest", None) or ranking.latency.narrowest
+    floor = getattr(ranking, "floor", None)  # the global ranking's rule (channels.floor_width), else the table's
+    narrowest = floor(g) if floor is not None else ranking.latency.narrowest
     multiple = getattr(ranking, "multiple", None) or ranking.latency.multiple
     lower = [u for u in ladder(g, len(current) // g.blocks, multiple, narrowest) if u < units_now]
     if not lower:
