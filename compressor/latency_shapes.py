@@ -21,7 +21,7 @@ from edge_runtime.safe_io import atomic_write_text
 def model_shapes(model_name: str, multiple: Optional[int], min_channels: Optional[int],
                  exclude: Sequence[str]) -> List[LayerShape]:
     """Every layer shape ``--allocate latency`` may ask about for this model (needs torch); ``multiple``
-    None is compress's default rounding (16, narrowest 8), so the shapes are the ones a run asks for."""
+    None is compress's default rounding (16, narrowest 8 in 16-wide groups), so the shapes are the ones a run asks for."""
     from compressor.config import DEFAULT_CHANNEL_MULTIPLE, DEFAULT_MIN_CHANNELS
 
     if multiple is None:
@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``python3 -m compressor.latency_shapes``: list a model's layer shapes, or measure a table here."""
     parser = argparse.ArgumentParser(prog="python3 -m compressor.latency_shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a built-in model or file.py:factory (needs torch)")
-    parser.add_argument("--channel-multiple", type=int, default=None, help="default: compress's (16, narrowest 8)")
+    parser.add_argument("--channel-multiple", type=int, default=None, help="default: compress's (16, narrowest 8 in 16-wide groups)")
     parser.add_argument("--min-channels", type=int, default=None)
     parser.add_argument("--exclude", default="", help="comma separated layers kept whole (as compress)")
     parser.add_argument("--shapes-out", metavar="FILE", help="write the model's layer shapes here and stop")

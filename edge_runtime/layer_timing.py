@@ -524,6 +524,7 @@ def measure(shapes: Sequence[LayerShape], threads: int = 1, rounds: int = 5, run
 # 2 busy cores: dense/pruned p50 ratios 1.88-3.50, p25 ratios 1.96-2.02). On an idle device the two differ
 # by a few percent, and the quantile is still what a user sees there: the typical run.
 NETWORK_QUANTILE = 0.25
+CHUNK_RUNS = 4  # runs of one network in a row before the next network's (time_networks)
 
 
 def _quantiles(sessions: Sequence[Any], rounds: int, runs: int, q: float = NETWORK_QUANTILE) -> List[float]:
@@ -547,7 +548,10 @@ def time_networks(models: Sequence[bytes], threads: int = 1, rounds: int = 5, ru
     runs. The planner's measured speed-ups and the benchmarks' are ratios of two of these timed side by
     side in one session (``compressor.prune.latency.side_by_side``), so both read the same statistic."""
     check_threads(threads)
-    return _quantiles([_session(bytes(model), threads) for model in models], rounds, runs)
+    # the same runs in rounds of CHUNK_RUNS: load on a shared machine comes and goes within a 20-run round
+    # of a 128x128 network (a quarter second), so short rounds let it fall on every network alike
+    chunk = min(runs, CHUNK_RUNS)
+    return _quantiles([_session(bytes(model), threads) for model in models], max(1, rounds * runs // chunk), chunk)
 
 
 # --- which machine measured -----------------------------------------------------------------------------

@@ -192,11 +192,12 @@ def test_rewind_snapshot_is_sliced_to_the_surviving_channels() -> None:
 def test_min_channels_allows_one_narrower_width_below_the_multiple() -> None:
     from compressor.prune.channels import Group
 
-    groups = [Group("a", 64), Group("b", 12)]
-    current = {"a": list(range(64)), "b": list(range(12))}
-    scores = {"a": torch.arange(64.0), "b": torch.arange(12.0)}
-    seen = {len(Ranking(groups, current, scores, 16, 8).plan(n)["a"]) for n in range(0, 77)}
-    assert seen == {64, 48, 32, 16, 8}
+    groups = [Group("a", 64), Group("b", 12), Group("c", 16)]
+    current = {"a": list(range(64)), "b": list(range(12)), "c": list(range(16))}
+    scores = {"a": torch.arange(64.0), "b": torch.arange(12.0), "c": torch.arange(16.0)}
+    plans = [Ranking(groups, current, scores, 16, 8).plan(n) for n in range(0, 93)]
+    # the narrower width only where one multiple is the whole group (channels.floor_width)
+    assert {len(p["a"]) for p in plans} == {64, 48, 32, 16} and {len(p["c"]) for p in plans} == {16, 8}
     ranking = Ranking(groups, current, scores, 8)
     plan = ranking.plan(ranking.units)
     assert len(plan["a"]) == 8 and len(plan["b"]) == 8 and plan["a"] == list(range(56, 64))  # the strongest stay

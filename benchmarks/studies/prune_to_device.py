@@ -265,7 +265,7 @@ def run_case(model_name: str, size: int, args, scratch: Path) -> Dict[str, Any]:
     plan += [(f"--target-speedup {s:g} blocks", dict(structure="blocks", target_speedup=s)) for s in SPEEDUPS]
     only = [o for o in args.only.split(",") if o]
     for name, config in plan:
-        if only and not any(o in name for o in only):
+        if only and not any(o[1:] == name if o.startswith("=") else o in name for o in only):
             continue
         rows.append(ours(name, model_name, shape, table_path, train, test, args.epochs, dense_state, scratch,
                          **config))
@@ -286,8 +286,9 @@ def figures(model_name: str, size: int, rows: List[Dict[str, Any]], predictor: P
     live = [r for r in rows if "model" in r]
     exported = [onnx_bytes(r["model"], shape) for r in live]
     source = LocalLatency(args.rounds, args.runs)
+    threads = [int(t) for t in args.threads.split(",")]
     pairs = {t: [(1.0, 1.0)] + [side_by_side(source, exported[0], model, t) for model in exported[1:]]
-             for t in (1, 2)}
+             for t in threads}
     dense_params, dense_macs = params_and_macs(live[0]["model"], example)
     dense_pred = predictor.predict(live[0]["model"], example)
     out = []
@@ -300,20 +301,21 @@ def figures(model_name: str, size: int, rows: List[Dict[str, Any]], predictor: P
         params, macs = params_and_macs(row["model"], example)
         table = row.get("table_speedup") or dense_pred / predictor.predict(row["model"], example)
         predicted = row.get("predicted_speedup") or table
-        speed = {t: pairs[t][index][0] / pairs[t][index][1] for t in (1, 2)}
+        speed = {t: pairs[t][index][0] / pairs[t][index][1] for t in threads}
         record = {"row": row["name"], "params": params, "macs": macs, "macs_removed": 1 - macs / dense_macs,
                   "accuracy": row.get("accuracy"), "predicted_speedup": predicted, "table_speedup": table,
                   "planned_measured_speedup": row.get("measured_speedup"),
-                  "ms": {f"{t}t": pairs[t][index][1] for t in (1, 2) if index},
-                  "dense_ms": {f"{t}t": pairs[t][index][0] for t in (1, 2) if index},
-                  "speedup": {f"{t}t": speed[t] for t in (1, 2)}, "measured_over_predicted": speed[1] / predicted,
+                  "ms": {f"{t}t": pairs[t][index][1] for t in threads if index},
+                  "dense_ms": {f"{t}t": pairs[t][index][0] for t in threads if index},
+                  "speedup": {f"{t}t": speed[t] for t in threads}, "measured_over_predicted": speed[1] / predicted,
                   "efficiency": speed[1] / (dense_macs / macs), "blocks_removed": row.get("blocks_removed") or []}
         out.append(record)
         ms = f"{pairs[1][index][1]:.3f} " if index else ""
         print(f"| {row['name']} | {params:,} | {macs / 1e6:.2f} M | {record['macs_removed']:.1%} | "
               f"{100 * (row.get('accuracy') or 0):.1f}% | {predicted:.2f}× | {table:.2f}× | "
               f"{'%.2f×' % row['measured_speedup'] if row.get('measured_speedup') else '-'} | "
-              f"{ms}({speed[1]:.2f}×) | {speed[1] / predicted - 1:+.1%} | {speed[2]:.2f}× | "
+              f"{ms}({speed[1]:.2f}×) | {speed[1] / predicted - 1:+.1%} | "
+              f"{'%.2f×' % speed[2] if 2 in speed else '-'} | "
               f"{record['efficiency']:.2f} | {len(record['blocks_removed'])} |", flush=True)
     for row in rows:
         if "error" in row:
@@ -332,7 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--only", default="", help="comma separated substrings: only our rows whose name has one "
-                                                   "(and the dense), e.g. ' blocks'")
+                                                   "(and the dense), e.g. ' blocks'; '=NAME' matches NAME exactly")
+    parser.add_argument("--threads", default="1,2", help="onnxruntime threads to measure with, comma separated")
     parser.add_argument("--json", default="prune_to_device.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the machine is shared

@@ -144,6 +144,10 @@ class TableRounding(Ranking):
                 kept_ms = ms
         return kept
 
+    def floor(self, g: Group) -> int:
+        """The narrowest width anywhere: the table, not a rule, decides which narrow widths are worth it."""
+        return self.narrowest
+
     def keep_units(self, g: Group, removed: int) -> int:
         """The allowed width nearest to what the ranking leaves (ties go to the wider)."""
         wanted = len(self.current[g.root]) // g.blocks - removed

@@ -338,14 +338,17 @@ def _dense_shape(module: nn.Module, spatial: Tuple[int, ...]) -> LayerShape:
 
 
 # --- the default rounding ---------------------------------------------------------------------------
-# With no --channel-multiple, kept widths are multiples of 16 with 8 as the narrowest. Measured on resnet20
-# (onnxruntime, batch 1, 1 thread, 128x128, same run): multiples of 8 picked 8/16/24/40/48 at 57% MACs
-# removed and ran at efficiency 0.60 (speed-up / MAC ratio), multiples of 16 picked 16/32 at 50% and ran at
-# 0.82; Torch-Pruning's round_to 16 0.83. onnxruntime's x86 kernels block 8 or 16 floats; a Pi's NEON
-# blocks 4, so every multiple of 16 is whole blocks there too. A timed table of one-layer models or of
-# conv chains did not reproduce the slow 24/40/48 (a layer alone pays layout changes a network shares),
-# so the default is this fixed rule, identical everywhere (runs repeat), and --allocate global-table or
-# latency with --latency-on plans from the device's own times instead.
+# With no --channel-multiple, kept widths are multiples of 16, with 8 as the narrowest; the global ranking
+# (blind to time) allows 8 only in groups 16 wide (channels.floor_width), a table's allocations everywhere. Measured on resnet20 (onnxruntime, batch 1, 1 thread, 128x128, same run): multiples
+# of 8 picked 8/16/24/40/48 at 57% MACs removed and ran at efficiency 0.60 (speed-up / MAC ratio), multiples
+# of 16 picked 16/32 at 50% and ran at 0.82; Torch-Pruning's round_to 16 0.83. At 70% removed, 8 allowed in
+# any group cut a 32-wide group to 8 and ran at 0.68 (MobileNetV2-shaped: 0.83); 8 only in 16-wide groups
+# ran at 0.88 (0.89) at the same MACs: one-layer timings show why, a conv with 8 outputs runs at 15-20 GMAC/s
+# against 26-45 with 16 or more (benchmarks/studies/default_rounding.py). onnxruntime's x86 kernels block 8
+# or 16 floats; a Pi's NEON blocks 4, so every multiple of 16 is whole blocks there too. A timed table of
+# one-layer models or of conv chains did not reproduce the slow 24/40/48 (a layer alone pays layout changes
+# a network shares), so the default is this fixed rule, identical everywhere (runs repeat), and --allocate
+# global-table or latency with --latency-on plans from the device's own times instead.
 DEFAULT_ROUNDING = {"multiple": DEFAULT_CHANNEL_MULTIPLE, "min_channels": DEFAULT_MIN_CHANNELS}
 # With --quantize int8 planned, multiples of 16 with 16 as the narrowest: onnxruntime's int8 conv on x86
 # without VNNI (u8s8 kernels) runs 8 channels at 7-14 GMAC/s against 30-78 at 16..64 (resnet20's 3x3 convs,

@@ -234,8 +234,9 @@ class ChannelLevels:
         return int(self.rounding["multiple"]), self.rounding["min_channels"]
 
     def _default_rounding(self) -> Dict[str, Any]:
-        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 as the narrowest; see there), or
-        with --quantize int8 ``INT8_ROUNDING`` (16 the narrowest), with the narrowest the user asked for, if any."""
+        """No --channel-multiple: ``DEFAULT_ROUNDING`` (multiples of 16, 8 the narrowest in 16-wide groups; see
+        there), or with --quantize int8 ``INT8_ROUNDING`` (16 the narrowest), with the narrowest width the user
+        asked for, if any."""
         rounding = default_rounding(self.config.quantize)
         return {**rounding, "min_channels": self.config.min_channels or rounding["min_channels"]}
 
@@ -563,8 +564,10 @@ class ChannelLevels:
 
     def _unreachable(self) -> str:
         plan = self._smallest()
-        floor = self._rounding[1] or self._rounding[0]
-        parts = ([f"every prunable group down to {floor} channels"] if self.config.removes_channels else []) + \
+        multiple, floor = self._rounding[0], self._rounding[1] or self._rounding[0]
+        wide = floor < multiple and self.config.allocate == "global"  # channels.floor_width
+        narrowest = f"{floor} channels" + (f" ({multiple} in groups wider than {multiple})" if wide else "")
+        parts = ([f"every prunable group down to {narrowest}"] if self.config.removes_channels else []) + \
                 ([f"all {len(self.blocks)} removable blocks removed"] if self.blocks else [])
         smallest_net = " and ".join(parts)
         hint = ", the multiple or the --exclude list" if self.config.removes_channels else \
@@ -600,7 +603,8 @@ def _one_notch(ranking, plan: ChannelPlan, g: Group) -> Optional[ChannelPlan]:
 
     current = ranking.current[g.root]
     units_now = len(plan[g.root]) // g.blocks
-    narrowest = getattr(ranking, "narrowest", None) or ranking.latency.narrowest
+    floor = getattr(ranking, "floor", None)  # the global ranking's rule (channels.floor_width), else the table's
+    narrowest = floor(g) if floor is not None else ranking.latency.narrowest
     multiple = getattr(ranking, "multiple", None) or ranking.latency.multiple
     lower = [u for u in ladder(g, len(current) // g.blocks, multiple, narrowest) if u < units_now]
     if not lower:
