@@ -107,8 +107,7 @@ def trace(model: nn.Module, example: Example):
     """Torch-Pruning's dependency graph of ``model`` on ``example``; ``StructureError`` naming the layer or
     op when the model cannot be traced. Traced in eval mode so BatchNorm statistics are not touched, without
     a Hugging Face key/value cache (its concatenations are generation state), each RNN as one node."""
-    tp = _tp()
-    graph = tp.DependencyGraph()
+    graph = _graph_class()()
     is_layer = _layer_types(graph)
     called: List[nn.Module] = []
     hooks = [m.register_forward_hook(lambda module, _i, _o: called.append(module))
@@ -140,6 +139,83 @@ def trace(model: nn.Module, example: Example):
                 f"detach(), .data, .numpy() or torch.no_grad() cuts the graph there), so its channels "
                 f"cannot be traced; remove that op or use --structure weights")
     return graph
+
+
+def _graph_class():
+    """Torch-Pruning's ``DependencyGraph``, made to pass channel shuffles through: its index mapping takes
+    ShuffleNet's ``view(N, g, C/g, H, W) -> transpose(1, 2) -> view(N, C, H, W)`` for a flatten and divides by
+    zero (Torch-Pruning 1.6), or maps a shuffled channel to the wrong one. The shuffle's reshapes are marked
+    (``shuffles``) and passed through unchanged, and ``find_groups`` keeps every group through one whole."""
+    tp = _tp()
+
+    class ShuffleAwareGraph(tp.DependencyGraph):
+        shuffles: set = set()
+
+        def _build_dependency(self, module2node):
+            # runs before the index mapping is derived: the shuffle's nodes must not be mapped as reshapes
+            super()._build_dependency(module2node)
+            for node in module2node.values():
+                if node.type == tp.ops.OPTYPE.SPLIT and _SplitSizes.fits(node.grad_fn):
+                    node.grad_fn = _SplitSizes(node.grad_fn)
+            self.shuffles = _channel_shuffles(module2node.values())
+            for node in self.shuffles:
+                node.type = tp.ops.OPTYPE.ELEMENTWISE
+    return ShuffleAwareGraph
+
+
+class _SplitSizes:
+    """A ``chunk``'s autograd node with the chunk sizes spelled out (``_saved_split_sizes``): Torch-Pruning
+    1.6 reads exact sizes only from ``split`` with a list, and infers a ``chunk``'s from the layers after it,
+    which counts a whole concatenation for ShuffleNet's ``x1, x2 = x.chunk(2, 1); cat([x1, f(x2)])``."""
+
+    def __init__(self, grad_fn: Any) -> None:
+        self._grad_fn = grad_fn
+        total, size = int(grad_fn._saved_self_sym_sizes[1]), int(grad_fn._saved_split_size)
+        self._saved_split_sizes = [min(size, total - start) for start in range(0, total, size)]
+
+    @staticmethod
+    def fits(grad_fn: Any) -> bool:
+        """A chunk of the channels (dim 1) of a 4-D tensor, the case Torch-Pruning's index mapping handles."""
+        sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+        return hasattr(grad_fn, "_saved_split_size") and not hasattr(grad_fn, "_saved_split_sizes") \
+            and sizes is not None and len(sizes) == 4 and getattr(grad_fn, "_saved_dim", None) == 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grad_fn, name)
+
+
+def _channel_shuffles(nodes) -> set:
+    """The reshape nodes of every channel shuffle: a view of a 4-D (N, C, H, W) tensor into (N, g, C/g, H, W),
+    transposed through elementwise ops (``contiguous``) into a view of that 5-D tensor back to 4-D."""
+    tp = _tp()
+
+    def sizes(node) -> Tuple[int, ...]:
+        return tuple(int(s) for s in getattr(node.grad_fn, "_saved_self_sym_sizes", ()) or ())
+
+    def before(node):  # the nearest non-elementwise producer, past contiguous/clone copies
+        while len(node.inputs) == 1 and node.inputs[0].type == tp.ops.OPTYPE.ELEMENTWISE \
+                and not _is_transpose(node.inputs[0]):
+            node = node.inputs[0]
+        return node.inputs[0] if len(node.inputs) == 1 else None
+
+    found = set()
+    for node in nodes:
+        merged = sizes(node)
+        if node.type != tp.ops.OPTYPE.RESHAPE or len(merged) != 5:
+            continue
+        transpose = before(node)
+        split = before(transpose) if transpose is not None and _is_transpose(transpose) else None
+        if split is None or split.type != tp.ops.OPTYPE.RESHAPE:
+            continue
+        dense = sizes(split)
+        if len(dense) == 4 and dense[1] == merged[1] * merged[2] and dense[2:] == merged[3:]:
+            found |= {node, split}
+    return found
+
+
+def _is_transpose(node) -> bool:
+    return node.grad_fn is not None and type(node.grad_fn).__name__.startswith(("TransposeBackward",
+                                                                                  "PermuteBackward"))
 
 
 def _untie_channels_last_slices(graph) -> None:
@@ -231,6 +307,8 @@ def find_groups(model: nn.Module, example: Example, exclude: Sequence[str] = ())
         members = [dep.target.module for dep, _ in group]
         if any(m in excluded for m in members):
             continue  # --exclude keeps a layer whole: neither its inputs nor its outputs shrink
+        if any(dep.target in graph.shuffles for dep, _ in group):
+            continue  # a channel shuffle interleaves these channels: removing one would remove another
         outs = [dep.target.module for dep, _ in group
                 if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module)]
         if any(_reaches_output(graph, m) for m in outs if m in graph.module2node):
