@@ -77,6 +77,96 @@ UNTRACEABLE = textwrap.dedent('''
 ''')
 
 
+# ShuffleNet v2's pattern (torchvision's channel_shuffle): each unit chunks the stream, runs a 1x1 ->
+# depthwise -> 1x1 branch on one half, concatenates, and interleaves the halves (view -> transpose -> view).
+SHUFFLE_MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def shuffle(x):
+        b, c, h, w = x.shape
+        return x.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, -1, h, w)
+
+    def branch(c):
+        return nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c),
+                             nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+
+    class Unit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branch = branch(16)
+
+        def forward(self, x):
+            x1, x2 = x.chunk(2, dim=1)
+            return shuffle(torch.cat([x1, self.branch(x2)], 1))
+
+    class Net(nn.Module):
+        input_shape = (3, 16, 16)
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU())
+            self.left = nn.Sequential(nn.Conv2d(16, 16, 3, 2, 1, groups=16), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 1))
+            self.right = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3, 2, 1, groups=16))
+            self.units = nn.Sequential(Unit(), Unit(), Unit())
+            self.last = nn.Conv2d(32, 64, 1)
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.stem(x)
+            x = self.units(shuffle(torch.cat([self.left(x), self.right(x)], 1)))
+            return self.fc(self.last(x).mean((2, 3)))
+
+    def build():
+        return Net()
+''')
+
+# GhostNet's pattern (timm's GhostModule): cat([x1, depthwise(x1)])[:, :oup] summed with a shortcut conv;
+# the first module's oup (25) is odd, so its slice cuts the concatenation short.
+GHOST_MODEL = textwrap.dedent('''
+    import math
+    import torch
+    from torch import nn
+
+    class Ghost(nn.Module):
+        def __init__(self, cin, oup):
+            super().__init__()
+            self.oup, init = oup, math.ceil(oup / 2)
+            self.primary = nn.Sequential(nn.Conv2d(cin, init, 1, bias=False), nn.BatchNorm2d(init))
+            self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False), nn.BatchNorm2d(init))
+
+        def forward(self, x):
+            x1 = self.primary(x)
+            return torch.cat([x1, self.cheap(x1)], 1)[:, :self.oup]
+
+    class Block(nn.Module):
+        def __init__(self, cin, mid, out):
+            super().__init__()
+            self.ghost1, self.ghost2 = Ghost(cin, mid), Ghost(mid, out)
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cin, 3, 1, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                                          nn.Conv2d(cin, out, 1, bias=False), nn.BatchNorm2d(out))
+
+        def forward(self, x):
+            return self.ghost2(torch.relu(self.ghost1(x))) + self.shortcut(x)
+
+    class Net(nn.Module):
+        input_shape = (3, 16, 16)
+
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, 2, 1)
+            self.block1, self.block2 = Block(16, 48, 25), Block(25, 72, 40)
+            self.fc = nn.Linear(40, 10)
+
+        def forward(self, x):
+            return self.fc(self.block2(self.block1(self.stem(x))).mean((2, 3)))
+
+    def build():
+        return Net()
+''')
+
+
 def user_model(tmp: Path, source: str = USER_MODEL) -> str:
     path = tmp / "user_net.py"
     path.write_text(source)
@@ -112,9 +202,9 @@ def _random_plan(model: nn.Module, multiple: int = 8):
 def _zero_removed(model: nn.Module, groups, plan, example) -> None:
     """The masked-dense model: every removed channel's producers (conv/linear rows, bias, BatchNorm
     scale and shift) set to zero, so the channel carries exactly zero everywhere."""
-    import torch_pruning as tp
+    from compressor.prune.channels import trace
 
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph = trace(model, example)  # Torch-Pruning's graph, as shrink sees it (channel shuffles passed through)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for g in groups:
@@ -153,6 +243,44 @@ def test_coupled_channels_shrink_together_and_zeroed_channels_change_nothing(tmp
     assert model.fc.out_features == 10 and model.stem[0].in_channels == 1  # classifier and input untouched
     assert sum(p.numel() for p in model.parameters()) < 20000  # something was removed
     assert all(w % 8 == 0 for name, w in widths(model).items() if name != "fc")
+
+
+def _masked_equals_pruned(model: nn.Module, multiple: int = 8):
+    """Shrinks ``model`` to a random plan; asserts it computes what the masked dense model computes."""
+    groups, current, plan, example = _random_plan(model, multiple)
+    x = torch.randn(4, *model.input_shape, generator=torch.Generator().manual_seed(2))
+    _zero_removed(model, groups, plan, example)
+    with torch.no_grad():
+        masked = model(x)
+    shrink(model, current, plan, example)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked, rtol=0, atol=1e-5)
+    return {g.root: g for g in groups}
+
+
+def test_channel_shuffle_keeps_the_shuffled_stream_whole_and_prunes_the_branches(tmp_path: Path) -> None:
+    model = _load(user_model(tmp_path, SHUFFLE_MODEL))
+    params = sum(p.numel() for p in model.parameters())
+    _masked_equals_pruned(model)
+    # a shuffle interleaves the concatenated halves: everything feeding or reading it keeps all channels
+    assert model.left[2].out_channels == model.right[2].out_channels == 16 and model.last.in_channels == 32
+    assert all(u.branch[5].out_channels == 16 for u in model.units)
+    # the branch-internal width (1x1 -> depthwise -> 1x1) is free: a multiple of 8, never zero
+    inner = [u.branch[0].out_channels for u in model.units]
+    assert all(w in (8, 16) and u.branch[3].groups == w == u.branch[5].in_channels for w, u in zip(inner, model.units))
+    assert sum(p.numel() for p in model.parameters()) < params
+
+
+def test_ghost_concatenation_prunes_tied_channel_pairs_and_keeps_a_cut_short_one_whole(tmp_path: Path) -> None:
+    model = _load(user_model(tmp_path, GHOST_MODEL))
+    groups = _masked_equals_pruned(model)
+    # block2's sum ties channel p of the concatenation to channel p + 20 (x1 and its depthwise copy)
+    assert groups["block2.shortcut.2"].blocks == 2
+    g2 = model.block2.ghost2
+    assert model.block2.shortcut[2].out_channels == 2 * g2.primary[0].out_channels == 2 * g2.cheap[0].out_channels
+    assert g2.primary[0].out_channels < 20
+    # block1's concatenation (26) is cut to 25 by the slice: that stream cannot be pruned pairwise
+    assert model.block1.shortcut[2].out_channels == 25 and model.block1.ghost2.primary[0].out_channels == 13
 
 
 def test_widths_round_to_the_multiple_and_never_vanish_and_exclude_keeps_layers_whole() -> None:

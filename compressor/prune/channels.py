@@ -302,6 +302,7 @@ def find_groups(model: nn.Module, example: Example, exclude: Sequence[str] = ())
     excluded = {module for name, module in model.named_modules()
                 if name in {e[: -len(".weight")] if e.endswith(".weight") else e for e in exclude}}
     groups: List[Group] = []
+    skipped: List[str] = []
     for group in _all_groups(graph, model):
         root = group[0].dep.target.module
         members = [dep.target.module for dep, _ in group]
@@ -313,12 +314,43 @@ def find_groups(model: nn.Module, example: Example, exclude: Sequence[str] = ())
                 if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, nn.Module)]
         if any(_reaches_output(graph, m) for m in outs if m in graph.module2node):
             continue  # the classifier's outputs (and anything tied to them) are the model's contract
-        groups.append(Group(names[root], _out_channels(root), _blocks(graph, group)))
+        size = _out_channels(root)
+        blocks = _blocks(graph, group)
+        period = _concat_period(graph, group, root, size)
+        if period is None or size % math.lcm(blocks, period):
+            skipped.append(names[root])
+            continue  # its channels are tied in an irregular pattern (a concatenation cut by a slice)
+        groups.append(Group(names[root], size, math.lcm(blocks, period)))
+    if skipped:
+        logging.getLogger("compressor").info(
+            f"--structure channels: {len(skipped)} channel group(s) stay whole: a concatenation ties their "
+            f"channels unevenly: {', '.join(skipped[:4])}{', ...' if len(skipped) > 4 else ''}")
     groups = _removable(model, example, groups)
     if not groups:
         raise StructureError("--structure channels: the model has no prunable channel group "
                              "(every Conv/Linear feeds the output or is excluded)")
     return groups
+
+
+def _concat_period(graph, group, root: nn.Module, size: int) -> Optional[int]:
+    """How many of the root's own channels one channel drags along, when a concatenation loops them back
+    (GhostNet: ``cat([x1, depthwise(x1)])`` feeds a residual sum with the root, so its channels ``p`` and
+    ``p + size/2`` go together): 2 there, 1 for a group without a concatenation; ``None`` when the tied
+    channels are not one position in every one of ``size/k`` blocks (the concatenation is cut short by a
+    slice, GhostNet's ``[:, :oup]`` on an odd ``oup``). Torch-Pruning removes the whole tie, so the plan
+    must count it as one unit (as ``Group.blocks``), or its counts and the channel rounding go wrong."""
+    tp = _tp()
+    if not any(dep.target.type == tp.ops.OPTYPE.CONCAT for dep, _ in group):
+        return 1
+    periods = set()
+    for probe in (0, size - 1):  # the first and the last channel: a cut-short tail shows at the end
+        tied = sorted({int(i) for item in _full_group(graph, root, [probe]) if item.dep.target.module is root
+                       and graph.is_out_channel_pruning_fn(item.dep.handler) for i in item.idxs})
+        step = size // len(tied)
+        if size % len(tied) or tied != [probe % step + b * step for b in range(len(tied))]:
+            return None
+        periods.add(len(tied))
+    return periods.pop() if len(periods) == 1 else None
 
 
 def _all_groups(graph, model: nn.Module) -> List[Any]:
