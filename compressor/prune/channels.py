@@ -346,8 +346,10 @@ def _concat_period(graph, group, root: nn.Module, size: int) -> Optional[int]:
     for probe in (0, size - 1):  # the first and the last channel: a cut-short tail shows at the end
         tied = sorted({int(i) for item in _full_group(graph, root, [probe]) if item.dep.target.module is root
                        and graph.is_out_channel_pruning_fn(item.dep.handler) for i in item.idxs})
+        if not tied or size % len(tied):
+            return None
         step = size // len(tied)
-        if size % len(tied) or tied != [probe % step + b * step for b in range(len(tied))]:
+        if tied != [probe % step + b * step for b in range(len(tied))]:
             return None
         periods.add(len(tied))
     return periods.pop() if len(periods) == 1 else None
