@@ -52,6 +52,8 @@ from edge_runtime.partition import SplitProgram
 
 KERNEL_CHOICES = ("auto", "sparse", "dense", "ort", *variants.ENGINES, "split")
 SPLIT = "split"  # per-part engines (partition.py): the conv stem in onnxruntime, the sparse head native
+SPLIT_SERIAL = "split-serial"  # a tuner candidate only: the split with its head on one-thread kernels
+SERIAL_KIND = {"sparse-mt": "sparse"}  # what a thread-pool kernel becomes in SPLIT_SERIAL
 # What numpy raises when a graph's attributes or shapes are nonsense (a hostile or broken model): the
 # user sees one line naming the model, not a traceback. InputError (a ValueError) is re-raised first.
 MODEL_FAILURES = (ValueError, TypeError, IndexError, KeyError, ArithmeticError, AttributeError)
@@ -189,6 +191,7 @@ class InferenceSession:
         self._ort = None
         self._variant_ort = None  # a variant's onnxruntime session timed by _tune, kept if it wins
         self._split_candidate: Optional[SplitProgram] = None  # the split timed by _tune, kept if it wins
+        self._serial_candidate: Optional[Tuple[SplitProgram, Dict[str, str]]] = None  # see _serial_split
         self._program: Optional[Program] = None
         try:
             self._weights = self._checked_weights(files, plain_weights)
@@ -375,6 +378,7 @@ class InferenceSession:
         if split is not None:
             candidates[SPLIT] = self._timed_call(split, feed)
             plan["cut"] = split.cut.tensor
+            candidates.update(self._serial_split(layers, feed))
         try:
             self._ort = self._ort_session()
             candidates["ort"] = self._timed_call(self._ort, feed)
@@ -385,6 +389,22 @@ class InferenceSession:
                                               drop_after=plans.ENGINE_DROP_AFTER)["native"]
             return plan
         return self._tune_variants(plan, feed, candidates)
+
+    def _serial_split(self, layers: Dict[str, str], feed: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        """The split with its head's thread-pool kernels on one thread, as one more candidate (or none).
+
+        Each layer's kind was chosen timing that layer alone; in a split, onnxruntime's intra-op threads
+        have just run the stem on the same cores and still spin when the head starts, so a pool kernel
+        can lose to the one-thread one (measured, 2 threads, conv stem + 98% head: split with sparse-mt
+        1.26 ms p50 / 5.7 ms p90, with sparse 0.59 / 0.76 ms). Only timing the whole split tells."""
+        serial = {w: SERIAL_KIND.get(kind, kind) for w, kind in layers.items()}
+        if serial == layers:
+            return {}
+        program = self._split_program(lambda w: serial[w])
+        if program is None:
+            return {}
+        self._serial_candidate = (program, serial)
+        return {SPLIT_SERIAL: self._timed_call(program, feed)}
 
     def _split_program(self, choose) -> Optional[SplitProgram]:
         """The model split into an onnxruntime part and a native part (partition.py), or None where it
@@ -433,13 +453,18 @@ class InferenceSession:
             return plan
         measured = plans.compare(candidates, rounds=plans.ENGINE_ROUNDS, statistic="median",
                                  drop_after=plans.ENGINE_DROP_AFTER)
-        whole = {engine: ms for engine, ms in measured.items() if engine != SPLIT}
+        whole = {engine: ms for engine, ms in measured.items() if engine not in (SPLIT, SPLIT_SERIAL)}
         plan.update(native_ms=measured.get("native"), ort_ms=measured.get("ort"),
                     engine_ms=measured, **variants.choose(whole, plans.NATIVE_MARGIN))
-        if SPLIT in measured and measured[SPLIT] * plans.NATIVE_MARGIN <= min(whole.values()):
+        splits = {engine: measured[engine] for engine in (SPLIT, SPLIT_SERIAL) if measured.get(engine) is not None}
+        best = min(splits, key=splits.get) if splits else None
+        if best is not None and splits[best] * plans.NATIVE_MARGIN <= min(whole.values()):
             plan["engine"] = SPLIT  # it beats every whole-model engine by the margin native needs to
+            if best == SPLIT_SERIAL:  # the plan's layer kinds are what the split's head runs
+                self._split_candidate, plan["layers"] = self._serial_candidate
         elif "cut" in plan:
             del plan["cut"]
+        self._serial_candidate = None
         return plan
 
     def _sample_feed(self) -> Dict[str, np.ndarray]:

@@ -88,3 +88,34 @@ def test_the_cli_checks_a_split_model_and_refuses_one_without_a_cut_in_one_line(
     refused = check("digits-mlp-compact")
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "no place to split" in refused.stderr
+
+
+def test_the_tuner_times_the_split_with_one_thread_kernels_and_keeps_what_wins(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 2 threads the per-layer timings may pick the thread-pool kernel, which loses inside a split to
+    onnxruntime's still-spinning threads: the split is timed again with one-thread kernels, and the
+    plan keeps the kinds of the split that won (here forced by the timings)."""
+    from edge_runtime import cost, plan as plans
+    from edge_runtime.session import SPLIT, SPLIT_SERIAL
+
+    target = copy_model_dir("resnet20-compact", tmp_path)
+    monkeypatch.setattr(cost, "native_gain_bound", lambda manifest, weights: 10.0)  # time native and the splits
+    monkeypatch.setattr(plans, "choose_layer_kinds",
+                        lambda program, make, sample, kinds: {s.weight: {"sparse-mt": 0.1, "sparse": 1.0}
+                                                              for s in program.steps if s.weight})
+    timed = {}
+
+    def compare(candidates, **kwargs):
+        timed.update({name: fn for name, fn in candidates.items()})
+        return {name: {SPLIT_SERIAL: 1.0, SPLIT: 2.0}.get(name, 9.0) for name in candidates}
+
+    monkeypatch.setattr(plans, "compare", compare)
+    session = InferenceSession(target, kernels="auto", threads=2)
+    assert set(timed) >= {SPLIT, SPLIT_SERIAL, "ort", "native"}
+    assert session.engine == SPLIT and "sparse-mt" not in session.plan["layers"].values()
+    x = example_input("resnet20-compact")
+    expected = InferenceSession(target, kernels="ort", threads=1).run(None, {"input": x})[0]
+    assert np.max(np.abs(session.run(None, {"input": x})[0] - expected)) <= 1e-4
+    cached = InferenceSession(target, kernels="auto", threads=2)
+    assert cached.plan["cached"] and cached.engine == SPLIT and cached.plan["layers"] == session.plan["layers"]
+    assert np.max(np.abs(cached.run(None, {"input": x})[0] - expected)) <= 1e-4
